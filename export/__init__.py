@@ -1,0 +1,1 @@
+"""Exporters: checkpoint -> ONNX bundle (vision encoder + KV-cached decoder step) -> TensorRT engines."""

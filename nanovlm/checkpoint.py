@@ -1,0 +1,134 @@
+"""nanoVLM checkpoint files: config.json + model.safetensors (+ our tokenizer files), read strictly.
+
+Format identical to nanoVLM's: module names `vision_encoder.*`, `MP.*`, `decoder.*`; the tied
+embedding/head matrix is stored once (safetensors' `save_model` keeps `decoder.head.weight`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_model
+
+from .config import VLMConfig
+from .processors import Tokenizer
+
+if TYPE_CHECKING:
+    from .vision_language_model import VisionLanguageModel
+
+log = logging.getLogger(__name__)
+
+TIED = ("decoder.head.weight", "decoder.token_embedding.weight")
+
+
+def resolve_checkpoint(src: str, revision: str | None = None) -> str:
+    """Local directory of a checkpoint; Hub ids are downloaded (config, weights, tokenizer if any)."""
+    if os.path.isdir(src):
+        return src
+    if os.path.exists(src):
+        raise ValueError(
+            f"{src} is a file; a checkpoint is a directory with config.json and model.safetensors"
+        )
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(
+        src, revision=revision, allow_patterns=["config.json", "model.safetensors", "tokenizer*", "README.md"]
+    )
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """Copy every tensor of a safetensors file into `model`, refusing missing, extra or mis-shaped ones."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"weights not found: {path}")
+    expected = model.state_dict()
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = set(f.keys())
+            missing = [k for k in expected if k not in keys]
+            tied = getattr(model, "cfg", None) is not None and model.cfg.lm_tie_weights
+            if tied:  # either name of the shared matrix is enough
+                if any(name in keys for name in TIED):
+                    missing = [k for k in missing if k not in TIED]
+            unexpected = sorted(keys - set(expected))
+            if missing or unexpected:
+                raise ValueError(
+                    f"{path} does not match the config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                    f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+                )
+            with torch.no_grad():
+                for key in sorted(keys):
+                    tensor = f.get_tensor(key)
+                    if tuple(tensor.shape) != tuple(expected[key].shape):
+                        raise ValueError(
+                            f"{path}: {key} has shape {tuple(tensor.shape)} but config.json implies "
+                            f"{tuple(expected[key].shape)}: the config contradicts the weights"
+                        )
+                    expected[key].copy_(tensor)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a valid or complete safetensors file ({e})") from None
+    if tied:
+        model.decoder.head.weight = model.decoder.token_embedding.weight
+
+
+def load_tokenizer(directory: str, cfg: VLMConfig) -> Tokenizer | None:
+    """The checkpoint's own tokenizer files, else cfg.lm_tokenizer (a directory or Hub id), else None."""
+    if os.path.exists(os.path.join(directory, "tokenizer.json")):
+        return Tokenizer.from_dir(directory, cfg)
+    try:
+        return Tokenizer.from_pretrained(cfg.lm_tokenizer, cfg)
+    except Exception as e:  # offline, or no tokenizer.json on the Hub: the model still works on ids
+        log.warning(
+            "no tokenizer for %s (%s: %s); generate() needs explicit eos_token_id",
+            directory,
+            type(e).__name__,
+            e,
+        )
+        return None
+
+
+def load_checkpoint(
+    cls: type[VisionLanguageModel], src: str, revision: str | None = None
+) -> VisionLanguageModel:
+    directory = resolve_checkpoint(src, revision)
+    cfg = VLMConfig.load(os.path.join(directory, "config.json"))
+    weights = os.path.join(directory, "model.safetensors")
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"weights not found: {weights}")
+    model = cls(cfg, load_backbone=False, tokenizer=load_tokenizer(directory, cfg))
+    load_weights(model, weights)
+    model.eval()
+    return model
+
+
+def save_checkpoint(model: VisionLanguageModel, directory: str | os.PathLike) -> None:
+    directory = os.fspath(directory)
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        model.cfg.save(os.path.join(tmp, "config.json"))
+        save_model(model, os.path.join(tmp, "model.safetensors"))
+        if model.tokenizer is not None:
+            model.tokenizer.save(tmp)
+        replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_dir(tmp: str, final: str) -> None:
+    """Move a fully written temp directory into place, replacing any previous one."""
+    old = None
+    if os.path.exists(final):
+        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(final)))
+        os.rmdir(old)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)

