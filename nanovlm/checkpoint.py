@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -106,7 +107,10 @@ def load_checkpoint(
     return model
 
 
-def save_checkpoint(model: VisionLanguageModel, directory: str | os.PathLike) -> None:
+def save_checkpoint(
+    model: VisionLanguageModel, directory: str | os.PathLike, extra: Callable[[str], None] | None = None
+) -> None:
+    """Write the checkpoint to a temp dir (plus whatever `extra(tmp_dir)` adds), then rename it into place."""
     directory = os.fspath(directory)
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
@@ -116,6 +120,8 @@ def save_checkpoint(model: VisionLanguageModel, directory: str | os.PathLike) ->
         save_model(model, os.path.join(tmp, "model.safetensors"))
         if model.tokenizer is not None:
             model.tokenizer.save(tmp)
+        if extra is not None:
+            extra(tmp)
         replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

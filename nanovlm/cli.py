@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import click
@@ -14,6 +15,42 @@ def main(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+
+
+@main.command()
+@click.option(
+    "--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="TrainConfig JSON."
+)
+@click.option(
+    "-o", "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a TrainConfig field."
+)
+@click.option("--resume", is_flag=True, help="Continue from OUTPUT_DIR/checkpoint.")
+def train(config_path: str | None, overrides: tuple[str, ...], resume: bool) -> None:
+    """Train (default: the tiny model on the built-in shapes data). Works under torchrun for DDP."""
+    from .train import train as run
+    from .train_config import TrainConfig
+
+    try:
+        tc = TrainConfig.load(config_path) if config_path else TrainConfig()
+        tc = tc.override(list(overrides) + (["resume=true"] if resume else []))
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    summary = run(tc)
+    if summary:
+        click.echo(json.dumps(summary, indent=2))
+
+
+@main.command()
+@click.option(
+    "--output-dir", default="artifacts/tiny", show_default=True, help="Where the default model lives."
+)
+@click.option("--retrain", is_flag=True, help="Train again even if a finished model exists.")
+@click.option("--test-samples", default=600, show_default=True, help="Built-in test questions to score.")
+def demo(output_dir: str, retrain: bool, test_samples: int) -> None:
+    """Train the default tiny model on the built-in data (or reuse it), score it, answer questions."""
+    from .demo import run_demo
+
+    run_demo(output_dir, retrain, test_samples)
 
 
 @main.command()

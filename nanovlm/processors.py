@@ -24,10 +24,18 @@ from .config import VLMConfig
 MAX_IMAGE_PIXELS = 16384 * 16384
 
 
-def load_image(image: str | os.PathLike | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def load_image(
+    image: str | os.PathLike | Image.Image | Any, max_pixels: int = MAX_IMAGE_PIXELS
+) -> Image.Image:
     """Open an image as 8-bit RGB. Grayscale, palette, RGBA and 16-bit images are converted."""
     if isinstance(image, Image.Image):
         img, name = image, "<PIL image>"
+    elif hasattr(image, "read"):  # a file object, e.g. image bytes from a dataset
+        name = "<image bytes>"
+        try:
+            img = Image.open(image)
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{name}: not a readable image ({e})") from None
     else:
         name = os.fspath(image)
         try:

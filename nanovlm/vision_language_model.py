@@ -28,13 +28,18 @@ class VisionLanguageModel(nn.Module):
     def __init__(self, cfg: VLMConfig, load_backbone: bool = True, tokenizer: Tokenizer | None = None):
         super().__init__()
         self.cfg = cfg
-        if load_backbone:
-            self.vision_encoder = ViT.from_hf(cfg)
-            self.decoder = LanguageModel.from_hf(cfg)
-            cfg.validate()  # the backbones rewrote vit_*/lm_* fields
-        else:
-            self.vision_encoder = ViT(cfg)
-            self.decoder = LanguageModel(cfg)
+        # With load_backbone, each backbone named in the config is loaded; an empty name means
+        # "start that part from random weights" (e.g. a real LM with a from-scratch ViT).
+        load_vit = load_backbone and bool(cfg.vit_model_type)
+        load_lm = load_backbone and bool(cfg.lm_model_type)
+        if load_backbone and not (load_vit and load_lm):
+            log.warning(
+                "no %s backbone named in the config: starting it from random weights",
+                "vision" if not load_vit else "language",
+            )
+        self.vision_encoder = ViT.from_hf(cfg) if load_vit else ViT(cfg)
+        self.decoder = LanguageModel.from_hf(cfg) if load_lm else LanguageModel(cfg)
+        cfg.validate()  # the backbones may have rewritten vit_*/lm_* fields
         self.MP = ModalityProjector(cfg)
         self.load_backbone = load_backbone
         self.tokenizer = tokenizer

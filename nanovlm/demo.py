@@ -1,0 +1,79 @@
+"""`nanovlm demo`: the whole PyTorch side in one command, on the embedded default.
+
+Trains the tiny model on the built-in shapes data (or reuses a finished run), scores it on the
+test split next to the blind (question-only) baseline, and answers a few questions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import click
+
+from .collator import Collator
+from .shapes_dataset import ShapesDataset, blind_baseline
+from .train import answer, evaluate, train
+from .train_config import TrainConfig
+from .vision_language_model import VisionLanguageModel
+
+log = logging.getLogger(__name__)
+
+
+def finished_run(tc: TrainConfig) -> bool:
+    path = os.path.join(tc.output_dir, "summary.json")
+    if not os.path.exists(path) or not os.path.exists(
+        os.path.join(tc.output_dir, "checkpoint", "model.safetensors")
+    ):
+        return False
+    with open(path) as f:
+        return json.load(f).get("steps") == tc.max_training_steps
+
+
+def run_demo(output_dir: str, retrain: bool = False, test_samples: int = 600) -> dict:
+    tc = TrainConfig(output_dir=output_dir)
+    t0 = time.time()
+    if retrain or not finished_run(tc):
+        click.echo(f"Training the default tiny model on the built-in shapes data -> {output_dir}")
+        train(tc)
+    else:
+        click.echo(f"Reusing the finished model in {output_dir} (--retrain to train again)")
+    with open(os.path.join(output_dir, "summary.json")) as f:
+        summary = json.load(f)
+    model = VisionLanguageModel.from_pretrained(os.path.join(output_dir, "checkpoint"))
+    collator = Collator(model.cfg, model.tokenizer, tc.max_sample_length)
+    test = evaluate(model, tc, collator, split="test", n=test_samples)
+    ref = ShapesDataset("train", seed=tc.seed, image_size=8)
+    test_ds = ShapesDataset("test", seed=tc.seed, image_size=8)
+    blind = blind_baseline([test_ds[i] for i in range(test_samples)], [ref[i] for i in range(5000)])
+
+    click.echo("\nA few test questions (PyTorch, greedy):")
+    ds = ShapesDataset("test", seed=tc.seed, image_size=tc.shapes_image_size)
+    samples = [ds[i] for i in range(6)]
+    got = answer(model, model.tokenizer, collator.image_processor, [[s.image] for s in samples],
+                 [s.question for s in samples])  # fmt: skip
+    for s, a in zip(samples, got, strict=True):
+        click.echo(f"  Q: {s.question:<52} A: {a:<8} (expected {s.answer})")
+
+    result = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_steps": summary["steps"],
+        "train_seconds": round(summary.get("train_seconds", 0.0), 1),
+        "test_accuracy": test["accuracy"],
+        "test_accuracy_by_type": test["accuracy_by_type"],
+        "blind_baseline": blind,
+        "demo_seconds": round(time.time() - t0, 1),
+    }
+    click.echo("\n| metric | value |\n| --- | --- |")
+    click.echo(f"| parameters | {result['params']:,} |")
+    click.echo(f"| training | {result['train_steps']} steps, {result['train_seconds']} s |")
+    click.echo(f"| test exact match ({test_samples} questions) | {100 * test['accuracy']:.1f}% |")
+    for q, acc in test["accuracy_by_type"].items():
+        click.echo(f"| &nbsp; {q} | {100 * acc:.1f}% |")
+    click.echo(f"| blind baseline (question only) | {100 * blind:.1f}% |")
+    click.echo(f"\nCurves: {os.path.join(output_dir, 'training_curves.png')}")
+    with open(os.path.join(output_dir, "demo.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result

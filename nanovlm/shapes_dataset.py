@@ -1,0 +1,176 @@
+"""The built-in visual question answering data: rendered shapes, generated on the fly, no download.
+
+Each image holds 1-6 objects, every one a different colour, so any object can be named by its
+colour. Six question types with short exact answers:
+
+    count     How many objects are there?                  1..6
+    shape     What shape is the red object?                circle / square / triangle / diamond
+    colour    Which colour is the triangle?               (asked only when that shape is unique)
+    left      Is the red object left of the blue object?   yes / no
+    above     Is the red object above the blue object?     yes / no
+    largest   What colour is the largest object?           a colour
+
+Answers are balanced per question type (uniform counts, yes/no drawn 50/50, colours and shapes
+uniform), so the question text alone gives little away: `blind_baseline` measures what the best
+text-only guesser (the majority answer for each question template) scores.
+
+Sample `i` of a split depends only on (seed, split, i): deterministic, shardable, resumable.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 90, 240),
+    "yellow": (240, 220, 40),
+    "purple": (160, 60, 200),
+    "orange": (250, 140, 20),
+    "white": (245, 245, 245),
+    "cyan": (40, 220, 230),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+QUESTION_TYPES = ("count", "shape", "colour", "left", "above", "largest")
+SPLIT_OFFSETS = {"train": 0, "validation": 1_000_003, "test": 2_000_003}
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    colour: str
+    x: float  # centre, in [0, 1]
+    y: float
+    r: float  # half-size, in [0, 1]
+
+
+@dataclass
+class Sample:
+    image: Image.Image
+    question: str
+    answer: str
+    qtype: str
+
+
+def _place(rng: random.Random, n: int, distinct_sizes: bool) -> list[tuple[float, float, float]] | None:
+    """n non-overlapping (x, y, r) with a clear gap, or None if the draw failed."""
+    placed: list[tuple[float, float, float]] = []
+    for _ in range(n):
+        for _attempt in range(200):
+            r = rng.uniform(0.07, 0.16)
+            x, y = rng.uniform(r + 0.02, 0.98 - r), rng.uniform(r + 0.02, 0.98 - r)
+            if all((x - a) ** 2 + (y - b) ** 2 > (r + c + 0.04) ** 2 for a, b, c in placed):
+                if not distinct_sizes or all(abs(r - c) > 0.025 for _, _, c in placed):
+                    placed.append((x, y, r))
+                    break
+        else:
+            return None
+    return placed
+
+
+def render(objects: list[Obj], size: int) -> Image.Image:
+    img = Image.new("RGB", (size, size), (20, 20, 24))
+    draw = ImageDraw.Draw(img)
+    for o in objects:
+        cx, cy, r = o.x * size, o.y * size, o.r * size
+        fill = COLOURS[o.colour]
+        if o.shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif o.shape == "square":
+            s = r * 0.9
+            draw.rectangle((cx - s, cy - s, cx + s, cy + s), fill=fill)
+        elif o.shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+        else:  # diamond
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    return img
+
+
+class ShapesDataset:
+    """Map-style: `ds[i]` -> Sample. `length` bounds what an epoch means; samples exist for any i."""
+
+    def __init__(self, split: str = "train", seed: int = 0, image_size: int = 64, length: int = 200_000):
+        if split not in SPLIT_OFFSETS:
+            raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_OFFSETS)}")
+        self.split, self.seed, self.image_size, self.length = split, seed, image_size, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> Sample:
+        rng = random.Random((self.seed * 7_919 + SPLIT_OFFSETS[self.split] + i) * 2_654_435_761)
+        qtype = QUESTION_TYPES[i % len(QUESTION_TYPES)]
+        while True:
+            made = self._make(rng, qtype)
+            if made is not None:
+                objects, question, answer = made
+                return Sample(render(objects, self.image_size), question, answer, qtype)
+
+    def _make(self, rng: random.Random, qtype: str) -> tuple[list[Obj], str, str] | None:
+        n = rng.randint(1, 6) if qtype == "count" else rng.randint(2, 6)
+        spots = _place(rng, n, distinct_sizes=qtype == "largest")
+        if spots is None:
+            return None
+        colours = rng.sample(list(COLOURS), n)
+        objects = [Obj(rng.choice(SHAPES), c, x, y, r) for c, (x, y, r) in zip(colours, spots, strict=True)]
+        if qtype == "count":
+            return objects, "How many objects are there?", str(n)
+        if qtype == "shape":
+            o = rng.choice(objects)
+            return objects, f"What shape is the {o.colour} object?", o.shape
+        if qtype == "colour":
+            shape = rng.choice(SHAPES)
+            # Make exactly one object that shape, so the question has one answer.
+            target = rng.randrange(n)
+            others = [s for s in SHAPES if s != shape]
+            objects = [
+                Obj(shape if k == target else rng.choice(others), o.colour, o.x, o.y, o.r)
+                for k, o in enumerate(objects)
+            ]
+            return objects, f"Which colour is the {shape}?", objects[target].colour
+        if qtype in ("left", "above"):
+            a, b = rng.sample(objects, 2)
+            ka, kb = (a.x, b.x) if qtype == "left" else (a.y, b.y)
+            if abs(ka - kb) < 0.08:  # too close to call by eye: draw again
+                return None
+            truth = ka < kb
+            want = rng.random() < 0.5  # balance yes/no
+            if truth != want:
+                a, b = b, a
+            rel = "left of" if qtype == "left" else "above"
+            return objects, f"Is the {a.colour} object {rel} the {b.colour} object?", "yes" if want else "no"
+        biggest = max(objects, key=lambda o: o.r)
+        return objects, "What colour is the largest object?", biggest.colour
+
+
+def corpus(n: int = 3000, seed: int = 0) -> list[str]:
+    """Questions and answers of the training split, for fitting the tokenizer (no images rendered)."""
+    ds = ShapesDataset("train", seed=seed, image_size=8)
+    texts = []
+    for i in range(n):
+        s = ds[i]
+        texts += [s.question, s.answer]
+    return texts
+
+
+def blind_baseline(samples: list[Sample], reference: list[Sample]) -> float:
+    """Accuracy of answering every question with the majority answer for its question template
+    (colour words masked out), learnt on `reference`: the best a text-only model can do."""
+
+    def template(q: str) -> str:
+        return " ".join("<c>" if w in COLOURS else w for w in q.rstrip("?").split())
+
+    by_template: dict[str, Counter] = {}
+    for s in reference:
+        by_template.setdefault(template(s.question), Counter())[s.answer] += 1
+    overall = Counter(s.answer for s in reference)
+    hits = 0
+    for s in samples:
+        counts = by_template.get(template(s.question), overall)
+        hits += counts.most_common(1)[0][0] == s.answer
+    return hits / max(len(samples), 1)

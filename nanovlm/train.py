@@ -1,0 +1,407 @@
+"""The training loop: one CPU, one GPU, or `torchrun --nproc_per_node N` (DDP; gloo on CPU, NCCL on GPU).
+
+Checkpoints go to OUTPUT_DIR/checkpoint: a complete nanoVLM checkpoint (config, weights, tokenizer)
+plus train_state.pt (optimizer, scheduler, step, data position, RNG). They are written to a temp
+directory and renamed into place, so a run killed at any moment leaves the previous checkpoint
+intact and loses at most the steps since it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .checkpoint import load_weights, save_checkpoint
+from .collator import Collator, Conversation
+from .config import VLMConfig
+from .processors import ImageProcessor, Tokenizer, prepare_batch
+from .shapes_dataset import QUESTION_TYPES, ShapesDataset, blind_baseline
+from .train_config import TrainConfig
+from .vision_language_model import VisionLanguageModel
+
+log = logging.getLogger(__name__)
+STATE_FILE = "train_state.pt"
+
+
+# ----------------------------------------------------------------------------- setup
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); starts the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def build_model(tc: TrainConfig) -> VisionLanguageModel:
+    """The model named by tc.model: the built-in tiny default, a checkpoint, or a VLMConfig JSON."""
+    if tc.model == "tiny":
+        from .tiny import build_tokenizer, tiny_config
+
+        torch.manual_seed(tc.seed)
+        cfg = tiny_config()
+        return VisionLanguageModel(cfg, load_backbone=False, tokenizer=build_tokenizer(cfg, tc.seed))
+    if os.path.isdir(tc.model):
+        return VisionLanguageModel.from_pretrained(tc.model)
+    if tc.model.endswith(".json"):
+        torch.manual_seed(tc.seed)
+        cfg = VLMConfig.load(tc.model)
+        model = VisionLanguageModel(cfg, load_backbone=cfg.vlm_load_backbone_weights)
+        from .checkpoint import load_tokenizer
+
+        model.tokenizer = load_tokenizer(os.path.dirname(tc.model), cfg)
+        return model
+    raise ValueError(f"model={tc.model!r}: expected 'tiny', a checkpoint directory or a VLMConfig .json file")
+
+
+def param_groups(model: VisionLanguageModel, tc: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW groups per part; a learning rate of 0 freezes that part (no grads, no optimizer state)."""
+    groups = []
+    for name, module, lr in (
+        ("mp", model.MP, tc.lr_mp),
+        ("vision", model.vision_encoder, tc.lr_vision_backbone),
+        ("language", model.decoder, tc.lr_language_backbone),
+    ):
+        params = list(module.parameters())
+        for p in params:
+            p.requires_grad_(lr > 0)
+        if lr > 0:
+            groups.append({"name": name, "params": params, "lr": lr})
+    if not groups:
+        raise ValueError("every learning rate is 0: nothing to train")
+    return groups
+
+
+def lr_lambda(tc: TrainConfig):
+    warmup = max(1, int(tc.warmup_ratio * tc.max_training_steps))
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, tc.max_training_steps - warmup))
+        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def autocast_for(tc: TrainConfig, device: torch.device):
+    use = tc.mixed_precision == "bf16" or (
+        tc.mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if tc.mixed_precision not in ("auto", "bf16", "no"):
+        raise ValueError(f"mixed_precision={tc.mixed_precision!r}: expected auto, bf16 or no")
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use else nullcontext
+
+
+# ----------------------------------------------------------------------------- data
+def conversations(tc: TrainConfig, start: int, rank: int, world: int) -> Iterator[Conversation]:
+    """This rank's training samples from its `start`-th on: rank r takes samples r, r+world, ..."""
+    if tc.dataset == "shapes":
+        ds = ShapesDataset(
+            tc.dataset_split, seed=tc.seed, image_size=tc.shapes_image_size, length=tc.shapes_length
+        )
+        k = start
+        while True:
+            s = ds[(k * world + rank) % len(ds)]
+            yield Conversation([s.image], [(s.question, s.answer)])
+            k += 1
+    if tc.dataset.startswith("hf:"):
+        from .hf_dataset import HFConversations
+
+        name, _, subset = tc.dataset[3:].partition(":")
+        yield from HFConversations(name, subset or None, tc.dataset_split, tc.streaming).iterate(
+            start, rank, world
+        )
+        return
+    raise ValueError(f"dataset={tc.dataset!r}: expected 'shapes' or 'hf:NAME[:SUBSET]'")
+
+
+def dataset_length(tc: TrainConfig) -> int:
+    return tc.shapes_length if tc.dataset == "shapes" else 0
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(
+    model: VisionLanguageModel, tc: TrainConfig, collator: Collator, max_new_tokens: int = 8
+) -> dict:
+    """Validation loss and exact-match accuracy of greedy answers on the built-in validation split."""
+    model.eval()
+    n = tc.eval_samples
+    ds = ShapesDataset("validation", seed=tc.seed, image_size=tc.shapes_image_size)
+    samples = [ds[i] for i in range(n)]
+    losses, correct = [], {q: [0, 0] for q in QUESTION_TYPES}
+    proc = ImageProcessor.from_config(model.cfg)
+    for i in range(0, n, 48):
+        chunk = samples[i : i + 48]
+        batch = collator([Conversation([s.image], [(s.question, s.answer)]) for s in chunk])
+        _, loss = model(batch["input_ids"], batch["images"], batch["attention_mask"], batch["labels"])
+        losses.append(loss.item())
+        answers = answer(model, model.tokenizer, proc, [[s.image] for s in chunk], [s.question for s in chunk],
+                         max_new_tokens)  # fmt: skip
+        for s, a in zip(chunk, answers, strict=True):
+            correct[s.qtype][0] += a.strip() == s.answer
+            correct[s.qtype][1] += 1
+    model.train()
+    per_type = {q: c / t for q, (c, t) in correct.items() if t}
+    return {
+        "val_loss": float(np.mean(losses)),
+        "accuracy": sum(c for c, _ in correct.values()) / n,
+        "accuracy_by_type": per_type,
+    }
+
+
+def answer(
+    model: VisionLanguageModel,
+    tokenizer: Tokenizer,
+    proc: ImageProcessor,
+    images: list[list[Any]],
+    questions: list[str],
+    max_new_tokens: int = 16,
+) -> list[str]:
+    """Greedy answers for a batch of questions: the same input path as the runtime."""
+    batch = prepare_batch(model.cfg, tokenizer, proc, images, questions)
+    device = next(model.parameters()).device
+    out = model.generate(
+        torch.from_numpy(batch.input_ids).to(device),
+        torch.from_numpy(batch.pixel_values).to(device),
+        attention_mask=torch.from_numpy(batch.attention_mask).to(device),
+        max_new_tokens=max_new_tokens,
+        greedy=True,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return [tokenizer.decode(row.tolist()) for row in out]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def write_checkpoint(model, optimizer, scheduler, step: int, consumed: int, tc: TrainConfig) -> None:
+    def extra(tmp: str) -> None:
+        state = {
+            "step": step,
+            "consumed": consumed,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": list(random.getstate()[1]),
+        }
+        torch.save(state, os.path.join(tmp, STATE_FILE))
+        tc.save(os.path.join(tmp, "train_config.json"))
+
+    save_checkpoint(model, os.path.join(tc.output_dir, "checkpoint"), extra=extra)
+
+
+def check_same_architecture(saved: VLMConfig, current: VLMConfig, where: str) -> None:
+    a, b = saved.to_dict(), current.to_dict()
+    shape_keys = [
+        k for k in b if k.startswith(("vit_", "lm_", "mp_")) and not k.endswith(("_type", "_tokenizer"))
+    ]
+    diff = [f"{k}: checkpoint {a.get(k)!r} vs run {b.get(k)!r}" for k in shape_keys if a.get(k) != b.get(k)]
+    if diff:
+        raise ValueError(f"cannot resume from {where}: different architecture ({'; '.join(diff)})")
+
+
+def read_checkpoint(model, optimizer, scheduler, tc: TrainConfig) -> tuple[int, int]:
+    """Restore weights and training state from output_dir/checkpoint -> (step, samples consumed per rank)."""
+    ckpt = os.path.join(tc.output_dir, "checkpoint")
+    if not os.path.exists(os.path.join(ckpt, STATE_FILE)):
+        raise FileNotFoundError(f"resume: no checkpoint with {STATE_FILE} in {ckpt}")
+    check_same_architecture(VLMConfig.load(os.path.join(ckpt, "config.json")), model.cfg, ckpt)
+    load_weights(model, os.path.join(ckpt, "model.safetensors"))
+    state = torch.load(os.path.join(ckpt, STATE_FILE), weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate((3, tuple(state["python_rng"]), None))
+    log.info("resumed from %s at step %d", ckpt, state["step"])
+    return state["step"], state["consumed"]
+
+
+# ----------------------------------------------------------------------------- the loop
+def backward_accumulated(forward, micro: list[dict], ddp=None, autocast=nullcontext) -> float:
+    """Backward over k micro-batches -> mean loss per label token of the whole accumulated batch.
+
+    Each micro-batch's mean loss is weighted by its share of the label tokens, so k micro-batches
+    give the gradient of one k-times larger batch. DDP syncs gradients on the last one only.
+    """
+    n_total = max(1, sum(int((b["labels"] != -100).sum()) for b in micro))
+    loss_sum = 0.0
+    for i, b in enumerate(micro):
+        sync = ddp.no_sync() if ddp is not None and i < len(micro) - 1 else nullcontext()
+        with sync:
+            with autocast():
+                _, loss = forward(b["input_ids"], b["images"], b["attention_mask"], b["labels"])
+            scaled = loss.float() * int((b["labels"] != -100).sum()) / n_total
+            scaled.backward()
+        loss_sum += scaled.item()
+    return loss_sum
+
+
+def train(tc: TrainConfig, stop_after: int | None = None) -> dict:
+    """Run (or resume) training; `stop_after` ends this run early after that step, as a kill would."""
+    rank, world = dist_info()
+    device = torch.device(
+        f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    )
+    random.seed(tc.seed)
+    model = build_model(tc).to(device)
+    if model.tokenizer is None:
+        raise ValueError(f"model {tc.model!r} has no tokenizer: training needs one")
+    model.train()
+    optimizer = torch.optim.AdamW(param_groups(model, tc), weight_decay=tc.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
+    step, consumed = read_checkpoint(model, optimizer, scheduler, tc) if tc.resume else (0, 0)
+    collator = Collator(model.cfg, model.tokenizer, tc.max_sample_length)
+    autocast = autocast_for(tc, device)
+
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
+    forward = ddp or model
+    if tc.compile:
+        forward = torch.compile(forward)
+
+    os.makedirs(tc.output_dir, exist_ok=True)
+    log_path = os.path.join(tc.output_dir, "metrics.jsonl")
+    history = _read_history(log_path, upto=step) if rank == 0 else []
+    if rank == 0:
+        tc.save(os.path.join(tc.output_dir, "train_config.json"))
+        _write_history(log_path, history)  # drop entries past the checkpoint we resumed from
+
+    per_epoch = dataset_length(tc) // max(1, tc.batch_size * world * tc.gradient_accumulation_steps)
+    max_steps = tc.max_training_steps
+    if tc.max_epochs and per_epoch:
+        max_steps = min(max_steps, int(tc.max_epochs * per_epoch))
+    stream = conversations(tc, consumed, rank, world)
+    bar = _progress(rank, max_steps, step)
+    if rank == 0 and step == 0 and tc.eval_samples:  # the starting point of the curves
+        metrics = {"step": 0, **evaluate(model, tc, collator)}
+        history.append(metrics)
+        _append(log_path, metrics)
+    t0, tokens_seen = time.time(), 0
+    while step < max_steps:
+        micro = []
+        while len(micro) < tc.gradient_accumulation_steps:
+            samples = [next(stream) for _ in range(tc.batch_size)]
+            consumed += tc.batch_size
+            batch = collator(samples)
+            if batch is not None:
+                micro.append({k: v.to(device) for k, v in batch.items()})
+        loss_sum = backward_accumulated(forward, micro, ddp, autocast)
+        tokens_seen += sum(int(b["attention_mask"].sum()) for b in micro)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if rank == 0:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}")
+            if step % tc.log_interval == 0 or step == max_steps:
+                entry = {"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                         "tokens_per_s": tokens_seen / (time.time() - t0), "elapsed_s": time.time() - t0}  # fmt: skip
+                history.append(entry)
+                _append(log_path, entry)
+        is_eval = tc.eval_interval and step % tc.eval_interval == 0 or step == max_steps
+        if is_eval and rank == 0 and tc.eval_samples:
+            metrics = {"step": step, **evaluate(model, tc, collator)}
+            history.append(metrics)
+            _append(log_path, metrics)
+            log.info("step %d: val_loss %.4f accuracy %.3f", step, metrics["val_loss"], metrics["accuracy"])
+        if rank == 0 and (step % tc.checkpoint_interval == 0 or step == max_steps):
+            write_checkpoint(model, optimizer, scheduler, step, consumed, tc)
+        if world > 1:
+            dist.barrier()
+        if stop_after is not None and step >= stop_after:
+            break
+    if rank == 0:
+        bar.close()
+        summary = _summary(history, tc, collator)
+        with open(os.path.join(tc.output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        plot_history(history, os.path.join(tc.output_dir, "training_curves.png"))
+    else:
+        summary = {}
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def _summary(history: list[dict], tc: TrainConfig, collator: Collator) -> dict:
+    evals = [h for h in history if "accuracy" in h]
+    out = {"steps": max((h["step"] for h in history), default=0), "skipped_samples": collator.skipped}
+    if evals:
+        out |= {"final_val_loss": evals[-1]["val_loss"], "final_accuracy": evals[-1]["accuracy"],
+                "accuracy_by_type": evals[-1]["accuracy_by_type"]}  # fmt: skip
+    train_hist = [h for h in history if "elapsed_s" in h]
+    if train_hist:
+        out["train_seconds"] = train_hist[-1]["elapsed_s"]
+    if tc.dataset == "shapes" and tc.eval_samples:
+        ds = ShapesDataset("validation", seed=tc.seed, image_size=8)
+        ref = ShapesDataset("train", seed=tc.seed, image_size=8)
+        out["blind_baseline"] = blind_baseline(
+            [ds[i] for i in range(tc.eval_samples)], [ref[i] for i in range(5000)]
+        )
+    return out
+
+
+def _progress(rank: int, total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", disable=rank != 0, mininterval=2.0)
+
+
+def _append(path: str, entry: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def _read_history(path: str, upto: int) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r["step"] <= upto]
+
+
+def _write_history(path: str, rows: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
+def plot_history(history: list[dict], path: str) -> None:
+    """Training loss, validation loss and answer accuracy against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [h for h in history if "loss" in h]
+    evals = [h for h in history if "accuracy" in h]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot([h["step"] for h in train], [h["loss"] for h in train], label="train loss")
+    ax1.plot([h["step"] for h in evals], [h["val_loss"] for h in evals], "o-", label="validation loss")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("step")
+    ax1.legend()
+    ax2.plot([h["step"] for h in evals], [100 * h["accuracy"] for h in evals], "o-", label="exact match")
+    ax2.set_ylim(0, 100)
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("validation accuracy (%)")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

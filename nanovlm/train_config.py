@@ -1,0 +1,99 @@
+"""TrainConfig: everything a training run needs, as a JSON round-trippable dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train ---
+    model: str = (
+        "tiny"  # "tiny" (built-in default), a checkpoint dir, or a VLMConfig .json (loads its backbones)
+    )
+    dataset: str = "shapes"  # "shapes" (built-in) or "hf:NAME[:SUBSET]" (the_cauldron / FineVision records)
+    dataset_split: str = "train"
+    streaming: bool = False  # stream the Hugging Face dataset instead of downloading it whole
+    shapes_image_size: int = 64  # side of the rendered built-in images
+    shapes_length: int = 200_000  # samples per epoch of the built-in data
+    # --- optimisation; a learning rate of 0 freezes that part ---
+    lr_mp: float = 3e-3
+    lr_vision_backbone: float = 1.5e-3
+    lr_language_backbone: float = 1.5e-3
+    weight_decay: float = 0.01
+    batch_size: int = 32  # per process, per micro-batch
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    warmup_ratio: float = 0.04  # linear warmup over this share of the steps ...
+    min_lr_ratio: float = 0.05  # ... then cosine decay to this share of each peak lr
+    max_training_steps: int = 1400  # optimizer steps
+    max_epochs: float = 0.0  # stop after this many passes over the data as well (0 = no limit)
+    max_sample_length: int = 128  # longer samples are skipped and counted, never truncated
+    # --- evaluation, logging, checkpoints ---
+    eval_interval: int = 200  # optimizer steps between evaluations (0 = only at the end)
+    eval_samples: int = 240  # validation samples for loss and exact-match accuracy
+    log_interval: int = 10
+    checkpoint_interval: int = 200  # optimizer steps between checkpoints
+    output_dir: str = "artifacts/tiny"
+    resume: bool = False  # continue from output_dir/checkpoint
+    # --- execution ---
+    mixed_precision: str = "auto"  # "auto" (bf16 autocast on GPUs that support it), "bf16", "no"
+    compile: bool = False  # torch.compile the model
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "train config") -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TrainConfig:
+        with open(path) as f:
+            return cls.from_dict(json.load(f), source=str(path))
+
+    def override(self, assignments: list[str]) -> TrainConfig:
+        """Apply CLI overrides like ["batch_size=16", "lr_mp=1e-3", "resume=true"]."""
+        hints = typing.get_type_hints(type(self))
+        data = self.to_dict()
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ValueError(f"override {item!r} is not KEY=VALUE")
+            if key not in data:
+                raise ValueError(f"unknown train config key {key!r}")
+            data[key] = _parse(raw, hints[key], key)
+        return type(self).from_dict(data)
+
+
+def _parse(raw: str, kind: Any, key: str) -> Any:
+    try:
+        if kind is bool:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ValueError(
+            f"train config {key}={raw!r} is not a valid {getattr(kind, '__name__', kind)}"
+        ) from None

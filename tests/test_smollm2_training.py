@@ -1,0 +1,32 @@
+"""The nanoVLM-222M shape (SigLIP-B/16-224 + SmolLM2-135M) trains with the same code (slow tier).
+
+No SigLIP weights are reachable offline, so the ViT starts random; the LM is the real
+SmolLM2-135M-Instruct. A short projector-only run must lower the validation loss.
+"""
+
+import json
+
+import pytest
+
+from nanovlm.config import VLMConfig
+from nanovlm.train import train
+from nanovlm.train_config import TrainConfig
+
+
+@pytest.mark.slow
+def test_projector_only_run_on_real_smollm2_lowers_val_loss(tmp_path, smollm2_dir):
+    cfg = VLMConfig(
+        vit_hidden_dim=768, vit_inter_dim=3072, vit_patch_size=16, vit_img_size=224, vit_n_heads=12,
+        vit_n_blocks=12, vit_model_type="", lm_model_type=smollm2_dir, lm_tokenizer=smollm2_dir,
+        mp_pixel_shuffle_factor=2, mp_image_token_length=49, max_img_size=224,
+    )  # fmt: skip
+    cfg.save(tmp_path / "vlm.json")
+    tc = TrainConfig(
+        model=str(tmp_path / "vlm.json"), lr_mp=3e-3, lr_vision_backbone=0, lr_language_backbone=0,
+        batch_size=8, max_training_steps=12, warmup_ratio=0.1, eval_interval=0, eval_samples=24,
+        log_interval=1, checkpoint_interval=1000, shapes_image_size=224, output_dir=str(tmp_path / "run"),
+    )  # fmt: skip
+    train(tc)
+    evals = [r for r in (json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 12]  # before training and after
+    assert evals[1]["val_loss"] < evals[0]["val_loss"], evals
