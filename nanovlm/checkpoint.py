@@ -130,6 +130,7 @@ def save_checkpoint(
 
 def replace_dir(tmp: str, final: str) -> None:
     """Move a fully written temp directory into place, replacing any previous one."""
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
     old = None
     if os.path.exists(final):
         old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(final)))

@@ -165,7 +165,11 @@ def siglip_weight_table(n_blocks: int, prefix: str = "vision_model.") -> dict[st
 
 
 def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
+    if isinstance(module, ViTPatchEmbeddings):
+        # nanoVLM draws these from U(0, 1): a constant offset ~10x the patch signal that a ViT
+        # trained from scratch must first unlearn. Loaded weights replace this init anyway.
+        nn.init.normal_(module.position_embedding, mean=0.0, std=0.02)
+    elif isinstance(module, (nn.Linear, nn.Conv2d)):
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)

@@ -1,0 +1,221 @@
+"""`nanovlm-export onnx SRC OUT`: a checkpoint -> a self-contained ONNX bundle (see docs/bundle.md).
+
+The export writes into a temp directory next to OUT and renames it into place only after the
+manifest (written last, with a SHA-256 per file) is complete: a failed export leaves nothing that
+looks like a bundle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+
+import onnx
+import torch
+
+from nanovlm.checkpoint import replace_dir, resolve_checkpoint
+from nanovlm.config import VLMConfig
+from nanovlm.vision_language_model import VisionLanguageModel
+from runtime.bundle import FORMAT_VERSION, file_sha256, write_manifest
+
+from .graphs import DecoderGraph, VisionEncoderGraph, decoder_io_names
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+STANDARD_DOMAINS = {"", "ai.onnx"}
+TWO_GB = 2**31
+
+
+def check_exportable(cfg: VLMConfig, src: str) -> None:
+    """Refuse configurations the graphs do not cover, before any long work (weights not yet read)."""
+    if cfg.vit_cls_flag:
+        raise ValueError(
+            f"{src}: vit_cls_flag=True (a CLS-pooled ViT) cannot feed the pixel-shuffle projector"
+        )
+    if cfg.lm_use_tokens:
+        raise ValueError(f"{src}: lm_use_tokens=True is a text-only LM configuration, not a VLM")
+
+
+def export_onnx(src: str, out: str, precision: str = "fp32", opset: int = DEFAULT_OPSET) -> dict:
+    """Export checkpoint `src` (directory or Hub id) to the bundle directory `out`; returns the manifest."""
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"precision={precision!r}: expected fp32 or fp16")
+    if not 17 <= opset <= 21:
+        raise ValueError(f"opset {opset}: supported range is 17..21 (TensorRT 10.3 parses up to opset 20)")
+    t0 = time.time()
+    directory = resolve_checkpoint(src)
+    check_exportable(VLMConfig.load(os.path.join(directory, "config.json")), src)
+    model = VisionLanguageModel.from_pretrained(directory).eval()
+    if model.tokenizer is None:
+        raise ValueError(
+            f"{src}: no tokenizer files in the checkpoint and cfg.lm_tokenizer could not be loaded"
+        )
+    if precision == "fp16":
+        from .fp16 import prepare_fp16
+
+        prepare_fp16(model)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-bundle-", dir=parent)
+    try:
+        graphs = {}
+        log.info("[1/4] exporting vision_encoder.onnx")
+        graphs["vision_encoder"] = _export_vision(model, tmp, opset)
+        log.info("[2/4] exporting decoder.onnx")
+        graphs["decoder"] = _export_decoder(model, tmp, opset)
+        log.info("[3/4] checking graphs (onnx.checker, shape inference, standard ops only)")
+        for spec in graphs.values():
+            path = os.path.join(tmp, spec["file"])
+            check_graph(path, opset)
+            spec.update(graph_io(path))
+        log.info("[4/4] writing tokenizer, config and manifest")
+        model.tokenizer.save(tmp)
+        model.cfg.save(os.path.join(tmp, "config.json"))
+        manifest = write_manifest(tmp, model.cfg, model.tokenizer, graphs, precision, opset)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("bundle written to %s in %.1f s", out, time.time() - t0)
+    return manifest
+
+
+def _onnx_export(module: torch.nn.Module, args: tuple, path: str, opset: int, **kw) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer chatter
+        torch.onnx.export(
+            module, args, path, opset_version=opset, dynamo=False, do_constant_folding=True, **kw
+        )
+    _maybe_external(path)
+
+
+def _maybe_external(path: str) -> None:
+    """Graphs over 2 GB keep their weights in `<file>.data` next to them (protobuf's limit)."""
+    if os.path.getsize(path) < TWO_GB - 2**26 and not os.path.exists(path + ".data"):
+        return
+    m = onnx.load(path)
+    onnx.save_model(m, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=os.path.basename(path) + ".data")  # fmt: skip
+
+
+def _export_vision(model: VisionLanguageModel, out: str, opset: int) -> dict:
+    cfg = model.cfg
+    size = cfg.vit_img_size
+    dtype = next(model.parameters()).dtype
+    pixels = torch.rand(2, 3, size, size, dtype=dtype)
+    graph = VisionEncoderGraph(model).eval()
+    _onnx_export(
+        graph, (pixels,), os.path.join(out, "vision_encoder.onnx"), opset,
+        input_names=["pixel_values"], output_names=["image_embeds"],
+        dynamic_axes={"pixel_values": {0: "num_images"}, "image_embeds": {0: "num_images"}},
+    )  # fmt: skip
+    return {"file": "vision_encoder.onnx"}
+
+
+def _export_decoder(model: VisionLanguageModel, out: str, opset: int) -> dict:
+    cfg = model.cfg
+    B, S, P = 2, 3, 2
+    dtype = next(model.parameters()).dtype
+    kv = (B, cfg.lm_n_kv_heads, P, cfg.lm_head_dim)
+    ids = torch.randint(0, cfg.lm_base_vocab_size, (B, S))
+    img_id = cfg.image_token_id if cfg.image_placement == "replace" else -1
+    ids[0, 1] = img_id  # trace the merge with one image row
+    args = (
+        ids,
+        torch.rand(1, cfg.lm_hidden_dim, dtype=dtype),
+        torch.ones(B, P + S, dtype=torch.long),
+        torch.arange(P, P + S).repeat(B, 1),
+        *[torch.rand(kv, dtype=dtype) for _ in range(2 * cfg.lm_n_blocks)],
+    )
+    inputs, outputs = decoder_io_names(cfg.lm_n_blocks)
+    axes = {
+        "input_ids": {0: "batch", 1: "seq"},
+        "image_embeds": {0: "num_image_tokens"},
+        "attention_mask": {0: "batch", 1: "total_seq"},
+        "position_ids": {0: "batch", 1: "seq"},
+        "logits": {0: "batch"},
+    }
+    for name in inputs[4:]:
+        axes[name] = {0: "batch", 2: "past_seq"}
+    for name in outputs[1:]:
+        axes[name] = {0: "batch", 2: "total_seq"}
+    path = os.path.join(out, "decoder.onnx")
+    _onnx_export(DecoderGraph(model).eval(), args, path, opset,
+                 input_names=inputs, output_names=outputs, dynamic_axes=axes)  # fmt: skip
+    if cfg.lm_tie_weights:
+        share_tied_head(path, "decoder.token_embedding.weight")
+    return {"file": "decoder.onnx"}
+
+
+def share_tied_head(path: str, embedding: str) -> None:
+    """Store the tied embedding/head matrix once.
+
+    The exporter writes the head as MatMul with a transposed copy of the embedding (constant
+    folding of W.T): a second copy of the largest tensor. Rewrite it as Gemm(transB=1) reading
+    the embedding initializer itself.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    m = onnx.load(path)
+    inits = {i.name: i for i in m.graph.initializer}
+    if embedding not in inits:
+        raise ValueError(f"{path}: no initializer {embedding!r} to share with the head")
+    emb = numpy_helper.to_array(inits[embedding])
+    for k, node in enumerate(m.graph.node):
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        w = inits[node.input[1]]
+        if tuple(w.dims) != emb.shape[::-1] or not np.array_equal(numpy_helper.to_array(w), emb.T):
+            continue
+        gemm = onnx.helper.make_node(
+            "Gemm", [node.input[0], embedding], list(node.output), name=node.name + "_tied", transB=1
+        )
+        m.graph.node.remove(node)
+        m.graph.node.insert(k, gemm)
+        if not any(w.name in n.input for n in m.graph.node):
+            m.graph.initializer.remove(w)
+        onnx.save_model(m, path)
+        return
+    raise ValueError(f"{path}: could not find the tied head MatMul to share {embedding!r}")
+
+
+def graph_io(path: str) -> dict:
+    """Names, dtypes and (symbolic) dims of a graph's inputs and outputs, for the manifest."""
+    m = onnx.load(path, load_external_data=False)
+
+    def spec(values) -> list[dict]:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+            out.append(
+                {
+                    "name": v.name,
+                    "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                    "shape": dims,
+                }
+            )
+        return out
+
+    return {"inputs": spec(m.graph.input), "outputs": spec(m.graph.output)}
+
+
+def check_graph(path: str, opset: int) -> None:
+    """onnx.checker + strict shape inference + no contrib/custom ops + the requested opset."""
+    onnx.checker.check_model(path, full_check=True)
+    m = onnx.load(path, load_external_data=False)
+    versions = {o.domain: o.version for o in m.opset_import}
+    if versions.get("", versions.get("ai.onnx")) != opset:
+        raise ValueError(f"{path}: exported with opset {versions}, expected {opset}")
+    foreign = sorted({n.op_type for n in m.graph.node if n.domain not in STANDARD_DOMAINS})
+    if foreign:
+        raise ValueError(f"{path}: non-standard ops {foreign}; the bundle must run on TensorRT 10.3")
+
+
+__all__ = ["export_onnx", "check_graph", "FORMAT_VERSION", "file_sha256"]
