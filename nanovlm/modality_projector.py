@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn as nn
 
@@ -16,7 +14,7 @@ class ModalityProjector(nn.Module):
         self.scale_factor = cfg.mp_pixel_shuffle_factor
         self.grid = cfg.vit_grid
         self.proj = nn.Linear(cfg.vit_hidden_dim * self.scale_factor**2, cfg.lm_hidden_dim, bias=False)
-        nn.init.normal_(self.proj.weight, mean=0.0, std=float(os.environ.get("MPSTD", "0.02")))
+        nn.init.normal_(self.proj.weight, mean=0.0, std=0.02)
 
     def pixel_shuffle(self, x: torch.Tensor) -> torch.Tensor:
         # x: [N, grid*grid, D] -> [N, (grid/f)^2, D*f*f]; the grid side comes from the config, not
