@@ -16,5 +16,25 @@ def main(verbose: bool) -> None:
     )
 
 
+@main.command()
+@click.argument("src")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--precision", type=click.Choice(["fp32"]), default="fp32", show_default=True)
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17..21).")
+def onnx(src: str, out: str, precision: str, opset: int) -> None:
+    """Export checkpoint SRC (a directory or Hub id) to the ONNX bundle directory OUT."""
+    import json
+    import os
+
+    from .onnx_export import export_onnx
+
+    try:
+        manifest = export_onnx(src, out, precision=precision, opset=opset)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    sizes = {name: meta["bytes"] for name, meta in manifest["files"].items()}
+    click.echo(json.dumps({"bundle": os.path.abspath(out), "precision": precision, "bytes": sizes}, indent=2))
+
+
 if __name__ == "__main__":
     main()

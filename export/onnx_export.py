@@ -43,8 +43,10 @@ def check_exportable(cfg: VLMConfig, src: str) -> None:
 
 def export_onnx(src: str, out: str, precision: str = "fp32", opset: int = DEFAULT_OPSET) -> dict:
     """Export checkpoint `src` (directory or Hub id) to the bundle directory `out`; returns the manifest."""
-    if precision not in ("fp32", "fp16"):
-        raise ValueError(f"precision={precision!r}: expected fp32 or fp16")
+    if precision != "fp32":
+        raise ValueError(
+            f"precision={precision!r}: this version exports fp32 only (fp16 is not implemented yet)"
+        )
     if not 17 <= opset <= 21:
         raise ValueError(f"opset {opset}: supported range is 17..21 (TensorRT 10.3 parses up to opset 20)")
     t0 = time.time()
@@ -55,10 +57,6 @@ def export_onnx(src: str, out: str, precision: str = "fp32", opset: int = DEFAUL
         raise ValueError(
             f"{src}: no tokenizer files in the checkpoint and cfg.lm_tokenizer could not be loaded"
         )
-    if precision == "fp16":
-        from .fp16 import prepare_fp16
-
-        prepare_fp16(model)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-bundle-", dir=parent)

@@ -7,6 +7,7 @@ reference sees. It needs only numpy, pillow, tokenizers and jinja2.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -258,12 +259,16 @@ def images_per_grid(grid: tuple[int, int]) -> int:
     return 1 if grid == (1, 1) else grid[0] * grid[1] + 1
 
 
-def render_chat(template: str, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-    """Render a Jinja chat template in a sandbox (templates come from checkpoints: no code runs)."""
+@functools.lru_cache(maxsize=8)
+def _compile_template(template: str) -> Any:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+
+
+def render_chat(template: str, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """Render a Jinja chat template in a sandbox (templates come from checkpoints: no code runs)."""
+    return _compile_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
 
 
 def format_prompt(

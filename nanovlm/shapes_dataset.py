@@ -148,6 +148,49 @@ class ShapesDataset:
         return objects, "What colour is the largest object?", biggest.colour
 
 
+def scene_questions(ds: ShapesDataset, i: int) -> tuple[Image.Image, list[tuple[str, str]]]:
+    """One image with a question of every type that fits it, in random order (training data).
+
+    Several answers per image give the vision path six times the signal per encoded image; each
+    question is drawn exactly as `ShapesDataset.__getitem__` draws it, on a shared scene.
+    """
+    rng = random.Random((ds.seed * 7_919 + SPLIT_OFFSETS[ds.split] + i) * 40_503 + 17)
+    while True:
+        n = rng.randint(1, 6)
+        spots = _place(rng, n, distinct_sizes=True)
+        if spots is not None:
+            break
+    colours = rng.sample(list(COLOURS), n)
+    objects = [Obj(rng.choice(SHAPES), c, x, y, r) for c, (x, y, r) in zip(colours, spots, strict=True)]
+    # one object gets a shape no other object has, so "Which colour is the <shape>?" has one answer
+    target = rng.randrange(n)
+    unique = rng.choice(SHAPES)
+    others = [s for s in SHAPES if s != unique]
+    objects = [
+        Obj(unique if k == target else rng.choice(others), o.colour, o.x, o.y, o.r)
+        for k, o in enumerate(objects)
+    ]
+    qa = [("How many objects are there?", str(n))]
+    qa.append((f"Which colour is the {unique}?", objects[target].colour))
+    if n > 1:  # ask about another object: shape(colour(x)) = x would let one answer copy another
+        o = rng.choice([o for k, o in enumerate(objects) if k != target])
+        qa.append((f"What shape is the {o.colour} object?", o.shape))
+    qa.append(("What colour is the largest object?", max(objects, key=lambda o: o.r).colour))
+    for rel, axis in (("left of", "x"), ("above", "y")):
+        pairs = [
+            (a, b)
+            for a in objects
+            for b in objects
+            if a is not b and abs(getattr(a, axis) - getattr(b, axis)) >= 0.08
+        ]
+        if pairs:
+            a, b = rng.choice(pairs)
+            yes = getattr(a, axis) < getattr(b, axis)
+            qa.append((f"Is the {a.colour} object {rel} the {b.colour} object?", "yes" if yes else "no"))
+    rng.shuffle(qa)
+    return render(objects, ds.image_size), qa
+
+
 def corpus(n: int = 3000, seed: int = 0) -> list[str]:
     """Questions and answers of the training split, for fitting the tokenizer (no images rendered)."""
     ds = ShapesDataset("train", seed=seed, image_size=8)

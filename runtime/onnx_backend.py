@@ -1,0 +1,191 @@
+"""ONNX Runtime sessions for a bundle: providers, session options, IO binding, the KV cache.
+
+The KV cache lives in two preallocated flat buffers per layer and direction, sized for the largest
+context of the generation, used in turn: a step reads its past from one and ONNX Runtime writes the
+present straight into the other (IO binding), so a step allocates nothing and the runtime copies
+nothing; the graph's own Concat is the one pass over the cache. On CUDA the buffers and the logits
+stay on the device except for the [B, V] logits read back for sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+PACKAGE_FOR = {"cuda": "onnxruntime-gpu", "tensorrt": "onnxruntime-gpu (built with TensorRT) and tensorrt"}
+
+
+def session_options(threads: int | None = None, optimized_model_path: str | None = None) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    # All graph rewrites (constant folding, MatMul/Add and attention-pattern fusions) happen once at
+    # load; sequential execution because a decode step is a chain of small ops, where inter-op
+    # parallelism only adds scheduling overhead; intra-op threads = cores for the MatMuls.
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads or os.cpu_count() or 1
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    if optimized_model_path:
+        so.optimized_model_filepath = optimized_model_path
+    return so
+
+
+def trt_profile_shapes(
+    manifest: dict, max_batch: int, max_context: int, max_images: int
+) -> dict[str, dict[str, str]]:
+    """TensorRT EP optimization profiles (min/opt/max) for each graph, from the manifest's IO spec.
+
+    Decoder: batch 1..max_batch, seq 1..max_context (prefill) with opt 1 (decode), past 0..max_context.
+    """
+    kv = manifest["kv_cache"]
+    hidden = manifest["graphs"]["decoder"]["inputs"][1]["shape"][1]
+    tile = manifest["preprocessing"]["tile_size"]
+    img_tokens = manifest["image_token_count"]
+
+    def fmt(shapes: dict[str, tuple[int, ...]]) -> str:
+        return ",".join(f"{k}:{'x'.join(str(d) for d in v)}" for k, v in shapes.items())
+
+    def dec(batch: int, seq: int, past: int, images: int) -> dict[str, tuple[int, ...]]:
+        s = {
+            "input_ids": (batch, seq),
+            "image_embeds": (images, hidden),
+            "attention_mask": (batch, past + seq),
+            "position_ids": (batch, seq),
+        }
+        for i in range(kv["layers"]):
+            for part in ("key", "value"):
+                s[f"past_key_values.{i}.{part}"] = (batch, kv["kv_heads"], past, kv["head_dim"])
+        return s
+
+    max_rows = max_images * img_tokens
+    return {
+        "decoder": {
+            "trt_profile_min_shapes": fmt(dec(1, 1, 0, 0)),
+            "trt_profile_opt_shapes": fmt(dec(1, 1, max_context // 2, 0)),
+            "trt_profile_max_shapes": fmt(dec(max_batch, max_context, max_context, max_rows)),
+        },
+        "vision_encoder": {
+            "trt_profile_min_shapes": fmt({"pixel_values": (1, 3, tile, tile)}),
+            "trt_profile_opt_shapes": fmt({"pixel_values": (1, 3, tile, tile)}),
+            "trt_profile_max_shapes": fmt({"pixel_values": (max_images, 3, tile, tile)}),
+        },
+    }
+
+
+class OrtBackend:
+    def __init__(
+        self,
+        bundle: Bundle,
+        provider: str = "cpu",
+        threads: int | None = None,
+        engine_cache: str | None = None,
+        fp16: bool = False,
+        int8: bool = False,
+        max_batch: int = 4,
+        max_images: int = 16,
+        save_optimized: bool = False,
+    ):
+        import onnxruntime as ort
+
+        if provider not in PROVIDERS:
+            raise ValueError(f"unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
+        name = PROVIDERS[provider]
+        if name not in ort.get_available_providers():
+            raise RuntimeError(
+                f"provider {provider!r} ({name}) is not available in this onnxruntime "
+                f"({', '.join(ort.get_available_providers())}); install {PACKAGE_FOR.get(provider, 'onnxruntime')}"
+            )
+        self.bundle, self.provider = bundle, provider
+        self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
+        kv = bundle.manifest["kv_cache"]
+        self.layers, self.kv_heads, self.head_dim = kv["layers"], kv["kv_heads"], kv["head_dim"]
+        self.max_context = bundle.manifest["generation"]["max_context"]
+        self.vocab = bundle.manifest["graphs"]["decoder"]["outputs"][0]["shape"][1]
+        self.sessions = {}
+        for graph in ("vision_encoder", "decoder"):
+            opts: dict[str, Any] = {}
+            if provider == "tensorrt":
+                cache = engine_cache or os.path.join(bundle.path, "trt_cache")
+                opts = {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache, "trt_fp16_enable": fp16,
+                        "trt_int8_enable": int8, "trt_timing_cache_enable": True}  # fmt: skip
+                opts |= trt_profile_shapes(bundle.manifest, max_batch, self.max_context, max_images)[graph]
+            providers = [(name, opts)] + (
+                [("CPUExecutionProvider", {})] if name != "CPUExecutionProvider" else []
+            )
+            optimized = bundle.graph_path(graph) + ".optimized.ort" if save_optimized else None
+            self.sessions[graph] = ort.InferenceSession(
+                bundle.graph_path(graph), session_options(threads, optimized), providers=providers
+            )
+        self.io = self.sessions["decoder"].io_binding()
+        self._buffers: list[list[Any]] = []
+        self._capacity = (0, 0)
+
+    # ------------------------------------------------------------------ vision
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        """[N, 3, S, S] float32 -> [N, image_tokens, hidden] float32 (on the host)."""
+        (out,) = self.sessions["vision_encoder"].run(
+            None, {"pixel_values": np.ascontiguousarray(pixel_values)}
+        )
+        return out
+
+    # ------------------------------------------------------------------ KV cache
+    def reset(self, batch: int, max_total: int) -> None:
+        """Start a generation: (re)allocate the cache buffers if this one needs more room."""
+        if max_total > self.max_context:
+            raise ValueError(f"{max_total} positions exceed the model's context of {self.max_context}")
+        if batch * max_total > self._capacity[0] * self._capacity[1] or batch != self._capacity[0]:
+            import onnxruntime as ort
+
+            size = batch * self.kv_heads * max_total * self.head_dim
+            # [ping/pong][layer*2 + (key, value)]
+            self._buffers = [
+                [
+                    ort.OrtValue.ortvalue_from_shape_and_type((size,), np.float32, self.device, 0)
+                    for _ in range(2 * self.layers)
+                ]
+                for _ in range(2)
+            ]
+            self._capacity = (batch, max_total)
+        self.past_len = 0
+        self.turn = 0
+
+    def step(self, input_ids: np.ndarray, image_rows: np.ndarray, attention_mask: np.ndarray,
+             position_ids: np.ndarray) -> np.ndarray:  # fmt: skip
+        """One decoder call over S new positions; returns logits [B, V] for the last one."""
+        B, S = input_ids.shape
+        io = self.io
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        io.bind_cpu_input("image_embeds", np.ascontiguousarray(image_rows, dtype=np.float32))
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        src, dst = self._buffers[self.turn], self._buffers[1 - self.turn]
+        past_shape = (B, self.kv_heads, self.past_len, self.head_dim)
+        present_shape = (B, self.kv_heads, self.past_len + S, self.head_dim)
+        for i in range(self.layers):
+            for j, part in enumerate(("key", "value")):
+                io.bind_input(f"past_key_values.{i}.{part}", self.device, 0, np.float32, past_shape,
+                              src[2 * i + j].data_ptr())  # fmt: skip
+                io.bind_output(f"present.{i}.{part}", self.device, 0, np.float32, present_shape,
+                               dst[2 * i + j].data_ptr())  # fmt: skip
+        logits = np.empty((B, self.vocab), dtype=np.float32)  # written in place by ONNX Runtime
+        io.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        self.sessions["decoder"].run_with_iobinding(io)
+        self.past_len += S
+        self.turn = 1 - self.turn
+        return logits

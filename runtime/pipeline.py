@@ -1,0 +1,227 @@
+"""VLMPipeline: images + prompt -> answer, from a bundle, without torch.
+
+Reads top to bottom like llama2.c's run.c: the bundle (model), the tokenizer and prompt format
+(shared with the PyTorch side), the sampler, then the generation loop — vision encoder once per
+image, prefill, decode with the KV cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from nanovlm.processors import Batch, ImageProcessor, Tokenizer, prepare_batch
+
+from .bundle import Bundle, load_bundle
+from .sampler import Sampler, SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Timings:
+    image_encode_s: float = 0.0
+    prefill_s: float = 0.0  # the prompt pass; time to first token = image_encode_s + prefill_s
+    decode_s: float = 0.0
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+
+    @property
+    def time_to_first_token_s(self) -> float:
+        return self.image_encode_s + self.prefill_s
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # the first new token comes from the prefill; each later one from one decode step
+        steps = max(self.new_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "image_encode_s": self.image_encode_s,
+            "prefill_s": self.prefill_s,
+            "time_to_first_token_s": self.time_to_first_token_s,
+            "decode_s": self.decode_s,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+        }
+
+
+@dataclass
+class GenerationRequest:
+    max_new_tokens: int = 64
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    stop: list[str] = field(default_factory=list)
+
+
+class VLMPipeline:
+    # ------------------------------------------------------------------ model
+    def __init__(self, bundle: Bundle, backend: Any):
+        self.bundle, self.backend = bundle, backend
+        self.cfg = bundle.config
+        self.tokenizer = Tokenizer.from_dir(bundle.path, self.cfg)
+        self.image_processor = ImageProcessor.from_config(self.cfg)
+        self.image_token_id = bundle.manifest["image_token_id"]
+        self.last_timings = Timings()
+
+    @classmethod
+    def from_bundle(
+        cls, path: str, provider: str = "cpu", verify: bool = True, **backend_options: Any
+    ) -> VLMPipeline:
+        """Load a bundle (checksums verified) on ONNX Runtime with provider cpu, cuda or tensorrt."""
+        bundle = load_bundle(path, verify=verify)
+        from .onnx_backend import OrtBackend
+
+        return cls(bundle, OrtBackend(bundle, provider, **backend_options))
+
+    # ------------------------------------------------------------------ inputs
+    def _inputs(self, batch: Batch, image_embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input_ids, attention_mask, image rows) for the decoder; prefix models get -1 image slots."""
+        ids, mask = batch.input_ids, batch.attention_mask
+        rows = (
+            image_embeds.reshape(-1, image_embeds.shape[-1])
+            if image_embeds.size
+            else image_embeds.reshape(0, -1)
+        )
+        if self.bundle.manifest["image_placement"] == "prefix":
+            n = image_embeds.shape[1]
+            ids = np.concatenate([np.full((ids.shape[0], n), -1, np.int64), ids], axis=1)
+            mask = np.concatenate([np.ones((mask.shape[0], n), np.int64), mask], axis=1)
+        return ids, mask, rows
+
+    # ------------------------------------------------------------------ the generation loop
+    def generate_ids(self, batch: Batch, request: GenerationRequest) -> Iterator[np.ndarray]:
+        """Yield the next token of every row, [B] int64, until all rows hit EOS or the limit."""
+        t = Timings()
+        t0 = time.perf_counter()
+        hidden = self.cfg.lm_hidden_dim
+        if batch.pixel_values.shape[0]:
+            image_embeds = self.backend.encode_images(batch.pixel_values)
+        else:
+            image_embeds = np.zeros((0, 0, hidden), np.float32)
+        t.image_encode_s = time.perf_counter() - t0
+        ids, mask, rows = self._inputs(batch, image_embeds)
+        B, S = ids.shape
+        total = S + request.max_new_tokens
+        if total > self.backend.max_context:
+            raise ValueError(
+                f"prompt ({S} positions incl. image tokens) + max_new_tokens ({request.max_new_tokens}) = {total} "
+                f"exceeds the model's context of {self.backend.max_context}"
+            )
+        self.backend.reset(B, total)
+        sampler = Sampler(request.sampling)
+        eos = self.tokenizer.eos_token_id
+        pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        seen = [list(r[m == 1]) for r, m in zip(batch.input_ids, batch.attention_mask, strict=True)]
+        finished = np.zeros(B, dtype=bool)
+        t1 = time.perf_counter()
+        logits = self.backend.step(ids, rows, mask, pos)  # prefill
+        t.prefill_s, t.prompt_tokens = time.perf_counter() - t1, S
+        t2 = time.perf_counter()
+        empty = np.zeros((0, hidden), np.float32)
+        try:
+            for step in range(request.max_new_tokens):
+                token = sampler(logits, seen if request.sampling.repetition_penalty != 1.0 else None)
+                token = np.where(finished, eos, token)
+                finished |= token == eos
+                for r in range(B):
+                    seen[r].append(int(token[r]))
+                t.new_tokens = step + 1
+                yield token
+                if finished.all() or step == request.max_new_tokens - 1:
+                    break
+                mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
+                pos = pos[:, -1:] + 1
+                logits = self.backend.step(token[:, None], empty, mask, pos)
+        finally:
+            t.decode_s = time.perf_counter() - t2
+            self.last_timings = t
+
+    # ------------------------------------------------------------------ user calls
+    def _batch(self, images: list[list[Any]], prompts: list[str], histories=None) -> Batch:
+        return prepare_batch(self.cfg, self.tokenizer, self.image_processor, images, prompts, histories)
+
+    def _text(self, ids: list[int], stop: list[str]) -> tuple[str, bool]:
+        eos = self.tokenizer.eos_token_id
+        if eos in ids:
+            ids = ids[: ids.index(eos)]
+        text = self.tokenizer.decode(ids)
+        for s in stop:
+            if s in text:
+                return text[: text.index(s)], True
+        return text, False
+
+    def generate(self, images: Any, prompt: str, max_new_tokens: int = 64, stop: list[str] | None = None,
+                 **sampling: Any) -> str:  # fmt: skip
+        """Answer `prompt` about `images` (one image or a list: paths, PIL images or file objects)."""
+        return "".join(self.stream(images, prompt, max_new_tokens, stop, **sampling))
+
+    def stream(self, images: Any, prompt: str, max_new_tokens: int = 64, stop: list[str] | None = None,
+               **sampling: Any) -> Iterator[str]:  # fmt: skip
+        """Like generate, yielding text as tokens arrive."""
+        request = GenerationRequest(max_new_tokens, SamplingConfig(**sampling), list(stop or []))
+        yield from self._stream(self._batch([_as_list(images)], [prompt]), request)
+
+    def chat(self, images: Any, history: list[tuple[str, str]], prompt: str, max_new_tokens: int = 64,
+             **sampling: Any) -> str:  # fmt: skip
+        """One more turn of a conversation about the same images; `history` holds (question, answer) pairs."""
+        request = GenerationRequest(max_new_tokens, SamplingConfig(**sampling))
+        return "".join(self._stream(self._batch([_as_list(images)], [prompt], [history]), request))
+
+    def generate_batch(self, items: list[tuple[Any, str]], max_new_tokens: int = 64, stop: list[str] | None = None,
+                       **sampling: Any) -> list[str]:  # fmt: skip
+        """Several (images, prompt) pairs in one left-padded batch."""
+        request = GenerationRequest(max_new_tokens, SamplingConfig(**sampling), list(stop or []))
+        batch = self._batch([_as_list(i) for i, _ in items], [p for _, p in items])
+        rows: list[list[int]] = [[] for _ in items]
+        for token in self.generate_ids(batch, request):
+            for r, tok in enumerate(token.tolist()):
+                rows[r].append(tok)
+        return [self._text(r, request.stop)[0] for r in rows]
+
+    def _stream(self, batch: Batch, request: GenerationRequest) -> Iterator[str]:
+        ids: list[int] = []
+        sent = ""
+        gen = self.generate_ids(batch, request)
+        for token in gen:
+            tok = int(token[0])
+            if tok == self.tokenizer.eos_token_id:
+                break
+            ids.append(tok)
+            text, stopped = self._text(ids, request.stop)
+            if stopped:
+                if len(text) > len(sent):
+                    yield text[len(sent) :]
+                gen.close()
+                return
+            # hold back an incomplete multi-byte character, and any tail that may start a stop string
+            if text.endswith("\ufffd"):
+                continue
+            safe = len(text) - _stop_overlap(text, request.stop)
+            if safe > len(sent):
+                yield text[len(sent) : safe]
+                sent = text[:safe]
+        text, _ = self._text(ids, request.stop)
+        if len(text) > len(sent):
+            yield text[len(sent) :]
+
+
+def _stop_overlap(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that is the beginning of a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                best = max(best, k)
+                break
+    return best
+
+
+def _as_list(images: Any) -> list[Any]:
+    return list(images) if isinstance(images, (list, tuple)) else [images]

@@ -1,0 +1,181 @@
+"""The torch-free runtime against the PyTorch reference, on exported random models."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from export.onnx_export import export_onnx
+from nanovlm.processors import ImageProcessor, Tokenizer, prepare_batch
+from nanovlm.vision_language_model import VisionLanguageModel
+from runtime.onnx_backend import trt_profile_shapes
+from runtime.pipeline import VLMPipeline
+from runtime.sampler import Sampler, SamplingConfig
+from tests.conftest import REPO, tiny_config
+
+skimage_data = pytest.importorskip("skimage.data")
+
+
+def _model(placement, tok_dir, seed=0):
+    torch.manual_seed(seed)
+    cfg = tiny_config(placement)
+    m = VisionLanguageModel(cfg, load_backbone=False, tokenizer=Tokenizer.from_dir(tok_dir, cfg)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.mul_(6.0)
+    return m
+
+
+@pytest.fixture(scope="module", params=["replace", "prefix"])
+def pipe(request, tiny_tokenizer_dir, tmp_path_factory):
+    m = _model(request.param, tiny_tokenizer_dir)
+    d = tmp_path_factory.mktemp("rt")
+    m.save_pretrained(d / "ckpt")
+    export_onnx(str(d / "ckpt"), str(d / "bundle"))
+    return m, VLMPipeline.from_bundle(str(d / "bundle")), str(d / "bundle")
+
+
+def _photos():
+    return [Image.fromarray(skimage_data.astronaut()), Image.fromarray(skimage_data.coffee()),
+            Image.fromarray(skimage_data.chelsea())]  # fmt: skip
+
+
+def _reference(m, images, prompts, n):
+    batch = prepare_batch(m.cfg, m.tokenizer, ImageProcessor.from_config(m.cfg), images, prompts)
+    out = m.generate(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.pixel_values),
+                     attention_mask=torch.from_numpy(batch.attention_mask), max_new_tokens=n, greedy=True)  # fmt: skip
+    eos = m.tokenizer.eos_token_id
+    rows = []
+    for r in out.tolist():
+        rows.append(m.tokenizer.decode(r[: r.index(eos)] if eos in r else r))
+    return rows
+
+
+def test_greedy_equals_pytorch_single_and_batch(pipe):
+    m, p, _ = pipe
+    photos = _photos()
+    if m.cfg.image_placement == "prefix":
+        items = [([photos[0]], "What is it?"), ([photos[1]], "Describe the colours."), ([photos[2]], "Cat?")]
+    else:  # several images and tiles per prompt
+        items = [
+            ([photos[0], photos[1]], "What is it?"),
+            ([photos[1]], "Describe the colours."),
+            ([photos[2]], "Cat?"),
+        ]
+    ref = _reference(m, [i for i, _ in items], [q for _, q in items], 16)
+    assert p.generate_batch(items, max_new_tokens=16) == ref
+    for (imgs, q), r in zip(items, ref, strict=True):
+        assert p.generate(imgs, q, max_new_tokens=16) == r
+    assert any(r for r in ref)
+
+
+def test_streaming_equals_non_streaming(pipe):
+    _, p, _ = pipe
+    img = _photos()[0]
+    pieces = list(p.stream(img, "What is it?", max_new_tokens=20))
+    assert "".join(pieces) == p.generate(img, "What is it?", max_new_tokens=20)
+    t = p.last_timings
+    assert t.new_tokens >= 1 and t.image_encode_s > 0 and t.prefill_s > 0
+
+
+def test_stop_strings(pipe):
+    _, p, _ = pipe
+    img = _photos()[1]
+    full = p.generate(img, "Describe.", max_new_tokens=24)
+    if len(full) < 4:
+        pytest.skip("continuation too short to cut")
+    stop = full[2:4]
+    cut = p.generate(img, "Describe.", max_new_tokens=24, stop=[stop])
+    assert cut == full[: full.index(stop)]
+    assert "".join(p.stream(img, "Describe.", max_new_tokens=24, stop=[stop])) == cut
+
+
+def test_chat_turn(pipe):
+    m, p, _ = pipe
+    img = _photos()[2]
+    a = p.chat(img, [("What is it?", "a cat")], "What colour?", max_new_tokens=8)
+    batch = prepare_batch(m.cfg, m.tokenizer, ImageProcessor.from_config(m.cfg), [[img]], ["What colour?"],
+                          [[("What is it?", "a cat")]])  # fmt: skip
+    out = m.generate(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.pixel_values), max_new_tokens=8,
+                     greedy=True)  # fmt: skip
+    ids = out[0].tolist()
+    eos = m.tokenizer.eos_token_id
+    assert a == m.tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids)
+
+
+def test_seeded_sampling_reproducible(pipe):
+    _, p, _ = pipe
+    img = _photos()[0]
+    a = p.generate(img, "Hi?", max_new_tokens=12, temperature=1.5, seed=3)
+    b = p.generate(img, "Hi?", max_new_tokens=12, temperature=1.5, seed=3)
+    assert a == b
+
+
+def test_bad_inputs(pipe, tmp_path):
+    _, p, bundle = pipe
+    with pytest.raises(ValueError, match="exceeds the model's context of 512"):
+        p.generate(_photos()[0], "Hi?", max_new_tokens=600)
+    with pytest.raises(ValueError, match="empty prompt"):
+        p.generate(_photos()[0], "   ")
+    (tmp_path / "x.jpg").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="not a readable image"):
+        p.generate(str(tmp_path / "x.jpg"), "Hi?")
+    with pytest.raises(ValueError, match="unknown provider 'npu'"):
+        VLMPipeline.from_bundle(bundle, provider="npu")
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(RuntimeError, match="install onnxruntime-gpu"):
+            VLMPipeline.from_bundle(bundle, provider="cuda")
+
+
+def test_sampler_rules():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
+    assert Sampler(SamplingConfig())(logits).tolist() == [0]
+    draws = {int(Sampler(SamplingConfig(temperature=1.0, top_k=2, seed=s))(logits)[0]) for s in range(60)}
+    assert draws == {0, 1}
+    draws = {int(Sampler(SamplingConfig(temperature=1.0, top_p=0.6, seed=s))(logits)[0]) for s in range(60)}
+    assert draws == {0, 1}  # 0.5 alone does not reach 0.6; 0.5 + 0.3 does
+    pen = Sampler(SamplingConfig(repetition_penalty=10.0))(np.array([[2.0, 1.0]], np.float32), [[0]])
+    assert pen.tolist() == [1]
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(top_p=0)
+
+
+def test_trt_profiles_from_manifest(pipe):
+    _, p, _ = pipe
+    prof = trt_profile_shapes(p.bundle.manifest, max_batch=4, max_context=512, max_images=8)
+    dec = prof["decoder"]
+    assert "past_key_values.0.key:1x2x0x16" in dec["trt_profile_min_shapes"]
+    assert "input_ids:4x512" in dec["trt_profile_max_shapes"]
+    assert "image_embeds:32x64" in dec["trt_profile_max_shapes"]  # 8 images x 4 tokens
+    assert prof["vision_encoder"]["trt_profile_max_shapes"] == "pixel_values:8x3x32x32"
+
+
+def test_runtime_runs_without_torch(pipe, tmp_path):
+    """A fresh interpreter where importing torch or transformers fails, running a full generation."""
+    _, p, bundle = pipe
+    expected = p.generate(_photos()[0], "What is it?", max_new_tokens=10)
+    _photos()[0].save(tmp_path / "a.png")
+    code = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        from runtime.pipeline import VLMPipeline
+        p = VLMPipeline.from_bundle({bundle!r})
+        print(p.generate({str(tmp_path / "a.png")!r}, "What is it?", max_new_tokens=10), end="")
+        assert not any(m.split(".")[0] in ("torch", "transformers") for m in sys.modules)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=REPO))  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout == expected
