@@ -57,20 +57,32 @@ class Sample:
     qtype: str
 
 
-def _place(rng: random.Random, n: int, distinct_sizes: bool) -> list[tuple[float, float, float]] | None:
-    """n non-overlapping (x, y, r) with a clear gap, or None if the draw failed."""
-    placed: list[tuple[float, float, float]] = []
-    for _ in range(n):
-        for _attempt in range(200):
-            r = rng.uniform(0.07, 0.16)
-            x, y = rng.uniform(r + 0.02, 0.98 - r), rng.uniform(r + 0.02, 0.98 - r)
-            if all((x - a) ** 2 + (y - b) ** 2 > (r + c + 0.04) ** 2 for a, b, c in placed):
-                if not distinct_sizes or all(abs(r - c) > 0.025 for _, _, c in placed):
-                    placed.append((x, y, r))
-                    break
-        else:
-            return None
-    return placed
+GRID = 4  # objects sit in the cells of a 4x4 grid, one per cell, jittered a little
+
+
+def _place(rng: random.Random, n: int) -> list[tuple[float, float, float]]:
+    """n objects (x, y, r) in distinct grid cells; a cell is one image token of the tiny model.
+
+    The layout keeps every question answerable by eye (no overlaps; "left of" and "above" pairs
+    differ by at least a cell) and lets a small model learn from few samples.
+    """
+    cells = rng.sample(range(GRID * GRID), n)
+    out = []
+    for c in cells:
+        cx, cy = (c % GRID + 0.5) / GRID, (c // GRID + 0.5) / GRID
+        out.append(
+            (cx + rng.uniform(-0.015, 0.015), cy + rng.uniform(-0.015, 0.015), rng.uniform(0.05, 0.085))
+        )
+    return out
+
+
+def _with_largest(rng: random.Random, objects: list[Obj]) -> tuple[list[Obj], Obj]:
+    """Make one object clearly the largest (radius 0.105 against at most 0.085)."""
+    k = rng.randrange(len(objects))
+    o = objects[k]
+    objects = list(objects)
+    objects[k] = Obj(o.shape, o.colour, o.x, o.y, 0.105)
+    return objects, objects[k]
 
 
 def render(objects: list[Obj], size: int) -> Image.Image:
@@ -94,7 +106,7 @@ def render(objects: list[Obj], size: int) -> Image.Image:
 class ShapesDataset:
     """Map-style: `ds[i]` -> Sample. `length` bounds what an epoch means; samples exist for any i."""
 
-    def __init__(self, split: str = "train", seed: int = 0, image_size: int = 64, length: int = 200_000):
+    def __init__(self, split: str = "train", seed: int = 0, image_size: int = 128, length: int = 200_000):
         if split not in SPLIT_OFFSETS:
             raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_OFFSETS)}")
         self.split, self.seed, self.image_size, self.length = split, seed, image_size, length
@@ -113,9 +125,7 @@ class ShapesDataset:
 
     def _make(self, rng: random.Random, qtype: str) -> tuple[list[Obj], str, str] | None:
         n = rng.randint(1, 6) if qtype == "count" else rng.randint(2, 6)
-        spots = _place(rng, n, distinct_sizes=qtype == "largest")
-        if spots is None:
-            return None
+        spots = _place(rng, n)
         colours = rng.sample(list(COLOURS), n)
         objects = [Obj(rng.choice(SHAPES), c, x, y, r) for c, (x, y, r) in zip(colours, spots, strict=True)]
         if qtype == "count":
@@ -136,7 +146,7 @@ class ShapesDataset:
         if qtype in ("left", "above"):
             a, b = rng.sample(objects, 2)
             ka, kb = (a.x, b.x) if qtype == "left" else (a.y, b.y)
-            if abs(ka - kb) < 0.08:  # too close to call by eye: draw again
+            if abs(ka - kb) < 0.15:  # same row or column: ask about another pair
                 return None
             truth = ka < kb
             want = rng.random() < 0.5  # balance yes/no
@@ -144,7 +154,7 @@ class ShapesDataset:
                 a, b = b, a
             rel = "left of" if qtype == "left" else "above"
             return objects, f"Is the {a.colour} object {rel} the {b.colour} object?", "yes" if want else "no"
-        biggest = max(objects, key=lambda o: o.r)
+        objects, biggest = _with_largest(rng, objects)
         return objects, "What colour is the largest object?", biggest.colour
 
 
@@ -155,11 +165,8 @@ def scene_questions(ds: ShapesDataset, i: int) -> tuple[Image.Image, list[tuple[
     question is drawn exactly as `ShapesDataset.__getitem__` draws it, on a shared scene.
     """
     rng = random.Random((ds.seed * 7_919 + SPLIT_OFFSETS[ds.split] + i) * 40_503 + 17)
-    while True:
-        n = rng.randint(1, 6)
-        spots = _place(rng, n, distinct_sizes=True)
-        if spots is not None:
-            break
+    n = rng.randint(1, 6)
+    spots = _place(rng, n)
     colours = rng.sample(list(COLOURS), n)
     objects = [Obj(rng.choice(SHAPES), c, x, y, r) for c, (x, y, r) in zip(colours, spots, strict=True)]
     # one object gets a shape no other object has, so "Which colour is the <shape>?" has one answer
@@ -170,18 +177,19 @@ def scene_questions(ds: ShapesDataset, i: int) -> tuple[Image.Image, list[tuple[
         Obj(unique if k == target else rng.choice(others), o.colour, o.x, o.y, o.r)
         for k, o in enumerate(objects)
     ]
+    objects, biggest = _with_largest(rng, objects)
     qa = [("How many objects are there?", str(n))]
     qa.append((f"Which colour is the {unique}?", objects[target].colour))
     if n > 1:  # ask about another object: shape(colour(x)) = x would let one answer copy another
         o = rng.choice([o for k, o in enumerate(objects) if k != target])
         qa.append((f"What shape is the {o.colour} object?", o.shape))
-    qa.append(("What colour is the largest object?", max(objects, key=lambda o: o.r).colour))
+    qa.append(("What colour is the largest object?", biggest.colour))
     for rel, axis in (("left of", "x"), ("above", "y")):
         pairs = [
             (a, b)
             for a in objects
             for b in objects
-            if a is not b and abs(getattr(a, axis) - getattr(b, axis)) >= 0.08
+            if a is not b and abs(getattr(a, axis) - getattr(b, axis)) >= 0.15
         ]
         if pairs:
             a, b = rng.choice(pairs)

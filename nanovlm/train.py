@@ -26,7 +26,7 @@ from .checkpoint import load_weights, save_checkpoint
 from .collator import Collator, Conversation
 from .config import VLMConfig
 from .processors import ImageProcessor, Tokenizer, prepare_batch
-from .shapes_dataset import QUESTION_TYPES, ShapesDataset, blind_baseline
+from .shapes_dataset import QUESTION_TYPES, ShapesDataset, blind_baseline, scene_questions
 from .train_config import TrainConfig
 from .vision_language_model import VisionLanguageModel
 
@@ -115,8 +115,13 @@ def conversations(tc: TrainConfig, start: int, rank: int, world: int) -> Iterato
         )
         k = start
         while True:
-            s = ds[(k * world + rank) % len(ds)]
-            yield Conversation([s.image], [(s.question, s.answer)])
+            i = (k * world + rank) % len(ds)
+            if tc.shapes_all_questions:
+                image, qa = scene_questions(ds, i)
+                yield Conversation([image], qa)
+            else:
+                s = ds[i]
+                yield Conversation([s.image], [(s.question, s.answer)])
             k += 1
     if tc.dataset.startswith("hf:"):
         from .hf_dataset import HFConversations

@@ -19,26 +19,27 @@ class TrainConfig:
     dataset: str = "shapes"  # "shapes" (built-in) or "hf:NAME[:SUBSET]" (the_cauldron / FineVision records)
     dataset_split: str = "train"
     streaming: bool = False  # stream the Hugging Face dataset instead of downloading it whole
-    shapes_image_size: int = 64  # side of the rendered built-in images
+    shapes_image_size: int = 128  # side of the rendered built-in images
     shapes_length: int = 200_000  # samples per epoch of the built-in data
+    shapes_all_questions: bool = True  # train on every question type about each image, as one chat
     # --- optimisation; a learning rate of 0 freezes that part ---
-    lr_mp: float = 3e-3
-    lr_vision_backbone: float = 1.5e-3
-    lr_language_backbone: float = 1.5e-3
-    weight_decay: float = 0.01
-    batch_size: int = 32  # per process, per micro-batch
+    lr_mp: float = 3e-4
+    lr_vision_backbone: float = 3e-4
+    lr_language_backbone: float = 3e-4
+    weight_decay: float = 0.0
+    batch_size: int = 16  # per process, per micro-batch
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
-    warmup_ratio: float = 0.04  # linear warmup over this share of the steps ...
+    warmup_ratio: float = 0.03  # linear warmup over this share of the steps ...
     min_lr_ratio: float = 0.05  # ... then cosine decay to this share of each peak lr
-    max_training_steps: int = 1400  # optimizer steps
+    max_training_steps: int = 4000  # optimizer steps
     max_epochs: float = 0.0  # stop after this many passes over the data as well (0 = no limit)
-    max_sample_length: int = 128  # longer samples are skipped and counted, never truncated
+    max_sample_length: int = 192  # longer samples are skipped and counted, never truncated
     # --- evaluation, logging, checkpoints ---
-    eval_interval: int = 200  # optimizer steps between evaluations (0 = only at the end)
+    eval_interval: int = 1000  # optimizer steps between evaluations (0 = only at the end)
     eval_samples: int = 240  # validation samples for loss and exact-match accuracy
     log_interval: int = 10
-    checkpoint_interval: int = 200  # optimizer steps between checkpoints
+    checkpoint_interval: int = 500  # optimizer steps between checkpoints
     output_dir: str = "artifacts/tiny"
     resume: bool = False  # continue from output_dir/checkpoint
     # --- execution ---

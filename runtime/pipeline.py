@@ -58,6 +58,7 @@ class GenerationRequest:
     max_new_tokens: int = 64
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # always produce max_new_tokens (benchmarks)
 
 
 class VLMPipeline:
@@ -116,7 +117,7 @@ class VLMPipeline:
             )
         self.backend.reset(B, total)
         sampler = Sampler(request.sampling)
-        eos = self.tokenizer.eos_token_id
+        eos = -1 if request.ignore_eos else self.tokenizer.eos_token_id
         pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         seen = [list(r[m == 1]) for r, m in zip(batch.input_ids, batch.attention_mask, strict=True)]
         finished = np.zeros(B, dtype=bool)

@@ -54,7 +54,7 @@ def test_left_padded_batch_equals_single(placement):
 def test_rows_stop_at_eos_and_generation_ends_when_all_finish():
     m = _model("replace", seed=5)
     ids = _prompt(m.cfg, 5)[None].repeat(2, 1)
-    imgs = torch.rand(2, 3, 32, 32)
+    imgs = torch.rand(1, 3, 32, 32).repeat(2, 1, 1, 1)  # two identical rows finish together
     free = m.generate(ids, imgs, max_new_tokens=10, greedy=True)
     eos = int(free[0, 3])  # make the 4th greedy token the "eos"
     stopped = m.generate(ids, imgs, max_new_tokens=10, greedy=True, eos_token_id=eos)
