@@ -141,12 +141,17 @@ def dataset_length(tc: TrainConfig) -> int:
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(
-    model: VisionLanguageModel, tc: TrainConfig, collator: Collator, max_new_tokens: int = 8
+    model: VisionLanguageModel,
+    tc: TrainConfig,
+    collator: Collator,
+    split: str = "validation",
+    n: int | None = None,
+    max_new_tokens: int = 8,
 ) -> dict:
-    """Validation loss and exact-match accuracy of greedy answers on the built-in validation split."""
+    """Loss and exact-match accuracy of greedy answers on a split of the built-in data."""
     model.eval()
-    n = tc.eval_samples
-    ds = ShapesDataset("validation", seed=tc.seed, image_size=tc.shapes_image_size)
+    n = n or tc.eval_samples
+    ds = ShapesDataset(split, seed=tc.seed, image_size=tc.shapes_image_size)
     samples = [ds[i] for i in range(n)]
     losses, correct = [], {q: [0, 0] for q in QUESTION_TYPES}
     proc = ImageProcessor.from_config(model.cfg)
@@ -334,7 +339,9 @@ def train(tc: TrainConfig, stop_after: int | None = None) -> dict:
         summary = _summary(history, tc, collator)
         with open(os.path.join(tc.output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        plot_history(history, os.path.join(tc.output_dir, "training_curves.png"))
+        plot_history(
+            history, os.path.join(tc.output_dir, "training_curves.png"), summary.get("blind_baseline")
+        )
     else:
         summary = {}
     if world > 1:
@@ -387,7 +394,7 @@ def _write_history(path: str, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def plot_history(history: list[dict], path: str) -> None:
+def plot_history(history: list[dict], path: str, blind_baseline: float | None = None) -> None:
     """Training loss, validation loss and answer accuracy against step, as a PNG."""
     import matplotlib
 
@@ -403,6 +410,10 @@ def plot_history(history: list[dict], path: str) -> None:
     ax1.set_xlabel("step")
     ax1.legend()
     ax2.plot([h["step"] for h in evals], [100 * h["accuracy"] for h in evals], "o-", label="exact match")
+    if blind_baseline is not None:
+        ax2.axhline(
+            100 * blind_baseline, linestyle="--", color="gray", label="blind baseline (question only)"
+        )
     ax2.set_ylim(0, 100)
     ax2.set_xlabel("step")
     ax2.set_ylabel("validation accuracy (%)")

@@ -227,3 +227,24 @@ def test_unexportable_config_fails_before_work(tiny_tokenizer_dir, tmp_path):
     m.save_pretrained(tmp_path / "ckpt")
     with pytest.raises(ValueError, match="vit_cls_flag=True"):
         export_onnx(str(tmp_path / "ckpt"), str(tmp_path / "bundle"))
+
+
+@pytest.mark.slow
+def test_nanovlm_222m_shape_exports_within_size_target(smollm2_dir, tmp_path):
+    """SigLIP-B/16-224-shaped ViT (random) + real SmolLM2-135M: bundle <= 1.05 x parameter bytes."""
+    from nanovlm.config import VLMConfig
+
+    cfg = VLMConfig(
+        vit_hidden_dim=768, vit_inter_dim=3072, vit_patch_size=16, vit_img_size=224, vit_n_heads=12,
+        vit_n_blocks=12, vit_model_type="", lm_model_type=smollm2_dir, lm_tokenizer=smollm2_dir,
+        mp_pixel_shuffle_factor=2, mp_image_token_length=49, max_img_size=224,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    m = VisionLanguageModel(cfg, load_backbone=True, tokenizer=None)
+    m.tokenizer = Tokenizer.from_dir(smollm2_dir, cfg)
+    m.save_pretrained(tmp_path / "ckpt")
+    export_onnx(str(tmp_path / "ckpt"), str(tmp_path / "bundle"))
+    b = load_bundle(str(tmp_path / "bundle"))
+    params = sum(p.numel() for p in m.parameters()) * 4
+    total = sum(meta["bytes"] for meta in b.manifest["files"].values())
+    assert total <= 1.05 * params, total / params
