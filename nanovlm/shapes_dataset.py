@@ -76,6 +76,18 @@ def _place(rng: random.Random, n: int) -> list[tuple[float, float, float]]:
     return out
 
 
+def _with_unique_shape(rng: random.Random, objects: list[Obj]) -> tuple[list[Obj], int, str]:
+    """Give one object a shape no other object has, so "Which colour is the <shape>?" has one answer."""
+    target = rng.randrange(len(objects))
+    unique = rng.choice(SHAPES)
+    others = [s for s in SHAPES if s != unique]
+    objects = [
+        Obj(unique if k == target else rng.choice(others), o.colour, o.x, o.y, o.r)
+        for k, o in enumerate(objects)
+    ]
+    return objects, target, unique
+
+
 def _with_largest(rng: random.Random, objects: list[Obj]) -> tuple[list[Obj], Obj]:
     """Make one object clearly the largest (radius 0.105 against at most 0.085)."""
     k = rng.randrange(len(objects))
@@ -134,14 +146,7 @@ class ShapesDataset:
             o = rng.choice(objects)
             return objects, f"What shape is the {o.colour} object?", o.shape
         if qtype == "colour":
-            shape = rng.choice(SHAPES)
-            # Make exactly one object that shape, so the question has one answer.
-            target = rng.randrange(n)
-            others = [s for s in SHAPES if s != shape]
-            objects = [
-                Obj(shape if k == target else rng.choice(others), o.colour, o.x, o.y, o.r)
-                for k, o in enumerate(objects)
-            ]
+            objects, target, shape = _with_unique_shape(rng, objects)
             return objects, f"Which colour is the {shape}?", objects[target].colour
         if qtype in ("left", "above"):
             a, b = rng.sample(objects, 2)
@@ -169,14 +174,7 @@ def scene_questions(ds: ShapesDataset, i: int) -> tuple[Image.Image, list[tuple[
     spots = _place(rng, n)
     colours = rng.sample(list(COLOURS), n)
     objects = [Obj(rng.choice(SHAPES), c, x, y, r) for c, (x, y, r) in zip(colours, spots, strict=True)]
-    # one object gets a shape no other object has, so "Which colour is the <shape>?" has one answer
-    target = rng.randrange(n)
-    unique = rng.choice(SHAPES)
-    others = [s for s in SHAPES if s != unique]
-    objects = [
-        Obj(unique if k == target else rng.choice(others), o.colour, o.x, o.y, o.r)
-        for k, o in enumerate(objects)
-    ]
+    objects, target, unique = _with_unique_shape(rng, objects)
     objects, biggest = _with_largest(rng, objects)
     qa = [("How many objects are there?", str(n))]
     qa.append((f"Which colour is the {unique}?", objects[target].colour))

@@ -36,6 +36,42 @@ def tiny_config(placement: str = "replace", **overrides) -> VLMConfig:
     return VLMConfig(**kw)
 
 
+def lively_model(placement: str, tokenizer_dir: str, seed: int = 0):
+    """A random tiny VLM with weights scaled up from the 0.02 init, so greedy paths vary."""
+    import torch
+
+    from nanovlm.processors import Tokenizer
+    from nanovlm.vision_language_model import VisionLanguageModel
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(placement)
+    m = VisionLanguageModel(cfg, load_backbone=False, tokenizer=Tokenizer.from_dir(tokenizer_dir, cfg)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.mul_(6.0)
+    return m
+
+
+def export_lively(placement: str, tokenizer_dir: str, directory) -> tuple:
+    """A lively tiny model saved as a checkpoint and exported: -> (model, bundle path)."""
+    from export.onnx_export import export_onnx
+
+    m = lively_model(placement, tokenizer_dir)
+    m.save_pretrained(directory / "ckpt")
+    export_onnx(str(directory / "ckpt"), str(directory / "bundle"))
+    return m, str(directory / "bundle")
+
+
+def nanovlm_222m_shape(lm_dir: str) -> VLMConfig:
+    """SigLIP-B/16-224-shaped ViT (random: no SigLIP offline) + the LM in lm_dir, one 224 px tile."""
+    return VLMConfig(
+        vit_hidden_dim=768, vit_inter_dim=3072, vit_patch_size=16, vit_img_size=224, vit_n_heads=12,
+        vit_n_blocks=12, vit_model_type="", lm_model_type=lm_dir, lm_tokenizer=lm_dir,
+        mp_pixel_shuffle_factor=2, mp_image_token_length=49, max_img_size=224,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> str:
     """A byte-level BPE tokenizer with exactly 300 base tokens, trained offline on a few sentences."""

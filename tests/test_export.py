@@ -18,29 +18,14 @@ from nanovlm.language_model import positions_from_mask  # noqa: E402
 from nanovlm.processors import ImageProcessor, Tokenizer, prepare_batch  # noqa: E402
 from nanovlm.vision_language_model import VisionLanguageModel  # noqa: E402
 from runtime.bundle import BundleError, load_bundle  # noqa: E402
-from tests.conftest import tiny_config  # noqa: E402
+from tests.conftest import export_lively, lively_model, nanovlm_222m_shape  # noqa: E402
 
 ATOL = 1e-4
 
 
-def _model(placement, tok_dir, seed=0):
-    torch.manual_seed(seed)
-    cfg = tiny_config(placement)
-    m = VisionLanguageModel(cfg, load_backbone=False, tokenizer=Tokenizer.from_dir(tok_dir, cfg)).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() > 1:
-                p.mul_(6.0)  # livelier than the 0.02 init, so greedy paths vary
-    return m
-
-
 @pytest.fixture(scope="module", params=["replace", "prefix"])
 def exported(request, tiny_tokenizer_dir, tmp_path_factory):
-    m = _model(request.param, tiny_tokenizer_dir)
-    d = tmp_path_factory.mktemp("export")
-    m.save_pretrained(d / "ckpt")
-    export_onnx(str(d / "ckpt"), str(d / "bundle"))
-    return m, str(d / "bundle")
+    return export_lively(request.param, tiny_tokenizer_dir, tmp_path_factory.mktemp("export"))
 
 
 def _sessions(bundle):
@@ -209,7 +194,7 @@ def test_damaged_bundles_are_refused(exported, tmp_path):
 
 
 def test_failed_export_leaves_nothing(tiny_tokenizer_dir, tmp_path, monkeypatch):
-    m = _model("replace", tiny_tokenizer_dir)
+    m = lively_model("replace", tiny_tokenizer_dir)
     m.save_pretrained(tmp_path / "ckpt")
 
     def boom(*a, **k):
@@ -222,7 +207,7 @@ def test_failed_export_leaves_nothing(tiny_tokenizer_dir, tmp_path, monkeypatch)
 
 
 def test_unexportable_config_fails_before_work(tiny_tokenizer_dir, tmp_path):
-    m = _model("replace", tiny_tokenizer_dir)
+    m = lively_model("replace", tiny_tokenizer_dir)
     m.cfg.vit_cls_flag = True
     m.save_pretrained(tmp_path / "ckpt")
     with pytest.raises(ValueError, match="vit_cls_flag=True"):
@@ -232,13 +217,7 @@ def test_unexportable_config_fails_before_work(tiny_tokenizer_dir, tmp_path):
 @pytest.mark.slow
 def test_nanovlm_222m_shape_exports_within_size_target(smollm2_dir, tmp_path):
     """SigLIP-B/16-224-shaped ViT (random) + real SmolLM2-135M: bundle <= 1.05 x parameter bytes."""
-    from nanovlm.config import VLMConfig
-
-    cfg = VLMConfig(
-        vit_hidden_dim=768, vit_inter_dim=3072, vit_patch_size=16, vit_img_size=224, vit_n_heads=12,
-        vit_n_blocks=12, vit_model_type="", lm_model_type=smollm2_dir, lm_tokenizer=smollm2_dir,
-        mp_pixel_shuffle_factor=2, mp_image_token_length=49, max_img_size=224,
-    )  # fmt: skip
+    cfg = nanovlm_222m_shape(smollm2_dir)
     torch.manual_seed(0)
     m = VisionLanguageModel(cfg, load_backbone=True, tokenizer=None)
     m.tokenizer = Tokenizer.from_dir(smollm2_dir, cfg)

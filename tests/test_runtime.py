@@ -10,35 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
-from export.onnx_export import export_onnx
-from nanovlm.processors import ImageProcessor, Tokenizer, prepare_batch
-from nanovlm.vision_language_model import VisionLanguageModel
+from nanovlm.processors import ImageProcessor, prepare_batch
 from runtime.onnx_backend import trt_profile_shapes
 from runtime.pipeline import VLMPipeline
 from runtime.sampler import Sampler, SamplingConfig
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, export_lively
 
 skimage_data = pytest.importorskip("skimage.data")
 
 
-def _model(placement, tok_dir, seed=0):
-    torch.manual_seed(seed)
-    cfg = tiny_config(placement)
-    m = VisionLanguageModel(cfg, load_backbone=False, tokenizer=Tokenizer.from_dir(tok_dir, cfg)).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() > 1:
-                p.mul_(6.0)
-    return m
-
-
 @pytest.fixture(scope="module", params=["replace", "prefix"])
 def pipe(request, tiny_tokenizer_dir, tmp_path_factory):
-    m = _model(request.param, tiny_tokenizer_dir)
-    d = tmp_path_factory.mktemp("rt")
-    m.save_pretrained(d / "ckpt")
-    export_onnx(str(d / "ckpt"), str(d / "bundle"))
-    return m, VLMPipeline.from_bundle(str(d / "bundle")), str(d / "bundle")
+    m, bundle = export_lively(request.param, tiny_tokenizer_dir, tmp_path_factory.mktemp("rt"))
+    return m, VLMPipeline.from_bundle(bundle), bundle
 
 
 def _photos():

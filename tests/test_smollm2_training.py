@@ -8,18 +8,14 @@ import json
 
 import pytest
 
-from nanovlm.config import VLMConfig
 from nanovlm.train import train
 from nanovlm.train_config import TrainConfig
+from tests.conftest import nanovlm_222m_shape
 
 
 @pytest.mark.slow
 def test_projector_only_run_on_real_smollm2_lowers_val_loss(tmp_path, smollm2_dir):
-    cfg = VLMConfig(
-        vit_hidden_dim=768, vit_inter_dim=3072, vit_patch_size=16, vit_img_size=224, vit_n_heads=12,
-        vit_n_blocks=12, vit_model_type="", lm_model_type=smollm2_dir, lm_tokenizer=smollm2_dir,
-        mp_pixel_shuffle_factor=2, mp_image_token_length=49, max_img_size=224,
-    )  # fmt: skip
+    cfg = nanovlm_222m_shape(smollm2_dir)
     cfg.save(tmp_path / "vlm.json")
     tc = TrainConfig(
         model=str(tmp_path / "vlm.json"), lr_mp=3e-3, lr_vision_backbone=0, lr_language_backbone=0,
