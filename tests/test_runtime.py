@@ -163,3 +163,31 @@ def test_runtime_runs_without_torch(pipe, tmp_path):
                          env=dict(os.environ, PYTHONPATH=REPO))  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout == expected
+
+
+@pytest.mark.slow
+def test_runtime_equals_pytorch_on_a_trained_model(tmp_path):
+    """A briefly trained default model (shapes data): runtime tokens equal PyTorch tokens."""
+    from export.onnx_export import export_onnx
+    from nanovlm.shapes_dataset import ShapesDataset
+    from nanovlm.train import train
+    from nanovlm.train_config import TrainConfig
+    from nanovlm.vision_language_model import VisionLanguageModel
+    from runtime.pipeline import GenerationRequest
+
+    tc = TrainConfig(
+        max_training_steps=300, eval_samples=0, checkpoint_interval=300, output_dir=str(tmp_path / "run")
+    )
+    train(tc)
+    ckpt = str(tmp_path / "run" / "checkpoint")
+    export_onnx(ckpt, str(tmp_path / "bundle"))
+    m = VisionLanguageModel.from_pretrained(ckpt)
+    p = VLMPipeline.from_bundle(str(tmp_path / "bundle"))
+    ds = ShapesDataset("test")
+    samples = [ds[i] for i in range(24)]
+    batch = prepare_batch(m.cfg, m.tokenizer, ImageProcessor.from_config(m.cfg), [[s.image] for s in samples],
+                          [s.question for s in samples])  # fmt: skip
+    ref = m.generate(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.pixel_values),
+                     attention_mask=torch.from_numpy(batch.attention_mask), max_new_tokens=6, greedy=True)  # fmt: skip
+    got = np.stack(list(p.generate_ids(batch, GenerationRequest(max_new_tokens=6))), axis=1)
+    assert got.tolist() == ref.tolist()
