@@ -19,7 +19,7 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.argument("src")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--precision", type=click.Choice(["fp32"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17..21).")
 def onnx(src: str, out: str, precision: str, opset: int) -> None:
     """Export checkpoint SRC (a directory or Hub id) to the ONNX bundle directory OUT."""

@@ -24,7 +24,9 @@ class VisionEncoderGraph(nn.Module):
         self.vision_encoder, self.MP = model.vision_encoder, model.MP
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.MP(self.vision_encoder(pixel_values))
+        # fp32 in and out whatever the weights' precision
+        dtype = self.MP.proj.weight.dtype
+        return self.MP(self.vision_encoder(pixel_values.to(dtype))).float()
 
 
 class DecoderGraph(nn.Module):

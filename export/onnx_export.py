@@ -43,10 +43,8 @@ def check_exportable(cfg: VLMConfig, src: str) -> None:
 
 def export_onnx(src: str, out: str, precision: str = "fp32", opset: int = DEFAULT_OPSET) -> dict:
     """Export checkpoint `src` (directory or Hub id) to the bundle directory `out`; returns the manifest."""
-    if precision != "fp32":
-        raise ValueError(
-            f"precision={precision!r}: this version exports fp32 only (fp16 is not implemented yet)"
-        )
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"precision={precision!r}: expected fp32 or fp16")
     if not 17 <= opset <= 21:
         raise ValueError(f"opset {opset}: supported range is 17..21 (TensorRT 10.3 parses up to opset 20)")
     t0 = time.time()
@@ -57,6 +55,10 @@ def export_onnx(src: str, out: str, precision: str = "fp32", opset: int = DEFAUL
         raise ValueError(
             f"{src}: no tokenizer files in the checkpoint and cfg.lm_tokenizer could not be loaded"
         )
+    if precision == "fp16":
+        from .fp16 import prepare_fp16
+
+        prepare_fp16(model)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-bundle-", dir=parent)
@@ -104,8 +106,7 @@ def _maybe_external(path: str) -> None:
 def _export_vision(model: VisionLanguageModel, out: str, opset: int) -> dict:
     cfg = model.cfg
     size = cfg.vit_img_size
-    dtype = next(model.parameters()).dtype
-    pixels = torch.rand(2, 3, size, size, dtype=dtype)
+    pixels = torch.rand(2, 3, size, size)  # graph input stays fp32 whatever the precision
     graph = VisionEncoderGraph(model).eval()
     _onnx_export(
         graph, (pixels,), os.path.join(out, "vision_encoder.onnx"), opset,
@@ -125,7 +126,7 @@ def _export_decoder(model: VisionLanguageModel, out: str, opset: int) -> dict:
     ids[0, 1] = img_id  # trace the merge with one image row
     args = (
         ids,
-        torch.rand(1, cfg.lm_hidden_dim, dtype=dtype),
+        torch.rand(1, cfg.lm_hidden_dim),  # fp32 input, cast inside
         torch.ones(B, P + S, dtype=torch.long),
         torch.arange(P, P + S).repeat(B, 1),
         *[torch.rand(kv, dtype=dtype) for _ in range(2 * cfg.lm_n_blocks)],

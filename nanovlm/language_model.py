@@ -9,6 +9,7 @@ rescaling).
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn as nn
@@ -80,6 +81,20 @@ def attention_bias(attention_mask: torch.Tensor, seq_len: int, dtype: torch.dtyp
     return torch.where(keep, zero, neg).unsqueeze(1)
 
 
+def attention_fp32_softmax(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v with the scores and softmax in fp32 and the matmuls in q's dtype.
+
+    Used by fp16 exports: fp16 scores plus a large negative mask can overflow, and an fp16
+    softmax loses the small probabilities.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * (1.0 / math.sqrt(q.shape[-1]))
+    if bias is not None:
+        scores = scores + bias.float()
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
+
+
 def positions_from_mask(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
     """position_ids [B, S] for the last S slots of a left-padded mask [B, P+S]: 0 at each row's first token."""
     pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -98,6 +113,7 @@ class LanguageModelGroupedQueryAttention(nn.Module):
         self.v_proj = nn.Linear(d, kv, bias=False)
         self.out_proj = nn.Linear(d, d, bias=False)
         self.resid_dropout = nn.Dropout(cfg.lm_dropout)
+        self.softmax_fp32 = False  # set for fp16 export (see attention_fp32_softmax)
 
     def forward(
         self,
@@ -129,9 +145,12 @@ class LanguageModelGroupedQueryAttention(nn.Module):
             .expand(B, self.n_kv_heads, groups, T, self.head_dim)
             .reshape(B, self.n_heads, T, self.head_dim)
         )
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.dropout if self.training else 0.0
-        )
+        if self.softmax_fp32:
+            y = attention_fp32_softmax(q, k, v, bias)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.dropout if self.training else 0.0
+            )
         y = y.transpose(1, 2).reshape(B, S, D)
         return self.resid_dropout(self.out_proj(y)), present
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .config import VLMConfig
 from .hf_weights import TensorSource, copy_into, read_hf_config
+from .language_model import attention_fp32_softmax
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,16 @@ class ViTMultiHeadAttention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.vit_hidden_dim, 3 * cfg.vit_hidden_dim, bias=True)
         self.out_proj = nn.Linear(cfg.vit_hidden_dim, cfg.vit_hidden_dim, bias=True)
         self.resid_dropout = nn.Dropout(cfg.vit_dropout)
+        self.softmax_fp32 = False  # set for fp16 export (see attention_fp32_softmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         # [B, T, 3C] -> 3 x [B, n_heads, T, head_dim]
         q, k, v = self.qkv_proj(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        if self.softmax_fp32:
+            y = attention_fp32_softmax(q, k, v, None)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.out_proj(y))
 

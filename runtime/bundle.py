@@ -75,7 +75,12 @@ def write_manifest(
             "greedy": True,
             "eos_token_id": tokenizer.eos_token_id,
         },
-        "kv_cache": {"layers": cfg.lm_n_blocks, "kv_heads": cfg.lm_n_kv_heads, "head_dim": cfg.lm_head_dim},
+        "kv_cache": {
+            "layers": cfg.lm_n_blocks,
+            "kv_heads": cfg.lm_n_kv_heads,
+            "head_dim": cfg.lm_head_dim,
+            "dtype": "float16" if precision == "fp16" else "float32",
+        },  # fmt: skip
         "files": files,
     } | (extra or {})
     tmp = os.path.join(directory, MANIFEST + ".tmp")

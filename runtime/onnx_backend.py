@@ -113,6 +113,7 @@ class OrtBackend:
         self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
         kv = bundle.manifest["kv_cache"]
         self.layers, self.kv_heads, self.head_dim = kv["layers"], kv["kv_heads"], kv["head_dim"]
+        self.kv_dtype = np.dtype(kv.get("dtype", "float32"))
         self.max_context = bundle.manifest["generation"]["max_context"]
         self.vocab = bundle.manifest["graphs"]["decoder"]["outputs"][0]["shape"][1]
         self.sessions = {}
@@ -179,9 +180,9 @@ class OrtBackend:
         present_shape = (B, self.kv_heads, self.past_len + S, self.head_dim)
         for i in range(self.layers):
             for j, part in enumerate(("key", "value")):
-                io.bind_input(f"past_key_values.{i}.{part}", self.device, 0, np.float32, past_shape,
+                io.bind_input(f"past_key_values.{i}.{part}", self.device, 0, self.kv_dtype, past_shape,
                               src[2 * i + j].data_ptr())  # fmt: skip
-                io.bind_output(f"present.{i}.{part}", self.device, 0, np.float32, present_shape,
+                io.bind_output(f"present.{i}.{part}", self.device, 0, self.kv_dtype, present_shape,
                                dst[2 * i + j].data_ptr())  # fmt: skip
         logits = np.empty((B, self.vocab), dtype=np.float32)  # written in place by ONNX Runtime
         io.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)

@@ -227,3 +227,80 @@ def test_nanovlm_222m_shape_exports_within_size_target(smollm2_dir, tmp_path):
     params = sum(p.numel() for p in m.parameters()) * 4
     total = sum(meta["bytes"] for meta in b.manifest["files"].values())
     assert total <= 1.05 * params, total / params
+
+
+def _fp16_vs_fp32(m, bundle, prompts_ids, steps):
+    """Teacher-forced decoder steps through an fp16 bundle against fp32 PyTorch:
+    -> (cosine of logits per step, top-1 agreement)."""
+    b, _, dec = _sessions(bundle)
+    cfg = m.cfg
+    cos, agree = [], []
+    for ids in prompts_ids:
+        seq = torch.tensor([ids])
+        past = [
+            (np.zeros((1, cfg.lm_n_kv_heads, 0, cfg.lm_head_dim), np.float16),) * 2
+            for _ in range(cfg.lm_n_blocks)
+        ]
+        feed_ids = seq.numpy()
+        for _ in range(steps):
+            total = seq.shape[1]
+            mask = np.ones((1, total), np.int64)
+            pos = np.arange(total - feed_ids.shape[1], total)[None]
+            out = dec.run(
+                None, _feed(m, feed_ids, np.zeros((0, cfg.lm_hidden_dim), np.float32), mask, pos, past)
+            )
+            with torch.no_grad():
+                hidden, _ = m.decoder(m.decoder.token_embedding(seq))
+                ref = m.decoder.head(hidden[:, -1]).numpy()
+            got = out[0]
+            cos.append(float((got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref)))
+            agree.append(int(got.argmax() == ref.argmax()))
+            past = [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(cfg.lm_n_blocks)]
+            nxt = int(ref.argmax())  # teacher forcing with the fp32 reference's choice
+            seq = torch.cat([seq, torch.tensor([[nxt]])], 1)
+            feed_ids = np.array([[nxt]], np.int64)
+    return cos, agree
+
+
+def test_fp16_bundle_tracks_fp32(tiny_tokenizer_dir, tmp_path):
+    """fp16 weights and compute (fp32 norms, softmax, logits): cosine >= 0.999 and top-1 >= 99%."""
+    torch.manual_seed(0)
+    m = lively_model("replace", tiny_tokenizer_dir)
+    with torch.no_grad():  # back to init-scale weights: the x6 'lively' scale is not a realistic fp16 range
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.div_(3.0)
+    m.save_pretrained(tmp_path / "ckpt")
+    export_onnx(str(tmp_path / "ckpt"), str(tmp_path / "b16"), precision="fp16")
+    b = load_bundle(str(tmp_path / "b16"))
+    assert b.manifest["precision"] == "fp16" and b.manifest["kv_cache"]["dtype"] == "float16"
+    _, vis, _ = _sessions(str(tmp_path / "b16"))
+    x = torch.rand(3, 3, 32, 32)
+    (got,) = vis.run(None, {"pixel_values": x.numpy()})
+    with torch.no_grad():
+        ref = m.encode_images(x).numpy()
+    cos_v = (got * ref).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert got.dtype == np.float32 and cos_v.min() >= 0.999
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (1, 5, 12)]
+    cos, agree = _fp16_vs_fp32(m, str(tmp_path / "b16"), prompts, steps=20)
+    assert min(cos) >= 0.999, min(cos)
+    assert sum(agree) / len(agree) >= 0.99, sum(agree) / len(agree)
+
+
+@pytest.mark.slow
+def test_fp16_real_smollm2_tracks_fp32(smollm2_dir, tmp_path):
+    cfg = nanovlm_222m_shape(smollm2_dir)
+    torch.manual_seed(0)
+    m = VisionLanguageModel(cfg, load_backbone=True)
+    m.tokenizer = Tokenizer.from_dir(smollm2_dir, cfg)
+    m.save_pretrained(tmp_path / "ckpt")
+    export_onnx(str(tmp_path / "ckpt"), str(tmp_path / "b16"), precision="fp16")
+    m = m.eval()
+    text = [
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
+    ]
+    cos, agree = _fp16_vs_fp32(m, str(tmp_path / "b16"), [m.tokenizer.encode(t) for t in text], steps=24)
+    assert min(cos) >= 0.999, min(cos)
+    assert sum(agree) / len(agree) >= 0.99, sum(agree) / len(agree)
