@@ -191,3 +191,17 @@ def test_runtime_equals_pytorch_on_a_trained_model(tmp_path):
                      attention_mask=torch.from_numpy(batch.attention_mask), max_new_tokens=6, greedy=True)  # fmt: skip
     got = np.stack(list(p.generate_ids(batch, GenerationRequest(max_new_tokens=6))), axis=1)
     assert got.tolist() == ref.tolist()
+
+
+def test_runtime_inputs_are_pixel_identical_to_pytorch_side(pipe):
+    """Real photos of different sizes and aspect ratios: the runtime's model inputs are the ones the
+    PyTorch side builds, bit for bit (one implementation, nanovlm.processors, serves both)."""
+    m, p, _ = pipe
+    photos = _photos() + [Image.fromarray(skimage_data.rocket()), Image.fromarray(skimage_data.camera())]
+    sizes = {im.size for im in photos}
+    assert len(sizes) >= 3  # 512x512, 400x400, 451x300, 640x427 ... and a grayscale one
+    for im in photos:
+        ours = p._batch([[im]], ["What is it?"])
+        ref = prepare_batch(m.cfg, m.tokenizer, ImageProcessor.from_config(m.cfg), [[im]], ["What is it?"])
+        assert np.array_equal(ours.pixel_values, ref.pixel_values)
+        assert np.array_equal(ours.input_ids, ref.input_ids)
