@@ -85,11 +85,7 @@ class VLMPipeline:
     def _inputs(self, batch: Batch, image_embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(input_ids, attention_mask, image rows) for the decoder; prefix models get -1 image slots."""
         ids, mask = batch.input_ids, batch.attention_mask
-        rows = (
-            image_embeds.reshape(-1, image_embeds.shape[-1])
-            if image_embeds.size
-            else image_embeds.reshape(0, -1)
-        )
+        rows = image_embeds.reshape(-1, image_embeds.shape[-1])  # [tiles * tokens, hidden]; may be empty
         if self.bundle.manifest["image_placement"] == "prefix":
             n = image_embeds.shape[1]
             ids = np.concatenate([np.full((ids.shape[0], n), -1, np.int64), ids], axis=1)

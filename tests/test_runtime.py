@@ -205,3 +205,16 @@ def test_runtime_inputs_are_pixel_identical_to_pytorch_side(pipe):
         ref = prepare_batch(m.cfg, m.tokenizer, ImageProcessor.from_config(m.cfg), [[im]], ["What is it?"])
         assert np.array_equal(ours.pixel_values, ref.pixel_values)
         assert np.array_equal(ours.input_ids, ref.input_ids)
+
+
+def test_text_only_prompt(pipe):
+    m, p, _ = pipe
+    if m.cfg.image_placement == "prefix":
+        with pytest.raises(ValueError, match="exactly one image per prompt"):
+            p.generate([], "Hello?")
+        return
+    got = p.generate([], "Hello?", max_new_tokens=10)
+    ids = torch.tensor([m.tokenizer.encode(p._batch([[]], ["Hello?"]).prompts[0])])
+    out = m.generate(ids, None, max_new_tokens=10, greedy=True)[0].tolist()
+    eos = m.tokenizer.eos_token_id
+    assert got == m.tokenizer.decode(out[: out.index(eos)] if eos in out else out)
