@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-# The main job: train the default tiny model on the built-in data (or reuse it), then answer questions.
+# The main job: train the tiny default on the built-in data (or reuse it), export it to ONNX, and answer
+# test questions with PyTorch and the torch-free runtime.
 demo: $(STAMP)
 	$(BIN)/nanovlm demo
 
