@@ -14,7 +14,7 @@ import time
 import click
 
 from .collator import Collator
-from .shapes_dataset import ShapesDataset, blind_baseline
+from .shapes_dataset import ShapesDataset, split_blind_baseline
 from .train import answer, evaluate, train
 from .train_config import TrainConfig
 from .vision_language_model import VisionLanguageModel
@@ -45,9 +45,7 @@ def run_demo(output_dir: str, retrain: bool = False, test_samples: int = 600) ->
     model = VisionLanguageModel.from_pretrained(os.path.join(output_dir, "checkpoint"))
     collator = Collator(model.cfg, model.tokenizer, tc.max_sample_length)
     test = evaluate(model, tc, collator, split="test", n=test_samples)
-    ref = ShapesDataset("train", seed=tc.seed, image_size=8)
-    test_ds = ShapesDataset("test", seed=tc.seed, image_size=8)
-    blind = blind_baseline([test_ds[i] for i in range(test_samples)], [ref[i] for i in range(5000)])
+    blind = split_blind_baseline("test", test_samples, tc.seed)
 
     click.echo("\nA few test questions (PyTorch, greedy):")
     ds = ShapesDataset("test", seed=tc.seed, image_size=tc.shapes_image_size)

@@ -223,3 +223,15 @@ def blind_baseline(samples: list[Sample], reference: list[Sample]) -> float:
         counts = by_template.get(template(s.question), overall)
         hits += counts.most_common(1)[0][0] == s.answer
     return hits / max(len(samples), 1)
+
+
+def split_blind_baseline(split: str, n: int, seed: int = 0, reference: int = 5000) -> float:
+    """blind_baseline on the first n questions of a split, learnt on `reference` training questions.
+
+    Images are rendered at 8 px: only the questions and answers matter here.
+    """
+    target, train = (
+        ShapesDataset(split, seed=seed, image_size=8),
+        ShapesDataset("train", seed=seed, image_size=8),
+    )
+    return blind_baseline([target[i] for i in range(n)], [train[i] for i in range(reference)])

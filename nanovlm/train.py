@@ -26,7 +26,7 @@ from .checkpoint import load_weights, save_checkpoint
 from .collator import Collator, Conversation
 from .config import VLMConfig
 from .processors import ImageProcessor, Tokenizer, prepare_batch
-from .shapes_dataset import QUESTION_TYPES, ShapesDataset, blind_baseline, scene_questions
+from .shapes_dataset import QUESTION_TYPES, ShapesDataset, scene_questions, split_blind_baseline
 from .train_config import TrainConfig
 from .vision_language_model import VisionLanguageModel
 
@@ -154,7 +154,7 @@ def evaluate(
     ds = ShapesDataset(split, seed=tc.seed, image_size=tc.shapes_image_size)
     samples = [ds[i] for i in range(n)]
     losses, correct = [], {q: [0, 0] for q in QUESTION_TYPES}
-    proc = ImageProcessor.from_config(model.cfg)
+    proc = collator.image_processor
     for i in range(0, n, 48):
         chunk = samples[i : i + 48]
         batch = collator([Conversation([s.image], [(s.question, s.answer)]) for s in chunk])
@@ -360,11 +360,7 @@ def _summary(history: list[dict], tc: TrainConfig, collator: Collator) -> dict:
     if train_hist:
         out["train_seconds"] = train_hist[-1]["elapsed_s"]
     if tc.dataset == "shapes" and tc.eval_samples:
-        ds = ShapesDataset("validation", seed=tc.seed, image_size=8)
-        ref = ShapesDataset("train", seed=tc.seed, image_size=8)
-        out["blind_baseline"] = blind_baseline(
-            [ds[i] for i in range(tc.eval_samples)], [ref[i] for i in range(5000)]
-        )
+        out["blind_baseline"] = split_blind_baseline("validation", tc.eval_samples, tc.seed)
     return out
 
 
