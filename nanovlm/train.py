@@ -150,6 +150,7 @@ def evaluate(
 ) -> dict:
     """Loss and exact-match accuracy of greedy answers on a split of the built-in data."""
     model.eval()
+    device = next(model.parameters()).device
     n = n or tc.eval_samples
     ds = ShapesDataset(split, seed=tc.seed, image_size=tc.shapes_image_size)
     samples = [ds[i] for i in range(n)]
@@ -158,6 +159,7 @@ def evaluate(
     for i in range(0, n, 48):
         chunk = samples[i : i + 48]
         batch = collator([Conversation([s.image], [(s.question, s.answer)]) for s in chunk])
+        batch = {k: v.to(device) for k, v in batch.items()}
         _, loss = model(batch["input_ids"], batch["images"], batch["attention_mask"], batch["labels"])
         losses.append(loss.item())
         answers = answer(model, model.tokenizer, proc, [[s.image] for s in chunk], [s.question for s in chunk],
