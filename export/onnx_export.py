@@ -22,6 +22,7 @@ from nanovlm.config import VLMConfig
 from nanovlm.vision_language_model import VisionLanguageModel
 from runtime.bundle import FORMAT_VERSION, file_sha256, write_manifest
 
+from .graph_io import graph_io
 from .graphs import DecoderGraph, VisionEncoderGraph, decoder_io_names
 
 log = logging.getLogger(__name__)
@@ -182,27 +183,6 @@ def share_tied_head(path: str, embedding: str) -> None:
         onnx.save_model(m, path)
         return
     raise ValueError(f"{path}: could not find the tied head MatMul to share {embedding!r}")
-
-
-def graph_io(path: str) -> dict:
-    """Names, dtypes and (symbolic) dims of a graph's inputs and outputs, for the manifest."""
-    m = onnx.load(path, load_external_data=False)
-
-    def spec(values) -> list[dict]:
-        out = []
-        for v in values:
-            t = v.type.tensor_type
-            dims = [d.dim_param or d.dim_value for d in t.shape.dim]
-            out.append(
-                {
-                    "name": v.name,
-                    "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-                    "shape": dims,
-                }
-            )
-        return out
-
-    return {"inputs": spec(m.graph.input), "outputs": spec(m.graph.output)}
 
 
 def check_graph(path: str, opset: int) -> None:

@@ -37,14 +37,7 @@ def write_manifest(
     directory: str, cfg: VLMConfig, tokenizer: Any, graphs: dict[str, dict], precision: str, opset: int,
     extra: dict[str, Any] | None = None,
 ) -> dict:  # fmt: skip
-    """Hash every file in `directory` and write manifest.json last."""
-    files = {}
-    for root, _, names in os.walk(directory):
-        for name in sorted(names):
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, directory)
-            if rel != MANIFEST:
-                files[rel] = {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+    """The manifest of a freshly exported bundle; every file in `directory` hashed, written last."""
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -81,8 +74,20 @@ def write_manifest(
             "head_dim": cfg.lm_head_dim,
             "dtype": "float16" if precision == "fp16" else "float32",
         },  # fmt: skip
-        "files": files,
     } | (extra or {})
+    return finish_manifest(directory, manifest)
+
+
+def finish_manifest(directory: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Hash every file in `directory` into manifest["files"] and write manifest.json, last."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, directory)
+            if rel != MANIFEST:
+                files[rel] = {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+    manifest = manifest | {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
     tmp = os.path.join(directory, MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=2)
