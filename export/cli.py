@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import click
 
@@ -34,6 +35,116 @@ def onnx(src: str, out: str, precision: str, opset: int) -> None:
         raise click.ClickException(str(e)) from None
     sizes = {name: meta["bytes"] for name, meta in manifest["files"].items()}
     click.echo(json.dumps({"bundle": os.path.abspath(out), "precision": precision, "bytes": sizes}, indent=2))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option(
+    "--mode", required=True, type=click.Choice(["int8-dynamic", "int8-static", "int4", "int4-fp16", "fp16"])
+)
+@click.option(
+    "--calibration", help="int8-static: 'builtin', a folder of images (+ prompts.txt) or hf:NAME[:SUBSET]."
+)
+@click.option("--samples", default=32, show_default=True, help="Calibration samples.")
+@click.option(
+    "--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True
+)
+@click.option(
+    "--exclude", multiple=True, help="Glob over node names left in float (repeatable), e.g. '*/head/*'."
+)
+def quantize(bundle: str, out: str, mode: str, calibration: str | None, samples: int, method: str,
+             exclude: tuple[str, ...]) -> None:  # fmt: skip
+    """Quantize the fp32 bundle BUNDLE into the bundle directory OUT."""
+    import json
+    import os
+
+    from calibration.quantize import quantize_bundle
+    from runtime.bundle import BundleError
+
+    try:
+        manifest = quantize_bundle(bundle, out, mode, calibration, samples, method, exclude)
+    except (ValueError, RuntimeError, FileNotFoundError, BundleError) as e:
+        raise click.ClickException(str(e)) from None
+    sizes = {name: meta["bytes"] for name, meta in manifest["files"].items()}
+    click.echo(json.dumps({"bundle": os.path.abspath(out), "mode": mode, "bytes": sizes,
+                           "total_bytes": sum(sizes.values())}, indent=2))  # fmt: skip
+
+
+def _thresholds(items: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{item!r} is not KEY=NUMBER", param_hint="--threshold") from None
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=NUMBER", param_hint="--threshold")
+    return out
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--reference", required=True, help="The PyTorch checkpoint the bundle came from (directory or Hub id)."
+)
+@click.option(
+    "--images", default="builtin", show_default=True, help="'builtin' (test split) or a folder of images."
+)
+@click.option(
+    "--prompts", type=click.Path(exists=True, dir_okay=False), help="One prompt per line, for --images DIR."
+)
+@click.option("--samples", default=24, show_default=True, help="Cases to compare.")
+@click.option("--max-new-tokens", default=16, show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
+@click.option(
+    "--provider",
+    type=click.Choice(["cpu", "cuda", "tensorrt"]),
+    default="cpu",
+    show_default=True,
+    help="ONNX Runtime provider for --backend ort.",
+)
+@click.option(
+    "--threshold", "thresholds", multiple=True, help="Override a gate, e.g. kl_mean_max=0.02 (repeatable)."
+)
+@click.option(
+    "--json", "json_out", type=click.Path(dir_okay=False), help="Write the full report (per case) here."
+)
+def validate(bundle: str, reference: str, images: str, prompts: str | None, samples: int, max_new_tokens: int,
+             backend: str, provider: str, thresholds: tuple[str, ...], json_out: str | None) -> None:  # fmt: skip
+    """Compare BUNDLE with its PyTorch checkpoint; exit code 1 when a threshold fails."""
+    import json
+
+    from runtime.bundle import BundleError
+    from runtime.pipeline import VLMPipeline
+
+    from . import parity
+
+    try:
+        limits = parity.thresholds_for(parity.precision_of(bundle), _thresholds(thresholds))
+        if backend == "trt":
+            from runtime.trt_backend import TrtBackend
+
+            pipe = VLMPipeline.with_backend(bundle, TrtBackend)
+        else:
+            pipe = VLMPipeline.from_bundle(bundle, provider=provider)
+        cases = (parity.builtin_cases(samples) if images == "builtin"
+                 else parity.folder_cases(images, samples, prompts))  # fmt: skip
+        summary = parity.compare(pipe, parity.Reference(reference), cases, max_new_tokens)
+    except (ValueError, RuntimeError, FileNotFoundError, BundleError) as e:
+        raise click.ClickException(str(e)) from None
+    failures = parity.gate(summary, limits)
+    click.echo(parity.table(summary, limits))
+    if json_out:
+        with open(json_out + ".tmp", "w") as f:
+            json.dump({"bundle": bundle, "reference": reference, "thresholds": limits, "failures": failures,
+                       "summary": summary}, f, indent=2)  # fmt: skip
+        os.replace(json_out + ".tmp", json_out)
+    if failures:
+        click.echo("FAILED: " + "; ".join(failures), err=True)
+        raise SystemExit(1)
+    click.echo("passed")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,260 @@
+"""`nanovlm-export quantize BUNDLE OUT --mode ...`: an fp32 bundle -> a quantized bundle.
+
+Modes and what each does to the two graphs (the defaults were chosen by measurement on the real
+SmolLM2-135M decoder; docs/quantization.md has the numbers):
+
+    int8-dynamic  every weight MatMul -> MatMulNBits, 8-bit weights in blocks of 32 with
+                  activations quantized per block at run time (accuracy_level 4: int8 dot
+                  products). The tied embedding/LM-head matrix is quantized once and read by
+                  both GatherBlockQuantized and the head's MatMulNBits. ONNX Runtime only.
+    int8-static   QDQ: per-channel symmetric int8 weights, symmetric int8 activations with
+                  ranges calibrated on real inputs; the explicit-quantization input for TensorRT,
+                  plus a TensorRT calibration cache written from the same ranges.
+    int4          MatMulNBits 4-bit weights (block 32, int8 activations); the layers measured
+                  to be sensitive stay 8-bit, the vision encoder stays 8-bit. ONNX Runtime only.
+    int4-fp16     int4 on an fp16 graph (fp16 activations), for GPUs. ONNX Runtime only.
+    fp16          fp16 weights and compute; norms, softmax and RoPE stay fp32; fp32 graph IO.
+
+`--exclude PATTERN` (glob over node names, repeatable) leaves matching MatMuls in float.
+The output is written to a temp directory and renamed into place after the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import onnx
+from onnx import numpy_helper
+
+from runtime.bundle import MANIFEST, Bundle, finish_manifest, load_bundle
+
+from .nbits import matches, quantize_nbits, weight_matmuls
+
+log = logging.getLogger(__name__)
+
+MODES = ("int8-dynamic", "int8-static", "int4", "int4-fp16", "fp16")
+METHODS = ("minmax", "entropy", "percentile")
+MIN_CALIBRATION_SAMPLES = 8
+CALIBRATED = ("int8-static", "int4", "int4-fp16")  # int4: the importance of each input channel
+
+# Decoder MatMuls the int4 recipe keeps at 8 bits: measured on SmolLM2-135M (docs/quantization.md).
+INT4_KEEP_8BIT = ("*/mlp/down_proj/*", "*/attn/v_proj/*")
+INT4_HEAD_BITS = 8  # the tied embedding/head matrix in the int4 recipe
+# Ops kept in fp32 by the fp16 conversion (statistics, exponentials, angles): see export/fp16.py.
+FP16_KEEP_FP32_OPS = ["ReduceMean", "Pow", "Sqrt", "Softmax", "Cos", "Sin", "Range", "CumSum"]
+
+
+@dataclass
+class Plan:
+    """What a mode does; recorded in the manifest so a bundle says how it was made."""
+
+    mode: str
+    method: str | None = None
+    exclude: list[str] = field(default_factory=list)
+    keep_8bit: list[str] = field(default_factory=list)
+    runs_on: list[str] = field(default_factory=lambda: ["onnxruntime"])
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def check_supported(mode: str) -> None:
+    """A clear error when the installed onnxruntime cannot build or run a mode."""
+    import onnxruntime as ort
+
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    version = tuple(int(p) for p in ort.__version__.split(".")[:2])
+    if mode in ("int8-dynamic", "int4", "int4-fp16") and version < (1, 20):
+        raise RuntimeError(
+            f"mode {mode} needs onnxruntime >= 1.20 (MatMulNBits 8-bit, GatherBlockQuantized); "
+            f"installed: {ort.__version__}"
+        )
+
+
+def quantize_bundle(
+    src: str,
+    out: str,
+    mode: str,
+    calibration: str | None = None,
+    samples: int = 32,
+    method: str = "minmax",
+    exclude: tuple[str, ...] | list[str] = (),
+    decode_steps: int = 4,
+) -> dict:
+    """Quantize the fp32 bundle `src` into the bundle directory `out`; returns the new manifest."""
+    check_supported(mode)
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
+    bundle = load_bundle(src)
+    done = bundle.manifest.get("quantization")
+    if done:
+        raise ValueError(
+            f"{src} is already quantized (mode {done.get('mode')}); quantize the fp32 bundle it came from"
+        )
+    if bundle.manifest.get("precision") != "fp32":
+        raise ValueError(
+            f"{src} has precision {bundle.manifest.get('precision')!r}; quantization starts from an fp32 bundle"
+        )
+    t0 = time.time()
+    plan = Plan(mode, exclude=list(exclude))
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-bundle-", dir=parent)
+    try:
+        for name in os.listdir(bundle.path):  # tokenizer, config: everything but the graphs
+            path = bundle.file(name)
+            if (
+                os.path.isfile(path)
+                and not name.endswith((".onnx", ".onnx.data", ".ort"))
+                and name != MANIFEST
+            ):
+                shutil.copy2(path, os.path.join(tmp, name))
+        calib_meta, decoder_feeds = None, []
+        if mode in CALIBRATED:
+            from .data import load_calibration
+            from .recorder import record_feeds
+
+            cal = load_calibration(calibration or "builtin", samples, minimum=MIN_CALIBRATION_SAMPLES)
+            vision_feeds, decoder_feeds = record_feeds(bundle, cal, decode_steps)
+            calib_meta = cal.describe() | {"decode_steps": decode_steps, "vision_feeds": len(vision_feeds),
+                                           "decoder_feeds": len(decoder_feeds)}  # fmt: skip
+        elif calibration:
+            log.warning("mode %s needs no calibration data; --calibration %s is ignored", mode, calibration)
+        if mode == "int8-static":
+            _static(bundle, tmp, plan, vision_feeds, decoder_feeds, method)
+        else:
+            importance = None
+            if mode.startswith("int4"):
+                from .importance import activation_importance
+
+                importance = activation_importance(bundle.graph_path("decoder"), decoder_feeds)
+                plan.notes["importance"] = "4-bit scales searched with per-channel activation importance"
+            _weight_only(bundle, tmp, plan, importance)
+        extra = {
+            "quantization": {
+                "mode": mode,
+                "method": plan.method,
+                "calibration": calib_meta,
+                "excluded": plan.exclude,
+                "kept_8bit": plan.keep_8bit,
+                "runs_on": plan.runs_on,
+                "notes": plan.notes,
+                "source_bundle_sha256": {k: v["sha256"] for k, v in bundle.manifest["files"].items()},
+            }
+        }
+        manifest = dict(bundle.manifest)
+        manifest["precision"] = mode
+        for graph in ("vision_encoder", "decoder"):
+            manifest["graphs"][graph] = _graph_spec(tmp, manifest["graphs"][graph]["file"])
+        manifest = finish_manifest(tmp, manifest | extra)
+        from nanovlm.checkpoint import replace_dir
+
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("%s bundle written to %s in %.1f s", mode, out, time.time() - t0)
+    return manifest
+
+
+def _graph_spec(directory: str, file: str) -> dict:
+    from export.graph_io import graph_io
+
+    return {"file": file} | graph_io(os.path.join(directory, file))
+
+
+# ----------------------------------------------------------------------------- weight-only modes
+def _weight_only(bundle: Bundle, out: str, plan: Plan, importance: dict | None) -> None:
+    mode = plan.mode
+    for graph in ("vision_encoder", "decoder"):
+        model = onnx.load(bundle.graph_path(graph))
+        if mode in ("fp16", "int4-fp16"):
+            model = to_fp16(model)
+        if mode == "fp16":
+            plan.runs_on = ["onnxruntime", "tensorrt"]
+        else:
+            bits = 4 if mode.startswith("int4") and graph == "decoder" else 8
+            keep8 = list(INT4_KEEP_8BIT) if bits == 4 else []
+            plan.keep_8bit = keep8
+            model = quantize_nbits(
+                model,
+                bits,
+                keep_8bit=keep8,
+                exclude=plan.exclude,
+                head_bits=INT4_HEAD_BITS if bits == 4 else 8,
+                importance=importance if graph == "decoder" else None,
+            )
+        _save(model, os.path.join(out, bundle.manifest["graphs"][graph]["file"]))
+    if mode != "fp16":
+        plan.notes["vision_encoder"] = "8-bit MatMulNBits (the vision encoder is kept at INT8 or better)"
+        plan.notes["embedding"] = (
+            "tied embedding/head quantized once, shared by GatherBlockQuantized and MatMulNBits"
+        )
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    blocked = [n.name for n in model.graph.node if "norm" in n.name.lower()]
+    return convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=FP16_KEEP_FP32_OPS, node_block_list=blocked
+    )
+
+
+def _save(model: onnx.ModelProto, path: str) -> None:
+    large = model.ByteSize() > 2**31 - 2**26
+    onnx.save_model(model, path, save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=os.path.basename(path) + ".data")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- static QDQ
+def _static(
+    bundle: Bundle, out: str, plan: Plan, vision_feeds: list[dict], decoder_feeds: list[dict], method: str
+) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from .recorder import FeedReader
+    from .trt_cache import write_trt_cache
+
+    plan.method = method
+    plan.runs_on = ["onnxruntime", "tensorrt"]
+    calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+             "percentile": CalibrationMethod.Percentile}[method]  # fmt: skip
+    ranges: dict[str, float] = {}
+    for graph, feeds in (("vision_encoder", vision_feeds), ("decoder", decoder_feeds)):
+        src_path = bundle.graph_path(graph)
+        dst_path = os.path.join(out, bundle.manifest["graphs"][graph]["file"])
+        model = onnx.load(src_path)
+        names = [n.name for n in weight_matmuls(model)]
+        excluded = [n for n in names if matches(n, plan.exclude)]
+        quantize_static(
+            src_path, dst_path, FeedReader(feeds, f"calibrating {graph}"),
+            quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"], per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            nodes_to_quantize=[n for n in names if n not in excluded], calibrate_method=calib,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                           "CalibTensorRangeSymmetric": True, "CalibMaxIntermediateOutputs": 32},
+            calibration_providers=["CPUExecutionProvider"],
+            use_external_data_format=False, calibration_cache_path=None,
+        )  # fmt: skip
+        ranges |= activation_ranges(onnx.load(dst_path))
+    write_trt_cache(ranges, os.path.join(out, "calibration.cache"))
+    plan.notes["trt_calibration_cache"] = (
+        "calibration.cache (TensorRT EntropyCalibration2 text, from the QDQ ranges)"
+    )
+
+
+def activation_ranges(model: onnx.ModelProto) -> dict[str, float]:
+    """Symmetric int8 activation ranges of a QDQ graph: {tensor: amax = scale * 127}."""
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] not in inits and n.input[1] in inits:
+            scale = numpy_helper.to_array(inits[n.input[1]])
+            if scale.size == 1:
+                out[n.input[0]] = float(scale.reshape(-1)[0]) * 127.0
+    return out

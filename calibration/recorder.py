@@ -1,0 +1,107 @@
+"""Record what each graph really sees, by running the fp32 bundle through the runtime pipeline.
+
+The decoder is calibrated on real prefill and decode steps with real KV caches: the runtime's
+own generation loop (`VLMPipeline.generate_ids`) drives a backend that runs the fp32 graphs with
+plain `session.run` and keeps a copy of every input it was fed. The vision encoder is calibrated
+on the preprocessed tiles of the same samples.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from onnxruntime.quantization.calibrate import CalibrationDataReader
+from tqdm import tqdm
+
+from runtime.bundle import Bundle
+from runtime.onnx_backend import session_options
+from runtime.pipeline import GenerationRequest, VLMPipeline
+
+from .data import CalibrationSet
+
+log = logging.getLogger(__name__)
+
+
+class RecordingBackend:
+    """The runtime backend interface (encode_images / reset / step) over plain session.run."""
+
+    def __init__(self, bundle: Bundle, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.sessions = {
+            g: ort.InferenceSession(bundle.graph_path(g), session_options(threads), providers=["CPUExecutionProvider"])
+            for g in ("vision_encoder", "decoder")
+        }  # fmt: skip
+        kv = bundle.manifest["kv_cache"]
+        self.layers, self.kv_heads, self.head_dim = kv["layers"], kv["kv_heads"], kv["head_dim"]
+        self.kv_dtype = np.dtype(kv.get("dtype", "float32"))
+        self.max_context = bundle.manifest["generation"]["max_context"]
+        self.vision_feeds: list[dict[str, np.ndarray]] = []
+        self.decoder_feeds: list[dict[str, np.ndarray]] = []
+
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        feed = {"pixel_values": np.ascontiguousarray(pixel_values, dtype=np.float32)}
+        self.vision_feeds.append(feed)
+        return self.sessions["vision_encoder"].run(None, feed)[0]
+
+    def reset(self, batch: int, max_total: int) -> None:
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.kv_dtype)
+        self.past = [empty] * (2 * self.layers)
+
+    def step(self, input_ids: np.ndarray, image_rows: np.ndarray, attention_mask: np.ndarray,
+             position_ids: np.ndarray) -> np.ndarray:  # fmt: skip
+        feed: dict[str, np.ndarray] = {
+            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+            "image_embeds": np.ascontiguousarray(image_rows, dtype=np.float32),
+            "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
+            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
+        }
+        for i in range(self.layers):
+            feed[f"past_key_values.{i}.key"] = self.past[2 * i]
+            feed[f"past_key_values.{i}.value"] = self.past[2 * i + 1]
+        self.decoder_feeds.append(feed)
+        out = self.sessions["decoder"].run(None, feed)
+        self.past = out[1:]
+        return out[0]
+
+
+def record_feeds(
+    bundle: Bundle, cal: CalibrationSet, decode_steps: int = 4
+) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """-> (vision encoder feeds, decoder feeds): per sample its tiles, its prefill and `decode_steps`
+    greedy decode steps (EOS ignored, so every sample gives the same number of steps)."""
+    backend = RecordingBackend(bundle)
+    pipe = VLMPipeline(bundle, backend)
+    request = GenerationRequest(max_new_tokens=decode_steps + 1, ignore_eos=True)
+    for s in tqdm(cal.samples, desc="calibration: recording graph inputs", unit="sample", leave=False):
+        batch = pipe._batch([s.images], [s.prompt])
+        for _ in pipe.generate_ids(batch, request):
+            pass
+    log.info("recorded %d vision and %d decoder feeds", len(backend.vision_feeds), len(backend.decoder_feeds))
+    return backend.vision_feeds, backend.decoder_feeds
+
+
+class FeedReader(CalibrationDataReader):
+    """onnxruntime's CalibrationDataReader over recorded feeds, with a progress bar."""
+
+    def __init__(self, feeds: list[dict[str, Any]], desc: str = "calibrating"):
+        self.feeds = feeds
+        self.desc = desc
+        self.rewind()
+
+    def get_next(self) -> dict[str, Any] | None:
+        item = next(self._it, None)
+        if item is not None:
+            self._bar.update(1)
+        else:
+            self._bar.close()
+        return item
+
+    def rewind(self) -> None:
+        self._it = iter(self.feeds)
+        self._bar = tqdm(total=len(self.feeds), desc=self.desc, unit="feed", leave=False)
+
+    def __len__(self) -> int:
+        return len(self.feeds)

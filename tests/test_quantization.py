@@ -1,0 +1,212 @@
+"""Calibration data, the recorder, the TensorRT cache, quantize modes end to end, and validate."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from conftest import export_lively
+from PIL import Image
+
+from calibration.data import load_calibration
+from calibration.quantize import MODES, activation_ranges, quantize_bundle
+from calibration.recorder import FeedReader, record_feeds
+from calibration.trt_cache import read_trt_cache, write_trt_cache
+from export import parity
+from export.cli import main as export_cli
+from runtime.bundle import load_bundle
+from runtime.pipeline import VLMPipeline
+
+
+@pytest.fixture(scope="module")
+def lively(tiny_tokenizer_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("lively")
+    model, bundle = export_lively("replace", tiny_tokenizer_dir, d)
+    return model, bundle, str(d / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def quantized(lively, tmp_path_factory):
+    """Every mode applied to the lively bundle (int8-static calibrated on the built-in data)."""
+    _, bundle, _ = lively
+    d = tmp_path_factory.mktemp("quantized")
+    return {mode: (quantize_bundle(bundle, str(d / mode), mode, samples=8), str(d / mode)) for mode in MODES}
+
+
+def _photo_folder(tmp_path, n=3, broken=1):
+    for i in range(n):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
+    for i in range(broken):
+        (tmp_path / f"broken{i}.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "prompts.txt").write_text("What is in the picture?\nDescribe the colours.\n")
+    return tmp_path
+
+
+# ----------------------------------------------------------------------------- calibration data
+def test_calibration_sources(tmp_path):
+    cal = load_calibration("builtin", 5)
+    assert len(cal.samples) == 5 and all(len(s.images) == 1 and s.prompt.endswith("?") for s in cal.samples)
+    assert cal.sha256() == load_calibration("builtin", 5).sha256()  # deterministic
+    folder = load_calibration(str(_photo_folder(tmp_path)), 10)
+    assert len(folder.samples) == 3 and folder.skipped == {"bad_image": 1}
+    assert [s.prompt for s in folder.samples] == [
+        "What is in the picture?",
+        "Describe the colours.",
+        "What is in the picture?",
+    ]
+    with pytest.raises(ValueError, match="gave 3 usable samples .* at least 8 are needed"):
+        load_calibration(str(tmp_path), 10, minimum=8)
+    with pytest.raises(ValueError, match="expected 'builtin', a folder"):
+        load_calibration("no/such/place", 4)
+
+
+def test_hf_records_are_counted_not_fatal():
+    from calibration.data import _from_records
+
+    img = Image.new("RGB", (20, 20), (255, 0, 0))
+    records = [
+        {"images": [img], "texts": [{"user": "What colour?", "assistant": "red"}]},
+        {"images": [], "texts": [{"user": "No image?", "assistant": "none"}]},
+        {"images": [img], "texts": []},
+        {"images": [{"bytes": b"garbage", "path": None}], "texts": [{"user": "Broken?", "assistant": "yes"}]},
+    ]
+    cal = _from_records("hf:test", iter(records), 10)
+    assert [s.prompt for s in cal.samples] == ["What colour?"]
+    assert cal.skipped == {"no_image": 1, "no_prompt": 1, "bad_image": 1}
+
+
+def test_recorder_sees_real_prefill_and_decode_steps(lively):
+    _, bundle, _ = lively
+    b = load_bundle(bundle)
+    cal = load_calibration("builtin", 3)
+    vision, decoder = record_feeds(b, cal, decode_steps=2)
+    tiles = vision[0]["pixel_values"].shape[0]  # a 128 px image at this config: global view + 2x2 tiles
+    assert len(vision) == 3 and vision[0]["pixel_values"].shape == (5, 3, 32, 32)
+    assert len(decoder) == 3 * 3  # per sample: prefill + 2 decode steps
+    prefill, step1, step2 = decoder[:3]
+    S = prefill["input_ids"].shape[1]
+    assert prefill["past_key_values.0.key"].shape[2] == 0 and prefill["image_embeds"].shape[0] == tiles * 4
+    assert step1["input_ids"].shape == (1, 1) and step1["past_key_values.0.key"].shape[2] == S
+    assert step2["past_key_values.1.value"].shape[2] == S + 1 and step2["attention_mask"].shape[1] == S + 2
+    assert np.abs(step2["past_key_values.1.value"]).sum() > 0  # real caches, not zeros
+    reader = FeedReader(decoder)
+    assert sum(1 for _ in iter(reader.get_next, None)) == 9
+    reader.rewind()
+    assert reader.get_next() is decoder[0]
+
+
+# ----------------------------------------------------------------------------- TensorRT cache
+def test_trt_cache_round_trip_and_errors(tmp_path):
+    path = str(tmp_path / "calibration.cache")
+    write_trt_cache({"/a/out": 12.7, "input": 1.0}, path)
+    text = open(path).read().splitlines()
+    assert text[0] == "TRT-100300-EntropyCalibration2"
+    assert text[2] == "input: 3c010204"  # 1/127 as big-endian float32
+    version, scales = read_trt_cache(path)
+    assert version == 100300 and scales["/a/out"] == pytest.approx(0.1) and len(scales) == 2
+    with pytest.raises(ValueError, match="not a positive number"):
+        write_trt_cache({"x": 0.0}, path)
+    (tmp_path / "bad.cache").write_text("TRT-100300-EntropyCalibration2\nx: 123\n")
+    with pytest.raises(ValueError, match="bad.cache:2"):
+        read_trt_cache(str(tmp_path / "bad.cache"))
+
+
+def test_static_bundle_has_one_cache_entry_per_quantized_tensor(quantized):
+    manifest, path = quantized["int8-static"]
+    _, scales = read_trt_cache(os.path.join(path, "calibration.cache"))
+    ranges = {}
+    for graph in ("vision_encoder", "decoder"):
+        ranges |= activation_ranges(onnx.load(os.path.join(path, f"{graph}.onnx")))
+    assert set(scales) == set(ranges) and len(scales) > 10
+    for name, amax in ranges.items():
+        assert scales[name] == pytest.approx(amax / 127.0, rel=1e-6)
+    q = manifest["quantization"]
+    assert q["calibration"]["source"] == "builtin" and q["calibration"]["samples"] == 8
+    assert len(q["calibration"]["sha256"]) == 64 and q["method"] == "minmax"
+    assert "tensorrt" in q["runs_on"]
+
+
+# ----------------------------------------------------------------------------- the modes
+def test_every_mode_runs_through_the_runtime_close_to_fp32(lively, quantized):
+    """Teacher-forced against PyTorch on the built-in test split, with the issue's KL bars
+    (int8 <= 0.01, int4 <= 0.05, fp16 <= 0.001 nats/token). Measured here: int8-dynamic 3e-4,
+    int8-static 1e-3, int4 0.019, fp16 1e-6; the vision encoder stays at cosine >= 0.999."""
+    _, _, ckpt = lively
+    ref = parity.Reference(ckpt)
+    cases = parity.builtin_cases(8)
+    kl_bar = {"fp16": 1e-3, "int8-dynamic": 0.01, "int8-static": 0.01, "int4": 0.05, "int4-fp16": 0.05}
+    for mode, (manifest, path) in quantized.items():
+        assert manifest["precision"] == mode and manifest["quantization"]["mode"] == mode
+        pipe = VLMPipeline.from_bundle(path)
+        s = parity.compare(pipe, ref, cases, max_new_tokens=6)
+        assert s["kl_mean"] < kl_bar[mode], (mode, s["kl_mean"])
+        assert s["vision_cosine_min"] > 0.99, (mode, s["vision_cosine_min"])
+
+
+def test_sizes_shrink_and_tied_matrix_is_stored_once(lively, quantized):
+    _, bundle, _ = lively
+    fp32 = load_bundle(bundle).manifest["files"]["decoder.onnx"]["bytes"]
+    sizes = {m: man["files"]["decoder.onnx"]["bytes"] for m, (man, _) in quantized.items()}
+    assert sizes["int4"] < sizes["int8-dynamic"] < sizes["fp16"] < fp32
+    m = onnx.load(os.path.join(quantized["int8-dynamic"][1], "decoder.onnx"))
+    ops = {n.op_type for n in m.graph.node}
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "Gemm" not in ops
+    shared = [i.name for i in m.graph.initializer if i.name.startswith("decoder.token_embedding.weight")]
+    assert "decoder.token_embedding.weight" not in shared  # the float matrix is gone
+    users = [n.op_type for n in m.graph.node if "decoder.token_embedding.weight_Q8" in n.input]
+    assert sorted(users) == ["GatherBlockQuantized", "MatMulNBits"]
+
+
+def test_quantize_refuses_bad_requests(lively, quantized, tmp_path):
+    _, bundle, _ = lively
+    with pytest.raises(ValueError, match="already quantized \\(mode int4\\)"):
+        quantize_bundle(quantized["int4"][1], str(tmp_path / "again"), "int8-dynamic")
+    with pytest.raises(ValueError, match="unknown mode 'int3'"):
+        quantize_bundle(bundle, str(tmp_path / "x"), "int3")
+    with pytest.raises(ValueError, match="at least 8 are needed|at least 8 samples"):
+        quantize_bundle(bundle, str(tmp_path / "y"), "int8-static", samples=2)
+    assert not (tmp_path / "y").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------- validate
+def test_validate_passes_good_bundles_and_fails_a_perturbed_weight(lively, tmp_path):
+    _, bundle, ckpt = lively
+    runner = CliRunner()
+    report = tmp_path / "report.json"
+    ok = runner.invoke(
+        export_cli, ["validate", bundle, "--reference", ckpt, "--samples", "4", "--json", str(report)]
+    )
+    assert ok.exit_code == 0, ok.output
+    assert "passed" in ok.output and json.loads(report.read_text())["failures"] == []
+
+    # corrupt one decoder weight (and re-sign the manifest so the bundle still loads): validate must fail
+    import shutil
+
+    from runtime.bundle import finish_manifest
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    m = onnx.load(str(bad / "decoder.onnx"))
+    w = next(i for i in m.graph.initializer if "MatMul" in i.name or "proj" in i.name)
+    arr = onnx.numpy_helper.to_array(w).copy()
+    arr += np.random.default_rng(0).normal(0, 0.5, arr.shape).astype(arr.dtype)
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+    onnx.save(m, str(bad / "decoder.onnx"))
+    finish_manifest(str(bad), json.loads((bad / "manifest.json").read_text()))
+    res = runner.invoke(export_cli, ["validate", str(bad), "--reference", ckpt, "--samples", "4"])
+    assert res.exit_code == 1 and "kl_mean" in res.output, res.output
+
+
+def test_validate_threshold_overrides():
+    assert parity.thresholds_for("int4", {"kl_mean_max": 0.1})["kl_mean_max"] == 0.1
+    with pytest.raises(ValueError, match="unknown threshold 'kl'"):
+        parity.thresholds_for("int4", {"kl": 0.1})
+    assert parity.gate({"kl_mean": 0.2, "top1_agreement": 0.99}, {"kl_mean_max": 0.1, "top1_min": 0.9}) == [
+        "kl_mean = 0.2 > 0.1"
+    ]
