@@ -42,8 +42,10 @@ METHODS = ("minmax", "entropy", "percentile")
 MIN_CALIBRATION_SAMPLES = 8
 CALIBRATED = ("int8-static", "int4", "int4-fp16")  # int4: the importance of each input channel
 
-# Decoder MatMuls the int4 recipe keeps at 8 bits: measured on SmolLM2-135M (docs/quantization.md).
+# Decoder MatMuls the int4 recipe keeps at 8 bits, and how many blocks at each end stay 8-bit:
+# measured on SmolLM2-135M (docs/quantization.md has the sensitivity table).
 INT4_KEEP_8BIT = ("*/mlp/down_proj/*", "*/attn/v_proj/*")
+INT4_EDGE_BLOCKS_8BIT = 1
 INT4_HEAD_BITS = 8  # the tied embedding/head matrix in the int4 recipe
 # Ops kept in fp32 by the fp16 conversion (statistics, exponentials, angles): see export/fp16.py.
 FP16_KEEP_FP32_OPS = ["ReduceMean", "Pow", "Sqrt", "Softmax", "Cos", "Sin", "Range", "CumSum"]
@@ -178,7 +180,9 @@ def _weight_only(bundle: Bundle, out: str, plan: Plan, importance: dict | None) 
             plan.runs_on = ["onnxruntime", "tensorrt"]
         else:
             bits = 4 if mode.startswith("int4") and graph == "decoder" else 8
-            keep8 = list(INT4_KEEP_8BIT) if bits == 4 else []
+            layers = bundle.manifest["kv_cache"]["layers"]
+            edges = sorted({*range(INT4_EDGE_BLOCKS_8BIT), *range(layers - INT4_EDGE_BLOCKS_8BIT, layers)})
+            keep8 = [*INT4_KEEP_8BIT, *(f"*/blocks.{i}/*" for i in edges)] if bits == 4 else []
             plan.keep_8bit = keep8
             model = quantize_nbits(
                 model,

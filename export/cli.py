@@ -147,5 +147,56 @@ def validate(bundle: str, reference: str, images: str, prompts: str | None, samp
     click.echo("passed")
 
 
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--reference", help="PyTorch checkpoint to measure alongside (with and without KV cache).")
+@click.option(
+    "--variants",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="More bundles (e.g. quantized) to measure in the same run (repeatable).",
+)
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Default: a scikit-image photo.")
+@click.option("--prompt", default="Describe this image in detail.", show_default=True)
+@click.option("--new-tokens", default=64, show_default=True)
+@click.option("--repeats", default=3, show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@click.option(
+    "--growth",
+    default="16,32,64",
+    show_default=True,
+    help="Output lengths for the PyTorch cost-growth curve ('' to skip).",
+)
+@click.option("--plot", "plot_path", default="bench.png", show_default=True, help="PNG chart.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+def bench(bundle: str, reference: str | None, variants: tuple[str, ...], image: str | None, prompt: str,
+          new_tokens: int, repeats: int, threads: int | None, growth: str, plot_path: str,
+          json_out: str | None) -> None:  # fmt: skip
+    """Image encode, TTFT, prefill and decode speed, peak memory and size: PyTorch and bundles."""
+    import json
+
+    from runtime.bundle import BundleError
+
+    from . import bench as b
+
+    try:
+        lengths = tuple(int(x) for x in growth.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{growth!r} is not a comma-separated list of lengths", param_hint="--growth"
+        ) from None
+    try:
+        result = b.bench([bundle, *variants], reference, image, prompt, new_tokens, repeats, threads, lengths)
+    except (ValueError, RuntimeError, FileNotFoundError, BundleError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(b.table(result))
+    b.plot(result, plot_path)
+    click.echo(f"chart: {plot_path}")
+    if json_out:
+        with open(json_out + ".tmp", "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(json_out + ".tmp", json_out)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,251 @@
+"""`nanovlm-export bench`: speed, memory and size of the PyTorch reference and bundle variants.
+
+Every measurement runs in a fresh process (so peak resident memory is that backend's own), with a
+warm-up run and `repeats` timed runs (median and spread): image encode, time to first token,
+prefill positions/s, decode tokens/s (EOS ignored: every run makes the same number of tokens).
+PyTorch is measured with its KV cache and without one (the seed's loop recomputes the whole
+sequence each step), at several output lengths, to show how the cost grows.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import multiprocessing
+import os
+import resource
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPT = "Describe this image in detail."
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _image(image: str | None):
+    from PIL import Image
+
+    from nanovlm.processors import load_image
+
+    if image:
+        return load_image(image)
+    from skimage import data  # a real photograph shipped with scikit-image
+
+    return Image.fromarray(data.astronaut())
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def bundle_worker(path: str, image: str | None, prompt: str, new_tokens: int, repeats: int,
+                  threads: int | None) -> dict[str, Any]:  # fmt: skip
+    """(in a child process) the runtime on one bundle."""
+    from runtime.bundle import load_bundle
+    from runtime.pipeline import GenerationRequest, VLMPipeline
+
+    pipe = VLMPipeline.from_bundle(path, threads=threads)
+    batch = pipe._batch([[_image(image)]], [prompt])
+    request = GenerationRequest(max_new_tokens=new_tokens, ignore_eos=True)
+    runs = []
+    for k in range(repeats + 1):
+        tokens = [int(t[0]) for t in pipe.generate_ids(batch, request)]
+        if k:  # the first run is the warm-up
+            runs.append(pipe.last_timings)
+    t = runs[0]
+    size = sum(f["bytes"] for f in load_bundle(path, verify=False).manifest["files"].values())
+    return {
+        "name": os.path.basename(os.path.normpath(path)),
+        "kind": "bundle",
+        "precision": pipe.bundle.manifest.get("precision"),
+        "image_encode_s": _spread([r.image_encode_s for r in runs]),
+        "ttft_s": _spread([r.time_to_first_token_s for r in runs]),
+        "prefill_positions_per_s": _spread([r.prompt_tokens / r.prefill_s for r in runs]),
+        "decode_tokens_per_s": _spread([r.decode_tokens_per_s for r in runs]),
+        "prompt_positions": t.prompt_tokens,
+        "new_tokens": new_tokens,
+        "bytes": size,
+        "peak_rss_mb": _peak_rss_mb(),
+        "tokens": tokens,
+    }
+
+
+def pytorch_worker(checkpoint: str, image: str | None, prompt: str, new_tokens: int, repeats: int,
+                   threads: int | None, kv_cache: bool) -> dict[str, Any]:  # fmt: skip
+    """(in a child process) the PyTorch reference, fp32, with or without its KV cache."""
+    import torch
+
+    from nanovlm.checkpoint import resolve_checkpoint
+    from nanovlm.processors import ImageProcessor, prepare_batch
+    from nanovlm.vision_language_model import VisionLanguageModel
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    model = VisionLanguageModel.from_pretrained(resolve_checkpoint(checkpoint)).eval()
+    batch = prepare_batch(model.cfg, model.tokenizer, ImageProcessor.from_config(model.cfg),
+                          [[_image(image)]], [prompt])  # fmt: skip
+    ids, px = torch.from_numpy(batch.input_ids), torch.from_numpy(batch.pixel_values)
+    mask0 = torch.from_numpy(batch.attention_mask)
+
+    @torch.inference_mode()
+    def run() -> tuple[list[int], dict[str, float]]:
+        t0 = time.perf_counter()
+        embeds = model.encode_images(px)
+        t_img = time.perf_counter() - t0
+        merged, mask = model.merge_image_embeds(ids, embeds, mask0)
+        if kv_cache:
+            logits, cache, pos = model.prefill(merged, mask)
+        else:
+            hidden, _ = model.decoder(merged, mask)
+            logits = model.decoder.head(hidden[:, -1])
+        ttft = time.perf_counter() - t0
+        out = [int(logits.argmax(-1))]
+        t1 = time.perf_counter()
+        seq = merged
+        for _ in range(new_tokens - 1):
+            token = logits.argmax(-1)
+            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), 1)
+            if kv_cache:
+                pos = pos + 1
+                logits, cache = model.decode_one_token(token, mask, cache, pos)
+            else:  # the seed's way: the whole sequence again, every step
+                seq = torch.cat((seq, model.decoder.token_embedding(token[:, None])), 1)
+                hidden, _ = model.decoder(seq, mask)
+                logits = model.decoder.head(hidden[:, -1])
+            out.append(int(logits.argmax(-1)))
+        decode = time.perf_counter() - t1
+        return out, {"image_encode_s": t_img, "ttft_s": ttft, "prefill_s": ttft - t_img,
+                     "decode_tokens_per_s": (new_tokens - 1) / decode if new_tokens > 1 else 0.0,
+                     "positions": merged.shape[1]}  # fmt: skip
+
+    runs = []
+    for k in range(repeats + 1):
+        tokens, t = run()
+        if k:
+            runs.append(t)
+    return {
+        "name": "pytorch" + ("" if kv_cache else " (no KV cache)"),
+        "kind": "pytorch",
+        "precision": "fp32",
+        "image_encode_s": _spread([r["image_encode_s"] for r in runs]),
+        "ttft_s": _spread([r["ttft_s"] for r in runs]),
+        "prefill_positions_per_s": _spread([r["positions"] / r["prefill_s"] for r in runs]),
+        "decode_tokens_per_s": _spread([r["decode_tokens_per_s"] for r in runs]),
+        "prompt_positions": runs[0]["positions"],
+        "new_tokens": new_tokens,
+        "bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "peak_rss_mb": _peak_rss_mb(),
+        "tokens": tokens,
+    }
+
+
+def in_fresh_process(fn, *args: Any) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def bench(
+    bundles: list[str],
+    reference: str | None = None,
+    image: str | None = None,
+    prompt: str = DEFAULT_PROMPT,
+    new_tokens: int = 64,
+    repeats: int = 3,
+    threads: int | None = None,
+    growth: tuple[int, ...] = (16, 32, 64),
+) -> dict[str, Any]:
+    """All rows, measured in this one run; `growth`: output lengths for the PyTorch growth curve."""
+    rows = []
+    if reference:
+        log.info("bench: pytorch (KV cache)")
+        rows.append(
+            in_fresh_process(pytorch_worker, reference, image, prompt, new_tokens, repeats, threads, True)
+        )
+    for path in bundles:
+        log.info("bench: %s", path)
+        rows.append(in_fresh_process(bundle_worker, path, image, prompt, new_tokens, repeats, threads))
+    curve = []
+    if reference and growth:
+        for n in growth:
+            log.info("bench: growth with output length, %d tokens", n)
+            with_cache = in_fresh_process(pytorch_worker, reference, image, prompt, n, 1, threads, True)
+            without = in_fresh_process(pytorch_worker, reference, image, prompt, n, 1, threads, False)
+            runtime = (in_fresh_process(bundle_worker, bundles[0], image, prompt, n, 1, threads)
+                       if bundles else None)  # fmt: skip
+            curve.append({
+                "new_tokens": n,
+                "pytorch_kv_s_per_token": 1 / with_cache["decode_tokens_per_s"]["median"],
+                "pytorch_no_cache_s_per_token": 1 / without["decode_tokens_per_s"]["median"],
+                "runtime_s_per_token": 1 / runtime["decode_tokens_per_s"]["median"] if runtime else None,
+            })  # fmt: skip
+    first = rows[0]["tokens"] if rows else []
+    for r in rows:
+        r["same_tokens_as_first"] = r.pop("tokens") == first
+    return {"rows": rows, "growth": curve, "new_tokens": new_tokens, "repeats": repeats,
+            "threads": threads or os.cpu_count()}  # fmt: skip
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        "| backend | precision | size (MB) | peak RSS (MB) | image encode (s) | TTFT (s) | prefill pos/s | decode tok/s (min-max) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["rows"]:
+        d = r["decode_tokens_per_s"]
+        lines.append(
+            f"| {r['name']} | {r['precision']} | {r['bytes'] / 1e6:.1f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['image_encode_s']['median']:.3f} | {r['ttft_s']['median']:.3f} | "
+            f"{r['prefill_positions_per_s']['median']:.0f} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) |"
+        )
+    if result["growth"]:
+        lines += ["", "| new tokens | PyTorch KV cache (ms/token) | PyTorch no cache (ms/token) | runtime (ms/token) |",
+                  "| --- | --- | --- | --- |"]  # fmt: skip
+        for g in result["growth"]:
+            rt = f"{g['runtime_s_per_token'] * 1e3:.1f}" if g["runtime_s_per_token"] else "-"
+            lines.append(f"| {g['new_tokens']} | {g['pytorch_kv_s_per_token'] * 1e3:.1f} | "
+                         f"{g['pytorch_no_cache_s_per_token'] * 1e3:.1f} | {rt} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    panels = 3 if result["growth"] else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    names = [r["name"] for r in rows]
+    dec = [r["decode_tokens_per_s"]["median"] for r in rows]
+    err = np.array([[d - r["decode_tokens_per_s"]["min"], r["decode_tokens_per_s"]["max"] - d]
+                    for d, r in zip(dec, rows, strict=True)]).T  # fmt: skip
+    axes[0].barh(names, dec, xerr=err, color="tab:blue")
+    axes[0].set_xlabel("decode tokens/s (higher is better)")
+    axes[1].barh(names, [r["ttft_s"]["median"] for r in rows], color="tab:orange")
+    axes[1].set_xlabel("time to first token, s (lower is better)")
+    if result["growth"]:
+        g = result["growth"]
+        n = [x["new_tokens"] for x in g]
+        axes[2].plot(
+            n, [x["pytorch_no_cache_s_per_token"] * 1e3 for x in g], "o-", label="PyTorch, no KV cache"
+        )
+        axes[2].plot(n, [x["pytorch_kv_s_per_token"] * 1e3 for x in g], "o-", label="PyTorch, KV cache")
+        if g[0]["runtime_s_per_token"]:
+            axes[2].plot(n, [x["runtime_s_per_token"] * 1e3 for x in g], "o-", label=f"runtime ({rows[1]['name']})"
+                         if len(rows) > 1 else "runtime")  # fmt: skip
+        axes[2].set_xlabel("new tokens")
+        axes[2].set_ylabel("ms per token")
+        axes[2].legend()
+    fig.suptitle(f"{result['threads']} threads, median of {result['repeats']}")
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
