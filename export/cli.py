@@ -124,9 +124,7 @@ def validate(bundle: str, reference: str, images: str, prompts: str | None, samp
     try:
         limits = parity.thresholds_for(parity.precision_of(bundle), _thresholds(thresholds))
         if backend == "trt":
-            from runtime.trt_backend import TrtBackend
-
-            pipe = VLMPipeline.with_backend(bundle, TrtBackend)
+            pipe = VLMPipeline.from_bundle(bundle, backend="trt")
         else:
             pipe = VLMPipeline.from_bundle(bundle, provider=provider)
         cases = (parity.builtin_cases(samples) if images == "builtin"
@@ -196,6 +194,52 @@ def bench(bundle: str, reference: str | None, variants: tuple[str, ...], image: 
         with open(json_out + ".tmp", "w") as f:
             json.dump(result, f, indent=2)
         os.replace(json_out + ".tmp", json_out)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--max-batch", default=1, show_default=True)
+@click.option(
+    "--max-seq", type=int, default=None, help="Longest prefill incl. image tokens [min(512, context)]."
+)
+@click.option(
+    "--max-context", type=int, default=None, help="Prompt + generated positions [min(1024, the model's)]."
+)
+@click.option("--max-images", default=4, show_default=True, help="Tiles per vision-encoder call.")
+@click.option("--workspace", default=2048, show_default=True, help="Builder workspace, MB.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="Reuse and update this timing cache.")
+@click.option("--print-trtexec", is_flag=True, help="Only print the equivalent trtexec command lines.")
+def trt(bundle: str, out: str, max_batch: int, max_seq: int | None, max_context: int | None, max_images: int,
+        workspace: int, timing_cache: str | None, print_trtexec: bool) -> None:  # fmt: skip
+    """Build TensorRT engines for BUNDLE (fp32, fp16 or int8-static) into OUT."""
+    from runtime.bundle import BundleError, load_bundle
+    from runtime.trt_plan import Limits, trtexec_commands
+
+    from .trt_build import build_engines, check_buildable, describe
+
+    try:
+        context = load_bundle(bundle, verify=False).manifest["generation"]["max_context"]
+        max_context = max_context or min(1024, context)
+        limits = Limits(max_batch, max_seq or min(512, max_context), max_context, max_images)
+        if print_trtexec:
+            manifest = check_buildable(bundle)
+            for graph, cmd in trtexec_commands(manifest, limits, workspace).items():
+                click.echo(f"# {graph}\n{cmd}\n")
+            return
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise click.ClickException(
+                "the tensorrt Python package is not installed (pip install 'nanovlm-edge[trt]' on a machine "
+                "with an NVIDIA GPU; on Jetson it comes with JetPack). --print-trtexec prints the trtexec "
+                "commands instead."
+            ) from None
+        manifest = build_engines(bundle, out, limits, workspace, timing_cache)
+        load_bundle(out)  # the result verifies
+    except (ValueError, RuntimeError, FileNotFoundError, BundleError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(describe(manifest))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Any
 
 import numpy as np
@@ -98,6 +99,7 @@ class OrtBackend:
         max_batch: int = 4,
         max_images: int = 16,
         save_optimized: bool = False,
+        calibration_table: str | None = None,
     ):
         import onnxruntime as ort
 
@@ -124,6 +126,13 @@ class OrtBackend:
                 opts = {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache, "trt_fp16_enable": fp16,
                         "trt_int8_enable": int8, "trt_timing_cache_enable": True}  # fmt: skip
                 opts |= trt_profile_shapes(bundle.manifest, max_batch, self.max_context, max_images)[graph]
+                if int8 and calibration_table:
+                    # implicit INT8 of a float bundle with the TensorRT-format table that
+                    # `quantize --mode int8-static` writes (QDQ bundles need none: TensorRT refuses both)
+                    os.makedirs(cache, exist_ok=True)
+                    shutil.copy2(calibration_table, os.path.join(cache, "calibration.cache"))
+                    opts |= {"trt_int8_calibration_table_name": "calibration.cache",
+                             "trt_int8_use_native_calibration_table": True}  # fmt: skip
             providers = [(name, opts)] + (
                 [("CPUExecutionProvider", {})] if name != "CPUExecutionProvider" else []
             )

@@ -73,10 +73,22 @@ class VLMPipeline:
 
     @classmethod
     def from_bundle(
-        cls, path: str, provider: str = "cpu", verify: bool = True, **backend_options: Any
+        cls,
+        path: str,
+        provider: str = "cpu",
+        verify: bool = True,
+        backend: str = "ort",
+        **backend_options: Any,
     ) -> VLMPipeline:
-        """Load a bundle (checksums verified) on ONNX Runtime with provider cpu, cuda or tensorrt."""
+        """Load a bundle (checksums verified) on ONNX Runtime (provider cpu, cuda or tensorrt) or,
+        with backend="trt", on the TensorRT engines that `nanovlm-export trt` added to it."""
         bundle = load_bundle(path, verify=verify)
+        if backend == "trt":
+            from .trt_backend import TrtBackend
+
+            return cls(bundle, TrtBackend(bundle, **backend_options))
+        if backend != "ort":
+            raise ValueError(f"unknown backend {backend!r}; expected 'ort' or 'trt'")
         from .onnx_backend import OrtBackend
 
         return cls(bundle, OrtBackend(bundle, provider, **backend_options))

@@ -1,0 +1,233 @@
+"""Accuracy, size and speed of every quantization mode against fp32, on two models, in one run.
+
+    python benchmarks/quantization_report.py [--models smollm2,tiny] [--json docs/quantization_report.json]
+
+smollm2  the nanoVLM-222M shape with the real SmolLM2-135M-Instruct decoder (built as in
+         runtime_decode.py). Calibrated on 10 scikit-image photographs with varied prompts;
+         evaluated on 6 other photographs and 6 text-only prompts: teacher-forced KL and top-1
+         over 32 greedy steps each, greedy exact match; decode speed of every bundle and of
+         llama.cpp (f32 and Q4_1 GGUF of the same weights) in the same run.
+tiny     the trained default (artifacts/tiny, from `make demo`): task accuracy on 600 built-in
+         test questions, KL and top-1 on the answer tokens.
+
+Accuracy is against the fp32 PyTorch model. Bundles are cached under .cache/bundles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.path.join(REPO, ".cache")
+MODES = ("fp16", "int8-dynamic", "int8-static", "int4", "int4-fp16")
+
+CALIBRATION_PHOTOS = ("brick", "camera", "cell", "clock", "coins", "grass", "gravel", "moon", "page",
+                      "hubble_deep_field")  # fmt: skip
+CALIBRATION_PROMPTS = [
+    "Describe this image.", "What is shown in this picture?", "Write a short caption for this photo.",
+    "What colours and textures do you see?", "Is there any text in the image? What does it say?",
+    "Describe the lighting and the background.", "What might this image be used for?",
+    "List the objects you can see.",
+]  # fmt: skip
+EVAL_PHOTOS = {
+    "astronaut": "Describe the person in this photo and what they are wearing.",
+    "chelsea": "What animal is this and what is it doing?",
+    "coffee": "What is on the table in this picture?",
+    "rocket": "Describe this scene in a few sentences.",
+    "immunohistochemistry": "What kind of image is this?",
+    "retina": "Describe the structures visible in this image.",
+}
+EVAL_TEXTS = [
+    "Explain in simple words why the sky is blue.",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "What are three tips for cooking rice well?",
+    "Summarise the water cycle in a few sentences.",
+    "How do I reverse a list in Python?",
+    "What is the difference between a virus and a bacterium?",
+]
+
+
+def photo_folder() -> str:
+    from PIL import Image
+    from skimage import data
+
+    folder = os.path.join(CACHE, "calibration-photos")
+    if not os.path.exists(os.path.join(folder, "prompts.txt")):
+        os.makedirs(folder, exist_ok=True)
+        for name in CALIBRATION_PHOTOS:
+            Image.fromarray(getattr(data, name)()).save(os.path.join(folder, f"{name}.png"))
+        with open(os.path.join(folder, "prompts.txt"), "w") as f:
+            f.write("\n".join(CALIBRATION_PROMPTS) + "\n")
+    return folder
+
+
+def variants(fp32: str, name: str, calibration: str, samples: int) -> dict[str, str]:
+    from calibration.quantize import quantize_bundle
+
+    out = {"fp32": fp32}
+    for mode in MODES:
+        path = os.path.join(CACHE, "bundles", f"{name}-{mode}")
+        if not os.path.exists(os.path.join(path, "manifest.json")):
+            logging.info("quantizing %s -> %s", name, mode)
+            quantize_bundle(fp32, path, mode, calibration=calibration, samples=samples)
+        out[mode] = path
+    return out
+
+
+def bundle_bytes(path: str) -> int:
+    with open(os.path.join(path, "manifest.json")) as f:
+        return sum(v["bytes"] for v in json.load(f)["files"].values())
+
+
+def accuracy(paths: dict[str, str], checkpoint: str, cases, max_new_tokens: int) -> dict[str, dict]:
+    from export import parity
+    from runtime.pipeline import VLMPipeline
+
+    reference = parity.Reference(checkpoint)
+    out = {}
+    for mode, path in paths.items():
+        s = parity.compare(VLMPipeline.from_bundle(path), reference, cases, max_new_tokens, desc=mode)
+        s.pop("rows")
+        out[mode] = s | {"bytes": bundle_bytes(path)}
+        logging.info(
+            "%s: KL %.4g top-1 %.3f exact %.2f", mode, s["kl_mean"], s["top1_agreement"], s["exact_match"]
+        )
+    return out
+
+
+def smollm2(args) -> dict:
+    from PIL import Image
+    from runtime_decode import PROMPT, build_bundle, build_checkpoint
+    from skimage import data
+
+    from export import parity
+    from export.bench import bench
+
+    ckpt = build_checkpoint()
+    paths = variants(build_bundle(ckpt), "nanovlm-222m-shape", photo_folder(), 10)
+    cases = [parity.Case([Image.fromarray(getattr(data, k)())], p) for k, p in EVAL_PHOTOS.items()]
+    cases += [parity.Case([], t) for t in EVAL_TEXTS]
+    result = {"accuracy": accuracy(paths, ckpt, cases, 32)}
+    speed = bench(list(paths.values()), None, None, PROMPT, args.new_tokens, args.repeats, None, ())
+    result["speed"] = {mode: row for mode, row in zip(paths, speed["rows"], strict=True)}
+    result["llama_cpp"] = llama_cpp_speed(ckpt, speed["rows"][0]["prompt_positions"], args)
+    return result
+
+
+def llama_cpp_speed(ckpt: str, positions: int, args) -> dict:
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp  # noqa: F401
+    except ImportError as e:
+        return {"skipped": f"llama.cpp not installed ({e}); pip install llama-cpp-python gguf"}
+    from llamacpp import decode_speed, quantize_q4_1, write_gguf
+    from runtime_decode import PROMPT
+    from tokenizers import Tokenizer
+
+    lm = os.path.join(CACHE, "smollm2-135m-instruct")
+    f32 = os.path.join(CACHE, "smollm2-135m-f32.gguf")
+    q41 = os.path.join(CACHE, "smollm2-135m-q4_1.gguf")
+    if not os.path.exists(f32):
+        write_gguf(lm, f32)
+    if not os.path.exists(q41):
+        quantize_q4_1(f32, q41)
+    tok = Tokenizer.from_file(os.path.join(lm, "tokenizer.json"))
+    ids = (tok.encode(PROMPT * 8).ids)[:positions]  # the same number of prompt positions as the bundles
+    out = {}
+    for name, path in (("llama.cpp f32", f32), ("llama.cpp Q4_1", q41)):
+        runs = [
+            decode_speed(path, ids, args.new_tokens, threads=os.cpu_count() or 1)
+            for _ in range(args.repeats + 1)
+        ][1:]
+        rates = [r["decode_tokens_per_s"] for r in runs]
+        out[name] = {"decode_tokens_per_s": {"median": statistics.median(rates), "min": min(rates), "max": max(rates)},
+                     "bytes": os.path.getsize(path)}  # fmt: skip
+    return out
+
+
+def tiny(args) -> dict:
+    from export import parity
+
+    root = os.path.join(REPO, "artifacts", "tiny")
+    ckpt, fp32 = os.path.join(root, "checkpoint"), os.path.join(root, "bundle")
+    if not os.path.exists(os.path.join(fp32, "manifest.json")):
+        raise SystemExit(
+            "artifacts/tiny/bundle not found: run `make demo` first (trains and exports the default)"
+        )
+    paths = variants(fp32, "tiny", "builtin", 32)
+    return {"accuracy": accuracy(paths, ckpt, parity.builtin_cases(args.tiny_cases), 4)}
+
+
+def print_tables(report: dict) -> None:
+    if "smollm2" in report:
+        r = report["smollm2"]
+        base = r["speed"]["fp32"]["decode_tokens_per_s"]["median"]
+        fp32_bytes = r["accuracy"]["fp32"]["bytes"]
+        print("\n### nanoVLM-222M shape, real SmolLM2-135M decoder (vs fp32 PyTorch)\n")
+        print(
+            "| mode | KL (nats/token) | top-1 agree | greedy exact | common prefix | vision cosine min | size (MB) | size vs fp32 | decode tok/s | vs fp32 ORT |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for mode, a in r["accuracy"].items():
+            d = r["speed"][mode]["decode_tokens_per_s"]["median"]
+            print(f"| {mode} | {a['kl_mean']:.4f} | {a['top1_agreement']:.3f} | {a['exact_match']:.2f} | "
+                  f"{a['common_prefix_ratio']:.2f} | {a.get('vision_cosine_min', float('nan')):.4f} | "
+                  f"{a['bytes'] / 1e6:.1f} | {a['bytes'] / fp32_bytes:.0%} | {d:.1f} | {d / base:.2f}x |")  # fmt: skip
+        for name, s in r["llama_cpp"].items():
+            if name == "skipped":
+                print(f"\nllama.cpp: {s}")
+                continue
+            d = s["decode_tokens_per_s"]["median"]
+            print(
+                f"| {name} (LM only) | - | - | - | - | - | {s['bytes'] / 1e6:.1f} | - | {d:.1f} | {d / base:.2f}x |"
+            )
+    if "tiny" in report:
+        print("\n### trained tiny default, built-in test split (vs fp32 PyTorch)\n")
+        print(
+            "| mode | task accuracy | fp32 PyTorch accuracy | KL | top-1 agree | greedy exact | size (MB) |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for mode, a in report["tiny"]["accuracy"].items():
+            print(f"| {mode} | {a['task_accuracy']:.3f} | {a['reference_task_accuracy']:.3f} | {a['kl_mean']:.5f} | "
+                  f"{a['top1_agreement']:.3f} | {a['exact_match']:.3f} | {a['bytes'] / 1e6:.2f} |")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="smollm2,tiny")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tiny-cases", type=int, default=600)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    report = {
+        "machine": f"{os.cpu_count()} CPU threads",
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+    }
+    models = args.models.split(",")
+    if "tiny" in models:
+        report["tiny"] = tiny(args)
+    if "smollm2" in models:
+        report["smollm2"] = smollm2(args)
+    print_tables(report)
+    if args.json:
+        with open(args.json + ".tmp", "w") as f:
+            json.dump(
+                report, f, indent=2, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)
+            )
+        os.replace(args.json + ".tmp", args.json)
+
+
+if __name__ == "__main__":
+    main()

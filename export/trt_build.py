@@ -1,0 +1,148 @@
+"""`nanovlm-export trt BUNDLE OUT`: TensorRT engines for a bundle, with the TensorRT Python API.
+
+Strongly typed networks (the only mode TensorRT 11 has): precision comes from the ONNX, so the
+fp16 bundle gives FP16 engines and an int8-static (Q/DQ) bundle INT8 ones. Profiles come from the
+manifest (runtime/trt_plan.py). OUT is a copy of the bundle plus `<graph>.engine` files, a timing
+cache and `trtexec.txt` (the equivalent command lines, for building on a Jetson with trtexec);
+its manifest records the engines, their profiles, the TensorRT version and the GPU.
+
+Not run on these machines (no GPU, no TensorRT): tests/test_trt.py builds the tiny model's
+engines and compares greedy tokens with ONNX Runtime where both are present.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+
+from runtime.bundle import MANIFEST, finish_manifest, load_bundle
+from runtime.trt_plan import Limits, polygraphy_command, profiles, trtexec_commands
+
+log = logging.getLogger(__name__)
+
+
+def contrib_ops(graph_path: str) -> list[str]:
+    """Ops outside the standard ONNX domain (MatMulNBits, GatherBlockQuantized: ONNX Runtime only)."""
+    import onnx
+
+    m = onnx.load(graph_path, load_external_data=False)
+    return sorted({f"{n.domain}.{n.op_type}" for n in m.graph.node if n.domain not in ("", "ai.onnx")})
+
+
+def check_buildable(bundle_path: str) -> dict:
+    """The bundle's manifest, after refusing what TensorRT cannot take, before any GPU work."""
+    bundle = load_bundle(bundle_path)
+    for graph in ("vision_encoder", "decoder"):
+        foreign = contrib_ops(bundle.graph_path(graph))
+        if foreign:
+            raise ValueError(
+                f"{bundle_path}: {graph} uses ONNX Runtime contrib ops {foreign} "
+                f"(mode {bundle.manifest.get('precision')}); TensorRT takes the fp32, fp16 or int8-static bundles"
+            )
+    return bundle.manifest
+
+
+def device_info() -> dict:
+    from cuda.bindings import runtime as cudart
+
+    err, props = cudart.cudaGetDeviceProperties(0)
+    if int(err) != 0:
+        raise RuntimeError(f"no usable CUDA device (cudaGetDeviceProperties: {err})")
+    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+    return {"name": name.rstrip("\x00"), "compute_capability": [props.major, props.minor]}
+
+
+def build_engines(bundle_path: str, out: str, limits: Limits, workspace_mb: int = 2048,
+                  timing_cache: str | None = None) -> dict:  # fmt: skip
+    """Build one engine per graph into a copy of the bundle at `out`; returns the new manifest."""
+    manifest = check_buildable(bundle_path)
+    plans = profiles(manifest, limits)  # validates the limits against the model's context
+    import tensorrt as trt
+
+    device = device_info()
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-bundle-", dir=parent)
+    try:
+        for name in os.listdir(bundle_path):
+            if name != MANIFEST and os.path.isfile(os.path.join(bundle_path, name)):
+                shutil.copy2(os.path.join(bundle_path, name), os.path.join(tmp, name))
+        cache_path = timing_cache or os.path.join(tmp, "timing.cache")
+        logger = trt.Logger(trt.Logger.WARNING)
+        engines = {}
+        for graph, plist in plans.items():
+            t0 = time.time()
+            file = manifest["graphs"][graph]["file"]
+            engine_file = file.removesuffix(".onnx") + ".engine"
+            log.info("building %s (%d profiles)", engine_file, len(plist))
+            data = _build_one(trt, logger, os.path.join(tmp, file), plist, workspace_mb, cache_path)
+            with open(os.path.join(tmp, engine_file), "wb") as f:
+                f.write(data)
+            engines[graph] = {
+                "file": engine_file,
+                "profiles": [
+                    {
+                        "name": p["name"],
+                        **{k: {n: list(s) for n, s in p[k].items()} for k in ("min", "opt", "max")},
+                    }
+                    for p in plist
+                ],  # fmt: skip
+                "tensorrt_version": trt.__version__,
+                "device_name": device["name"],
+                "compute_capability": device["compute_capability"],
+                "build_seconds": round(time.time() - t0, 1),
+            }
+        with open(os.path.join(tmp, "trtexec.txt"), "w") as f:
+            for graph, cmd in trtexec_commands(manifest, limits, workspace_mb).items():
+                f.write(f"# {graph}\n{cmd}\n\n")
+            f.write(
+                f"# compare ONNX Runtime and TensorRT on the decoder\n{polygraphy_command(manifest, limits)}\n"
+            )
+        if timing_cache and os.path.exists(timing_cache):
+            shutil.copy2(timing_cache, os.path.join(tmp, "timing.cache"))
+        limits_meta = {"max_batch": limits.max_batch, "max_seq": limits.max_seq,
+                       "max_context": limits.max_context, "max_images": limits.max_images}  # fmt: skip
+        manifest = finish_manifest(tmp, manifest | {"tensorrt": {"engines": engines, "limits": limits_meta}})
+        from nanovlm.checkpoint import replace_dir
+
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _build_one(trt, logger, onnx_path: str, plist: list[dict], workspace_mb: int, cache_path: str) -> bytes:
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(onnx_path):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    cache_bytes = open(cache_path, "rb").read() if os.path.exists(cache_path) else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    for p in plist:
+        profile = builder.create_optimization_profile()
+        for name in p["min"]:
+            profile.set_shape(name, p["min"][name], p["opt"][name], p["max"][name])
+        config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine for {onnx_path} (see the log above)")
+    with open(cache_path + ".tmp", "wb") as f:
+        f.write(memoryview(config.get_timing_cache().serialize()))
+    os.replace(cache_path + ".tmp", cache_path)
+    return bytes(serialized)
+
+
+def describe(manifest: dict) -> str:
+    return json.dumps({g: {k: v for k, v in e.items() if k != "profiles"} for g, e in manifest["tensorrt"]["engines"].items()},
+                      indent=2)  # fmt: skip

@@ -1,0 +1,184 @@
+"""TensorRT backend: the same interface as OrtBackend (encode_images / reset / step), no torch.
+
+Engines come from `nanovlm-export trt` (their manifest entry names the TensorRT version and GPU
+they were built for; anything else is refused with "rebuild"). Device memory is allocated once,
+at the engines' limits: the KV cache as two ping-pong sets (each step reads its past from one set
+and TensorRT writes the present into the other), the inputs, and the logits. One execution
+context per decoder profile (decode, prefill), each bound to its profile once; a step picks the
+context whose profile holds its shapes, sets the input shapes and tensor addresses, and runs
+`execute_async_v3` on the backend's stream. CUDA calls go through cuda-python.
+
+Written against the TensorRT 10 and cuda-python documentation; run where both exist
+(tests/test_trt.py), never on the CPU machines this project is developed on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle, BundleError
+from .trt_plan import Limits, check_engine_compatible, pick_profile
+
+log = logging.getLogger(__name__)
+
+
+def _check(result: Any) -> Any:
+    """cuda-python calls return (error, *values): raise on error, return the values."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA error {err}")
+    return values[0] if len(values) == 1 else values
+
+
+class DeviceBuffer:
+    def __init__(self, cudart: Any, nbytes: int):
+        self.cudart, self.nbytes = cudart, max(nbytes, 1)
+        self.ptr = int(_check(cudart.cudaMalloc(self.nbytes)))
+
+    def free(self) -> None:
+        if self.ptr:
+            self.cudart.cudaFree(self.ptr)
+            self.ptr = 0
+
+
+class TrtBackend:
+    def __init__(self, bundle: Bundle):
+        import tensorrt as trt
+        from cuda.bindings import runtime as cudart
+
+        meta = bundle.manifest.get("tensorrt")
+        if not meta:
+            raise BundleError(f"{bundle.path}: no TensorRT engines; build them with `nanovlm-export trt`")
+        self.trt, self.cudart = trt, cudart
+        props = _check(cudart.cudaGetDeviceProperties(0))
+        name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+        device = {"name": name.rstrip("\x00"), "compute_capability": [props.major, props.minor]}
+        self.limits = Limits(**meta["limits"])
+        self.stream = _check(cudart.cudaStreamCreate())
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engines, self.profiles = {}, {}
+        for graph, emeta in meta["engines"].items():
+            check_engine_compatible(emeta, trt.__version__, device)
+            with open(bundle.file(emeta["file"]), "rb") as f:
+                engine = self.runtime.deserialize_cuda_engine(f.read())
+            if engine is None:
+                raise RuntimeError(
+                    f"{emeta['file']}: TensorRT could not deserialize the engine; rebuild it on this device"
+                )
+            self.engines[graph] = engine
+            self.profiles[graph] = [{k: {n: tuple(s) for n, s in p[k].items()} for k in ("min", "max")}
+                                    for p in emeta["profiles"]]  # fmt: skip
+        self.contexts: dict[str, list[Any]] = {}
+        for graph, engine in self.engines.items():
+            contexts = []
+            for k in range(len(self.profiles[graph])):
+                ctx = engine.create_execution_context()
+                ctx.set_optimization_profile_async(k, int(self.stream))
+                contexts.append(ctx)
+            self.contexts[graph] = contexts
+        kv = bundle.manifest["kv_cache"]
+        self.layers, self.kv_heads, self.head_dim = kv["layers"], kv["kv_heads"], kv["head_dim"]
+        self.kv_dtype = np.dtype(kv.get("dtype", "float32"))
+        self.max_context = self.limits.max_context
+        dec = bundle.manifest["graphs"]["decoder"]
+        self.hidden = dec["inputs"][1]["shape"][1]
+        self.vocab = dec["outputs"][0]["shape"][1]
+        self.tokens = bundle.manifest["image_token_count"]
+        tile = bundle.manifest["preprocessing"]["tile_size"]
+        L = self.limits
+        # device memory, allocated once at the limits
+        kv_bytes = L.max_batch * self.kv_heads * L.max_context * self.head_dim * self.kv_dtype.itemsize
+        self.kv = [[DeviceBuffer(cudart, kv_bytes) for _ in range(2 * self.layers)] for _ in range(2)]
+        rows = L.max_images * self.tokens
+        self.buf = {
+            "input_ids": DeviceBuffer(cudart, L.max_batch * L.max_seq * 8),
+            "image_embeds": DeviceBuffer(cudart, rows * self.hidden * 4),
+            "attention_mask": DeviceBuffer(cudart, L.max_batch * L.max_context * 8),
+            "position_ids": DeviceBuffer(cudart, L.max_batch * L.max_seq * 8),
+            "logits": DeviceBuffer(cudart, L.max_batch * self.vocab * 4),
+            "pixel_values": DeviceBuffer(cudart, L.max_images * 3 * tile * tile * 4),
+            "vision_out": DeviceBuffer(cudart, rows * self.hidden * 4),
+        }
+        self.past_len, self.turn = 0, 0
+
+    # ------------------------------------------------------------------ copies
+    def _upload(self, name: str, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array)
+        if array.nbytes > self.buf[name].nbytes:
+            raise ValueError(f"{name} of shape {array.shape} exceeds the engine limits {self.limits}")
+        if array.nbytes:
+            _check(self.cudart.cudaMemcpyAsync(self.buf[name].ptr, array.ctypes.data, array.nbytes,
+                                               self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))  # fmt: skip
+
+    def _download(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        out = np.empty(shape, np.float32)
+        _check(self.cudart.cudaMemcpyAsync(out.ctypes.data, self.buf[name].ptr, out.nbytes,
+                                           self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))  # fmt: skip
+        _check(self.cudart.cudaStreamSynchronize(self.stream))
+        return out
+
+    # ------------------------------------------------------------------ vision
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        n = pixel_values.shape[0]
+        out = []
+        for start in range(0, n, self.limits.max_images):  # more tiles than the profile: in chunks
+            chunk = np.ascontiguousarray(pixel_values[start : start + self.limits.max_images], np.float32)
+            ctx = self.contexts["vision_encoder"][0]
+            self._upload("pixel_values", chunk)
+            ctx.set_input_shape("pixel_values", chunk.shape)
+            ctx.set_tensor_address("pixel_values", self.buf["pixel_values"].ptr)
+            ctx.set_tensor_address("image_embeds", self.buf["vision_out"].ptr)
+            if not ctx.execute_async_v3(int(self.stream)):
+                raise RuntimeError("TensorRT vision encoder execution failed")
+            out.append(self._download("vision_out", (chunk.shape[0], self.tokens, self.hidden)))
+        return np.concatenate(out) if out else np.zeros((0, self.tokens, self.hidden), np.float32)
+
+    # ------------------------------------------------------------------ decoder
+    def reset(self, batch: int, max_total: int) -> None:
+        if batch > self.limits.max_batch:
+            raise ValueError(f"batch {batch} exceeds the engines' max_batch {self.limits.max_batch}")
+        if max_total > self.max_context:
+            raise ValueError(f"{max_total} positions exceed the engines' max_context of {self.max_context}")
+        self.past_len, self.turn = 0, 0
+
+    def step(self, input_ids: np.ndarray, image_rows: np.ndarray, attention_mask: np.ndarray,
+             position_ids: np.ndarray) -> np.ndarray:  # fmt: skip
+        B, S = input_ids.shape
+        past = (B, self.kv_heads, self.past_len, self.head_dim)
+        present = (B, self.kv_heads, self.past_len + S, self.head_dim)
+        shapes = {"input_ids": (B, S), "image_embeds": (image_rows.shape[0], self.hidden),
+                  "attention_mask": attention_mask.shape, "position_ids": (B, S)}  # fmt: skip
+        for i in range(self.layers):
+            shapes[f"past_key_values.{i}.key"] = shapes[f"past_key_values.{i}.value"] = past
+        k = pick_profile(self.profiles["decoder"], shapes)
+        ctx = self.contexts["decoder"][k]
+        self._upload("input_ids", input_ids.astype(np.int64))
+        self._upload("image_embeds", image_rows.astype(np.float32))
+        self._upload("attention_mask", attention_mask.astype(np.int64))
+        self._upload("position_ids", position_ids.astype(np.int64))
+        for name in ("input_ids", "image_embeds", "attention_mask", "position_ids"):
+            ctx.set_input_shape(name, shapes[name])
+            ctx.set_tensor_address(name, self.buf[name].ptr)
+        src, dst = self.kv[self.turn], self.kv[1 - self.turn]
+        for i in range(self.layers):
+            for j, part in enumerate(("key", "value")):
+                ctx.set_input_shape(f"past_key_values.{i}.{part}", past)
+                ctx.set_tensor_address(f"past_key_values.{i}.{part}", src[2 * i + j].ptr)
+                ctx.set_tensor_address(f"present.{i}.{part}", dst[2 * i + j].ptr)
+        ctx.set_tensor_address("logits", self.buf["logits"].ptr)
+        if not ctx.execute_async_v3(int(self.stream)):
+            raise RuntimeError(f"TensorRT decoder execution failed (profile {k}, shapes {present})")
+        self.past_len += S
+        self.turn = 1 - self.turn
+        return self._download("logits", (B, self.vocab))
+
+    def close(self) -> None:
+        for group in self.kv:
+            for b in group:
+                b.free()
+        for b in self.buf.values():
+            b.free()

@@ -1,0 +1,150 @@
+"""TensorRT planning from the bundle manifest: profiles, buffer sizes, compatibility, command lines.
+
+Plain functions with no TensorRT import, shared by the engine builder (export/trt_build.py) and
+the TensorRT backend (runtime/trt_backend.py), and tested without a GPU.
+
+Profiles. The decoder gets two: "decode" (seq 1, past 0..max_context-1), which runs for every
+generated token and so is tuned at its own shape, and "prefill" (seq 1..max_seq, past
+0..max_context-max_seq, so past + seq <= max_context). The vision encoder gets one (1..max_images
+tiles).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch: int = 1
+    max_seq: int = 512  # longest prefill (prompt positions incl. image tokens)
+    max_context: int = 1024  # prompt + generated positions
+    max_images: int = 4  # tiles per call to the vision encoder
+
+    def check(self, model_context: int) -> None:
+        for name in ("max_batch", "max_seq", "max_context", "max_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.max_seq > self.max_context:
+            raise ValueError(f"max_seq={self.max_seq} exceeds max_context={self.max_context}")
+        if self.max_context > model_context:
+            raise ValueError(f"max_context={self.max_context} exceeds the model's context of {model_context}")
+
+
+def _decoder_shapes(manifest: dict, batch: int, seq: int, past: int, image_rows: int) -> dict[str, Shape]:
+    kv = manifest["kv_cache"]
+    hidden = manifest["graphs"]["decoder"]["inputs"][1]["shape"][1]
+    shapes: dict[str, Shape] = {
+        "input_ids": (batch, seq),
+        "image_embeds": (image_rows, hidden),
+        "attention_mask": (batch, past + seq),
+        "position_ids": (batch, seq),
+    }
+    for i in range(kv["layers"]):
+        for part in ("key", "value"):
+            shapes[f"past_key_values.{i}.{part}"] = (batch, kv["kv_heads"], past, kv["head_dim"])
+    return shapes
+
+
+def profiles(manifest: dict, limits: Limits) -> dict[str, list[dict[str, Any]]]:
+    """{graph: [{"name", "min": {input: shape}, "opt": ..., "max": ...}, ...]} in profile-index order."""
+    limits.check(manifest["generation"]["max_context"])
+    tile = manifest["preprocessing"]["tile_size"]
+    rows = limits.max_images * manifest["image_token_count"]
+    B, S, C = limits.max_batch, limits.max_seq, limits.max_context
+    decode = {
+        "name": "decode",
+        "min": _decoder_shapes(manifest, 1, 1, 0, 0),
+        "opt": _decoder_shapes(manifest, 1, 1, C // 2, 0),
+        "max": _decoder_shapes(manifest, B, 1, C - 1, 0),
+    }
+    prefill = {
+        "name": "prefill",
+        "min": _decoder_shapes(manifest, 1, 1, 0, 0),
+        "opt": _decoder_shapes(manifest, 1, min(S, 128), 0, min(rows, manifest["image_token_count"])),
+        "max": _decoder_shapes(manifest, B, S, C - S, rows),
+    }
+    vision = {
+        "name": "vision",
+        "min": {"pixel_values": (1, 3, tile, tile)},
+        "opt": {"pixel_values": (1, 3, tile, tile)},
+        "max": {"pixel_values": (limits.max_images, 3, tile, tile)},
+    }
+    return {"decoder": [decode, prefill], "vision_encoder": [vision]}
+
+
+def pick_profile(graph_profiles: list[dict[str, Any]], shapes: dict[str, Shape]) -> int:
+    """The first profile whose [min, max] holds every given shape; ValueError naming the misfit."""
+    for k, p in enumerate(graph_profiles):
+        if all(
+            name in p["min"] and len(shape) == len(p["min"][name])
+            and all(lo <= d <= hi for d, lo, hi in zip(shape, p["min"][name], p["max"][name], strict=True))
+            for name, shape in shapes.items()
+        ):  # fmt: skip
+            return k
+    raise ValueError(
+        f"no optimization profile holds shapes {shapes}; rebuild the engines with larger --max-seq/--max-context/--max-batch"
+    )
+
+
+def kv_buffer_bytes(manifest: dict, limits: Limits) -> int:
+    """Device memory for the KV cache: two ping-pong sets, every layer's key and value, at max context."""
+    kv = manifest["kv_cache"]
+    item = 2 if kv.get("dtype", "float32") == "float16" else 4
+    per_set = (
+        2 * kv["layers"] * limits.max_batch * kv["kv_heads"] * limits.max_context * kv["head_dim"] * item
+    )
+    return 2 * per_set
+
+
+def _spec(shapes: dict[str, Shape]) -> str:
+    return ",".join(f"{name}:{'x'.join(str(d) for d in shape)}" for name, shape in shapes.items())
+
+
+def trtexec_commands(manifest: dict, limits: Limits, workspace_mb: int = 2048, timing_cache: str = "timing.cache") -> dict[str, str]:  # fmt: skip
+    """The trtexec command line building each graph's engine with the same profiles (one set of
+    --minShapes/--optShapes/--maxShapes per profile, in profile order)."""
+    out = {}
+    for graph, plist in profiles(manifest, limits).items():
+        file = manifest["graphs"][graph]["file"]
+        parts = [
+            "trtexec", f"--onnx={file}", f"--saveEngine={file.removesuffix('.onnx')}.engine", "--stronglyTyped",
+            f"--memPoolSize=workspace:{workspace_mb}M", f"--timingCacheFile={timing_cache}",
+        ]  # fmt: skip
+        for p in plist:
+            parts += [
+                f"--minShapes={_spec(p['min'])}",
+                f"--optShapes={_spec(p['opt'])}",
+                f"--maxShapes={_spec(p['max'])}",
+            ]
+        out[graph] = " ".join(parts)
+    return out
+
+
+def polygraphy_command(manifest: dict, limits: Limits, graph: str = "decoder") -> str:
+    """polygraphy run comparing ONNX Runtime and TensorRT on one graph, at the decode profile's opt shapes."""
+    p = profiles(manifest, limits)[graph][0]
+    file = manifest["graphs"][graph]["file"]
+    shapes = " ".join(f"{n}:[{','.join(str(d) for d in s)}]" for n, s in p["opt"].items())
+    return (f"polygraphy run {file} --onnxrt --trt --input-shapes {shapes} "
+            f"--trt-min-shapes {_spec(p['min'])} --trt-opt-shapes {_spec(p['opt'])} --trt-max-shapes {_spec(p['max'])} "
+            "--atol 1e-3 --rtol 1e-3")  # fmt: skip
+
+
+def check_engine_compatible(engine_meta: dict, trt_version: str, device: dict[str, Any]) -> None:
+    """Refuse engines built by another TensorRT version or for another GPU, with what to do."""
+    built = engine_meta.get("tensorrt_version")
+    if built != trt_version:
+        raise RuntimeError(
+            f"engine {engine_meta.get('file')} was built with TensorRT {built}; this is TensorRT {trt_version}. "
+            "Engines are tied to the TensorRT version: rebuild with `nanovlm-export trt BUNDLE OUT` on this device."
+        )
+    want, have = engine_meta.get("compute_capability"), device.get("compute_capability")
+    if want and have and tuple(want) != tuple(have):
+        raise RuntimeError(
+            f"engine {engine_meta.get('file')} was built for GPU compute capability {tuple(want)} "
+            f"({engine_meta.get('device_name')}); this GPU is {tuple(have)} ({device.get('name')}). Rebuild on this device."
+        )

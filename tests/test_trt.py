@@ -1,0 +1,217 @@
+"""TensorRT: the planning that needs no GPU (tested here), and GPU tests that build real engines.
+
+The GPU tests need the `tensorrt` and `cuda-python` packages and a CUDA device; they skip with
+the reason otherwise (always, on the CPU machines this project is developed on).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from export.cli import main as export_cli
+from export.trt_build import check_buildable
+from runtime.bundle import load_bundle
+from runtime.trt_plan import (
+    Limits,
+    check_engine_compatible,
+    kv_buffer_bytes,
+    pick_profile,
+    polygraphy_command,
+    profiles,
+    trtexec_commands,
+)
+
+
+@pytest.fixture(scope="module")
+def lively_bundle(tiny_tokenizer_dir, tmp_path_factory):
+    from conftest import export_lively
+
+    d = tmp_path_factory.mktemp("trt")
+    _, bundle = export_lively("replace", tiny_tokenizer_dir, d)
+    return bundle
+
+
+def test_profiles_from_the_manifest(lively_bundle):
+    m = load_bundle(lively_bundle).manifest
+    limits = Limits(max_batch=2, max_seq=64, max_context=128, max_images=3)
+    p = profiles(m, limits)
+    decode, prefill = p["decoder"]
+    assert decode["name"] == "decode" and prefill["name"] == "prefill"
+    layers, heads, dim = m["kv_cache"]["layers"], m["kv_cache"]["kv_heads"], m["kv_cache"]["head_dim"]
+    assert decode["max"]["input_ids"] == (2, 1) and decode["max"]["past_key_values.0.key"] == (
+        2,
+        heads,
+        127,
+        dim,
+    )
+    assert decode["max"]["attention_mask"] == (2, 128) and decode["min"]["past_key_values.1.value"] == (
+        1,
+        heads,
+        0,
+        dim,
+    )
+    assert prefill["max"]["input_ids"] == (2, 64) and prefill["max"]["attention_mask"] == (2, 128)
+    assert prefill["max"]["image_embeds"] == (
+        3 * m["image_token_count"],
+        m["graphs"]["decoder"]["inputs"][1]["shape"][1],
+    )
+    assert len([k for k in decode["min"] if k.startswith("past_key_values")]) == 2 * layers
+    assert p["vision_encoder"][0]["max"]["pixel_values"] == (3, 3, 32, 32)
+    for prof in (decode, prefill):  # every profile is min <= opt <= max, input by input
+        for name in prof["min"]:
+            assert all(
+                a <= b <= c
+                for a, b, c in zip(prof["min"][name], prof["opt"][name], prof["max"][name], strict=True)
+            )
+
+
+def test_pick_profile_and_limits(lively_bundle):
+    m = load_bundle(lively_bundle).manifest
+    limits = Limits(max_batch=1, max_seq=32, max_context=64, max_images=2)
+    dec = profiles(m, limits)["decoder"]
+    kv = m["kv_cache"]
+
+    def shapes(seq, past, rows=0):
+        s = {
+            "input_ids": (1, seq),
+            "attention_mask": (1, past + seq),
+            "position_ids": (1, seq),
+            "image_embeds": (rows, 64),
+        }
+        for i in range(kv["layers"]):
+            for part in ("key", "value"):
+                s[f"past_key_values.{i}.{part}"] = (1, kv["kv_heads"], past, kv["head_dim"])
+        return s
+
+    assert pick_profile(dec, shapes(1, 40)) == 0  # a decode step
+    assert pick_profile(dec, shapes(20, 0, rows=8)) == 1  # a prefill with image rows
+    with pytest.raises(ValueError, match="rebuild the engines with larger"):
+        pick_profile(dec, shapes(40, 0))
+    with pytest.raises(ValueError, match="max_seq=80 exceeds max_context=64"):
+        profiles(m, Limits(max_seq=80, max_context=64))
+    with pytest.raises(ValueError, match="exceeds the model's context of 512"):
+        profiles(m, Limits(max_seq=8, max_context=4096))
+    # two ping-pong sets x layers x (key, value) x batch x heads x context x dim x 4 bytes
+    assert kv_buffer_bytes(m, limits) == 2 * 2 * kv["layers"] * 1 * kv["kv_heads"] * 64 * kv["head_dim"] * 4
+
+
+def test_trtexec_and_polygraphy_text(lively_bundle):
+    m = load_bundle(lively_bundle).manifest
+    cmds = trtexec_commands(m, Limits(max_seq=16, max_context=32), workspace_mb=512, timing_cache="t.cache")
+    dec = cmds["decoder"]
+    assert dec.startswith("trtexec --onnx=decoder.onnx --saveEngine=decoder.engine --stronglyTyped")
+    assert "--memPoolSize=workspace:512M" in dec and "--timingCacheFile=t.cache" in dec
+    assert dec.count("--minShapes=") == 2 and dec.count("--maxShapes=") == 2  # decode + prefill profiles
+    assert "input_ids:1x16" in dec and "past_key_values.1.value:1x2x31x16" in dec
+    assert cmds["vision_encoder"].count("--minShapes=pixel_values:1x3x32x32") == 1
+    poly = polygraphy_command(m, Limits(max_seq=16, max_context=32))
+    assert poly.startswith("polygraphy run decoder.onnx --onnxrt --trt") and "--trt-max-shapes" in poly
+
+
+def test_engine_compatibility_errors():
+    meta = {
+        "file": "decoder.engine",
+        "tensorrt_version": "10.3.0",
+        "compute_capability": [8, 7],
+        "device_name": "Orin",
+    }
+    check_engine_compatible(meta, "10.3.0", {"name": "Orin", "compute_capability": [8, 7]})
+    with pytest.raises(RuntimeError, match="built with TensorRT 10.3.0; this is TensorRT 10.7.0.*rebuild"):
+        check_engine_compatible(meta, "10.7.0", {"name": "Orin", "compute_capability": [8, 7]})
+    with pytest.raises(RuntimeError, match=r"compute capability \(8, 7\).*this GPU is \(9, 0\).*Rebuild"):
+        check_engine_compatible(meta, "10.3.0", {"name": "H100", "compute_capability": [9, 0]})
+
+
+def test_builder_refuses_contrib_op_bundles_and_explains_missing_tensorrt(lively_bundle, tmp_path):
+    from calibration.quantize import quantize_bundle
+
+    q = str(tmp_path / "int8")
+    quantize_bundle(lively_bundle, q, "int8-dynamic")
+    with pytest.raises(
+        ValueError, match="contrib ops .*MatMulNBits.*TensorRT takes the fp32, fp16 or int8-static"
+    ):
+        check_buildable(q)
+    res = CliRunner().invoke(export_cli, ["trt", lively_bundle, str(tmp_path / "engines")])
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert res.exit_code != 0 and "tensorrt Python package is not installed" in res.output
+        assert not (tmp_path / "engines").exists()
+    printed = CliRunner().invoke(export_cli, ["trt", lively_bundle, str(tmp_path / "x"), "--print-trtexec"])
+    assert printed.exit_code == 0 and "trtexec --onnx=vision_encoder.onnx" in printed.output
+
+
+# ----------------------------------------------------------------------------- GPU (TensorRT)
+def _gpu_reason() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "tensorrt is not installed"
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        return "cuda-python is not installed"
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0 or count < 1:
+        return "no CUDA device"
+    return None
+
+
+gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=f"TensorRT GPU test: {_gpu_reason()}")
+
+
+@gpu
+def test_trt_engines_give_the_onnx_runtime_tokens(lively_bundle, tmp_path):
+    """Build the tiny model's engines (fp32), then greedy tokens on TensorRT == on ONNX Runtime."""
+    from export.parity import builtin_cases
+    from export.trt_build import build_engines
+    from runtime.pipeline import GenerationRequest, VLMPipeline
+
+    out = str(tmp_path / "engines")
+    manifest = build_engines(
+        lively_bundle, out, Limits(max_batch=1, max_seq=128, max_context=256, max_images=8)
+    )
+    assert set(manifest["tensorrt"]["engines"]) == {"decoder", "vision_encoder"}
+    assert os.path.exists(os.path.join(out, "trtexec.txt"))
+    trt_pipe = VLMPipeline.from_bundle(out, backend="trt")
+    ort_pipe = VLMPipeline.from_bundle(lively_bundle)
+    request = GenerationRequest(max_new_tokens=8)
+    for case in builtin_cases(6):
+        batch = ort_pipe._batch([case.images], [case.prompt])
+        want = [int(t[0]) for t in ort_pipe.generate_ids(batch, request)]
+        got = [int(t[0]) for t in trt_pipe.generate_ids(batch, request)]
+        assert got == want, case.prompt
+    # vision embeddings agree closely too
+    pixels = batch.pixel_values
+    np.testing.assert_allclose(trt_pipe.backend.encode_images(pixels), ort_pipe.backend.encode_images(pixels),
+                               atol=1e-3, rtol=1e-3)  # fmt: skip
+
+
+@gpu
+def test_validate_on_tensorrt_and_stale_engine_refused(lively_bundle, tmp_path):
+    import json
+
+    from export.trt_build import build_engines
+
+    out = str(tmp_path / "engines")
+    build_engines(lively_bundle, out, Limits(max_batch=1, max_seq=128, max_context=256, max_images=8))
+    ckpt = os.path.join(os.path.dirname(lively_bundle), "ckpt")
+    res = CliRunner().invoke(
+        export_cli, ["validate", out, "--reference", ckpt, "--backend", "trt", "--samples", "4"]
+    )
+    assert res.exit_code == 0, res.output
+    stale = str(tmp_path / "stale")
+    shutil.copytree(out, stale)
+    mpath = os.path.join(stale, "manifest.json")
+    m = json.load(open(mpath))
+    m["tensorrt"]["engines"]["decoder"]["tensorrt_version"] = "0.0.0"
+    json.dump(m, open(mpath, "w"))
+    from runtime.pipeline import VLMPipeline
+
+    with pytest.raises(RuntimeError, match="rebuild"):
+        VLMPipeline.from_bundle(stale, backend="trt", verify=False)
