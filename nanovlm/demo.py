@@ -1,7 +1,9 @@
 """`nanovlm demo`: the whole PyTorch side in one command, on the embedded default.
 
 Trains the tiny model on the built-in shapes data (or reuses a finished run), scores it on the
-test split next to the blind (question-only) baseline, and answers a few questions.
+test split next to the blind (question-only) baseline, exports it to ONNX, quantizes it to INT8,
+validates both bundles against PyTorch, answers a few questions with every backend, and measures
+speed: one final table.
 """
 
 from __future__ import annotations
@@ -47,17 +49,16 @@ def run_demo(output_dir: str, retrain: bool = False, test_samples: int = 600) ->
     test = evaluate(model, tc, collator, split="test", n=test_samples)
     blind = split_blind_baseline("test", test_samples, tc.seed)
 
-    click.echo("\nA few test questions (PyTorch, greedy):")
-    ds = ShapesDataset("test", seed=tc.seed, image_size=tc.shapes_image_size)
-    samples = [ds[i] for i in range(6)]
-    got = answer(model, model.tokenizer, collator.image_processor, [[s.image] for s in samples],
-                 [s.question for s in samples])  # fmt: skip
-    for s, a in zip(samples, got, strict=True):
-        click.echo(f"  Q: {s.question:<52} A: {a:<8} (expected {s.answer})")
+    ckpt = os.path.join(output_dir, "checkpoint")
+    click.echo("\nExporting to ONNX, quantizing to INT8, and checking both against PyTorch ...")
+    bundles = export_and_quantize(ckpt, output_dir)
+    checks = validate_bundles(ckpt, bundles, test_samples)
+    show_answers(ckpt, bundles, tc)
+    click.echo("\nMeasuring speed (each backend in a fresh process) ...")
+    from export.bench import bench
 
-    click.echo("\nExporting to ONNX and answering the same test questions with the torch-free runtime ...")
-    runtime_result = runtime_parity(os.path.join(output_dir, "checkpoint"), os.path.join(output_dir, "bundle"),
-                                    model, collator, tc, test_samples)  # fmt: skip
+    speed = bench(list(bundles.values()), ckpt, None, "How many objects are there?", 32, 3, None, ())
+    rows = {r["name"]: r for r in speed["rows"]}
 
     result = {
         "params": sum(p.numel() for p in model.parameters()),
@@ -66,51 +67,86 @@ def run_demo(output_dir: str, retrain: bool = False, test_samples: int = 600) ->
         "test_accuracy": test["accuracy"],
         "test_accuracy_by_type": test["accuracy_by_type"],
         "blind_baseline": blind,
-        **runtime_result,
+        "bundles": {
+            name: checks[name]
+            | {k: rows[os.path.basename(path)][k] for k in ("bytes", "decode_tokens_per_s", "ttft_s")}
+            for name, path in bundles.items()
+        },  # fmt: skip
+        "pytorch": {k: rows["pytorch"][k] for k in ("bytes", "decode_tokens_per_s", "ttft_s")},
         "demo_seconds": round(time.time() - t0, 1),
     }
     click.echo("\n| metric | value |\n| --- | --- |")
     click.echo(f"| parameters | {result['params']:,} |")
     click.echo(f"| training | {result['train_steps']} steps, {result['train_seconds']} s |")
-    click.echo(f"| test exact match ({test_samples} questions) | {100 * test['accuracy']:.1f}% |")
+    click.echo(f"| test exact match, PyTorch ({test_samples} questions) | {100 * test['accuracy']:.1f}% |")
     for q, acc in test["accuracy_by_type"].items():
         click.echo(f"| &nbsp; {q} | {100 * acc:.1f}% |")
     click.echo(f"| blind baseline (question only) | {100 * blind:.1f}% |")
-    click.echo(f"| runtime (ONNX Runtime) exact match | {100 * result['runtime_accuracy']:.1f}% |")
-    click.echo(f"| runtime answers identical to PyTorch | {result['runtime_identical']}/{test_samples} |")
     click.echo(
-        f"| runtime / PyTorch answering time | {result['runtime_s']:.1f} s / {result['pytorch_s']:.1f} s |"
+        "\n| backend | test accuracy | answers = PyTorch | KL vs PyTorch | top-1 agree | gates | size (MB) | decode tok/s | TTFT (ms) |"
     )
-    click.echo(f"\nCurves: {os.path.join(output_dir, 'training_curves.png')}")
+    click.echo("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    pt = result["pytorch"]
+    click.echo(f"| PyTorch fp32 | {100 * test['accuracy']:.1f}% | - | - | - | - | {pt['bytes'] / 1e6:.2f} | "
+               f"{pt['decode_tokens_per_s']['median']:.0f} | {1e3 * pt['ttft_s']['median']:.1f} |")  # fmt: skip
+    for name, b in result["bundles"].items():
+        click.echo(f"| runtime {name} | {100 * b['task_accuracy']:.1f}% | {100 * b['exact_match']:.1f}% | "
+                   f"{b['kl_mean']:.2g} | {100 * b['top1_agreement']:.1f}% | {'pass' if not b['failures'] else 'FAIL'} | "
+                   f"{b['bytes'] / 1e6:.2f} | {b['decode_tokens_per_s']['median']:.0f} | {1e3 * b['ttft_s']['median']:.1f} |")  # fmt: skip
+    click.echo(
+        f"\nCurves: {os.path.join(output_dir, 'training_curves.png')}; demo took {result['demo_seconds']:.0f} s"
+    )
     with open(os.path.join(output_dir, "demo.json"), "w") as f:
         json.dump(result, f, indent=2)
     return result
 
 
-def runtime_parity(ckpt: str, bundle: str, model: VisionLanguageModel, collator: Collator, tc: TrainConfig,
-                   n: int) -> dict:  # fmt: skip
-    """Export the checkpoint and answer n test questions with both PyTorch and the runtime."""
+def export_and_quantize(ckpt: str, output_dir: str) -> dict[str, str]:
+    """fp32 bundle and its INT8 variant (int8-dynamic: the CPU recipe, no calibration pass)."""
+    from calibration.quantize import quantize_bundle
     from export.onnx_export import export_onnx
+
+    fp32, int8 = os.path.join(output_dir, "bundle"), os.path.join(output_dir, "bundle-int8")
+    export_onnx(ckpt, fp32)
+    quantize_bundle(fp32, int8, "int8-dynamic")
+    return {"fp32": fp32, "int8": int8}
+
+
+def validate_bundles(ckpt: str, bundles: dict[str, str], n: int) -> dict[str, dict]:
+    """`nanovlm-export validate` on each bundle: n built-in test questions against PyTorch."""
+    from export import parity
     from runtime.pipeline import VLMPipeline
 
-    export_onnx(ckpt, bundle)
-    pipe = VLMPipeline.from_bundle(bundle)
+    reference, cases = parity.Reference(ckpt), parity.builtin_cases(n)
+    out = {}
+    for name, path in bundles.items():
+        summary = parity.compare(
+            VLMPipeline.from_bundle(path), reference, cases, max_new_tokens=4, desc=f"validating {name}"
+        )
+        summary.pop("rows")
+        summary["failures"] = parity.gate(summary, parity.thresholds_for(parity.precision_of(path)))
+        out[name] = summary
+    return out
+
+
+def show_answers(ckpt: str, bundles: dict[str, str], tc: TrainConfig) -> None:
+    from runtime.pipeline import VLMPipeline
+
+    model = VisionLanguageModel.from_pretrained(ckpt)
+    proc = Collator(model.cfg, model.tokenizer, tc.max_sample_length).image_processor
     ds = ShapesDataset("test", seed=tc.seed, image_size=tc.shapes_image_size)
-    samples = [ds[i] for i in range(n)]
-    torch_answers, rt_answers = [], []
-    t_torch = t_rt = 0.0
-    for i in range(0, n, 48):
-        chunk = samples[i : i + 48]
-        t = time.perf_counter()
-        torch_answers += answer(model, model.tokenizer, collator.image_processor, [[s.image] for s in chunk],
-                                [s.question for s in chunk], max_new_tokens=8)  # fmt: skip
-        t_torch += time.perf_counter() - t
-        t = time.perf_counter()
-        rt_answers += pipe.generate_batch([([s.image], s.question) for s in chunk], max_new_tokens=8)
-        t_rt += time.perf_counter() - t
-    return {
-        "runtime_accuracy": sum(a.strip() == s.answer for a, s in zip(rt_answers, samples, strict=True)) / n,
-        "runtime_identical": sum(a == b for a, b in zip(rt_answers, torch_answers, strict=True)),
-        "runtime_s": t_rt,
-        "pytorch_s": t_torch,
+    samples = [ds[i] for i in range(6)]
+    answers = {
+        "PyTorch": answer(
+            model, model.tokenizer, proc, [[s.image] for s in samples], [s.question for s in samples]
+        )
     }
+    for name, path in bundles.items():
+        pipe = VLMPipeline.from_bundle(path)
+        answers[f"runtime {name}"] = pipe.generate_batch(
+            [([s.image], s.question) for s in samples], max_new_tokens=8
+        )
+    click.echo("\nA few test questions (greedy):")
+    for i, s in enumerate(samples):
+        got = "  ".join(f"{k}: {v[i]:<7}" for k, v in answers.items())
+        click.echo(f"  Q: {s.question:<50} expected {s.answer:<7} {got}")
