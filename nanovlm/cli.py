@@ -46,11 +46,12 @@ def train(config_path: str | None, overrides: tuple[str, ...], resume: bool) -> 
 )
 @click.option("--retrain", is_flag=True, help="Train again even if a finished model exists.")
 @click.option("--test-samples", default=600, show_default=True, help="Built-in test questions to score.")
-def demo(output_dir: str, retrain: bool, test_samples: int) -> None:
-    """Train the default tiny model on the built-in data (or reuse it), score it, answer questions."""
+@click.option("--steps", type=int, default=None, help="Training steps (default: the TrainConfig default).")
+def demo(output_dir: str, retrain: bool, test_samples: int, steps: int | None) -> None:
+    """Train the tiny default (or reuse it), export, quantize to INT8, validate, answer, measure."""
     from .demo import run_demo
 
-    run_demo(output_dir, retrain, test_samples)
+    run_demo(output_dir, retrain, test_samples, steps)
 
 
 @main.command()

@@ -34,8 +34,12 @@ def finished_run(tc: TrainConfig) -> bool:
         return json.load(f).get("steps") == tc.max_training_steps
 
 
-def run_demo(output_dir: str, retrain: bool = False, test_samples: int = 600) -> dict:
+def run_demo(
+    output_dir: str, retrain: bool = False, test_samples: int = 600, steps: int | None = None
+) -> dict:
     tc = TrainConfig(output_dir=output_dir)
+    if steps:
+        tc.max_training_steps = steps
     t0 = time.time()
     if retrain or not finished_run(tc):
         click.echo(f"Training the default tiny model on the built-in shapes data -> {output_dir}")

@@ -48,43 +48,20 @@ def session_options(threads: int | None = None, optimized_model_path: str | None
 def trt_profile_shapes(
     manifest: dict, max_batch: int, max_context: int, max_images: int
 ) -> dict[str, dict[str, str]]:
-    """TensorRT EP optimization profiles (min/opt/max) for each graph, from the manifest's IO spec.
+    """TensorRT EP profile options for each graph, from the same plan as `nanovlm-export trt`
+    (runtime/trt_plan.py). The EP takes one profile per graph here: the decode profile's min and
+    opt (decode is what runs per token) with a max that also covers prefills of up to max_context."""
+    from .trt_plan import Limits, profiles, shape_spec
 
-    Decoder: batch 1..max_batch, seq 1..max_context (prefill) with opt 1 (decode), past 0..max_context.
-    """
-    kv = manifest["kv_cache"]
-    hidden = manifest["graphs"]["decoder"]["inputs"][1]["shape"][1]
-    tile = manifest["preprocessing"]["tile_size"]
-    img_tokens = manifest["image_token_count"]
-
-    def fmt(shapes: dict[str, tuple[int, ...]]) -> str:
-        return ",".join(f"{k}:{'x'.join(str(d) for d in v)}" for k, v in shapes.items())
-
-    def dec(batch: int, seq: int, past: int, images: int) -> dict[str, tuple[int, ...]]:
-        s = {
-            "input_ids": (batch, seq),
-            "image_embeds": (images, hidden),
-            "attention_mask": (batch, past + seq),
-            "position_ids": (batch, seq),
-        }
-        for i in range(kv["layers"]):
-            for part in ("key", "value"):
-                s[f"past_key_values.{i}.{part}"] = (batch, kv["kv_heads"], past, kv["head_dim"])
-        return s
-
-    max_rows = max_images * img_tokens
-    return {
-        "decoder": {
-            "trt_profile_min_shapes": fmt(dec(1, 1, 0, 0)),
-            "trt_profile_opt_shapes": fmt(dec(1, 1, max_context // 2, 0)),
-            "trt_profile_max_shapes": fmt(dec(max_batch, max_context, max_context, max_rows)),
-        },
-        "vision_encoder": {
-            "trt_profile_min_shapes": fmt({"pixel_values": (1, 3, tile, tile)}),
-            "trt_profile_opt_shapes": fmt({"pixel_values": (1, 3, tile, tile)}),
-            "trt_profile_max_shapes": fmt({"pixel_values": (max_images, 3, tile, tile)}),
-        },
-    }
+    plan = profiles(manifest, Limits(max_batch, max_context, max_context, max_images))
+    out = {}
+    for graph, plist in plan.items():
+        top = {name: tuple(max(p["max"][name][d] for p in plist) for d in range(len(shape)))
+               for name, shape in plist[0]["max"].items()}  # fmt: skip
+        out[graph] = {"trt_profile_min_shapes": shape_spec(plist[0]["min"]),
+                      "trt_profile_opt_shapes": shape_spec(plist[0]["opt"]),
+                      "trt_profile_max_shapes": shape_spec(top)}  # fmt: skip
+    return out
 
 
 class OrtBackend:

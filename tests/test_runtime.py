@@ -166,20 +166,14 @@ def test_runtime_runs_without_torch(pipe, tmp_path):
 
 
 @pytest.mark.slow
-def test_runtime_equals_pytorch_on_a_trained_model(tmp_path):
+def test_runtime_equals_pytorch_on_a_trained_model(trained_tiny, tmp_path):
     """A briefly trained default model (shapes data): runtime tokens equal PyTorch tokens."""
     from export.onnx_export import export_onnx
     from nanovlm.shapes_dataset import ShapesDataset
-    from nanovlm.train import train
-    from nanovlm.train_config import TrainConfig
     from nanovlm.vision_language_model import VisionLanguageModel
     from runtime.pipeline import GenerationRequest
 
-    tc = TrainConfig(
-        max_training_steps=300, eval_samples=0, checkpoint_interval=300, output_dir=str(tmp_path / "run")
-    )
-    train(tc)
-    ckpt = str(tmp_path / "run" / "checkpoint")
+    ckpt = trained_tiny
     export_onnx(ckpt, str(tmp_path / "bundle"))
     m = VisionLanguageModel.from_pretrained(ckpt)
     p = VLMPipeline.from_bundle(str(tmp_path / "bundle"))
