@@ -275,7 +275,7 @@ def _static(
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
             nodes_to_quantize=[n for n in names if n not in excluded], calibrate_method=calib,
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                           "CalibTensorRangeSymmetric": True},
+                           "CalibTensorRangeSymmetric": True, "CalibStridedMinMax": 1},
             calibration_providers=["CPUExecutionProvider"],
             use_external_data_format=False, calibration_cache_path=None,
         )  # fmt: skip

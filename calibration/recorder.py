@@ -84,24 +84,30 @@ def record_feeds(
 
 
 class FeedReader(CalibrationDataReader):
-    """onnxruntime's CalibrationDataReader over recorded feeds, with a progress bar."""
+    """onnxruntime's CalibrationDataReader over recorded feeds, with a progress bar.
+
+    set_range lets the calibrator take one feed at a time (CalibStridedMinMax=1): prefill and
+    decode feeds have different shapes, which onnxruntime's histogram collectors (entropy,
+    percentile) cannot stack in one batch, and one at a time also bounds the memory of minmax.
+    """
 
     def __init__(self, feeds: list[dict[str, Any]], desc: str = "calibrating"):
         self.feeds = feeds
-        self.desc = desc
-        self.rewind()
+        self._bar = tqdm(total=len(feeds), desc=desc, unit="feed", leave=False)
+        self.set_range(0, len(feeds))
 
     def get_next(self) -> dict[str, Any] | None:
         item = next(self._it, None)
         if item is not None:
             self._bar.update(1)
-        else:
-            self._bar.close()
         return item
 
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._it = iter(self.feeds[start_index:end_index])
+
     def rewind(self) -> None:
-        self._it = iter(self.feeds)
-        self._bar = tqdm(total=len(self.feeds), desc=self.desc, unit="feed", leave=False)
+        self._bar.reset()
+        self.set_range(0, len(self.feeds))
 
     def __len__(self) -> int:
         return len(self.feeds)

@@ -117,6 +117,16 @@ def test_trt_cache_round_trip_and_errors(tmp_path):
         read_trt_cache(str(tmp_path / "bad.cache"))
 
 
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_methods_take_feeds_of_different_shapes(lively, method, tmp_path):
+    """Prefill and decode feeds differ in shape; histogram calibration must still work."""
+    _, bundle, _ = lively
+    m = quantize_bundle(bundle, str(tmp_path / method), "int8-static", samples=8, method=method)
+    assert m["quantization"]["method"] == method and m["quantization"]["calibration"]["decoder_feeds"] == 40
+    _, scales = read_trt_cache(str(tmp_path / method / "calibration.cache"))
+    assert len(scales) > 10 and all(v > 0 for v in scales.values())
+
+
 def test_static_bundle_has_one_cache_entry_per_quantized_tensor(quantized):
     manifest, path = quantized["int8-static"]
     _, scales = read_trt_cache(os.path.join(path, "calibration.cache"))
@@ -267,7 +277,11 @@ def test_quantized_trained_model_meets_the_accuracy_bars(trained_tiny, tmp_path)
         quantize_bundle(fp32, path, mode, samples=16)
         s = parity.compare(VLMPipeline.from_bundle(path), ref, cases, max_new_tokens=4)
         assert s["kl_mean"] <= kl_bar, (mode, s["kl_mean"])
-        assert abs(s["task_accuracy"] - s["reference_task_accuracy"]) <= acc_bar, (mode, s["task_accuracy"])
+        # +1e-9: a 6-answer difference in 300 computes as 0.020000000000000018; the bar is inclusive
+        assert abs(s["task_accuracy"] - s["reference_task_accuracy"]) <= acc_bar + 1e-9, (
+            mode,
+            s["task_accuracy"],
+        )
 
 
 @pytest.mark.slow
