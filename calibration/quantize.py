@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 MODES = ("int8-dynamic", "int8-static", "int4", "int4-fp16", "fp16")
 METHODS = ("minmax", "entropy", "percentile")
 MIN_CALIBRATION_SAMPLES = 8
+SMOOTH_ALPHA = 0.5  # int8-static: SmoothQuant migration strength for the decoder (0 = off); measured
+# int8-static leaves these decoder MatMuls in float, and the first/last EDGE blocks whole: measured
+# on SmolLM2-135M (per-tensor activation ranges cannot hold their inputs; docs/quantization.md).
+INT8_STATIC_FLOAT = ("*/mlp/down_proj/*",)
+INT8_STATIC_EDGE_BLOCKS = 1
 CALIBRATED = ("int8-static", "int4", "int4-fp16")  # int4: the importance of each input channel
 
 # Decoder MatMuls the int4 recipe keeps at 8 bits, and how many blocks at each end stay 8-bit:
@@ -58,6 +63,7 @@ class Plan:
     method: str | None = None
     exclude: list[str] = field(default_factory=list)
     keep_8bit: list[str] = field(default_factory=list)
+    keep_float: list[str] = field(default_factory=list)
     runs_on: list[str] = field(default_factory=lambda: ["onnxruntime"])
     notes: dict[str, str] = field(default_factory=dict)
 
@@ -142,6 +148,7 @@ def quantize_bundle(
                 "calibration": calib_meta,
                 "excluded": plan.exclude,
                 "kept_8bit": plan.keep_8bit,
+                "kept_float": plan.keep_float,
                 "runs_on": plan.runs_on,
                 "notes": plan.notes,
                 "source_bundle_sha256": {k: v["sha256"] for k, v in bundle.manifest["files"].items()},
@@ -162,6 +169,12 @@ def quantize_bundle(
     return manifest
 
 
+def edge_blocks(bundle: Bundle, n: int) -> list[int]:
+    """The first n and last n decoder block indices."""
+    layers = bundle.manifest["kv_cache"]["layers"]
+    return sorted({*range(min(n, layers)), *range(max(layers - n, 0), layers)})
+
+
 def _graph_spec(directory: str, file: str) -> dict:
     from export.graph_io import graph_io
 
@@ -179,8 +192,7 @@ def _weight_only(bundle: Bundle, out: str, plan: Plan, importance: dict | None) 
             plan.runs_on = ["onnxruntime", "tensorrt"]
         else:
             bits = 4 if mode.startswith("int4") and graph == "decoder" else 8
-            layers = bundle.manifest["kv_cache"]["layers"]
-            edges = sorted({*range(INT4_EDGE_BLOCKS_8BIT), *range(layers - INT4_EDGE_BLOCKS_8BIT, layers)})
+            edges = edge_blocks(bundle, INT4_EDGE_BLOCKS_8BIT)
             keep8 = [*INT4_KEEP_8BIT, *(f"*/blocks.{i}/*" for i in edges)] if bits == 4 else []
             plan.keep_8bit = keep8
             model = quantize_nbits(
@@ -268,7 +280,23 @@ def _static(
         dst_path = os.path.join(out, bundle.manifest["graphs"][graph]["file"])
         model = onnx.load(src_path)
         names = [n.name for n in weight_matmuls(model)]
-        excluded = [n for n in names if matches(n, plan.exclude)]
+        patterns = list(plan.exclude)
+        if graph == "decoder":
+            patterns += [
+                *INT8_STATIC_FLOAT,
+                *(f"*/blocks.{i}/*" for i in edge_blocks(bundle, INT8_STATIC_EDGE_BLOCKS)),
+            ]
+            plan.keep_float = patterns
+        excluded = [n for n in names if matches(n, patterns)]
+        if graph == "decoder" and SMOOTH_ALPHA:
+            from .smoothquant import smooth
+
+            smoothed = smooth(model, feeds, SMOOTH_ALPHA)
+            plan.notes["smoothquant"] = (
+                f"alpha {SMOOTH_ALPHA}: {len(smoothed)} MatMul groups smoothed before calibration"
+            )
+            src_path = dst_path + ".smoothed.onnx"
+            onnx.save(model, src_path)
         quantize_static(
             src_path, dst_path, FeedReader(feeds, f"calibrating {graph}"),
             quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"], per_channel=True,
@@ -280,6 +308,8 @@ def _static(
             use_external_data_format=False, calibration_cache_path=None,
         )  # fmt: skip
         ranges |= activation_ranges(onnx.load(dst_path))
+        if src_path.endswith(".smoothed.onnx"):
+            os.remove(src_path)
     write_trt_cache(ranges, os.path.join(out, "calibration.cache"))
     plan.notes["trt_calibration_cache"] = (
         "calibration.cache (TensorRT EntropyCalibration2 text, from the QDQ ranges)"

@@ -117,6 +117,39 @@ def test_trt_cache_round_trip_and_errors(tmp_path):
         read_trt_cache(str(tmp_path / "bad.cache"))
 
 
+def test_smoothquant_keeps_the_fp32_function(tiny_tokenizer_dir, tmp_path):
+    """Smoothing moves scale from activations to weights; the float graph computes the same thing.
+    (Norm gains are perturbed first: a fresh model's all-ones gains are deduplicated by the
+    exporter into one shared initializer, which smoothing rightly leaves alone.)"""
+    import onnxruntime as ort
+    import torch
+    from conftest import lively_model
+
+    from calibration.smoothquant import smooth
+    from export.onnx_export import export_onnx
+
+    m = lively_model("replace", tiny_tokenizer_dir)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    m.save_pretrained(str(tmp_path / "ckpt"))
+    export_onnx(str(tmp_path / "ckpt"), str(tmp_path / "bundle"))
+    b = load_bundle(str(tmp_path / "bundle"))
+    _, feeds = record_feeds(b, load_calibration("builtin", 3), decode_steps=2)
+    model = onnx.load(b.graph_path("decoder"))
+    before = {i.name: onnx.numpy_helper.to_array(i).copy() for i in model.graph.initializer}
+    groups = smooth(model, feeds, alpha=0.5)
+    assert len(groups) == 3 * 2  # per block: q/k/v (norm1 gain), gate/up (norm2 gain), down (up_proj columns)
+    changed = [i.name for i in model.graph.initializer
+               if not np.array_equal(before[i.name], onnx.numpy_helper.to_array(i))]  # fmt: skip
+    assert sum("norm" in c for c in changed) == 4 and len(changed) == 4 + 2 * 6
+    a = ort.InferenceSession(b.graph_path("decoder"), providers=["CPUExecutionProvider"])
+    c = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for feed in feeds:
+        np.testing.assert_allclose(c.run(None, feed)[0], a.run(None, feed)[0], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
 def test_histogram_methods_take_feeds_of_different_shapes(lively, method, tmp_path):
     """Prefill and decode feeds differ in shape; histogram calibration must still work."""
