@@ -166,21 +166,34 @@ class ShapesDataset:
 def scene_questions(ds: ShapesDataset, i: int) -> tuple[Image.Image, list[tuple[str, str]]]:
     """One image with a question of every type that fits it, in random order (training data).
 
-    Several answers per image give the vision path six times the signal per encoded image; each
-    question is drawn exactly as `ShapesDataset.__getitem__` draws it, on a shared scene.
+    Several answers per image give the vision path six times the signal per encoded image. The
+    shape question asks about a uniformly drawn object, as the test split does; the colour
+    question then asks about another object whose shape is unique in the scene, when there is one,
+    so that no answer can be copied from another ("Which colour is the circle?" -> red, "What
+    shape is the red object?" -> circle). An earlier version made one shape unique and never asked
+    the shape question about it, so in training that answer was never the scene's unique shape:
+    a shortcut the test split does not have (docs/training.md).
     """
+    objects, qa = scene(ds, i)
+    return render(objects, ds.image_size), qa
+
+
+def scene(ds: ShapesDataset, i: int) -> tuple[list[Obj], list[tuple[str, str]]]:
+    """The objects of training scene i and its questions (scene_questions without rendering)."""
     rng = random.Random((ds.seed * 7_919 + SPLIT_OFFSETS[ds.split] + i) * 40_503 + 17)
     n = rng.randint(1, 6)
     spots = _place(rng, n)
     colours = rng.sample(list(COLOURS), n)
     objects = [Obj(rng.choice(SHAPES), c, x, y, r) for c, (x, y, r) in zip(colours, spots, strict=True)]
-    objects, target, unique = _with_unique_shape(rng, objects)
     objects, biggest = _with_largest(rng, objects)
     qa = [("How many objects are there?", str(n))]
-    qa.append((f"Which colour is the {unique}?", objects[target].colour))
-    if n > 1:  # ask about another object: shape(colour(x)) = x would let one answer copy another
-        o = rng.choice([o for k, o in enumerate(objects) if k != target])
-        qa.append((f"What shape is the {o.colour} object?", o.shape))
+    asked = rng.randrange(n)
+    qa.append((f"What shape is the {objects[asked].colour} object?", objects[asked].shape))
+    shape_count = Counter(o.shape for o in objects)
+    unique = [k for k, o in enumerate(objects) if shape_count[o.shape] == 1 and k != asked]
+    if unique:
+        t = rng.choice(unique)
+        qa.append((f"Which colour is the {objects[t].shape}?", objects[t].colour))
     qa.append(("What colour is the largest object?", biggest.colour))
     for rel, axis in (("left of", "x"), ("above", "y")):
         pairs = [
@@ -194,7 +207,7 @@ def scene_questions(ds: ShapesDataset, i: int) -> tuple[Image.Image, list[tuple[
             yes = getattr(a, axis) < getattr(b, axis)
             qa.append((f"Is the {a.colour} object {rel} the {b.colour} object?", "yes" if yes else "no"))
     rng.shuffle(qa)
-    return render(objects, ds.image_size), qa
+    return objects, qa
 
 
 def corpus(n: int = 3000, seed: int = 0) -> list[str]:

@@ -65,6 +65,36 @@ def test_scene_questions_cover_the_types_and_agree_with_the_image():
         assert occupied == n, (i, qa)
 
 
+def test_scene_questions_have_no_copyable_or_biased_answers():
+    """Answers agree with the scene; the shape question asks about any object, the uniquely
+    shaped ones included (as the test split does); the colour question never names the object
+    the shape question asks about (no answer can be copied)."""
+    from collections import Counter
+
+    from nanovlm.shapes_dataset import scene
+
+    ds = ShapesDataset("train")
+    about_unique = with_unique = 0
+    for i in range(400):
+        objects, qa = scene(ds, i)
+        by_colour = {o.colour: o for o in objects}
+        counts = Counter(o.shape for o in objects)
+        d = dict(qa)
+        shape_q = next(q for q in d if q.startswith("What shape is the"))
+        asked = by_colour[shape_q.split()[4]]
+        assert d[shape_q] == asked.shape
+        colour_q = next((q for q in d if q.startswith("Which colour is the")), None)
+        if colour_q:
+            shape = colour_q.split()[-1].rstrip("?")
+            assert counts[shape] == 1 and by_colour[d[colour_q]].shape == shape
+            assert d[colour_q] != asked.colour
+        if any(c == 1 for c in counts.values()):
+            with_unique += 1
+            about_unique += counts[asked.shape] == 1
+    # uniform choice: a uniquely shaped object is asked about in a good share of such scenes
+    assert with_unique > 200 and about_unique / with_unique > 0.3
+
+
 def test_collator_labels_only_assistant_tokens(tiny):
     cfg, tok = tiny
     col = Collator(cfg, tok, max_length=128)
