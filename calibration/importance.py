@@ -16,26 +16,40 @@ from tqdm import tqdm
 from .nbits import tied_head, weight_matmuls
 
 
-def activation_importance(graph_path: str, feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """{MatMul (or tied-head Gemm) node name: mean of x^2 over all rows, per input channel [K]}."""
+def channel_stats(
+    model: onnx.ModelProto, tensors: list[str], feeds: list[dict[str, np.ndarray]], desc: str
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per-channel statistics of intermediate float tensors over the feeds, through a copy of the
+    graph that also outputs them: {tensor: {"mean_sq": [C], "max_abs": [C]}} (C = last axis)."""
     import onnxruntime as ort
 
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for t in tensors:
+        if t not in existing:
+            probe.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    sums: dict[str, np.ndarray] = {}
+    peaks: dict[str, np.ndarray] = {}
+    rows: dict[str, int] = {}
+    for feed in tqdm(feeds, desc=desc, unit="feed", leave=False):
+        for name, value in zip(tensors, session.run(tensors, feed), strict=True):
+            x = value.reshape(-1, value.shape[-1]).astype(np.float64)
+            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+            peak = np.abs(x).max(0)
+            peaks[name] = np.maximum(peaks[name], peak) if name in peaks else peak
+            rows[name] = rows.get(name, 0) + x.shape[0]
+    return {t: {"mean_sq": (sums[t] / max(rows[t], 1)).astype(np.float32), "max_abs": peaks[t].astype(np.float32)}
+            for t in sums}  # fmt: skip
+
+
+def activation_importance(graph_path: str, feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """{MatMul (or tied-head Gemm) node name: mean of x^2 over all rows, per input channel [K]}."""
     model = onnx.load(graph_path)
     inputs = {n.name: n.input[0] for n in weight_matmuls(model)}
     head = tied_head(model)
     if head:
         inputs[head[0].name] = head[0].input[0]
-    tensors = sorted(set(inputs.values()))
-    existing = {o.name for o in model.graph.output}
-    for t in tensors:
-        if t not in existing:
-            model.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    sums: dict[str, np.ndarray] = {}
-    rows: dict[str, int] = {}
-    for feed in tqdm(feeds, desc="calibration: activation importance", unit="feed", leave=False):
-        for name, value in zip(tensors, session.run(tensors, feed), strict=True):
-            x = value.reshape(-1, value.shape[-1]).astype(np.float64)
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
-            rows[name] = rows.get(name, 0) + x.shape[0]
-    return {node: (sums[t] / max(rows[t], 1)).astype(np.float32) for node, t in inputs.items() if t in sums}
+    stats = channel_stats(model, sorted(set(inputs.values())), feeds, "calibration: activation importance")
+    return {node: stats[t]["mean_sq"] for node, t in inputs.items() if t in stats}

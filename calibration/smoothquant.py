@@ -18,30 +18,12 @@ import logging
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
-from tqdm import tqdm
+from onnx import numpy_helper
 
+from .importance import channel_stats
 from .nbits import weight_matmuls
 
 log = logging.getLogger(__name__)
-
-
-def _input_max(model: onnx.ModelProto, tensors: list[str], feeds: list[dict]) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    for t in tensors:
-        if t not in existing:
-            probe.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    out: dict[str, np.ndarray] = {}
-    for feed in tqdm(feeds, desc="smoothquant: activation ranges", unit="feed", leave=False):
-        for name, value in zip(tensors, session.run(tensors, feed), strict=True):
-            m = np.abs(value.reshape(-1, value.shape[-1])).max(0)
-            out[name] = np.maximum(out[name], m) if name in out else m
-    return out
 
 
 def smooth(model: onnx.ModelProto, feeds: list[dict], alpha: float = 0.5) -> list[str]:
@@ -72,7 +54,8 @@ def smooth(model: onnx.ModelProto, feeds: list[dict], alpha: float = 0.5) -> lis
             folds[x] = ("columns", upstream.input[1])
     if not folds:
         return []
-    act_max = _input_max(model, sorted(folds), feeds)
+    stats = channel_stats(model, sorted(folds), feeds, "smoothquant: activation ranges")
+    act_max = {t: v["max_abs"] for t, v in stats.items()}
     done = []
     for x, (kind, target) in folds.items():
         ws = [numpy_helper.to_array(inits[n.input[1]]) for n in groups[x]]
