@@ -222,7 +222,7 @@ def plot(result: dict[str, Any], path: str) -> None:
 
     rows = result["rows"]
     panels = 3 if result["growth"] else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), layout="constrained")
     names = [r["name"] for r in rows]
     dec = [r["decode_tokens_per_s"]["median"] for r in rows]
     err = np.array([[d - r["decode_tokens_per_s"]["min"], r["decode_tokens_per_s"]["max"] - d]
@@ -243,9 +243,9 @@ def plot(result: dict[str, Any], path: str) -> None:
                          if len(rows) > 1 else "runtime")  # fmt: skip
         axes[2].set_xlabel("new tokens")
         axes[2].set_ylabel("ms per token")
-        axes[2].legend()
+        axes[2].set_ylim(bottom=0)
+        axes[2].legend(fontsize="small", loc="upper left")
     fig.suptitle(f"{result['threads']} threads, median of {result['repeats']}")
-    fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=110)
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
