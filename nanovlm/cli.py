@@ -58,7 +58,20 @@ def demo(output_dir: str, retrain: bool, test_samples: int, steps: int | None) -
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--image", "images", multiple=True, required=True, help="Image file (repeat for several).")
 @click.option("--prompt", required=True)
-@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option(
+    "--provider",
+    type=click.Choice(["cpu", "cuda", "tensorrt"]),
+    default="cpu",
+    show_default=True,
+    help="ONNX Runtime execution provider (--backend ort).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["ort", "trt"]),
+    default="ort",
+    show_default=True,
+    help="trt: the TensorRT engines `nanovlm-export trt` added to the bundle.",
+)
 @click.option("--stream", is_flag=True, help="Print text as tokens arrive.")
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 means greedy.")
@@ -67,10 +80,10 @@ def demo(output_dir: str, retrain: bool, test_samples: int, steps: int | None) -
 @click.option("--repetition-penalty", default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the answer with timings as JSON.")
-def run(bundle: str, images: tuple[str, ...], prompt: str, provider: str, stream: bool, max_new_tokens: int,
+def run(bundle: str, images: tuple[str, ...], prompt: str, provider: str, backend: str, stream: bool, max_new_tokens: int,
         temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
         as_json: bool) -> None:  # fmt: skip
-    """Answer PROMPT about --image with an exported BUNDLE on ONNX Runtime (no torch needed)."""
+    """Answer PROMPT about --image with an exported BUNDLE on ONNX Runtime or TensorRT (no torch needed)."""
     from runtime.bundle import BundleError
     from runtime.pipeline import VLMPipeline
 
@@ -78,7 +91,8 @@ def run(bundle: str, images: tuple[str, ...], prompt: str, provider: str, stream
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed
     )
     try:
-        pipe = VLMPipeline.from_bundle(bundle, provider=provider)
+        pipe = (VLMPipeline.from_bundle(bundle, backend="trt") if backend == "trt"
+                else VLMPipeline.from_bundle(bundle, provider=provider))  # fmt: skip
         if stream and not as_json:
             for piece in pipe.stream(list(images), prompt, max_new_tokens, **sampling):
                 click.echo(piece, nl=False)

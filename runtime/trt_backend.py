@@ -46,12 +46,17 @@ class DeviceBuffer:
 
 class TrtBackend:
     def __init__(self, bundle: Bundle):
-        import tensorrt as trt
-        from cuda.bindings import runtime as cudart
-
         meta = bundle.manifest.get("tensorrt")
         if not meta:
             raise BundleError(f"{bundle.path}: no TensorRT engines; build them with `nanovlm-export trt`")
+        try:
+            import tensorrt as trt
+            from cuda.bindings import runtime as cudart
+        except ImportError as e:
+            raise RuntimeError(
+                f"the TensorRT backend needs the tensorrt and cuda-python packages ({e}): "
+                "pip install 'nanovlm-edge[trt]' (on a Jetson, tensorrt comes with JetPack)"
+            ) from None
         self.trt, self.cudart = trt, cudart
         props = _check(cudart.cudaGetDeviceProperties(0))
         name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)

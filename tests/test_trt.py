@@ -215,3 +215,23 @@ def test_validate_on_tensorrt_and_stale_engine_refused(lively_bundle, tmp_path):
 
     with pytest.raises(RuntimeError, match="rebuild"):
         VLMPipeline.from_bundle(stale, backend="trt", verify=False)
+
+
+def test_trt_backend_errors_without_engines_or_tensorrt(lively_bundle, tmp_path):
+    import json
+
+    from runtime.bundle import BundleError
+    from runtime.pipeline import VLMPipeline
+
+    with pytest.raises(BundleError, match="no TensorRT engines; build them with `nanovlm-export trt`"):
+        VLMPipeline.from_bundle(lively_bundle, backend="trt")
+    if _gpu_reason() == "tensorrt is not installed":
+        fake = tmp_path / "fake"
+        shutil.copytree(lively_bundle, fake)
+        m = json.loads((fake / "manifest.json").read_text())
+        m["tensorrt"] = {"engines": {}, "limits": {}}
+        (fake / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(RuntimeError, match="needs the tensorrt and cuda-python packages"):
+            VLMPipeline.from_bundle(str(fake), backend="trt", verify=False)
+    with pytest.raises(ValueError, match="unknown backend 'tflite'"):
+        VLMPipeline.from_bundle(lively_bundle, backend="tflite")
