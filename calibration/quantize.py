@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -32,6 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from nanovlm.files import staged_dir
 from runtime.bundle import MANIFEST, Bundle, finish_manifest, load_bundle
 
 from .nbits import matches, quantize_nbits, tied_head, weight_matmuls
@@ -108,10 +108,7 @@ def quantize_bundle(
         )
     t0 = time.time()
     plan = Plan(mode, exclude=list(exclude))
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-bundle-", dir=parent)
-    try:
+    with staged_dir(out, prefix=".tmp-bundle-") as tmp:
         for name in os.listdir(bundle.path):  # tokenizer, config: everything but the graphs
             path = bundle.file(name)
             if (
@@ -159,12 +156,6 @@ def quantize_bundle(
         for graph in ("vision_encoder", "decoder"):
             manifest["graphs"][graph] = _graph_spec(tmp, manifest["graphs"][graph]["file"])
         manifest = finish_manifest(tmp, manifest | extra)
-        from nanovlm.checkpoint import replace_dir
-
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("%s bundle written to %s in %.1f s", mode, out, time.time() - t0)
     return manifest
 

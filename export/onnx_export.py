@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
 
 import onnx
 import torch
 
-from nanovlm.checkpoint import replace_dir, resolve_checkpoint
+from nanovlm.checkpoint import resolve_checkpoint
 from nanovlm.config import VLMConfig
+from nanovlm.files import staged_dir
 from nanovlm.vision_language_model import VisionLanguageModel
 from runtime.bundle import FORMAT_VERSION, file_sha256, write_manifest
 
@@ -60,10 +59,7 @@ def export_onnx(src: str, out: str, precision: str = "fp32", opset: int = DEFAUL
         from .fp16 import prepare_fp16
 
         prepare_fp16(model)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-bundle-", dir=parent)
-    try:
+    with staged_dir(out, prefix=".tmp-bundle-") as tmp:
         graphs = {}
         log.info("[1/4] exporting vision_encoder.onnx")
         graphs["vision_encoder"] = _export_vision(model, tmp, opset)
@@ -78,10 +74,6 @@ def export_onnx(src: str, out: str, precision: str = "fp32", opset: int = DEFAUL
         model.tokenizer.save(tmp)
         model.cfg.save(os.path.join(tmp, "config.json"))
         manifest = write_manifest(tmp, model.cfg, model.tokenizer, graphs, precision, opset)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("bundle written to %s in %.1f s", out, time.time() - t0)
     return manifest
 

@@ -16,9 +16,9 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 
+from nanovlm.files import staged_dir
 from runtime.bundle import MANIFEST, finish_manifest, load_bundle
 from runtime.trt_plan import Limits, polygraphy_command, profiles, trtexec_commands
 
@@ -64,10 +64,7 @@ def build_engines(bundle_path: str, out: str, limits: Limits, workspace_mb: int 
     import tensorrt as trt
 
     device = device_info()
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-bundle-", dir=parent)
-    try:
+    with staged_dir(out, prefix=".tmp-bundle-") as tmp:
         for name in os.listdir(bundle_path):
             if name != MANIFEST and os.path.isfile(os.path.join(bundle_path, name)):
                 shutil.copy2(os.path.join(bundle_path, name), os.path.join(tmp, name))
@@ -107,12 +104,6 @@ def build_engines(bundle_path: str, out: str, limits: Limits, workspace_mb: int 
         limits_meta = {"max_batch": limits.max_batch, "max_seq": limits.max_seq,
                        "max_context": limits.max_context, "max_images": limits.max_images}  # fmt: skip
         manifest = finish_manifest(tmp, manifest | {"tensorrt": {"engines": engines, "limits": limits_meta}})
-        from nanovlm.checkpoint import replace_dir
-
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

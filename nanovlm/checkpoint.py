@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -18,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 
 from .config import VLMConfig
+from .files import staged_dir
 from .processors import Tokenizer
 
 if TYPE_CHECKING:
@@ -111,31 +110,10 @@ def save_checkpoint(
     model: VisionLanguageModel, directory: str | os.PathLike, extra: Callable[[str], None] | None = None
 ) -> None:
     """Write the checkpoint to a temp dir (plus whatever `extra(tmp_dir)` adds), then rename it into place."""
-    directory = os.fspath(directory)
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
+    with staged_dir(directory) as tmp:
         model.cfg.save(os.path.join(tmp, "config.json"))
         save_model(model, os.path.join(tmp, "model.safetensors"))
         if model.tokenizer is not None:
             model.tokenizer.save(tmp)
         if extra is not None:
             extra(tmp)
-        replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def replace_dir(tmp: str, final: str) -> None:
-    """Move a fully written temp directory into place, replacing any previous one."""
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
-    old = None
-    if os.path.exists(final):
-        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(final)))
-        os.rmdir(old)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)

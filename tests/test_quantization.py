@@ -327,3 +327,22 @@ def test_demo_end_to_end_on_a_short_run(tmp_path):
     assert r["bundles"]["int8"]["bytes"] < 0.5 * r["bundles"]["fp32"]["bytes"]
     assert r["pytorch"]["decode_tokens_per_s"]["median"] > 0
     assert os.path.exists(tmp_path / "demo" / "demo.json")
+
+
+def test_quantize_runs_without_torch(lively, tmp_path):
+    """Quantizing (like building engines) happens where torch may be absent: nothing imports it."""
+    import subprocess
+    import sys
+
+    _, bundle, _ = lively
+    code = (
+        "import sys\n"
+        "from calibration.quantize import quantize_bundle\n"
+        f"quantize_bundle({bundle!r}, {str(tmp_path / 'q')!r}, 'int4', samples=8)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=repo, TQDM_DISABLE="1"))  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "q" / "manifest.json").exists()

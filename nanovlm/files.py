@@ -1,0 +1,43 @@
+"""Directories written whole or not at all (torch-free: the quantizer and the TensorRT builder,
+which run where torch may be absent, write bundles through it too).
+
+    with staged_dir(out) as tmp:
+        ... write everything into tmp ...
+    # out now holds exactly what was written; on an exception nothing changed and tmp is gone
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | os.PathLike, prefix: str = ".tmp-") -> Iterator[str]:
+    """A temp directory next to `final`, renamed into place (replacing it) when the block succeeds."""
+    final = os.fspath(final)
+    parent = os.path.dirname(os.path.abspath(final))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield tmp
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_dir(tmp: str, final: str) -> None:
+    """Move a fully written temp directory into place, replacing any previous one."""
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
+    old = None
+    if os.path.exists(final):
+        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(final)))
+        os.rmdir(old)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
