@@ -83,11 +83,6 @@ def variants(fp32: str, name: str, calibration: str, samples: int) -> dict[str, 
     return out
 
 
-def bundle_bytes(path: str) -> int:
-    with open(os.path.join(path, "manifest.json")) as f:
-        return sum(v["bytes"] for v in json.load(f)["files"].values())
-
-
 def accuracy(paths: dict[str, str], checkpoint: str, cases, max_new_tokens: int) -> dict[str, dict]:
     from export import parity
     from runtime.pipeline import VLMPipeline
@@ -95,9 +90,10 @@ def accuracy(paths: dict[str, str], checkpoint: str, cases, max_new_tokens: int)
     reference = parity.Reference(checkpoint)
     out = {}
     for mode, path in paths.items():
-        s = parity.compare(VLMPipeline.from_bundle(path), reference, cases, max_new_tokens, desc=mode)
+        pipe = VLMPipeline.from_bundle(path)
+        s = parity.compare(pipe, reference, cases, max_new_tokens, desc=mode)
         s.pop("rows")
-        out[mode] = s | {"bytes": bundle_bytes(path)}
+        out[mode] = s | {"bytes": pipe.bundle.total_bytes()}
         logging.info(
             "%s: KL %.4g top-1 %.3f exact %.2f", mode, s["kl_mean"], s["top1_agreement"], s["exact_match"]
         )

@@ -48,7 +48,6 @@ def _peak_rss_mb() -> float:
 def bundle_worker(path: str, image: str | None, prompt: str, new_tokens: int, repeats: int,
                   threads: int | None) -> dict[str, Any]:  # fmt: skip
     """(in a child process) the runtime on one bundle."""
-    from runtime.bundle import load_bundle
     from runtime.pipeline import GenerationRequest, VLMPipeline
 
     pipe = VLMPipeline.from_bundle(path, threads=threads)
@@ -60,7 +59,6 @@ def bundle_worker(path: str, image: str | None, prompt: str, new_tokens: int, re
         if k:  # the first run is the warm-up
             runs.append(pipe.last_timings)
     t = runs[0]
-    size = sum(f["bytes"] for f in load_bundle(path, verify=False).manifest["files"].values())
     return {
         "name": os.path.basename(os.path.normpath(path)),
         "kind": "bundle",
@@ -71,7 +69,7 @@ def bundle_worker(path: str, image: str | None, prompt: str, new_tokens: int, re
         "decode_tokens_per_s": _spread([r.decode_tokens_per_s for r in runs]),
         "prompt_positions": t.prompt_tokens,
         "new_tokens": new_tokens,
-        "bytes": size,
+        "bytes": pipe.bundle.total_bytes(),
         "peak_rss_mb": _peak_rss_mb(),
         "tokens": tokens,
     }

@@ -46,7 +46,7 @@ GATES = {"vision_cosine_min": ("vision_cosine_min", "min"), "kl_mean_max": ("kl_
          "top1_min": ("top1_agreement", "min"), "exact_match_min": ("exact_match", "min")}  # fmt: skip
 
 
-@dataclass
+@dataclass(eq=False)  # hashed by identity: the reference keeps its results per case
 class Case:
     images: list[Any]
     prompt: str
@@ -90,7 +90,11 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 # ----------------------------------------------------------------------------- PyTorch side
 class Reference:
-    """The PyTorch model: image embeddings, greedy answer and the logits that chose each token."""
+    """The PyTorch model: image embeddings, greedy answer and the logits that chose each token.
+
+    Results are kept per (case, max_new_tokens): comparing several bundles of one checkpoint (the
+    demo, the quantization report) runs the PyTorch side once per case, not once per bundle.
+    """
 
     def __init__(self, checkpoint: str):
         from nanovlm.checkpoint import resolve_checkpoint
@@ -98,9 +102,16 @@ class Reference:
         self.model = VisionLanguageModel.from_pretrained(resolve_checkpoint(checkpoint)).eval()
         if self.model.tokenizer is None:
             raise ValueError(f"{checkpoint}: no tokenizer in the checkpoint")
+        self._runs: dict[tuple[Case, int], dict[str, Any]] = {}
+
+    def run(self, pipe: VLMPipeline, case: Case, max_new_tokens: int) -> dict[str, Any]:
+        key = (case, max_new_tokens)
+        if key not in self._runs:
+            self._runs[key] = self._run(pipe, case, max_new_tokens)
+        return self._runs[key]
 
     @torch.inference_mode()
-    def run(self, pipe: VLMPipeline, case: Case, max_new_tokens: int) -> dict[str, Any]:
+    def _run(self, pipe: VLMPipeline, case: Case, max_new_tokens: int) -> dict[str, Any]:
         m = self.model
         batch = prepare_batch(m.cfg, pipe.tokenizer, pipe.image_processor, [case.images], [case.prompt])
         ids = torch.from_numpy(batch.input_ids)

@@ -16,6 +16,7 @@ import time
 import click
 
 from .collator import Collator
+from .processors import ImageProcessor
 from .shapes_dataset import ShapesDataset, split_blind_baseline
 from .train import answer, evaluate, train
 from .train_config import TrainConfig
@@ -57,7 +58,7 @@ def run_demo(
     click.echo("\nExporting to ONNX, quantizing to INT8, and checking both against PyTorch ...")
     bundles = export_and_quantize(ckpt, output_dir)
     checks = validate_bundles(ckpt, bundles, test_samples)
-    show_answers(ckpt, bundles, tc)
+    show_answers(model, collator.image_processor, bundles, tc)
     click.echo("\nMeasuring speed (each backend in a fresh process) ...")
     from export.bench import bench
 
@@ -133,11 +134,11 @@ def validate_bundles(ckpt: str, bundles: dict[str, str], n: int) -> dict[str, di
     return out
 
 
-def show_answers(ckpt: str, bundles: dict[str, str], tc: TrainConfig) -> None:
+def show_answers(
+    model: VisionLanguageModel, proc: ImageProcessor, bundles: dict[str, str], tc: TrainConfig
+) -> None:
     from runtime.pipeline import VLMPipeline
 
-    model = VisionLanguageModel.from_pretrained(ckpt)
-    proc = Collator(model.cfg, model.tokenizer, tc.max_sample_length).image_processor
     ds = ShapesDataset("test", seed=tc.seed, image_size=tc.shapes_image_size)
     samples = [ds[i] for i in range(6)]
     answers = {

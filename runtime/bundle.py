@@ -104,6 +104,10 @@ class Bundle:
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
+    def total_bytes(self) -> int:
+        """Size of every file the manifest lists."""
+        return sum(meta["bytes"] for meta in self.manifest.get("files", {}).values())
+
     def graph_path(self, graph: str) -> str:
         try:
             return self.file(self.manifest["graphs"][graph]["file"])
