@@ -175,17 +175,18 @@ def _graph_spec(directory: str, file: str) -> dict:
 # ----------------------------------------------------------------------------- weight-only modes
 def _weight_only(bundle: Bundle, out: str, plan: Plan, importance: dict | None) -> None:
     mode = plan.mode
+    if mode == "fp16":
+        plan.runs_on = ["onnxruntime", "tensorrt"]
+    if mode.startswith("int4"):  # the decoder's 8-bit layers; the vision encoder is 8-bit throughout
+        edges = edge_blocks(bundle, INT4_EDGE_BLOCKS_8BIT)
+        plan.keep_8bit = [*INT4_KEEP_8BIT, *(f"*/blocks.{i}/*" for i in edges)]
     for graph in ("vision_encoder", "decoder"):
         model = onnx.load(bundle.graph_path(graph))
         if mode in ("fp16", "int4-fp16"):
             model = to_fp16(model)
-        if mode == "fp16":
-            plan.runs_on = ["onnxruntime", "tensorrt"]
-        else:
+        if mode != "fp16":
             bits = 4 if mode.startswith("int4") and graph == "decoder" else 8
-            edges = edge_blocks(bundle, INT4_EDGE_BLOCKS_8BIT)
-            keep8 = [*INT4_KEEP_8BIT, *(f"*/blocks.{i}/*" for i in edges)] if bits == 4 else []
-            plan.keep_8bit = keep8
+            keep8 = plan.keep_8bit if bits == 4 else []
             model = quantize_nbits(
                 model,
                 bits,

@@ -7,6 +7,8 @@ import os
 
 import click
 
+from nanovlm.cli import pipeline_options
+
 
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
@@ -97,14 +99,7 @@ def _thresholds(items: tuple[str, ...]) -> dict[str, float]:
 )
 @click.option("--samples", default=24, show_default=True, help="Cases to compare.")
 @click.option("--max-new-tokens", default=16, show_default=True)
-@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
-@click.option(
-    "--provider",
-    type=click.Choice(["cpu", "cuda", "tensorrt"]),
-    default="cpu",
-    show_default=True,
-    help="ONNX Runtime provider for --backend ort.",
-)
+@pipeline_options
 @click.option(
     "--threshold", "thresholds", multiple=True, help="Override a gate, e.g. kl_mean_max=0.02 (repeatable)."
 )
@@ -123,10 +118,7 @@ def validate(bundle: str, reference: str, images: str, prompts: str | None, samp
 
     try:
         limits = parity.thresholds_for(parity.precision_of(bundle), _thresholds(thresholds))
-        if backend == "trt":
-            pipe = VLMPipeline.from_bundle(bundle, backend="trt")
-        else:
-            pipe = VLMPipeline.from_bundle(bundle, provider=provider)
+        pipe = VLMPipeline.from_bundle(bundle, provider=provider, backend=backend)
         cases = (parity.builtin_cases(samples) if images == "builtin"
                  else parity.folder_cases(images, samples, prompts))  # fmt: skip
         summary = parity.compare(pipe, parity.Reference(reference), cases, max_new_tokens)

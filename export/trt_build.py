@@ -20,6 +20,7 @@ import time
 
 from nanovlm.files import staged_dir
 from runtime.bundle import MANIFEST, finish_manifest, load_bundle
+from runtime.trt_backend import device_info
 from runtime.trt_plan import Limits, polygraphy_command, profiles, trtexec_commands
 
 log = logging.getLogger(__name__)
@@ -44,16 +45,6 @@ def check_buildable(bundle_path: str) -> dict:
                 f"(mode {bundle.manifest.get('precision')}); TensorRT takes the fp32, fp16 or int8-static bundles"
             )
     return bundle.manifest
-
-
-def device_info() -> dict:
-    from cuda.bindings import runtime as cudart
-
-    err, props = cudart.cudaGetDeviceProperties(0)
-    if int(err) != 0:
-        raise RuntimeError(f"no usable CUDA device (cudaGetDeviceProperties: {err})")
-    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-    return {"name": name.rstrip("\x00"), "compute_capability": [props.major, props.minor]}
 
 
 def build_engines(bundle_path: str, out: str, limits: Limits, workspace_mb: int = 2048,

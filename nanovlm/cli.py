@@ -1,11 +1,24 @@
-"""`nanovlm` command line: train, generate (and later run, demo). Heavy modules load lazily."""
+"""`nanovlm` command line: train, demo, generate, run. Heavy modules load lazily."""
 
 from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import click
+
+
+def pipeline_options(command: Any) -> Any:
+    """--backend/--provider: how a command runs a bundle (`nanovlm run`, `nanovlm-export validate`)."""
+    command = click.option(
+        "--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+        help="ONNX Runtime execution provider (--backend ort).",
+    )(command)  # fmt: skip
+    return click.option(
+        "--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+        help="ort: ONNX Runtime; trt: the TensorRT engines `nanovlm-export trt` added to the bundle.",
+    )(command)  # fmt: skip
 
 
 @click.group()
@@ -58,20 +71,7 @@ def demo(output_dir: str, retrain: bool, test_samples: int, steps: int | None) -
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--image", "images", multiple=True, required=True, help="Image file (repeat for several).")
 @click.option("--prompt", required=True)
-@click.option(
-    "--provider",
-    type=click.Choice(["cpu", "cuda", "tensorrt"]),
-    default="cpu",
-    show_default=True,
-    help="ONNX Runtime execution provider (--backend ort).",
-)
-@click.option(
-    "--backend",
-    type=click.Choice(["ort", "trt"]),
-    default="ort",
-    show_default=True,
-    help="trt: the TensorRT engines `nanovlm-export trt` added to the bundle.",
-)
+@pipeline_options
 @click.option("--stream", is_flag=True, help="Print text as tokens arrive.")
 @click.option("--max-new-tokens", default=64, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0 means greedy.")
@@ -91,8 +91,7 @@ def run(bundle: str, images: tuple[str, ...], prompt: str, provider: str, backen
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed
     )
     try:
-        pipe = (VLMPipeline.from_bundle(bundle, backend="trt") if backend == "trt"
-                else VLMPipeline.from_bundle(bundle, provider=provider))  # fmt: skip
+        pipe = VLMPipeline.from_bundle(bundle, provider=provider, backend=backend)
         if stream and not as_json:
             for piece in pipe.stream(list(images), prompt, max_new_tokens, **sampling):
                 click.echo(piece, nl=False)

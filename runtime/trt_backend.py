@@ -33,6 +33,15 @@ def _check(result: Any) -> Any:
     return values[0] if len(values) == 1 else values
 
 
+def device_info() -> dict[str, Any]:
+    """Name and compute capability of CUDA device 0 (what engines are tied to)."""
+    from cuda.bindings import runtime as cudart
+
+    props = _check(cudart.cudaGetDeviceProperties(0))
+    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+    return {"name": name.rstrip("\x00"), "compute_capability": [props.major, props.minor]}
+
+
 class DeviceBuffer:
     def __init__(self, cudart: Any, nbytes: int):
         self.cudart, self.nbytes = cudart, max(nbytes, 1)
@@ -58,9 +67,7 @@ class TrtBackend:
                 "pip install 'nanovlm-edge[trt]' (on a Jetson, tensorrt comes with JetPack)"
             ) from None
         self.trt, self.cudart = trt, cudart
-        props = _check(cudart.cudaGetDeviceProperties(0))
-        name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-        device = {"name": name.rstrip("\x00"), "compute_capability": [props.major, props.minor]}
+        device = device_info()
         self.limits = Limits(**meta["limits"])
         self.stream = _check(cudart.cudaStreamCreate())
         self.logger = trt.Logger(trt.Logger.WARNING)
