@@ -46,6 +46,7 @@ SMOOTH_ALPHA = 0.5  # int8-static: SmoothQuant migration strength for the decode
 # on SmolLM2-135M (per-tensor activation ranges cannot hold their inputs; docs/quantization.md).
 INT8_STATIC_FLOAT = ("*/mlp/down_proj/*",)
 INT8_STATIC_EDGE_BLOCKS = 1
+FUSED_MODES = ("int8-dynamic", "int4")  # the CPU weight-only modes; the others target GPUs/TensorRT
 CALIBRATED = ("int8-static", "int4", "int4-fp16")  # int4: the importance of each input channel
 
 # Decoder MatMuls the int4 recipe keeps at 8 bits, and how many blocks at each end stay 8-bit:
@@ -105,6 +106,12 @@ def quantize_bundle(
     if bundle.manifest.get("precision") != "fp32":
         raise ValueError(
             f"{src} has precision {bundle.manifest.get('precision')!r}; quantization starts from an fp32 bundle"
+        )
+    if bundle.manifest.get("decoder_graph") == "fused" and mode not in FUSED_MODES:
+        raise ValueError(
+            f"{src} has the fused decoder (an fp32 ONNX Runtime CPU graph); mode {mode} targets GPUs or "
+            f"TensorRT: quantize a bundle exported with the standard decoder. Fused bundles take "
+            f"{' or '.join(FUSED_MODES)}"
         )
     t0 = time.time()
     plan = Plan(mode, exclude=list(exclude))

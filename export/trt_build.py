@@ -42,7 +42,8 @@ def check_buildable(bundle_path: str) -> dict:
         if foreign:
             raise ValueError(
                 f"{bundle_path}: {graph} uses ONNX Runtime contrib ops {foreign} "
-                f"(mode {bundle.manifest.get('precision')}); TensorRT takes the fp32, fp16 or int8-static bundles"
+                f"(mode {bundle.manifest.get('precision')}, decoder {bundle.manifest.get('decoder_graph', 'standard')}); "
+                "TensorRT takes the fp32, fp16 or int8-static bundles with the standard decoder"
             )
     return bundle.manifest
 

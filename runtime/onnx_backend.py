@@ -25,6 +25,7 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+FUSED_MIN_ORT = "1.22"  # GroupQueryAttention with attention_bias (docs/bundle.md, "The fused decoder")
 PACKAGE_FOR = {"cuda": "onnxruntime-gpu", "tensorrt": "onnxruntime-gpu (built with TensorRT) and tensorrt"}
 
 
@@ -95,6 +96,13 @@ class OrtBackend:
         self.kv_dtype = np.dtype(kv.get("dtype", "float32"))
         self.max_context = bundle.manifest["generation"]["max_context"]
         self.vocab = bundle.manifest["graphs"]["decoder"]["outputs"][0]["shape"][1]
+        fused = bundle.manifest.get("decoder_graph") == "fused"
+        if fused and provider != "cpu":
+            log.warning(
+                "%s has the fused decoder, an fp32 CPU graph (onnxruntime's GroupQueryAttention has no fp32 "
+                "CUDA kernel): its attention runs on the CPU. On a GPU use a bundle with the standard decoder.",
+                bundle.path,
+            )
         self.sessions = {}
         for graph in ("vision_encoder", "decoder"):
             opts: dict[str, Any] = {}
@@ -114,9 +122,17 @@ class OrtBackend:
                 [("CPUExecutionProvider", {})] if name != "CPUExecutionProvider" else []
             )
             optimized = bundle.graph_path(graph) + ".optimized.ort" if save_optimized else None
-            self.sessions[graph] = ort.InferenceSession(
-                bundle.graph_path(graph), session_options(threads, optimized), providers=providers
-            )
+            try:
+                self.sessions[graph] = ort.InferenceSession(
+                    bundle.graph_path(graph), session_options(threads, optimized), providers=providers
+                )
+            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+                if not (fused and graph == "decoder"):
+                    raise
+                raise RuntimeError(
+                    f"{bundle.graph_path(graph)}: onnxruntime {ort.__version__} cannot load the fused decoder "
+                    f"(it needs onnxruntime >= {FUSED_MIN_ORT}): {e}"
+                ) from None
         self.io = self.sessions["decoder"].io_binding()
         self._buffers: list[list[Any]] = []
         self._capacity = (0, 0)
