@@ -53,13 +53,13 @@ def lively_model(placement: str, tokenizer_dir: str, seed: int = 0):
     return m
 
 
-def export_lively(placement: str, tokenizer_dir: str, directory) -> tuple:
+def export_lively(placement: str, tokenizer_dir: str, directory, decoder: str = "standard") -> tuple:
     """A lively tiny model saved as a checkpoint and exported: -> (model, bundle path)."""
     from export.onnx_export import export_onnx
 
     m = lively_model(placement, tokenizer_dir)
     m.save_pretrained(directory / "ckpt")
-    export_onnx(str(directory / "ckpt"), str(directory / "bundle"))
+    export_onnx(str(directory / "ckpt"), str(directory / "bundle"), decoder=decoder)
     return m, str(directory / "bundle")
 
 

@@ -1,7 +1,9 @@
 """ONNX export: per-graph parity with PyTorch, end-to-end greedy equality, bundle integrity.
 
-Tolerance 1e-4 max abs (fp32): ONNX Runtime and PyTorch run the same fp32 arithmetic with
-different kernels and op order; the observed differences are ~1e-6.
+Every test on `exported` runs on both decoder graphs (standard ONNX ops, and the fused ONNX
+Runtime one). Tolerance 1e-4 max abs (fp32): ONNX Runtime and PyTorch run the same fp32
+arithmetic with different kernels and op order; the observed differences are ~1e-6 (standard)
+and ~1e-5 (fused: GroupQueryAttention and the fused norms sum in another order).
 """
 
 import json
@@ -23,9 +25,15 @@ from tests.conftest import export_lively, lively_model, nanovlm_222m_shape  # no
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=["replace", "prefix"])
+@pytest.fixture(scope="module", params=["replace", "prefix", "replace-fused", "prefix-fused"])
 def exported(request, tiny_tokenizer_dir, tmp_path_factory):
-    return export_lively(request.param, tiny_tokenizer_dir, tmp_path_factory.mktemp("export"))
+    placement, _, fused = request.param.partition("-")
+    return export_lively(placement, tiny_tokenizer_dir, tmp_path_factory.mktemp("export"),
+                         decoder=fused or "standard")  # fmt: skip
+
+
+def _fused(bundle: str) -> bool:
+    return load_bundle(bundle).manifest.get("decoder_graph") == "fused"
 
 
 def _sessions(bundle):
@@ -74,7 +82,13 @@ def test_decoder_step_parity(exported, batch, seq, past_len):
         ref_logits = m.decoder.head(hidden[:, -1])
     empty = np.zeros((0, cfg.lm_hidden_dim), np.float32)
     np_past = [(k.numpy(), v.numpy()) for k, v in past]
-    out = dec.run(None, _feed(m, ids.numpy(), empty, mask.numpy(), pos.numpy(), np_past))
+    feed = _feed(m, ids.numpy(), empty, mask.numpy(), pos.numpy(), np_past)
+    if _fused(bundle) and batch > 1 and seq > 1 and past_len > 0:
+        # GroupQueryAttention's documented limit (docs/bundle.md); the runtime never asks for it
+        with pytest.raises(Exception, match="batch_size must be 1"):
+            dec.run(None, feed)
+        return
+    out = dec.run(None, feed)
     assert np.abs(out[0] - ref_logits.numpy()).max() <= ATOL
     for i, (k, v) in enumerate(presents):
         assert np.abs(out[1 + 2 * i] - k.numpy()).max() <= ATOL
@@ -138,6 +152,7 @@ def test_bundle_is_small_and_standard(exported):
     import onnx
     from onnx import numpy_helper
 
+    rope = {"/const/rope_cos", "/const/rope_sin"}  # the fused graph's RoPE tables: not parameters
     # Weights are stored once: the initializers add up to the parameter bytes (the tied matrix
     # once), plus small folded constants. The file-size target (<= 1.05x) is checked at the
     # nanoVLM-222M scale in the slow tier, where graph structure is not a large share.
@@ -145,7 +160,7 @@ def test_bundle_is_small_and_standard(exported):
     init_bytes = 0
     for g in ("vision_encoder", "decoder"):
         graph = onnx.load(b.graph_path(g)).graph
-        tensors = list(graph.initializer)
+        tensors = [t for t in graph.initializer if t.name not in rope]
         tensors += [
             a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
         ]
@@ -304,3 +319,63 @@ def test_fp16_real_smollm2_tracks_fp32(smollm2_dir, tmp_path):
     cos, agree = _fp16_vs_fp32(m, str(tmp_path / "b16"), [m.tokenizer.encode(t) for t in text], steps=24)
     assert min(cos) >= 0.999, min(cos)
     assert sum(agree) / len(agree) >= 0.99, sum(agree) / len(agree)
+
+
+def test_fused_decoder_keeps_the_contract_in_fewer_nodes(tiny_tokenizer_dir, tmp_path):
+    """Same graph IO as the standard export (the runtime drives both unchanged), the same
+    weight MatMul names (the quantizer's patterns), the tied matrix once, far fewer nodes."""
+    import onnx
+
+    from calibration.nbits import tied_head, weight_matmuls
+
+    m, standard = export_lively("replace", tiny_tokenizer_dir, tmp_path / "s")
+    fused = str(tmp_path / "f" / "bundle")
+    export_onnx(str(tmp_path / "s" / "ckpt"), fused, decoder="fused")
+    a, b = load_bundle(standard), load_bundle(fused)
+    assert b.manifest["decoder_graph"] == "fused" and b.manifest["runs_on"] == ["onnxruntime"]
+    assert a.manifest["decoder_graph"] == "standard"
+    assert a.manifest["graphs"]["decoder"]["inputs"] == b.manifest["graphs"]["decoder"]["inputs"]
+    assert a.manifest["graphs"]["decoder"]["outputs"] == b.manifest["graphs"]["decoder"]["outputs"]
+    ga, gb = onnx.load(a.graph_path("decoder")), onnx.load(b.graph_path("decoder"))
+    assert {n.name for n in weight_matmuls(ga)} == {n.name for n in weight_matmuls(gb)}
+    assert tied_head(gb)[2] == "decoder.token_embedding.weight"
+    assert len(gb.graph.node) * 4 < len(ga.graph.node), (len(gb.graph.node), len(ga.graph.node))
+    ops = {n.op_type for n in gb.graph.node if n.domain == "com.microsoft"}
+    assert ops == {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"}
+
+
+def test_fused_decoder_refuses_what_it_cannot_be(tiny_tokenizer_dir, tmp_path):
+    m = lively_model("replace", tiny_tokenizer_dir)
+    m.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="fused.* is an fp32 ONNX Runtime CPU graph"):
+        export_onnx(str(tmp_path / "ckpt"), str(tmp_path / "b"), precision="fp16", decoder="fused")
+    with pytest.raises(ValueError, match="decoder='onnx'"):
+        export_onnx(str(tmp_path / "ckpt"), str(tmp_path / "b"), decoder="onnx")
+    assert not (tmp_path / "b").exists()
+
+
+def test_fused_decoder_untied_head_matches_pytorch(tiny_tokenizer_dir, tmp_path):
+    from nanovlm.processors import Tokenizer
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(1)
+    cfg = tiny_config(lm_tie_weights=False)
+    m = VisionLanguageModel(
+        cfg, load_backbone=False, tokenizer=Tokenizer.from_dir(tiny_tokenizer_dir, cfg)
+    ).eval()
+    with torch.no_grad():
+        m.decoder.head.weight.mul_(20.0)  # untied: differs from the embedding
+    m.save_pretrained(tmp_path / "ckpt")
+    export_onnx(str(tmp_path / "ckpt"), str(tmp_path / "b"), decoder="fused")
+    _, _, dec = _sessions(str(tmp_path / "b"))
+    ids = torch.randint(3, 300, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, :2] = 0
+    pos = positions_from_mask(mask, 5)
+    empty = [(torch.zeros(2, cfg.lm_n_kv_heads, 0, cfg.lm_head_dim),) * 2 for _ in range(cfg.lm_n_blocks)]
+    with torch.no_grad():
+        hidden, _ = m.decoder(m.decoder.token_embedding(ids), mask, empty, pos)
+        ref = m.decoder.head(hidden[:, -1]).numpy()
+    feed = _feed(m, ids.numpy(), np.zeros((0, cfg.lm_hidden_dim), np.float32), mask.numpy(), pos.numpy(),
+                 [(k.numpy(), v.numpy()) for k, v in empty])  # fmt: skip
+    assert np.abs(dec.run(None, feed)[0] - ref).max() <= ATOL
