@@ -1,4 +1,5 @@
-"""Accuracy, size and speed of every quantization mode against fp32, on two models, in one run.
+"""Accuracy, size and speed of every quantization mode against fp32, on two models, in one run:
+each mode of the standard bundle, then the fused-decoder bundle (`--decoder fused`) and its modes.
 
     python benchmarks/quantization_report.py [--models smollm2,tiny] [--json docs/quantization_report.json]
 
@@ -70,16 +71,23 @@ def photo_folder() -> str:
     return folder
 
 
-def variants(fp32: str, name: str, calibration: str, samples: int) -> dict[str, str]:
-    from calibration.quantize import quantize_bundle
+def variants(ckpt: str, fp32: str, name: str, calibration: str, samples: int) -> dict[str, str]:
+    """Every mode of the standard bundle `fp32`, then the fused-decoder export and its CPU modes."""
+    from calibration.quantize import FUSED_MODES, quantize_bundle
+    from export.onnx_export import export_onnx
 
     out = {"fp32": fp32}
-    for mode in MODES:
-        path = os.path.join(CACHE, "bundles", f"{name}-{mode}")
-        if not os.path.exists(os.path.join(path, "manifest.json")):
-            logging.info("quantizing %s -> %s", name, mode)
-            quantize_bundle(fp32, path, mode, calibration=calibration, samples=samples)
-        out[mode] = path
+    fused = os.path.join(CACHE, "bundles", f"{name}-fused-fp32")
+    if not os.path.exists(os.path.join(fused, "manifest.json")):
+        export_onnx(ckpt, fused, decoder="fused")
+    jobs = [(mode, fp32, mode) for mode in MODES] + [("fused fp32", None, None)]
+    jobs += [(f"fused {mode}", fused, mode) for mode in FUSED_MODES]
+    for label, src, mode in jobs:
+        path = os.path.join(CACHE, "bundles", f"{name}-{label.replace(' ', '-')}")
+        if src and not os.path.exists(os.path.join(path, "manifest.json")):
+            logging.info("quantizing %s -> %s", name, label)
+            quantize_bundle(src, path, mode, calibration=calibration, samples=samples)
+        out[label] = path
     return out
 
 
@@ -109,7 +117,7 @@ def smollm2(args) -> dict:
     from export.bench import bench
 
     ckpt = build_checkpoint()
-    paths = variants(build_bundle(ckpt), "nanovlm-222m-shape", photo_folder(), 10)
+    paths = variants(ckpt, build_bundle(ckpt), "nanovlm-222m-shape", photo_folder(), 10)
     cases = [parity.Case([Image.fromarray(getattr(data, k)())], p) for k, p in EVAL_PHOTOS.items()]
     cases += [parity.Case([], t) for t in EVAL_TEXTS]
     result = {"accuracy": accuracy(paths, ckpt, cases, 32)}
@@ -159,7 +167,7 @@ def tiny(args) -> dict:
         raise SystemExit(
             "artifacts/tiny/bundle not found: run `make demo` first (trains and exports the default)"
         )
-    paths = variants(fp32, "tiny", "builtin", 32)
+    paths = variants(ckpt, fp32, "tiny", "builtin", 32)
     return {"accuracy": accuracy(paths, ckpt, parity.builtin_cases(args.tiny_cases), 4)}
 
 
@@ -167,24 +175,25 @@ def print_tables(report: dict) -> None:
     if "smollm2" in report:
         r = report["smollm2"]
         base = r["speed"]["fp32"]["decode_tokens_per_s"]["median"]
+        fused = r["speed"].get("fused fp32", r["speed"]["fp32"])["decode_tokens_per_s"]["median"]
         fp32_bytes = r["accuracy"]["fp32"]["bytes"]
         print("\n### nanoVLM-222M shape, real SmolLM2-135M decoder (vs fp32 PyTorch)\n")
         print(
-            "| mode | KL (nats/token) | top-1 agree | greedy exact | common prefix | vision cosine min | size (MB) | size vs fp32 | decode tok/s | vs fp32 ORT |"
+            "| mode | KL (nats/token) | top-1 agree | greedy exact | common prefix | vision cosine min | size (MB) | size vs fp32 | decode tok/s | vs fp32 ORT | vs fused fp32 ORT |"
         )
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for mode, a in r["accuracy"].items():
             d = r["speed"][mode]["decode_tokens_per_s"]["median"]
             print(f"| {mode} | {a['kl_mean']:.4f} | {a['top1_agreement']:.3f} | {a['exact_match']:.2f} | "
                   f"{a['common_prefix_ratio']:.2f} | {a.get('vision_cosine_min', float('nan')):.4f} | "
-                  f"{a['bytes'] / 1e6:.1f} | {a['bytes'] / fp32_bytes:.0%} | {d:.1f} | {d / base:.2f}x |")  # fmt: skip
+                  f"{a['bytes'] / 1e6:.1f} | {a['bytes'] / fp32_bytes:.0%} | {d:.1f} | {d / base:.2f}x | {d / fused:.2f}x |")  # fmt: skip
         for name, s in r["llama_cpp"].items():
             if name == "skipped":
                 print(f"\nllama.cpp: {s}")
                 continue
             d = s["decode_tokens_per_s"]["median"]
             print(
-                f"| {name} (LM only) | - | - | - | - | - | {s['bytes'] / 1e6:.1f} | - | {d:.1f} | {d / base:.2f}x |"
+                f"| {name} (LM only) | - | - | - | - | - | {s['bytes'] / 1e6:.1f} | - | {d:.1f} | {d / base:.2f}x | {d / fused:.2f}x |"
             )
     if "tiny" in report:
         print("\n### trained tiny default, built-in test split (vs fp32 PyTorch)\n")

@@ -322,9 +322,10 @@ def test_demo_end_to_end_on_a_short_run(tmp_path):
     from nanovlm.demo import run_demo
 
     r = run_demo(str(tmp_path / "demo"), test_samples=24, steps=60)
-    assert set(r["bundles"]) == {"fp32", "int8"}
+    assert set(r["bundles"]) == {"fp32", "int8", "int8 fused"}
     assert r["bundles"]["fp32"]["exact_match"] == 1.0 and not r["bundles"]["fp32"]["failures"]
-    assert r["bundles"]["int8"]["bytes"] < 0.5 * r["bundles"]["fp32"]["bytes"]
+    for int8 in ("int8", "int8 fused"):
+        assert r["bundles"][int8]["bytes"] < 0.5 * r["bundles"]["fp32"]["bytes"]
     assert r["pytorch"]["decode_tokens_per_s"]["median"] > 0
     assert os.path.exists(tmp_path / "demo" / "demo.json")
 
