@@ -107,3 +107,17 @@ def decode_speed(gguf_path: str, prompt_ids: list[int], new_tokens: int, threads
     t2 = time.perf_counter()
     llm.close()
     return {"tokens": tokens, "prefill_s": t1 - t0, "decode_tokens_per_s": new_tokens / (t2 - t1)}
+
+
+def forced_logits(gguf_path: str, prompt_ids: list[int], forced: list[int], threads: int = 2) -> np.ndarray:
+    """Logits [len(forced), vocab] that predicted each forced token after the prompt (teacher forcing)."""
+    import llama_cpp
+
+    ids = list(prompt_ids) + list(forced)
+    llm = llama_cpp.Llama(gguf_path, n_ctx=len(ids) + 8, n_threads=threads, n_threads_batch=threads,
+                          n_batch=512, logits_all=True, verbose=False)  # fmt: skip
+    llm.reset()
+    llm.eval(ids)
+    out = np.array(llm.scores[len(prompt_ids) - 1 : len(ids) - 1], dtype=np.float32)
+    llm.close()
+    return out

@@ -124,7 +124,47 @@ def smollm2(args) -> dict:
     speed = bench(list(paths.values()), None, None, PROMPT, args.new_tokens, args.repeats, None, ())
     result["speed"] = {mode: row for mode, row in zip(paths, speed["rows"], strict=True)}
     result["llama_cpp"] = llama_cpp_speed(ckpt, speed["rows"][0]["prompt_positions"], args)
+    result["text_only"] = text_only_kl(ckpt, paths, cases[len(EVAL_PHOTOS) :])
     return result
+
+
+def text_only_kl(ckpt: str, paths: dict[str, str], cases: list) -> dict[str, dict]:
+    """KL vs fp32 PyTorch on the text prompts alone, for the bundles and for llama.cpp's GGUFs
+    (teacher-forced along PyTorch's greedy answer; over the base vocabulary, which llama.cpp has)."""
+    from export import parity
+    from runtime.pipeline import VLMPipeline
+
+    reference = parity.Reference(ckpt)
+    out = {}
+    for mode, path in paths.items():
+        s = parity.compare(VLMPipeline.from_bundle(path), reference, cases, 32, desc=f"{mode} (text)")
+        out[mode] = {"kl_mean": s["kl_mean"], "top1_agreement": s["top1_agreement"]}
+    try:
+        from llamacpp import forced_logits
+    except ImportError:
+        return out
+    pipe = VLMPipeline.from_bundle(paths["fp32"])
+    ggufs = {name: os.path.join(CACHE, f) for name, f in (("llama.cpp f32", "smollm2-135m-f32.gguf"),
+                                                          ("llama.cpp Q4_1", "smollm2-135m-q4_1.gguf"))}  # fmt: skip
+    for name, gguf_path in ggufs.items():
+        if not os.path.exists(gguf_path):
+            continue
+        kls, agree = [], []
+        for case in cases:
+            run = reference.run(pipe, case, 32)
+            ref = run["logits"]
+            got = forced_logits(gguf_path, run["batch"].input_ids[0].tolist(), run["tokens"])
+            base = got.shape[1]  # the extra image tokens have no row in the GGUF
+            p, q = _log_softmax(ref[:, :base]), _log_softmax(got)
+            kls += list((np.exp(p) * (p - q)).sum(-1))
+            agree += list(ref[:, :base].argmax(-1) == got.argmax(-1))
+        out[name] = {"kl_mean": float(np.mean(kls)), "top1_agreement": float(np.mean(agree))}
+    return out
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64) - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def llama_cpp_speed(ckpt: str, positions: int, args) -> dict:
@@ -195,6 +235,11 @@ def print_tables(report: dict) -> None:
             print(
                 f"| {name} (LM only) | - | - | - | - | - | {s['bytes'] / 1e6:.1f} | - | {d:.1f} | {d / base:.2f}x | {d / fused:.2f}x |"
             )
+    if "smollm2" in report and "text_only" in report["smollm2"]:
+        print("\n### the same, text prompts only (teacher-forced KL vs fp32 PyTorch, base vocabulary)\n")
+        print("| mode | KL (nats/token) | top-1 agree |\n| --- | --- | --- |")
+        for mode, a in report["smollm2"]["text_only"].items():
+            print(f"| {mode} | {a['kl_mean']:.4f} | {a['top1_agreement']:.3f} |")
     if "tiny" in report:
         print("\n### trained tiny default, built-in test split (vs fp32 PyTorch)\n")
         print(
