@@ -3,8 +3,11 @@
 The KV cache lives in two preallocated flat buffers per layer and direction, sized for the largest
 context of the generation, used in turn: a step reads its past from one and ONNX Runtime writes the
 present straight into the other (IO binding), so a step allocates nothing and the runtime copies
-nothing; the graph's own Concat is the one pass over the cache. On CUDA the buffers and the logits
-stay on the device except for the [B, V] logits read back for sampling.
+nothing; the graph's own Concat is the one pass over the cache. The fused decoder needs no pass at
+all: its GroupQueryAttention takes a past buffer longer than the context as the whole cache and
+writes the new positions into it, so one buffer is bound as both past and present (docs/bundle.md).
+On CUDA the buffers and the logits stay on the device except for the [B, V] logits read back for
+sampling.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ class OrtBackend:
         self.max_context = bundle.manifest["generation"]["max_context"]
         self.vocab = bundle.manifest["graphs"]["decoder"]["outputs"][0]["shape"][1]
         fused = bundle.manifest.get("decoder_graph") == "fused"
+        self.kv_in_place = fused
         if fused and provider != "cpu":
             log.warning(
                 "%s has the fused decoder, an fp32 CPU graph (onnxruntime's GroupQueryAttention has no fp32 "
@@ -154,13 +158,13 @@ class OrtBackend:
             import onnxruntime as ort
 
             size = batch * self.kv_heads * max_total * self.head_dim
-            # [ping/pong][layer*2 + (key, value)]
+            # [ping/pong][layer*2 + (key, value)]; one set when the graph updates it in place
             self._buffers = [
                 [
                     ort.OrtValue.ortvalue_from_shape_and_type((size,), np.float32, self.device, 0)
                     for _ in range(2 * self.layers)
                 ]
-                for _ in range(2)
+                for _ in range(1 if self.kv_in_place else 2)
             ]
             self._capacity = (batch, max_total)
         self.past_len = 0
@@ -177,9 +181,13 @@ class OrtBackend:
         io.bind_cpu_input("image_embeds", np.ascontiguousarray(image_rows, dtype=np.float32))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
         io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        src, dst = self._buffers[self.turn], self._buffers[1 - self.turn]
-        past_shape = (B, self.kv_heads, self.past_len, self.head_dim)
-        present_shape = (B, self.kv_heads, self.past_len + S, self.head_dim)
+        if self.kv_in_place:  # the whole buffer in and out: positions [past_len, past_len + S) get written
+            src = dst = self._buffers[0]
+            past_shape = present_shape = (B, self.kv_heads, self._capacity[1], self.head_dim)
+        else:
+            src, dst = self._buffers[self.turn], self._buffers[1 - self.turn]
+            past_shape = (B, self.kv_heads, self.past_len, self.head_dim)
+            present_shape = (B, self.kv_heads, self.past_len + S, self.head_dim)
         for i in range(self.layers):
             for j, part in enumerate(("key", "value")):
                 io.bind_input(f"past_key_values.{i}.{part}", self.device, 0, self.kv_dtype, past_shape,

@@ -19,10 +19,16 @@ from tests.conftest import REPO, export_lively
 skimage_data = pytest.importorskip("skimage.data")
 
 
-@pytest.fixture(scope="module", params=["replace", "prefix"])
+@pytest.fixture(scope="module", params=["replace", "prefix", "replace-fused"])
 def pipe(request, tiny_tokenizer_dir, tmp_path_factory):
-    m, bundle = export_lively(request.param, tiny_tokenizer_dir, tmp_path_factory.mktemp("rt"))
-    return m, VLMPipeline.from_bundle(bundle), bundle
+    """Every runtime test runs on both decoder graphs; the fused one keeps its KV cache in place."""
+    placement, _, fused = request.param.partition("-")
+    m, bundle = export_lively(
+        placement, tiny_tokenizer_dir, tmp_path_factory.mktemp("rt"), fused or "standard"
+    )
+    p = VLMPipeline.from_bundle(bundle)
+    assert p.backend.kv_in_place == bool(fused)
+    return m, p, bundle
 
 
 def _photos():
