@@ -379,3 +379,46 @@ def test_fused_decoder_untied_head_matches_pytorch(tiny_tokenizer_dir, tmp_path)
     feed = _feed(m, ids.numpy(), np.zeros((0, cfg.lm_hidden_dim), np.float32), mask.numpy(), pos.numpy(),
                  [(k.numpy(), v.numpy()) for k, v in empty])  # fmt: skip
     assert np.abs(dec.run(None, feed)[0] - ref).max() <= ATOL
+
+
+def test_fused_decoder_updates_a_capacity_buffer_in_place(tiny_tokenizer_dir, tmp_path):
+    """The fused graph's extra contract (docs/bundle.md): a past buffer longer than the past,
+    bound as the present too, gets the new positions written in place; logits as with copies."""
+    m, bundle = export_lively("replace", tiny_tokenizer_dir, tmp_path, decoder="fused")
+    _, _, dec = _sessions(bundle)
+    cfg = m.cfg
+    B, P, S, cap = 2, 5, 3, 12
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 300, (B, S), generator=g).numpy()
+    mask = np.ones((B, P + S), np.int64)
+    mask[1, :2] = 0
+    pos = positions_from_mask(torch.from_numpy(mask), S).numpy()
+    empty = np.zeros((0, cfg.lm_hidden_dim), np.float32)
+    kv = (B, cfg.lm_n_kv_heads, P, cfg.lm_head_dim)
+    past = [
+        (torch.randn(kv, generator=g).numpy(), torch.randn(kv, generator=g).numpy())
+        for _ in range(cfg.lm_n_blocks)
+    ]
+    # B > 1 with S > 1 on a cache is the graph's documented limit: step the rows one token at a time
+    ref = dec.run(None, _feed(m, ids[:, :1], empty, mask[:, : P + 1], pos[:, :1], past))
+    io = dec.io_binding()
+    for name, value in (("input_ids", ids[:, :1]), ("image_embeds", empty), ("attention_mask", mask[:, : P + 1]),
+                        ("position_ids", pos[:, :1])):  # fmt: skip
+        io.bind_cpu_input(name, value)
+    buffers = []
+    for i, (k, v) in enumerate(past):
+        for part, arr in (("key", k), ("value", v)):
+            buf = np.zeros((B, cfg.lm_n_kv_heads, cap, cfg.lm_head_dim), np.float32)
+            buf[:, :, :P] = arr
+            value = ort.OrtValue.ortvalue_from_numpy(buf)
+            buffers.append(value)
+            io.bind_ortvalue_input(f"past_key_values.{i}.{part}", value)
+            io.bind_ortvalue_output(f"present.{i}.{part}", value)
+    io.bind_output("logits")
+    dec.run_with_iobinding(io)
+    assert np.abs(io.copy_outputs_to_cpu()[-1] - ref[0]).max() <= ATOL
+    for n, value in enumerate(buffers):
+        got = value.numpy()
+        assert got.shape[2] == cap  # still the whole buffer
+        np.testing.assert_allclose(got[:, :, : P + 1], ref[1 + n], atol=ATOL)
+        assert not got[:, :, P + 1 :].any()  # nothing written past the new position
