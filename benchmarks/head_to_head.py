@@ -1,4 +1,4 @@
-"""Decode speed of the bundles that carry the speed bars, interleaved round by round in one process.
+"""Decode speed of the backends that carry the speed bars, interleaved round by round.
 
     python benchmarks/head_to_head.py [--rounds 7] [--new-tokens 128]
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,17 +50,18 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
+    from llamacpp import prompt_ids
     from runtime_decode import PROMPT
     from tqdm import tqdm
 
-    from export.bench import _image, in_fresh_process
+    from export.bench import bench_image, in_fresh_process, spread
     from runtime.pipeline import GenerationRequest, VLMPipeline
 
     threads = os.cpu_count() or 1
     pipes, batches = {}, {}
     for name, d in BUNDLES.items():
         pipes[name] = VLMPipeline.from_bundle(os.path.join(CACHE, "bundles", d), threads=threads)
-        batches[name] = pipes[name]._batch([[_image(None)]], [PROMPT])
+        batches[name] = pipes[name]._batch([[bench_image(None)]], [PROMPT])
     request = GenerationRequest(max_new_tokens=args.new_tokens, ignore_eos=True)
     gguf = os.path.join(CACHE, "smollm2-135m-q4_1.gguf")
     positions = None
@@ -73,12 +73,9 @@ def main() -> None:
         positions = pipes[name].last_timings.prompt_tokens
         return pipes[name].last_timings.decode_tokens_per_s
 
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(os.path.join(CACHE, "smollm2-135m-instruct", "tokenizer.json"))
     for name in pipes:  # warm-up, and the prompt length llama.cpp gets
         run_bundle(name)
-    ids = tok.encode(PROMPT * 8).ids[:positions]
+    ids = prompt_ids(os.path.join(CACHE, "smollm2-135m-instruct", "tokenizer.json"), PROMPT, positions)
     rounds: list[dict[str, float]] = []
     for _ in tqdm(range(args.rounds + 1), desc="rounds", unit="round"):
         r = {name: run_bundle(name) for name in pipes}
@@ -88,9 +85,6 @@ def main() -> None:
         ]
         rounds.append(r)
     rounds = rounds[1:]  # the first round warms llama.cpp up
-
-    def spread(values: list[float]) -> dict[str, float]:
-        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
     report = {
         "machine": f"{threads} CPU threads",

@@ -88,6 +88,14 @@ def quantize_q4_1(src: str, dst: str, threads: int = 2) -> None:
     os.replace(dst + ".tmp", dst)
 
 
+def prompt_ids(tokenizer_json: str, text: str, positions: int) -> list[int]:
+    """`text` repeated and cut to `positions` tokens: llama.cpp gets as many prompt positions as
+    the bundles' image + prompt prefill."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(tokenizer_json).encode(text * 8).ids[:positions]
+
+
 def decode_speed(gguf_path: str, prompt_ids: list[int], new_tokens: int, threads: int = 2) -> dict:
     """Greedy decode after a prompt: -> {tokens, prefill_s, decode_tokens_per_s}. (logits_all: the
     Python binding reads logits from its score buffer; it only costs prefill time, not decode.)"""

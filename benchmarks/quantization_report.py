@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import sys
 
 import numpy as np
@@ -155,16 +154,10 @@ def text_only_kl(ckpt: str, paths: dict[str, str], cases: list) -> dict[str, dic
             ref = run["logits"]
             got = forced_logits(gguf_path, run["batch"].input_ids[0].tolist(), run["tokens"])
             base = got.shape[1]  # the extra image tokens have no row in the GGUF
-            p, q = _log_softmax(ref[:, :base]), _log_softmax(got)
-            kls += list((np.exp(p) * (p - q)).sum(-1))
+            kls += list(parity.kl_divergence(ref[:, :base], got))
             agree += list(ref[:, :base].argmax(-1) == got.argmax(-1))
         out[name] = {"kl_mean": float(np.mean(kls)), "top1_agreement": float(np.mean(agree))}
     return out
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64) - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def llama_cpp_speed(ckpt: str, positions: int, args) -> dict:
@@ -173,9 +166,10 @@ def llama_cpp_speed(ckpt: str, positions: int, args) -> dict:
         import llama_cpp  # noqa: F401
     except ImportError as e:
         return {"skipped": f"llama.cpp not installed ({e}); pip install llama-cpp-python gguf"}
-    from llamacpp import decode_speed, quantize_q4_1, write_gguf
+    from llamacpp import decode_speed, prompt_ids, quantize_q4_1, write_gguf
     from runtime_decode import PROMPT
-    from tokenizers import Tokenizer
+
+    from export.bench import spread
 
     lm = os.path.join(CACHE, "smollm2-135m-instruct")
     f32 = os.path.join(CACHE, "smollm2-135m-f32.gguf")
@@ -184,8 +178,7 @@ def llama_cpp_speed(ckpt: str, positions: int, args) -> dict:
         write_gguf(lm, f32)
     if not os.path.exists(q41):
         quantize_q4_1(f32, q41)
-    tok = Tokenizer.from_file(os.path.join(lm, "tokenizer.json"))
-    ids = (tok.encode(PROMPT * 8).ids)[:positions]  # the same number of prompt positions as the bundles
+    ids = prompt_ids(os.path.join(lm, "tokenizer.json"), PROMPT, positions)
     out = {}
     for name, path in (("llama.cpp f32", f32), ("llama.cpp Q4_1", q41)):
         runs = [
@@ -193,8 +186,7 @@ def llama_cpp_speed(ckpt: str, positions: int, args) -> dict:
             for _ in range(args.repeats + 1)
         ][1:]
         rates = [r["decode_tokens_per_s"] for r in runs]
-        out[name] = {"decode_tokens_per_s": {"median": statistics.median(rates), "min": min(rates), "max": max(rates)},
-                     "bytes": os.path.getsize(path)}  # fmt: skip
+        out[name] = {"decode_tokens_per_s": spread(rates), "bytes": os.path.getsize(path)}
     return out
 
 

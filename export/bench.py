@@ -25,11 +25,13 @@ log = logging.getLogger(__name__)
 DEFAULT_PROMPT = "Describe this image in detail."
 
 
-def _spread(values: list[float]) -> dict[str, float]:
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min and max of repeated measurements."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def _image(image: str | None):
+def bench_image(image: str | None) -> Any:
+    """The image to benchmark with: the file given, or scikit-image's astronaut photograph."""
     from PIL import Image
 
     from nanovlm.processors import load_image
@@ -51,7 +53,7 @@ def bundle_worker(path: str, image: str | None, prompt: str, new_tokens: int, re
     from runtime.pipeline import GenerationRequest, VLMPipeline
 
     pipe = VLMPipeline.from_bundle(path, threads=threads)
-    batch = pipe._batch([[_image(image)]], [prompt])
+    batch = pipe._batch([[bench_image(image)]], [prompt])
     request = GenerationRequest(max_new_tokens=new_tokens, ignore_eos=True)
     runs = []
     for k in range(repeats + 1):
@@ -63,10 +65,10 @@ def bundle_worker(path: str, image: str | None, prompt: str, new_tokens: int, re
         "name": os.path.basename(os.path.normpath(path)),
         "kind": "bundle",
         "precision": pipe.bundle.manifest.get("precision"),
-        "image_encode_s": _spread([r.image_encode_s for r in runs]),
-        "ttft_s": _spread([r.time_to_first_token_s for r in runs]),
-        "prefill_positions_per_s": _spread([r.prompt_tokens / r.prefill_s for r in runs]),
-        "decode_tokens_per_s": _spread([r.decode_tokens_per_s for r in runs]),
+        "image_encode_s": spread([r.image_encode_s for r in runs]),
+        "ttft_s": spread([r.time_to_first_token_s for r in runs]),
+        "prefill_positions_per_s": spread([r.prompt_tokens / r.prefill_s for r in runs]),
+        "decode_tokens_per_s": spread([r.decode_tokens_per_s for r in runs]),
         "prompt_positions": t.prompt_tokens,
         "new_tokens": new_tokens,
         "bytes": pipe.bundle.total_bytes(),
@@ -87,7 +89,7 @@ def pytorch_worker(checkpoint: str, image: str | None, prompt: str, new_tokens: 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     model = VisionLanguageModel.from_pretrained(resolve_checkpoint(checkpoint)).eval()
     batch = prepare_batch(model.cfg, model.tokenizer, ImageProcessor.from_config(model.cfg),
-                          [[_image(image)]], [prompt])  # fmt: skip
+                          [[bench_image(image)]], [prompt])  # fmt: skip
     ids, px = torch.from_numpy(batch.input_ids), torch.from_numpy(batch.pixel_values)
     mask0 = torch.from_numpy(batch.attention_mask)
 
@@ -131,10 +133,10 @@ def pytorch_worker(checkpoint: str, image: str | None, prompt: str, new_tokens: 
         "name": "pytorch" + ("" if kv_cache else " (no KV cache)"),
         "kind": "pytorch",
         "precision": "fp32",
-        "image_encode_s": _spread([r["image_encode_s"] for r in runs]),
-        "ttft_s": _spread([r["ttft_s"] for r in runs]),
-        "prefill_positions_per_s": _spread([r["positions"] / r["prefill_s"] for r in runs]),
-        "decode_tokens_per_s": _spread([r["decode_tokens_per_s"] for r in runs]),
+        "image_encode_s": spread([r["image_encode_s"] for r in runs]),
+        "ttft_s": spread([r["ttft_s"] for r in runs]),
+        "prefill_positions_per_s": spread([r["positions"] / r["prefill_s"] for r in runs]),
+        "decode_tokens_per_s": spread([r["decode_tokens_per_s"] for r in runs]),
         "prompt_positions": runs[0]["positions"],
         "new_tokens": new_tokens,
         "bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
