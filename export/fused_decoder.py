@@ -3,11 +3,12 @@
 `torch.onnx.export` of the decoder gives ~2,650 nodes after ONNX Runtime's own optimizations on
 SmolLM2-135M (RoPE, GQA head expansion, mask arithmetic and shape bookkeeping, per layer). At a
 batch of one token the weights are small enough that per-node overhead, not arithmetic, sets the
-decode speed on a CPU. This graph does the same computation in ~13 nodes per layer with ONNX
+decode speed on a CPU. This graph does the same computation in 14 nodes per layer with ONNX
 Runtime's fused contrib ops:
 
     SkipSimplifiedLayerNormalization   residual add + RMSNorm, one node
-    GroupQueryAttention                RoPE (from position_ids), KV concat, GQA, mask, softmax
+    RotaryEmbedding (q, k)             RoPE from position_ids
+    GroupQueryAttention                KV concat (or in place), GQA, causal + padding mask, softmax
     MatMul (q, k, v, out, gate, up, down), Sigmoid/Mul/Mul (SiLU gate; ORT fuses it)
 
 Its inputs and outputs are exactly the standard decoder's (docs/bundle.md), so the runtime drives
@@ -87,7 +88,8 @@ def build_fused_decoder(model: VisionLanguageModel) -> onnx.ModelProto:
     rows = g.one(
         "CumSum", [g.one("Cast", [flat], "/embed/flat_i64", to=TensorProto.INT64), zero_i], "/embed/cumsum"
     )
-    rows = g.one("Sub", [rows, i64("/const/one_i64", 1)], "/embed/rows")
+    one_i = i64("/const/one_i64", 1)
+    rows = g.one("Sub", [rows, one_i], "/embed/rows")
     n_rows = g.one("Shape", ["image_embeds"], "/embed/n_rows", start=0, end=1)
     has_row = g.one("And", [flat, g.one("Less", [rows, n_rows], "/embed/row_left")], "/embed/has_row")
     rows = g.one("Where", [has_row, rows, n_rows], "/embed/row_index")
@@ -103,12 +105,9 @@ def build_fused_decoder(model: VisionLanguageModel) -> onnx.ModelProto:
     #    GroupQueryAttention adds causality itself.
     axis0 = i64("/const/axis0", [0])
     scalar = lambda t, n: g.one("Squeeze", [t, axis0], n)  # noqa: E731  (1-D length 1 -> scalar)
-    one_i = i64("/const/one_scalar", 1)
     t_scalar = scalar(T, "/mask/t")
     q_pos = g.one("Range", [scalar(P, "/mask/p"), t_scalar, one_i], "/mask/query_index")  # [S]
-    k_pos = g.one(
-        "Range", [g.const("/const/zero_scalar", np.array(0, np.int64)), t_scalar, one_i], "/mask/key_index"
-    )
+    k_pos = g.one("Range", [zero_i, t_scalar, one_i], "/mask/key_index")
     is_self = g.one("Equal", [g.one("Unsqueeze", [q_pos, i64("/const/axis1", [1])], "/mask/q_col"),
                               g.one("Unsqueeze", [k_pos, axis0], "/mask/k_row")], "/mask/is_self")  # fmt: skip
     real = g.one("Cast", ["attention_mask"], "/mask/real", to=TensorProto.BOOL)
@@ -117,10 +116,10 @@ def build_fused_decoder(model: VisionLanguageModel) -> onnx.ModelProto:
     bias = g.one("Where", [keep, g.const("/const/zero_f", np.array(0.0, np.float32)),
                            g.const("/const/min_f", np.array(np.finfo(np.float32).min, np.float32))], "/mask/bias")  # fmt: skip
     total = g.one("Cast", [t_scalar], "/mask/total_i32", to=TensorProto.INT32)
-    seqlens = g.one("Cast", [g.one("Expand", [g.one("Sub", [T, i64("/const/one", [1])], "/mask/last"), B],
+    seqlens = g.one("Cast", [g.one("Expand", [g.one("Sub", [T, one_i], "/mask/last"), B],
                                    "/mask/last_b")], "/mask/seqlens_k", to=TensorProto.INT32)  # fmt: skip
 
-    # -- RoPE tables [max_positions, hd/2] (GroupQueryAttention applies them, half-split layout)
+    # -- RoPE tables [max_positions, hd/2] for the RotaryEmbedding nodes (half-split layout)
     inv_freq = sd["rotary_embd.inv_freq"].astype(np.float64)
     angles = np.arange(cfg.lm_max_position_embeddings, dtype=np.float64)[:, None] * inv_freq[None, :]
     scale = float(cfg.lm_attn_scaling)
