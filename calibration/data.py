@@ -4,7 +4,10 @@ Sources, as `--calibration` takes them:
 
     builtin            the built-in shapes data, validation split (the test split stays held out)
     DIR                image files in DIR, each asked the prompt in DIR/prompts.txt (one per line,
-                       cycled; another file can be named) or, without one, a description request
+                       cycled; another file can be named) or, without one, a description request;
+                       plus the text-only prompts in DIR/texts.txt (one per line), if there is one,
+                       taken in turn with the images: a VLM answers text-only prompts too, and the
+                       decoder's calibration should see them (the int4 recipe's GPTQ measurably does)
     hf:NAME[:SUBSET]   a Hugging Face dataset in the_cauldron / FineVision style (first user turn)
 
 Unreadable images are skipped and counted, never fatal; too few usable samples is an error that
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DEFAULT_PROMPT = "Describe this image."
+TEXTS_FILE = "texts.txt"  # in a calibration folder: text-only prompts, one per line
 
 
 @dataclass
@@ -95,16 +99,15 @@ def _builtin(n: int, seed: int) -> Iterator[CalibrationSample]:
 
 def _from_folder(folder: str, n: int, prompts_file: str | None = None) -> CalibrationSet:
     names = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
-    prompts = [DEFAULT_PROMPT]
     prompt_file = prompts_file or os.path.join(folder, "prompts.txt")
     if prompts_file and not os.path.exists(prompts_file):
         raise FileNotFoundError(f"prompts file not found: {prompts_file}")
-    if os.path.exists(prompt_file):
-        with open(prompt_file, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()] or prompts
+    prompts = _lines(prompt_file) or [DEFAULT_PROMPT]
+    texts = _lines(os.path.join(folder, TEXTS_FILE))
     cal = CalibrationSet(os.path.abspath(folder), [])
+    images: list[CalibrationSample] = []
     for name in names:
-        if len(cal.samples) >= n:
+        if len(images) >= n:
             break
         try:
             img = load_image(os.path.join(folder, name))
@@ -112,8 +115,19 @@ def _from_folder(folder: str, n: int, prompts_file: str | None = None) -> Calibr
             log.warning("calibration: skipping %s", e)
             cal.skipped["bad_image"] = cal.skipped.get("bad_image", 0) + 1
             continue
-        cal.samples.append(CalibrationSample([img], prompts[len(cal.samples) % len(prompts)]))
+        images.append(CalibrationSample([img], prompts[len(images) % len(prompts)]))
+    text_only = [CalibrationSample([], t) for t in texts]
+    for k in range(max(len(images), len(text_only))):  # alternate, so any n takes some of each
+        cal.samples += [*images[k : k + 1], *text_only[k : k + 1]]
+    del cal.samples[n:]
     return cal
+
+
+def _lines(path: str) -> list[str]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
 
 
 def _hf_records(source: str) -> Iterator[dict[str, Any]]:

@@ -52,7 +52,9 @@ def onnx(src: str, out: str, precision: str, opset: int, decoder: str) -> None:
     "--mode", required=True, type=click.Choice(["int8-dynamic", "int8-static", "int4", "int4-fp16", "fp16"])
 )
 @click.option(
-    "--calibration", help="int8-static: 'builtin', a folder of images (+ prompts.txt) or hf:NAME[:SUBSET]."
+    "--calibration",
+    help="int8-static, int4, int4-fp16: 'builtin' (default), a folder of images (+ prompts.txt, "
+    "+ texts.txt of text-only prompts) or hf:NAME[:SUBSET].",
 )
 @click.option("--samples", default=32, show_default=True, help="Calibration samples.")
 @click.option(
