@@ -12,6 +12,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .blockwise import quantize_blocks
+from .gptq import gptq_blocks
 
 log = logging.getLogger(__name__)
 BLOCK_SIZE = 32
@@ -39,10 +40,12 @@ def quantize_nbits(
     block_size: int = BLOCK_SIZE,
     accuracy_level: int = 4,
     importance: dict[str, np.ndarray] | None = None,
+    grams: dict[str, np.ndarray] | None = None,
 ) -> onnx.ModelProto:
     """In place: weight MatMuls -> MatMulNBits at `bits` (8 for names matching `keep_8bit`, left
-    in float for `exclude`); the tied embedding/head at `head_bits`, stored once."""
-    exclude, keep_8bit, importance = list(exclude), list(keep_8bit), importance or {}
+    in float for `exclude`); the tied embedding/head at `head_bits`, stored once. MatMuls with an
+    entry in `grams` (X^T X / rows of their input) are rounded by GPTQ (gptq.py)."""
+    exclude, keep_8bit, importance, grams = list(exclude), list(keep_8bit), importance or {}, grams or {}
     head = tied_head(model)
     share_tied_embedding(model, head_bits, block_size, accuracy_level, skip=lambda n: matches(n, exclude),
                          importance=importance.get(head[0].name) if head else None)  # fmt: skip
@@ -54,9 +57,12 @@ def quantize_nbits(
             continue
         node_bits = 8 if matches(node.name, keep_8bit) else bits
         w = numpy_helper.to_array(inits[node.input[1]])
-        packed, scales = quantize_blocks(
-            w.astype(np.float32), node_bits, block_size, importance.get(node.name)
-        )
+        if node.name in grams:
+            packed, scales = gptq_blocks(w, grams[node.name], node_bits, block_size)
+        else:
+            packed, scales = quantize_blocks(
+                w.astype(np.float32), node_bits, block_size, importance.get(node.name)
+            )
         base = f"{node.input[1]}_Q{node_bits}"
         model.graph.initializer.extend([numpy_helper.from_array(packed, base),
                                         numpy_helper.from_array(scales.astype(w.dtype), base + "_scales")])  # fmt: skip
