@@ -10,8 +10,9 @@ SmolLM2-135M decoder; docs/quantization.md has the numbers):
     int8-static   QDQ: per-channel symmetric int8 weights, symmetric int8 activations with
                   ranges calibrated on real inputs; the explicit-quantization input for TensorRT,
                   plus a TensorRT calibration cache written from the same ranges.
-    int4          MatMulNBits 4-bit weights (block 32, int8 activations); the layers measured
-                  to be sensitive stay 8-bit, the vision encoder stays 8-bit. ONNX Runtime only.
+    int4          MatMulNBits 4-bit weights (block 32, int8 activations), rounded by GPTQ on the
+                  calibration feeds; the layers measured to be sensitive stay 8-bit, the vision
+                  encoder stays 8-bit. ONNX Runtime only.
     int4-fp16     int4 on an fp16 graph (fp16 activations), for GPUs. ONNX Runtime only.
     fp16          fp16 weights and compute; norms, softmax and RoPE stay fp32; fp32 graph IO.
 
