@@ -115,81 +115,77 @@ def variants(ckpt: str, fp32: str, name: str, calibration: str, samples: int) ->
     return out
 
 
-def accuracy(paths: dict[str, str], checkpoint: str, cases, max_new_tokens: int) -> dict[str, dict]:
+def accuracy(
+    paths: dict[str, str], reference, cases, max_new_tokens: int, label: str = ""
+) -> dict[str, dict]:
+    """{mode: parity.compare's summary, its per-case "rows" included, + bundle bytes}."""
     from export import parity
     from runtime.pipeline import VLMPipeline
 
-    reference = parity.Reference(checkpoint)
     out = {}
     for mode, path in paths.items():
         pipe = VLMPipeline.from_bundle(path)
-        s = parity.compare(pipe, reference, cases, max_new_tokens, desc=mode)
-        s.pop("rows")
+        s = parity.compare(pipe, reference, cases, max_new_tokens, desc=mode + label)
         out[mode] = s | {"bytes": pipe.bundle.total_bytes()}
-        logging.info(
-            "%s: KL %.4g top-1 %.3f exact %.2f", mode, s["kl_mean"], s["top1_agreement"], s["exact_match"]
-        )
+        logging.info("%s%s: KL %.4g top-1 %.3f exact %.2f", mode, label, s["kl_mean"], s["top1_agreement"],
+                     s["exact_match"])  # fmt: skip
     return out
+
+
+def kl_top1(summary: dict) -> dict[str, float]:
+    return {"kl_mean": summary["kl_mean"], "top1_agreement": summary["top1_agreement"]}
+
+
+def without_rows(summaries: dict[str, dict]) -> dict[str, dict]:
+    return {mode: {k: v for k, v in s.items() if k != "rows"} for mode, s in summaries.items()}
 
 
 def smollm2(args) -> dict:
+    import skimage.data
     from PIL import Image
     from runtime_decode import PROMPT, build_bundle, build_checkpoint
-    from skimage import data
 
     from export import parity
     from export.bench import bench
+    from nanovlm.processors import load_image
 
     ckpt = build_checkpoint()
     paths = variants(ckpt, build_bundle(ckpt), "nanovlm-222m-shape", photo_folder(), 20)
-    cases = [parity.Case([Image.fromarray(getattr(data, k)())], p) for k, p in EVAL_PHOTOS.items()]
+    cases = [parity.Case([Image.fromarray(getattr(skimage.data, k)())], p) for k, p in EVAL_PHOTOS.items()]
     cases += [parity.Case([], t) for t in EVAL_TEXTS]
-    result = {"accuracy": accuracy(paths, ckpt, cases, 32)}
+    folder = os.path.dirname(skimage.data.__file__)
+    check = [parity.Case([load_image(os.path.join(folder, f))], p) for f, p in CHECK_PICTURES.items()]
+    check += [parity.Case([], t) for t in CHECK_TEXTS]
+    reference = parity.Reference(ckpt)  # one PyTorch run per case, shared by every comparison below
+    summaries = accuracy(paths, reference, cases, 32)
+    result = {"accuracy": without_rows(summaries)}
     speed = bench(list(paths.values()), None, None, PROMPT, args.new_tokens, args.repeats, None, ())
     result["speed"] = {mode: row for mode, row in zip(paths, speed["rows"], strict=True)}
     result["llama_cpp"] = llama_cpp_speed(ckpt, speed["rows"][0]["prompt_positions"], args)
-    result["text_only"] = text_only_kl(ckpt, paths, cases[len(EVAL_PHOTOS) :])
-    result["check_set"] = check_set_kl(ckpt, paths)
+    text = len(EVAL_PHOTOS)  # the text prompts' rows of the comparison above
+    result["text_only"] = {mode: kl_top1(parity.summarize(s["rows"][text:])) for mode, s in summaries.items()}
+    result["text_only"] |= llama_cpp_text_kl(reference, paths["fp32"], cases[text:])
+    # a check set no recipe was chosen on: KL and top-1 only
+    result["check_set"] = {
+        mode: kl_top1(s) for mode, s in accuracy(paths, reference, check, 32, " (check set)").items()
+    }
     return result
 
 
-def check_set_kl(ckpt: str, paths: dict[str, str]) -> dict[str, dict]:
-    """KL and top-1 vs fp32 PyTorch on CHECK_PICTURES and CHECK_TEXTS (32 teacher-forced steps each)."""
-    import skimage.data
-
-    from export import parity
-    from nanovlm.processors import load_image
-    from runtime.pipeline import VLMPipeline
-
-    folder = os.path.dirname(skimage.data.__file__)
-    cases = [parity.Case([load_image(os.path.join(folder, f))], p) for f, p in CHECK_PICTURES.items()]
-    cases += [parity.Case([], t) for t in CHECK_TEXTS]
-    reference = parity.Reference(ckpt)
-    out = {}
-    for mode, path in paths.items():
-        s = parity.compare(VLMPipeline.from_bundle(path), reference, cases, 32, desc=f"{mode} (check set)")
-        out[mode] = {"kl_mean": s["kl_mean"], "top1_agreement": s["top1_agreement"]}
-    return out
-
-
-def text_only_kl(ckpt: str, paths: dict[str, str], cases: list) -> dict[str, dict]:
-    """KL vs fp32 PyTorch on the text prompts alone, for the bundles and for llama.cpp's GGUFs
-    (teacher-forced along PyTorch's greedy answer; over the base vocabulary, which llama.cpp has)."""
+def llama_cpp_text_kl(reference, fp32: str, cases: list) -> dict[str, dict]:
+    """KL vs fp32 PyTorch of llama.cpp's GGUFs on the text prompts (teacher-forced along PyTorch's
+    greedy answer; over the base vocabulary, the GGUF's); {} without llama.cpp or the GGUFs."""
     from export import parity
     from runtime.pipeline import VLMPipeline
 
-    reference = parity.Reference(ckpt)
-    out = {}
-    for mode, path in paths.items():
-        s = parity.compare(VLMPipeline.from_bundle(path), reference, cases, 32, desc=f"{mode} (text)")
-        out[mode] = {"kl_mean": s["kl_mean"], "top1_agreement": s["top1_agreement"]}
     try:
         from llamacpp import forced_logits
     except ImportError:
-        return out
-    pipe = VLMPipeline.from_bundle(paths["fp32"])
+        return {}
+    pipe = VLMPipeline.from_bundle(fp32)  # the tokenizer and image processor PyTorch's runs use
     ggufs = {name: os.path.join(CACHE, f) for name, f in (("llama.cpp f32", "smollm2-135m-f32.gguf"),
                                                           ("llama.cpp Q4_1", "smollm2-135m-q4_1.gguf"))}  # fmt: skip
+    out = {}
     for name, gguf_path in ggufs.items():
         if not os.path.exists(gguf_path):
             continue
@@ -245,7 +241,8 @@ def tiny(args) -> dict:
             "artifacts/tiny/bundle not found: run `make demo` first (trains and exports the default)"
         )
     paths = variants(ckpt, fp32, "tiny", "builtin", 32)
-    return {"accuracy": accuracy(paths, ckpt, parity.builtin_cases(args.tiny_cases), 4)}
+    summaries = accuracy(paths, parity.Reference(ckpt), parity.builtin_cases(args.tiny_cases), 4)
+    return {"accuracy": without_rows(summaries)}
 
 
 def print_tables(report: dict) -> None:
