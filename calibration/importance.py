@@ -64,12 +64,16 @@ def activation_importance(
     {MatMul node name: X^T X / rows [K, K]} for the MatMuls `gram_for` selects (GPTQ's Hessian))."""
     model = onnx.load(graph_path)
     inputs = {n.name: n.input[0] for n in weight_matmuls(model)}
-    grams = {t for node, t in inputs.items() if gram_for(node)}
+    gram_inputs = {node: t for node, t in inputs.items() if gram_for(node)}
     head = tied_head(model)
     if head:
         inputs[head[0].name] = head[0].input[0]
     stats = channel_stats(
-        model, sorted(set(inputs.values())), feeds, "calibration: activation statistics", grams
+        model,
+        sorted(set(inputs.values())),
+        feeds,
+        "calibration: activation statistics",
+        set(gram_inputs.values()),
     )
     importance = {node: stats[t]["mean_sq"] for node, t in inputs.items() if t in stats}
-    return importance, {node: stats[t]["gram"] for node, t in inputs.items() if t in grams and gram_for(node)}
+    return importance, {node: stats[t]["gram"] for node, t in gram_inputs.items()}

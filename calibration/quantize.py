@@ -59,7 +59,6 @@ DECODE_STEPS = {"int8-static": 4, "int4": 16, "int4-fp16": 16}
 INT4_KEEP_8BIT = ("*/mlp/down_proj/*", "*/attn/v_proj/*", "*/attn/k_proj/*", "*/attn/out_proj/*")
 INT4_EDGE_BLOCKS_8BIT = 1
 INT4_HEAD_BITS = 8  # the tied embedding/head matrix in the int4 recipe
-INT4_GPTQ = True  # round the 4-bit MatMuls by GPTQ on the calibration feeds (gptq.py); measured
 
 
 @dataclass
@@ -134,9 +133,9 @@ def quantize_bundle(
         calib_meta, decoder_feeds = None, []
         if mode in CALIBRATED:
             from .data import load_calibration
-
-            decode_steps = decode_steps or DECODE_STEPS.get(mode, 4)
             from .recorder import record_feeds
+
+            decode_steps = DECODE_STEPS[mode] if decode_steps is None else decode_steps
 
             cal = load_calibration(calibration or "builtin", samples, minimum=MIN_CALIBRATION_SAMPLES)
             vision_feeds, decoder_feeds = record_feeds(bundle, cal, decode_steps)
@@ -154,7 +153,7 @@ def quantize_bundle(
                 plan.keep_8bit = int4_keep_8bit(bundle)
 
                 def gptq_for(name: str) -> bool:  # the 4-bit MatMuls
-                    return INT4_GPTQ and not matches(name, [*plan.keep_8bit, *plan.exclude])
+                    return not matches(name, [*plan.keep_8bit, *plan.exclude])
 
                 importance, grams = activation_importance(
                     bundle.graph_path("decoder"), decoder_feeds, gptq_for
