@@ -1,18 +1,23 @@
 """The built-in visual question answering data: rendered shapes, generated on the fly, no download.
 
-Each image holds 1-6 objects, every one a different colour, so any object can be named by its
-colour. Six question types with short exact answers:
+Each image holds 1-6 objects in the cells of a 4x4 grid, every one a different colour, one of them
+clearly the largest. Five question types with short exact answers:
 
     count     How many objects are there?                  1..6
-    shape     What shape is the red object?                circle / square / triangle / diamond
-    colour    Which colour is the triangle?               (asked only when that shape is unique)
-    left      Is the red object left of the blue object?   yes / no
-    above     Is the red object above the blue object?     yes / no
-    largest   What colour is the largest object?           a colour
+    colour    What colour is the largest object?           a colour
+    shape     What shape is the largest object?            circle / square / triangle / diamond
+    left      Is the largest object left of the middle?    yes / no
+    above     Is the largest object above the middle?      yes / no
 
-Answers are balanced per question type (uniform counts, yes/no drawn 50/50, colours and shapes
-uniform), so the question text alone gives little away: `blind_baseline` measures what the best
-text-only guesser (the majority answer for each question template) scores.
+Answers are balanced per question type (uniform counts, colours and shapes; the largest object sits
+in a uniformly drawn cell, so yes/no is 50/50), so the question text alone gives little away:
+`blind_baseline` measures what the best text-only guesser (the majority answer for each question
+template) scores.
+
+An earlier set asked about objects named by colour ("What shape is the red object?", "Is the red
+object left of the blue object?"); the tiny default did not learn those within its 10-minute
+budget (docs/training.md has the measurements), so the default set anchors every question on an
+object the model can find without reading a colour word.
 
 Sample `i` of a split depends only on (seed, split, i): deterministic, shardable, resumable.
 """
@@ -36,7 +41,14 @@ COLOURS = {
     "cyan": (40, 220, 230),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
-QUESTION_TYPES = ("count", "shape", "colour", "left", "above", "largest")
+QUESTION_TYPES = ("count", "colour", "shape", "left", "above")
+QUESTIONS = {
+    "count": "How many objects are there?",
+    "colour": "What colour is the largest object?",
+    "shape": "What shape is the largest object?",
+    "left": "Is the largest object left of the middle?",
+    "above": "Is the largest object above the middle?",
+}
 SPLIT_OFFSETS = {"train": 0, "validation": 1_000_003, "test": 2_000_003}
 
 
@@ -76,25 +88,11 @@ def _place(rng: random.Random, n: int) -> list[tuple[float, float, float]]:
     return out
 
 
-def _with_unique_shape(rng: random.Random, objects: list[Obj]) -> tuple[list[Obj], int, str]:
-    """Give one object a shape no other object has, so "Which colour is the <shape>?" has one answer."""
-    target = rng.randrange(len(objects))
-    unique = rng.choice(SHAPES)
-    others = [s for s in SHAPES if s != unique]
-    objects = [
-        Obj(unique if k == target else rng.choice(others), o.colour, o.x, o.y, o.r)
-        for k, o in enumerate(objects)
-    ]
-    return objects, target, unique
-
-
-def _with_largest(rng: random.Random, objects: list[Obj]) -> tuple[list[Obj], Obj]:
+def _with_largest(rng: random.Random, objects: list[Obj]) -> list[Obj]:
     """Make one object clearly the largest (radius 0.105 against at most 0.085)."""
     k = rng.randrange(len(objects))
     o = objects[k]
-    objects = list(objects)
-    objects[k] = Obj(o.shape, o.colour, o.x, o.y, 0.105)
-    return objects, objects[k]
+    return [Obj(o.shape, o.colour, o.x, o.y, 0.105) if j == k else p for j, p in enumerate(objects)]
 
 
 def render(objects: list[Obj], size: int) -> Image.Image:
@@ -129,50 +127,40 @@ class ShapesDataset:
     def __getitem__(self, i: int) -> Sample:
         rng = random.Random((self.seed * 7_919 + SPLIT_OFFSETS[self.split] + i) * 2_654_435_761)
         qtype = QUESTION_TYPES[i % len(QUESTION_TYPES)]
-        while True:
-            made = self._make(rng, qtype)
-            if made is not None:
-                objects, question, answer = made
-                return Sample(render(objects, self.image_size), question, answer, qtype)
+        # 1-6 objects for counting; otherwise at least two, so that "the largest" compares sizes
+        objects = _objects(rng, rng.randint(1, 6) if qtype == "count" else rng.randint(2, 6))
+        return Sample(render(objects, self.image_size), QUESTIONS[qtype], answer(objects, qtype), qtype)
 
-    def _make(self, rng: random.Random, qtype: str) -> tuple[list[Obj], str, str] | None:
-        n = rng.randint(1, 6) if qtype == "count" else rng.randint(2, 6)
-        spots = _place(rng, n)
-        colours = rng.sample(list(COLOURS), n)
-        objects = [Obj(rng.choice(SHAPES), c, x, y, r) for c, (x, y, r) in zip(colours, spots, strict=True)]
-        if qtype == "count":
-            return objects, "How many objects are there?", str(n)
-        if qtype == "shape":
-            o = rng.choice(objects)
-            return objects, f"What shape is the {o.colour} object?", o.shape
-        if qtype == "colour":
-            objects, target, shape = _with_unique_shape(rng, objects)
-            return objects, f"Which colour is the {shape}?", objects[target].colour
-        if qtype in ("left", "above"):
-            a, b = rng.sample(objects, 2)
-            ka, kb = (a.x, b.x) if qtype == "left" else (a.y, b.y)
-            if abs(ka - kb) < 0.15:  # same row or column: ask about another pair
-                return None
-            truth = ka < kb
-            want = rng.random() < 0.5  # balance yes/no
-            if truth != want:
-                a, b = b, a
-            rel = "left of" if qtype == "left" else "above"
-            return objects, f"Is the {a.colour} object {rel} the {b.colour} object?", "yes" if want else "no"
-        objects, biggest = _with_largest(rng, objects)
-        return objects, "What colour is the largest object?", biggest.colour
+
+def _objects(rng: random.Random, n: int) -> list[Obj]:
+    """n objects of distinct colours in distinct cells, one of them made clearly the largest."""
+    spots = _place(rng, n)
+    colours = rng.sample(list(COLOURS), n)
+    objects = [Obj(rng.choice(SHAPES), c, x, y, r) for c, (x, y, r) in zip(colours, spots, strict=True)]
+    return _with_largest(rng, objects)
+
+
+def answer(objects: list[Obj], qtype: str) -> str:
+    """The exact answer to QUESTIONS[qtype] about these objects."""
+    if qtype == "count":
+        return str(len(objects))
+    largest = max(objects, key=lambda o: o.r)
+    if qtype == "colour":
+        return largest.colour
+    if qtype == "shape":
+        return largest.shape
+    # object centres sit in grid cells, at least 0.11 from the middle line: never ambiguous
+    if qtype == "left":
+        return "yes" if largest.x < 0.5 else "no"
+    if qtype == "above":
+        return "yes" if largest.y < 0.5 else "no"
+    raise ValueError(f"unknown question type {qtype!r}; expected one of {QUESTION_TYPES}")
 
 
 def scene_questions(ds: ShapesDataset, i: int) -> tuple[Image.Image, list[tuple[str, str]]]:
-    """One image with a question of every type that fits it, in random order (training data).
+    """One image with every question type about it, in random order (training data).
 
-    Several answers per image give the vision path six times the signal per encoded image. The
-    shape question asks about a uniformly drawn object, as the test split does; the colour
-    question then asks about another object whose shape is unique in the scene, when there is one,
-    so that no answer can be copied from another ("Which colour is the circle?" -> red, "What
-    shape is the red object?" -> circle). An earlier version made one shape unique and never asked
-    the shape question about it, so in training that answer was never the scene's unique shape:
-    a shortcut the test split does not have (docs/training.md).
+    Five answers per image give the vision path five times the signal per encoded image.
     """
     objects, qa = scene(ds, i)
     return render(objects, ds.image_size), qa
@@ -181,31 +169,8 @@ def scene_questions(ds: ShapesDataset, i: int) -> tuple[Image.Image, list[tuple[
 def scene(ds: ShapesDataset, i: int) -> tuple[list[Obj], list[tuple[str, str]]]:
     """The objects of training scene i and its questions (scene_questions without rendering)."""
     rng = random.Random((ds.seed * 7_919 + SPLIT_OFFSETS[ds.split] + i) * 40_503 + 17)
-    n = rng.randint(1, 6)
-    spots = _place(rng, n)
-    colours = rng.sample(list(COLOURS), n)
-    objects = [Obj(rng.choice(SHAPES), c, x, y, r) for c, (x, y, r) in zip(colours, spots, strict=True)]
-    objects, biggest = _with_largest(rng, objects)
-    qa = [("How many objects are there?", str(n))]
-    asked = rng.randrange(n)
-    qa.append((f"What shape is the {objects[asked].colour} object?", objects[asked].shape))
-    shape_count = Counter(o.shape for o in objects)
-    unique = [k for k, o in enumerate(objects) if shape_count[o.shape] == 1 and k != asked]
-    if unique:
-        t = rng.choice(unique)
-        qa.append((f"Which colour is the {objects[t].shape}?", objects[t].colour))
-    qa.append(("What colour is the largest object?", biggest.colour))
-    for rel, axis in (("left of", "x"), ("above", "y")):
-        pairs = [
-            (a, b)
-            for a in objects
-            for b in objects
-            if a is not b and abs(getattr(a, axis) - getattr(b, axis)) >= 0.15
-        ]
-        if pairs:
-            a, b = rng.choice(pairs)
-            yes = getattr(a, axis) < getattr(b, axis)
-            qa.append((f"Is the {a.colour} object {rel} the {b.colour} object?", "yes" if yes else "no"))
+    objects = _objects(rng, rng.randint(1, 6))
+    qa = [(QUESTIONS[q], answer(objects, q)) for q in QUESTION_TYPES]
     rng.shuffle(qa)
     return objects, qa
 
