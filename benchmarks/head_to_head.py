@@ -1,6 +1,6 @@
 """Decode speed of the backends that carry the speed bars, interleaved round by round.
 
-    python benchmarks/head_to_head.py [--rounds 7] [--new-tokens 128]
+    python benchmarks/head_to_head.py [--rounds 7] [--max-new-tokens 128]
 
 quantization_report.py times each backend in turn, a minute or more apart; on a shared machine
 the speed drifts by 10-30% over that time, more than the differences it has to show. Here every
@@ -46,7 +46,7 @@ def llama_cpp_warm(gguf: str, ids: list[int], new_tokens: int, threads: int) -> 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -54,7 +54,7 @@ def main() -> None:
     from runtime_decode import PROMPT
     from tqdm import tqdm
 
-    from export.bench import bench_image, in_fresh_process, spread
+    from evaluation.bench import bench_image, in_fresh_process, spread
     from runtime.pipeline import GenerationRequest, VLMPipeline
 
     threads = os.cpu_count() or 1
@@ -62,7 +62,7 @@ def main() -> None:
     for name, d in BUNDLES.items():
         pipes[name] = VLMPipeline.from_bundle(os.path.join(CACHE, "bundles", d), threads=threads)
         batches[name] = pipes[name]._batch([[bench_image(None)]], [PROMPT])
-    request = GenerationRequest(max_new_tokens=args.new_tokens, ignore_eos=True)
+    request = GenerationRequest(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     gguf = os.path.join(CACHE, "smollm2-135m-q4_1.gguf")
     positions = None
 
@@ -80,7 +80,7 @@ def main() -> None:
     for _ in tqdm(range(args.rounds + 1), desc="rounds", unit="round"):
         r = {name: run_bundle(name) for name in pipes}
         # in a child process: no ONNX Runtime thread pool of ours shares the cores with llama.cpp's
-        r["llama.cpp Q4_1"] = in_fresh_process(llama_cpp_warm, gguf, ids, args.new_tokens, threads)[
+        r["llama.cpp Q4_1"] = in_fresh_process(llama_cpp_warm, gguf, ids, args.max_new_tokens, threads)[
             "decode_tokens_per_s"
         ]
         rounds.append(r)
@@ -89,13 +89,13 @@ def main() -> None:
     report = {
         "machine": f"{threads} CPU threads",
         "prompt_positions": positions,
-        "new_tokens": args.new_tokens,
+        "new_tokens": args.max_new_tokens,
         "rounds": rounds,
         "decode_tokens_per_s": {k: spread([r[k] for r in rounds]) for k in rounds[0]},
         "ratios": {f"{a} / {b}": spread([r[a] / r[b] for r in rounds]) for a, b in RATIOS.items()},
     }
     print(
-        f"\n{len(rounds)} rounds, {positions} prompt positions, {args.new_tokens} new tokens, {threads} threads\n"
+        f"\n{len(rounds)} rounds, {positions} prompt positions, {args.max_new_tokens} new tokens, {threads} threads\n"
     )
     print("| backend | decode tok/s, median (min-max) |\n| --- | --- |")
     for k, s in report["decode_tokens_per_s"].items():

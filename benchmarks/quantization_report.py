@@ -28,7 +28,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(REPO, ".cache")
-MODES = ("fp16", "int8-dynamic", "int8-static", "int4", "int4-fp16")
 
 CALIBRATION_PHOTOS = ("brick", "camera", "cell", "clock", "coins", "grass", "gravel", "moon", "page",
                       "hubble_deep_field")  # fmt: skip
@@ -97,14 +96,15 @@ def photo_folder() -> str:
 
 def variants(ckpt: str, fp32: str, name: str, calibration: str, samples: int) -> dict[str, str]:
     """Every mode of the standard bundle `fp32`, then the fused-decoder export and its CPU modes."""
-    from calibration.quantize import FUSED_MODES, quantize_bundle
+    from calibration.quantize import quantize_bundle
+    from core.recipes import FUSED_MODES, QUANTIZE_MODES
     from export.onnx_export import export_onnx
 
     out = {"fp32": fp32}
     fused = os.path.join(CACHE, "bundles", f"{name}-fused-fp32")
     if not os.path.exists(os.path.join(fused, "manifest.json")):
         export_onnx(ckpt, fused, decoder="fused")
-    jobs = [(mode, fp32, mode) for mode in MODES] + [("fused fp32", None, None)]
+    jobs = [(mode, fp32, mode) for mode in QUANTIZE_MODES] + [("fused fp32", None, None)]
     jobs += [(f"fused {mode}", fused, mode) for mode in FUSED_MODES]
     for label, src, mode in jobs:
         path = os.path.join(CACHE, "bundles", f"{name}-{label.replace(' ', '-')}")
@@ -119,7 +119,7 @@ def accuracy(
     paths: dict[str, str], reference, cases, max_new_tokens: int, label: str = ""
 ) -> dict[str, dict]:
     """{mode: parity.compare's summary, its per-case "rows" included, + bundle bytes}."""
-    from export import parity
+    from evaluation import parity
     from runtime.pipeline import VLMPipeline
 
     out = {}
@@ -145,9 +145,9 @@ def smollm2(args) -> dict:
     from PIL import Image
     from runtime_decode import PROMPT, build_bundle, build_checkpoint
 
-    from export import parity
-    from export.bench import bench
-    from nanovlm.processors import load_image
+    from core.processors import load_image
+    from evaluation import parity
+    from evaluation.bench import bench
 
     ckpt = build_checkpoint()
     paths = variants(ckpt, build_bundle(ckpt), "nanovlm-222m-shape", photo_folder(), 20)
@@ -159,7 +159,7 @@ def smollm2(args) -> dict:
     reference = parity.Reference(ckpt)  # one PyTorch run per case, shared by every comparison below
     summaries = accuracy(paths, reference, cases, 32)
     result = {"accuracy": without_rows(summaries)}
-    speed = bench(list(paths.values()), None, None, PROMPT, args.new_tokens, args.repeats, None, ())
+    speed = bench(list(paths.values()), None, None, PROMPT, args.max_new_tokens, args.repeats, None, ())
     result["speed"] = {mode: row for mode, row in zip(paths, speed["rows"], strict=True)}
     result["llama_cpp"] = llama_cpp_speed(ckpt, speed["rows"][0]["prompt_positions"], args)
     text = len(EVAL_PHOTOS)  # the text prompts' rows of the comparison above
@@ -175,7 +175,7 @@ def smollm2(args) -> dict:
 def llama_cpp_text_kl(reference, fp32: str, cases: list) -> dict[str, dict]:
     """KL vs fp32 PyTorch of llama.cpp's GGUFs on the text prompts (teacher-forced along PyTorch's
     greedy answer; over the base vocabulary, the GGUF's); {} without llama.cpp or the GGUFs."""
-    from export import parity
+    from evaluation import parity
     from runtime.pipeline import VLMPipeline
 
     try:
@@ -210,7 +210,7 @@ def llama_cpp_speed(ckpt: str, positions: int, args) -> dict:
     from llamacpp import decode_speed, prompt_ids, quantize_q4_1, write_gguf
     from runtime_decode import PROMPT
 
-    from export.bench import spread
+    from evaluation.bench import spread
 
     lm = os.path.join(CACHE, "smollm2-135m-instruct")
     f32 = os.path.join(CACHE, "smollm2-135m-f32.gguf")
@@ -223,7 +223,7 @@ def llama_cpp_speed(ckpt: str, positions: int, args) -> dict:
     out = {}
     for name, path in (("llama.cpp f32", f32), ("llama.cpp Q4_1", q41)):
         runs = [
-            decode_speed(path, ids, args.new_tokens, threads=os.cpu_count() or 1)
+            decode_speed(path, ids, args.max_new_tokens, threads=os.cpu_count() or 1)
             for _ in range(args.repeats + 1)
         ][1:]
         rates = [r["decode_tokens_per_s"] for r in runs]
@@ -232,7 +232,7 @@ def llama_cpp_speed(ckpt: str, positions: int, args) -> dict:
 
 
 def tiny(args) -> dict:
-    from export import parity
+    from evaluation import parity
 
     root = os.path.join(REPO, "artifacts", "tiny")
     ckpt, fp32 = os.path.join(root, "checkpoint"), os.path.join(root, "bundle")
@@ -293,7 +293,7 @@ def print_tables(report: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="smollm2,tiny")
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tiny-cases", type=int, default=600)
     ap.add_argument("--json", default=None)
@@ -301,7 +301,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report = {
         "machine": f"{os.cpu_count()} CPU threads",
-        "new_tokens": args.new_tokens,
+        "new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
     }
     models = args.models.split(",")

@@ -1,6 +1,6 @@
 """Decode speed of the runtime vs the PyTorch reference, nanoVLM-222M shape, real SmolLM2-135M LM.
 
-    python benchmarks/runtime_decode.py [--new-tokens 128] [--repeats 3] [--json OUT]
+    python benchmarks/runtime_decode.py [--max-new-tokens 128] [--repeats 3] [--json OUT]
 
 Builds (once, cached in .cache/) a checkpoint of the nanoVLM-222M shape: a SigLIP-B/16-224-shaped
 ViT (random weights: no SigLIP is reachable offline; the vision cost is the same) and the real
@@ -36,7 +36,7 @@ PROMPT = ("Look carefully at this photograph and describe the person, their clot
 def build_checkpoint() -> str:
     import torch
 
-    from nanovlm.config import VLMConfig
+    from core.config import VLMConfig
     from nanovlm.vision_language_model import VisionLanguageModel
 
     ckpt = os.path.join(CACHE, "nanovlm-222m-shape")
@@ -54,7 +54,7 @@ def build_checkpoint() -> str:
     )  # fmt: skip
     torch.manual_seed(0)
     model = VisionLanguageModel(cfg, load_backbone=True)
-    from nanovlm.processors import Tokenizer
+    from core.processors import Tokenizer
 
     model.tokenizer = Tokenizer.from_dir(lm, cfg)
     model.save_pretrained(ckpt)
@@ -82,7 +82,7 @@ def timed(fn, repeats: int) -> tuple[list, list[dict]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -91,7 +91,8 @@ def main() -> None:
     from PIL import Image
     from skimage import data
 
-    from nanovlm.processors import ImageProcessor, prepare_batch
+    from core.bundle import load_bundle
+    from core.processors import ImageProcessor, prepare_batch
     from nanovlm.vision_language_model import VisionLanguageModel
     from runtime.onnx_backend import session_options
     from runtime.pipeline import GenerationRequest, VLMPipeline
@@ -99,7 +100,7 @@ def main() -> None:
     ckpt = build_checkpoint()
     bundle = build_bundle(ckpt)
     image = Image.fromarray(data.astronaut())
-    n = args.new_tokens
+    n = args.max_new_tokens
     torch.set_num_threads(os.cpu_count() or 1)
 
     # --- PyTorch reference (KV cache)
@@ -126,13 +127,12 @@ def main() -> None:
         return out, {"ttft_s": ttft, "decode_tok_s": (n - 1) / dec, "prompt_positions": emb.shape[1]}
 
     # --- naive ONNX Runtime loop: same graphs, numpy caches through session.run
-    man = json.load(open(os.path.join(bundle, "manifest.json")))
+    b = load_bundle(bundle)
     so = session_options()
     vis = ort.InferenceSession(
         os.path.join(bundle, "vision_encoder.onnx"), so, providers=["CPUExecutionProvider"]
     )
     dec_s = ort.InferenceSession(os.path.join(bundle, "decoder.onnx"), so, providers=["CPUExecutionProvider"])
-    kv = man["kv_cache"]
 
     def run_naive():
         t0 = time.perf_counter()
@@ -140,8 +140,8 @@ def main() -> None:
         rows = img.reshape(-1, img.shape[-1])
         feed_ids, mask = batch.input_ids, batch.attention_mask
         pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
-        past = [np.zeros((1, kv["kv_heads"], 0, kv["head_dim"]), np.float32)] * (2 * kv["layers"])
-        names = [f"past_key_values.{i}.{p}" for i in range(kv["layers"]) for p in ("key", "value")]
+        past = [np.zeros((1, b.kv_heads, 0, b.head_dim), np.float32)] * (2 * b.kv_layers)
+        names = [f"past_key_values.{i}.{p}" for i in range(b.kv_layers) for p in ("key", "value")]
         out, ttft, t1 = [], 0.0, 0.0
         for step in range(n):
             res = dec_s.run(None, {"input_ids": feed_ids, "image_embeds": rows, "attention_mask": mask,

@@ -27,7 +27,7 @@ from typing import Any
 
 from PIL import Image
 
-from nanovlm.processors import load_image
+from core.processors import load_image
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def load_calibration(
 
 
 def _builtin(n: int, seed: int) -> Iterator[CalibrationSample]:
-    from nanovlm.shapes_dataset import ShapesDataset
+    from core.shapes_dataset import ShapesDataset
 
     ds = ShapesDataset("validation", seed=seed)
     for i in range(n):
@@ -139,7 +139,7 @@ def _hf_records(source: str) -> Iterator[dict[str, Any]]:
 
 def _from_records(source: str, records: Iterator[dict[str, Any]], n: int) -> CalibrationSet:
     """the_cauldron / FineVision records -> samples (first image set, first user turn)."""
-    from nanovlm.hf_dataset import record_to_conversation
+    from core.conversations import record_to_conversation
 
     cal = CalibrationSet(source, [])
     for record in records:

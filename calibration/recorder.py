@@ -15,7 +15,7 @@ import numpy as np
 from onnxruntime.quantization.calibrate import CalibrationDataReader
 from tqdm import tqdm
 
-from runtime.bundle import Bundle
+from core.bundle import Bundle
 from runtime.onnx_backend import session_options
 from runtime.pipeline import GenerationRequest, VLMPipeline
 
@@ -34,10 +34,9 @@ class RecordingBackend:
             g: ort.InferenceSession(bundle.graph_path(g), session_options(threads), providers=["CPUExecutionProvider"])
             for g in ("vision_encoder", "decoder")
         }  # fmt: skip
-        kv = bundle.manifest["kv_cache"]
-        self.layers, self.kv_heads, self.head_dim = kv["layers"], kv["kv_heads"], kv["head_dim"]
-        self.kv_dtype = np.dtype(kv.get("dtype", "float32"))
-        self.max_context = bundle.manifest["generation"]["max_context"]
+        self.layers, self.kv_heads, self.head_dim = bundle.kv_layers, bundle.kv_heads, bundle.head_dim
+        self.kv_dtype = np.dtype(bundle.kv_dtype)
+        self.max_context = bundle.max_context
         self.vision_feeds: list[dict[str, np.ndarray]] = []
         self.decoder_feeds: list[dict[str, np.ndarray]] = []
 

@@ -76,7 +76,7 @@ def build_fused_decoder(model: VisionLanguageModel) -> onnx.ModelProto:
     P = g.one("Sub", [T, S], "/shape/past")
 
     # -- embeddings with image rows merged (same rule as export/graphs.py DecoderGraph)
-    image_id = cfg.image_token_id if cfg.image_placement == "replace" else -1
+    image_id = cfg.image_slot_id
     emb = "decoder.token_embedding.weight"
     g.const(emb, sd["token_embedding.weight"])
     zero_i = i64("/const/zero_i64", 0)

@@ -34,7 +34,7 @@ class DecoderGraph(nn.Module):
         super().__init__()
         self.decoder = model.decoder
         cfg = model.cfg
-        self.image_token_id = cfg.image_token_id if cfg.image_placement == "replace" else -1
+        self.image_token_id = cfg.image_slot_id
         self.n_layers = cfg.lm_n_blocks
 
     def forward(

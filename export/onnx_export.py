@@ -15,14 +15,14 @@ import warnings
 import onnx
 import torch
 
+from core.bundle import Manifest
+from core.config import VLMConfig
+from core.files import staged_dir
+from core.graph_io import graph_io
 from nanovlm.checkpoint import resolve_checkpoint
-from nanovlm.config import VLMConfig
-from nanovlm.files import staged_dir
 from nanovlm.vision_language_model import VisionLanguageModel
-from runtime.bundle import FORMAT_VERSION, file_sha256, write_manifest
 from runtime.onnx_backend import FUSED_MIN_ORT
 
-from .graph_io import graph_io
 from .graphs import DecoderGraph, VisionEncoderGraph, decoder_io_names
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ DECODER_GRAPHS = ("standard", "fused")
 
 def export_onnx(
     src: str, out: str, precision: str = "fp32", opset: int = DEFAULT_OPSET, decoder: str = "standard"
-) -> dict:
+) -> Manifest:
     """Export checkpoint `src` (directory or Hub id) to the bundle directory `out`; returns the manifest.
 
     decoder="standard": standard ONNX ops only (ONNX Runtime on any EP, TensorRT).
@@ -97,10 +97,7 @@ def export_onnx(
         log.info("[4/4] writing tokenizer, config and manifest")
         model.tokenizer.save(tmp)
         model.cfg.save(os.path.join(tmp, "config.json"))
-        extra = {"decoder_graph": decoder}
-        if decoder == "fused":
-            extra["runs_on"] = ["onnxruntime"]
-        manifest = write_manifest(tmp, model.cfg, model.tokenizer, graphs, precision, opset, extra)
+        manifest = Manifest(precision, opset, graphs, decoder_graph=decoder).write(tmp)
     log.info("bundle written to %s in %.1f s", out, time.time() - t0)
     return manifest
 
@@ -142,7 +139,7 @@ def _export_decoder(model: VisionLanguageModel, out: str, opset: int) -> dict:
     dtype = next(model.parameters()).dtype
     kv = (B, cfg.lm_n_kv_heads, P, cfg.lm_head_dim)
     ids = torch.randint(0, cfg.lm_base_vocab_size, (B, S))
-    img_id = cfg.image_token_id if cfg.image_placement == "replace" else -1
+    img_id = cfg.image_slot_id
     ids[0, 1] = img_id  # trace the merge with one image row
     args = (
         ids,
@@ -241,4 +238,3 @@ def check_fused_graph(path: str) -> None:
         ) from None
 
 
-__all__ = ["export_onnx", "check_graph", "FORMAT_VERSION", "file_sha256"]

@@ -12,14 +12,15 @@ engines and compares greedy tokens with ONNX Runtime where both are present.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import time
 
-from nanovlm.files import staged_dir
-from runtime.bundle import MANIFEST, finish_manifest, load_bundle
+from core.bundle import MANIFEST, Bundle, Manifest, load_bundle
+from core.files import atomic_write, staged_dir
 from runtime.trt_backend import device_info
 from runtime.trt_plan import Limits, polygraphy_command, profiles, trtexec_commands
 
@@ -34,25 +35,25 @@ def contrib_ops(graph_path: str) -> list[str]:
     return sorted({f"{n.domain}.{n.op_type}" for n in m.graph.node if n.domain not in ("", "ai.onnx")})
 
 
-def check_buildable(bundle_path: str) -> dict:
-    """The bundle's manifest, after refusing what TensorRT cannot take, before any GPU work."""
+def check_buildable(bundle_path: str) -> Bundle:
+    """The bundle, after refusing what TensorRT cannot take, before any GPU work."""
     bundle = load_bundle(bundle_path)
     for graph in ("vision_encoder", "decoder"):
         foreign = contrib_ops(bundle.graph_path(graph))
         if foreign:
             raise ValueError(
                 f"{bundle_path}: {graph} uses ONNX Runtime contrib ops {foreign} "
-                f"(mode {bundle.manifest.get('precision')}, decoder {bundle.manifest.get('decoder_graph', 'standard')}); "
+                f"(mode {bundle.mode}, decoder {bundle.manifest.decoder_graph}); "
                 "TensorRT takes the fp32, fp16 or int8-static bundles with the standard decoder"
             )
-    return bundle.manifest
+    return bundle
 
 
 def build_engines(bundle_path: str, out: str, limits: Limits, workspace_mb: int = 2048,
-                  timing_cache: str | None = None) -> dict:  # fmt: skip
+                  timing_cache: str | None = None) -> Manifest:  # fmt: skip
     """Build one engine per graph into a copy of the bundle at `out`; returns the new manifest."""
-    manifest = check_buildable(bundle_path)
-    plans = profiles(manifest, limits)  # validates the limits against the model's context
+    bundle = check_buildable(bundle_path)
+    plans = profiles(bundle, limits)  # validates the limits against the model's context
     import tensorrt as trt
 
     device = device_info()
@@ -65,7 +66,7 @@ def build_engines(bundle_path: str, out: str, limits: Limits, workspace_mb: int 
         engines = {}
         for graph, plist in plans.items():
             t0 = time.time()
-            file = manifest["graphs"][graph]["file"]
+            file = bundle.graph_spec(graph)["file"]
             engine_file = file.removesuffix(".onnx") + ".engine"
             log.info("building %s (%d profiles)", engine_file, len(plist))
             data = _build_one(trt, logger, os.path.join(tmp, file), plist, workspace_mb, cache_path)
@@ -86,17 +87,17 @@ def build_engines(bundle_path: str, out: str, limits: Limits, workspace_mb: int 
                 "build_seconds": round(time.time() - t0, 1),
             }
         with open(os.path.join(tmp, "trtexec.txt"), "w") as f:
-            for graph, cmd in trtexec_commands(manifest, limits, workspace_mb).items():
+            for graph, cmd in trtexec_commands(bundle, limits, workspace_mb).items():
                 f.write(f"# {graph}\n{cmd}\n\n")
             f.write(
-                f"# compare ONNX Runtime and TensorRT on the decoder\n{polygraphy_command(manifest, limits)}\n"
+                f"# compare ONNX Runtime and TensorRT on the decoder\n{polygraphy_command(bundle, limits)}\n"
             )
         if timing_cache and os.path.exists(timing_cache):
             shutil.copy2(timing_cache, os.path.join(tmp, "timing.cache"))
         limits_meta = {"max_batch": limits.max_batch, "max_seq": limits.max_seq,
                        "max_context": limits.max_context, "max_images": limits.max_images}  # fmt: skip
-        manifest = finish_manifest(tmp, manifest | {"tensorrt": {"engines": engines, "limits": limits_meta}})
-    return manifest
+        tensorrt = {"engines": engines, "limits": limits_meta}
+        return dataclasses.replace(bundle.manifest, tensorrt=tensorrt).write(tmp)
 
 
 def _build_one(trt, logger, onnx_path: str, plist: list[dict], workspace_mb: int, cache_path: str) -> bytes:
@@ -120,12 +121,11 @@ def _build_one(trt, logger, onnx_path: str, plist: list[dict], workspace_mb: int
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine for {onnx_path} (see the log above)")
-    with open(cache_path + ".tmp", "wb") as f:
+    with atomic_write(cache_path, "wb") as f:
         f.write(memoryview(config.get_timing_cache().serialize()))
-    os.replace(cache_path + ".tmp", cache_path)
     return bytes(serialized)
 
 
-def describe(manifest: dict) -> str:
-    return json.dumps({g: {k: v for k, v in e.items() if k != "profiles"} for g, e in manifest["tensorrt"]["engines"].items()},
+def describe(manifest: Manifest) -> str:
+    return json.dumps({g: {k: v for k, v in e.items() if k != "profiles"} for g, e in manifest.tensorrt["engines"].items()},
                       indent=2)  # fmt: skip

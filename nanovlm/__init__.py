@@ -1,7 +1,7 @@
 """nanoVLM-style vision-language models: the PyTorch reference.
 
-Importing the package is cheap and torch-free; the torch modules load on first use, so the
-torch-free runtime can share `nanovlm.config` and `nanovlm.processors`.
+Importing the package is cheap: the torch modules load on first use. What the torch-free floors
+share with it (config, processors, bundle, sampling) lives in `core`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 __all__ = ["VLMConfig", "VisionLanguageModel", "ViT", "LanguageModel", "ModalityProjector"]
 
 _LAZY = {
-    "VLMConfig": "nanovlm.config",
+    "VLMConfig": "core.config",
     "VisionLanguageModel": "nanovlm.vision_language_model",
     "ViT": "nanovlm.vision_transformer",
     "LanguageModel": "nanovlm.language_model",

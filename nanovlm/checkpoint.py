@@ -15,9 +15,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 
-from .config import VLMConfig
-from .files import staged_dir
-from .processors import Tokenizer
+from core.config import VLMConfig
+from core.files import staged_dir
+from core.processors import Tokenizer
 
 if TYPE_CHECKING:
     from .vision_language_model import VisionLanguageModel

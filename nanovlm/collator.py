@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
-from .config import VLMConfig
-from .processors import ImageProcessor, Tokenizer, image_string, render_chat
+from core.config import VLMConfig
+from core.conversations import Conversation
+from core.processors import ImageProcessor, Tokenizer, image_string, render_chat
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Conversation:
-    """One training sample: images and (user, assistant) turns; images belong to the first turn."""
-
-    images: list[Any]
-    turns: list[tuple[str, str]]
 
 
 def encode_conversation(

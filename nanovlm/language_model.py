@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import VLMConfig
+from core.config import VLMConfig
+
 from .hf_weights import TensorSource, copy_into, read_hf_config
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .config import VLMConfig
+from core.config import VLMConfig
 
 
 class ModalityProjector(nn.Module):

@@ -6,9 +6,9 @@ questions and answers, and the model starts from random weights.
 
 from __future__ import annotations
 
-from .config import VLMConfig
-from .processors import Tokenizer
-from .shapes_dataset import corpus
+from core.config import VLMConfig
+from core.processors import Tokenizer
+from core.shapes_dataset import corpus
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 BASE_VOCAB = 368  # the built-in corpus merges fully at 372

@@ -22,11 +22,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from core.config import VLMConfig
+from core.conversations import Conversation
+from core.processors import ImageProcessor, Tokenizer, prepare_batch
+from core.shapes_dataset import QUESTION_TYPES, ShapesDataset, scene_questions, split_blind_baseline
+
 from .checkpoint import load_weights, save_checkpoint
-from .collator import Collator, Conversation
-from .config import VLMConfig
-from .processors import ImageProcessor, Tokenizer, prepare_batch
-from .shapes_dataset import QUESTION_TYPES, ShapesDataset, scene_questions, split_blind_baseline
+from .collator import Collator
 from .train_config import TrainConfig
 from .vision_language_model import VisionLanguageModel
 
@@ -124,7 +126,7 @@ def conversations(tc: TrainConfig, start: int, rank: int, world: int) -> Iterato
                 yield Conversation([s.image], [(s.question, s.answer)])
             k += 1
     if tc.dataset.startswith("hf:"):
-        from .hf_dataset import HFConversations
+        from core.conversations import HFConversations
 
         name, _, subset = tc.dataset[3:].partition(":")
         yield from HFConversations(name, subset or None, tc.dataset_split, tc.streaming).iterate(
@@ -192,7 +194,6 @@ def answer(
         torch.from_numpy(batch.pixel_values).to(device),
         attention_mask=torch.from_numpy(batch.attention_mask).to(device),
         max_new_tokens=max_new_tokens,
-        greedy=True,
         eos_token_id=tokenizer.eos_token_id,
     )
     return [tokenizer.decode(row.tolist()) for row in out]

@@ -12,11 +12,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import VLMConfig
+from core.config import VLMConfig
+from core.processors import Tokenizer
+from core.sampling import SamplingConfig
+
 from .generation import sample
 from .language_model import KV, LanguageModel, positions_from_mask
 from .modality_projector import ModalityProjector
-from .processors import Tokenizer
 from .vision_transformer import ViT
 
 log = logging.getLogger(__name__)
@@ -157,19 +159,19 @@ class VisionLanguageModel(nn.Module):
         images: ImagesArg | None,
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int = 5,
-        top_k: int = 50,
-        top_p: float = 0.9,
-        temperature: float = 0.5,
-        greedy: bool = False,
+        sampling: SamplingConfig | None = None,
         eos_token_id: int | None = None,
-        seed: int | None = None,
         use_kv_cache: bool = True,
     ) -> torch.Tensor:
         """-> new token ids [B, n] (n <= max_new_tokens). Rows that hit EOS are padded with EOS;
-        generation stops once every row has finished. eos_token_id defaults to the tokenizer's."""
+        generation stops once every row has finished. eos_token_id defaults to the tokenizer's;
+        `sampling` defaults to greedy."""
+        sampling = sampling or SamplingConfig()
         if eos_token_id is None and self.tokenizer is not None:
             eos_token_id = self.tokenizer.eos_token_id
-        generator = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
+        generator = None
+        if sampling.seed is not None:
+            generator = torch.Generator(device=input_ids.device).manual_seed(sampling.seed)
         embeds, mask = self.embed(input_ids, images, attention_mask)
         B, S = embeds.shape[:2]
         limit = self.cfg.lm_max_position_embeddings
@@ -179,14 +181,19 @@ class VisionLanguageModel(nn.Module):
                 f"model's context of {limit}"
             )
         logits, cache, pos = self.prefill(embeds, mask)
+        # tokens the repetition penalty sees: the prompt (padding replaced by a real token of the row)
+        seen = input_ids
+        if attention_mask is not None:
+            seen = torch.where(attention_mask.bool(), input_ids, input_ids[:, -1:])
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         out: list[torch.Tensor] = []
         for step in range(max_new_tokens):
-            token = sample(logits, greedy, temperature, top_k, top_p, generator)  # [B]
+            token = sample(logits, sampling, seen, generator)  # [B]
             if eos_token_id is not None:
                 token = token.masked_fill(finished, eos_token_id)
                 finished |= token == eos_token_id
             out.append(token)
+            seen = torch.cat((seen, token[:, None]), dim=1)
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)

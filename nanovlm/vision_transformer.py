@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import VLMConfig
+from core.config import VLMConfig
+
 from .hf_weights import TensorSource, copy_into, read_hf_config
 from .language_model import attention_fp32_softmax
 

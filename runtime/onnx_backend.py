@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Bundle
+from core.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,14 @@ def session_options(threads: int | None = None, optimized_model_path: str | None
 
 
 def trt_profile_shapes(
-    manifest: dict, max_batch: int, max_context: int, max_images: int
+    bundle: Bundle, max_batch: int, max_context: int, max_images: int
 ) -> dict[str, dict[str, str]]:
     """TensorRT EP profile options for each graph, from the same plan as `nanovlm-export trt`
     (runtime/trt_plan.py). The EP takes one profile per graph here: the decode profile's min and
     opt (decode is what runs per token) with a max that also covers prefills of up to max_context."""
     from .trt_plan import Limits, profiles, shape_spec
 
-    plan = profiles(manifest, Limits(max_batch, max_context, max_context, max_images))
+    plan = profiles(bundle, Limits(max_batch, max_context, max_context, max_images))
     out = {}
     for graph, plist in plan.items():
         top = {name: tuple(max(p["max"][name][d] for p in plist) for d in range(len(shape)))
@@ -94,12 +94,11 @@ class OrtBackend:
             )
         self.bundle, self.provider = bundle, provider
         self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
-        kv = bundle.manifest["kv_cache"]
-        self.layers, self.kv_heads, self.head_dim = kv["layers"], kv["kv_heads"], kv["head_dim"]
-        self.kv_dtype = np.dtype(kv.get("dtype", "float32"))
-        self.max_context = bundle.manifest["generation"]["max_context"]
-        self.vocab = bundle.manifest["graphs"]["decoder"]["outputs"][0]["shape"][1]
-        fused = bundle.manifest.get("decoder_graph") == "fused"
+        self.layers, self.kv_heads, self.head_dim = bundle.kv_layers, bundle.kv_heads, bundle.head_dim
+        self.kv_dtype = np.dtype(bundle.kv_dtype)
+        self.max_context = bundle.max_context
+        self.vocab = bundle.vocab_size
+        fused = bundle.fused
         self.kv_in_place = fused
         if fused and provider != "cpu":
             log.warning(
@@ -114,7 +113,7 @@ class OrtBackend:
                 cache = engine_cache or os.path.join(bundle.path, "trt_cache")
                 opts = {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache, "trt_fp16_enable": fp16,
                         "trt_int8_enable": int8, "trt_timing_cache_enable": True}  # fmt: skip
-                opts |= trt_profile_shapes(bundle.manifest, max_batch, self.max_context, max_images)[graph]
+                opts |= trt_profile_shapes(bundle, max_batch, self.max_context, max_images)[graph]
                 if int8 and calibration_table:
                     # implicit INT8 of a float bundle with the TensorRT-format table that
                     # `quantize --mode int8-static` writes (QDQ bundles need none: TensorRT refuses both)

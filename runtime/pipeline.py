@@ -15,10 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from nanovlm.processors import Batch, ImageProcessor, Tokenizer, prepare_batch
-
-from .bundle import Bundle, load_bundle
-from .sampler import Sampler, SamplingConfig
+from core.bundle import Bundle, load_bundle
+from core.processors import Batch, ImageProcessor, Tokenizer, prepare_batch
+from core.sampling import Sampler, SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +59,10 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # always produce max_new_tokens (benchmarks)
 
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
+
 
 class VLMPipeline:
     # ------------------------------------------------------------------ model
@@ -68,7 +71,6 @@ class VLMPipeline:
         self.cfg = bundle.config
         self.tokenizer = Tokenizer.from_dir(bundle.path, self.cfg)
         self.image_processor = ImageProcessor.from_config(self.cfg)
-        self.image_token_id = bundle.manifest["image_token_id"]
         self.last_timings = Timings()
 
     @classmethod
@@ -98,7 +100,7 @@ class VLMPipeline:
         """(input_ids, attention_mask, image rows) for the decoder; prefix models get -1 image slots."""
         ids, mask = batch.input_ids, batch.attention_mask
         rows = image_embeds.reshape(-1, image_embeds.shape[-1])  # [tiles * tokens, hidden]; may be empty
-        if self.bundle.manifest["image_placement"] == "prefix":
+        if self.bundle.placement == "prefix":
             n = image_embeds.shape[1]
             ids = np.concatenate([np.full((ids.shape[0], n), -1, np.int64), ids], axis=1)
             mask = np.concatenate([np.ones((mask.shape[0], n), np.int64), mask], axis=1)
@@ -167,26 +169,27 @@ class VLMPipeline:
         return text, False
 
     def generate(self, images: Any, prompt: str, max_new_tokens: int = 64, stop: list[str] | None = None,
-                 **sampling: Any) -> str:  # fmt: skip
-        """Answer `prompt` about `images` (one image or a list: paths, PIL images or file objects)."""
-        return "".join(self.stream(images, prompt, max_new_tokens, stop, **sampling))
+                 sampling: SamplingConfig | None = None) -> str:  # fmt: skip
+        """Answer `prompt` about `images` (one image or a list: paths, PIL images or file objects);
+        greedy unless `sampling` says otherwise."""
+        return "".join(self.stream(images, prompt, max_new_tokens, stop, sampling))
 
     def stream(self, images: Any, prompt: str, max_new_tokens: int = 64, stop: list[str] | None = None,
-               **sampling: Any) -> Iterator[str]:  # fmt: skip
+               sampling: SamplingConfig | None = None) -> Iterator[str]:  # fmt: skip
         """Like generate, yielding text as tokens arrive."""
-        request = GenerationRequest(max_new_tokens, SamplingConfig(**sampling), list(stop or []))
+        request = GenerationRequest(max_new_tokens, sampling or SamplingConfig(), list(stop or []))
         yield from self._stream(self._batch([_as_list(images)], [prompt]), request)
 
     def chat(self, images: Any, history: list[tuple[str, str]], prompt: str, max_new_tokens: int = 64,
-             **sampling: Any) -> str:  # fmt: skip
+             sampling: SamplingConfig | None = None) -> str:  # fmt: skip
         """One more turn of a conversation about the same images; `history` holds (question, answer) pairs."""
-        request = GenerationRequest(max_new_tokens, SamplingConfig(**sampling))
+        request = GenerationRequest(max_new_tokens, sampling or SamplingConfig())
         return "".join(self._stream(self._batch([_as_list(images)], [prompt], [history]), request))
 
     def generate_batch(self, items: list[tuple[Any, str]], max_new_tokens: int = 64, stop: list[str] | None = None,
-                       **sampling: Any) -> list[str]:  # fmt: skip
+                       sampling: SamplingConfig | None = None) -> list[str]:  # fmt: skip
         """Several (images, prompt) pairs in one left-padded batch."""
-        request = GenerationRequest(max_new_tokens, SamplingConfig(**sampling), list(stop or []))
+        request = GenerationRequest(max_new_tokens, sampling or SamplingConfig(), list(stop or []))
         batch = self._batch([_as_list(i) for i, _ in items], [p for _, p in items])
         rows: list[list[int]] = [[] for _ in items]
         for token in self.generate_ids(batch, request):

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Bundle, BundleError
+from core.bundle import Bundle, BundleError
+
 from .trt_plan import Limits, check_engine_compatible, pick_profile
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class DeviceBuffer:
 
 class TrtBackend:
     def __init__(self, bundle: Bundle):
-        meta = bundle.manifest.get("tensorrt")
+        meta = bundle.manifest.tensorrt
         if not meta:
             raise BundleError(f"{bundle.path}: no TensorRT engines; build them with `nanovlm-export trt`")
         try:
@@ -92,15 +93,12 @@ class TrtBackend:
                 ctx.set_optimization_profile_async(k, int(self.stream))
                 contexts.append(ctx)
             self.contexts[graph] = contexts
-        kv = bundle.manifest["kv_cache"]
-        self.layers, self.kv_heads, self.head_dim = kv["layers"], kv["kv_heads"], kv["head_dim"]
-        self.kv_dtype = np.dtype(kv.get("dtype", "float32"))
+        self.layers, self.kv_heads, self.head_dim = bundle.kv_layers, bundle.kv_heads, bundle.head_dim
+        self.kv_dtype = np.dtype(bundle.kv_dtype)
         self.max_context = self.limits.max_context
-        dec = bundle.manifest["graphs"]["decoder"]
-        self.hidden = dec["inputs"][1]["shape"][1]
-        self.vocab = dec["outputs"][0]["shape"][1]
-        self.tokens = bundle.manifest["image_token_count"]
-        tile = bundle.manifest["preprocessing"]["tile_size"]
+        self.hidden, self.vocab = bundle.hidden_dim, bundle.vocab_size
+        self.tokens = bundle.image_token_count
+        tile = bundle.tile_size
         L = self.limits
         # device memory, allocated once at the limits
         kv_bytes = L.max_batch * self.kv_heads * L.max_context * self.head_dim * self.kv_dtype.itemsize

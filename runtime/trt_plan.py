@@ -1,4 +1,4 @@
-"""TensorRT planning from the bundle manifest: profiles, buffer sizes, compatibility, command lines.
+"""TensorRT planning from the bundle: profiles, buffer sizes, compatibility, command lines.
 
 Plain functions with no TensorRT import, shared by the engine builder (export/trt_build.py) and
 the TensorRT backend (runtime/trt_backend.py), and tested without a GPU.
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from core.bundle import Bundle
 
 Shape = tuple[int, ...]
 
@@ -34,38 +36,36 @@ class Limits:
             raise ValueError(f"max_context={self.max_context} exceeds the model's context of {model_context}")
 
 
-def _decoder_shapes(manifest: dict, batch: int, seq: int, past: int, image_rows: int) -> dict[str, Shape]:
-    kv = manifest["kv_cache"]
-    hidden = manifest["graphs"]["decoder"]["inputs"][1]["shape"][1]
+def _decoder_shapes(bundle: Bundle, batch: int, seq: int, past: int, image_rows: int) -> dict[str, Shape]:
     shapes: dict[str, Shape] = {
         "input_ids": (batch, seq),
-        "image_embeds": (image_rows, hidden),
+        "image_embeds": (image_rows, bundle.hidden_dim),
         "attention_mask": (batch, past + seq),
         "position_ids": (batch, seq),
     }
-    for i in range(kv["layers"]):
+    for i in range(bundle.kv_layers):
         for part in ("key", "value"):
-            shapes[f"past_key_values.{i}.{part}"] = (batch, kv["kv_heads"], past, kv["head_dim"])
+            shapes[f"past_key_values.{i}.{part}"] = (batch, bundle.kv_heads, past, bundle.head_dim)
     return shapes
 
 
-def profiles(manifest: dict, limits: Limits) -> dict[str, list[dict[str, Any]]]:
+def profiles(bundle: Bundle, limits: Limits) -> dict[str, list[dict[str, Any]]]:
     """{graph: [{"name", "min": {input: shape}, "opt": ..., "max": ...}, ...]} in profile-index order."""
-    limits.check(manifest["generation"]["max_context"])
-    tile = manifest["preprocessing"]["tile_size"]
-    rows = limits.max_images * manifest["image_token_count"]
+    limits.check(bundle.max_context)
+    tile = bundle.tile_size
+    rows = limits.max_images * bundle.image_token_count
     B, S, C = limits.max_batch, limits.max_seq, limits.max_context
     decode = {
         "name": "decode",
-        "min": _decoder_shapes(manifest, 1, 1, 0, 0),
-        "opt": _decoder_shapes(manifest, 1, 1, C // 2, 0),
-        "max": _decoder_shapes(manifest, B, 1, C - 1, 0),
+        "min": _decoder_shapes(bundle, 1, 1, 0, 0),
+        "opt": _decoder_shapes(bundle, 1, 1, C // 2, 0),
+        "max": _decoder_shapes(bundle, B, 1, C - 1, 0),
     }
     prefill = {
         "name": "prefill",
-        "min": _decoder_shapes(manifest, 1, 1, 0, 0),
-        "opt": _decoder_shapes(manifest, 1, min(S, 128), 0, min(rows, manifest["image_token_count"])),
-        "max": _decoder_shapes(manifest, B, S, C - S, rows),
+        "min": _decoder_shapes(bundle, 1, 1, 0, 0),
+        "opt": _decoder_shapes(bundle, 1, min(S, 128), 0, min(rows, bundle.image_token_count)),
+        "max": _decoder_shapes(bundle, B, S, C - S, rows),
     }
     vision = {
         "name": "vision",
@@ -90,12 +90,11 @@ def pick_profile(graph_profiles: list[dict[str, Any]], shapes: dict[str, Shape])
     )
 
 
-def kv_buffer_bytes(manifest: dict, limits: Limits) -> int:
+def kv_buffer_bytes(bundle: Bundle, limits: Limits) -> int:
     """Device memory for the KV cache: two ping-pong sets, every layer's key and value, at max context."""
-    kv = manifest["kv_cache"]
-    item = 2 if kv.get("dtype", "float32") == "float16" else 4
+    item = 2 if bundle.kv_dtype == "float16" else 4
     per_set = (
-        2 * kv["layers"] * limits.max_batch * kv["kv_heads"] * limits.max_context * kv["head_dim"] * item
+        2 * bundle.kv_layers * limits.max_batch * bundle.kv_heads * limits.max_context * bundle.head_dim * item
     )
     return 2 * per_set
 
@@ -105,12 +104,17 @@ def shape_spec(shapes: dict[str, Shape]) -> str:
     return ",".join(f"{name}:{'x'.join(str(d) for d in shape)}" for name, shape in shapes.items())
 
 
-def trtexec_commands(manifest: dict, limits: Limits, workspace_mb: int = 2048, timing_cache: str = "timing.cache") -> dict[str, str]:  # fmt: skip
+def polygraphy_shapes(shapes: dict[str, Shape]) -> str:
+    """name:[A,B,C] name:[...] as polygraphy's --input-shapes and --trt-*-shapes take shapes."""
+    return " ".join(f"{name}:[{','.join(str(d) for d in shape)}]" for name, shape in shapes.items())
+
+
+def trtexec_commands(bundle: Bundle, limits: Limits, workspace_mb: int = 2048, timing_cache: str = "timing.cache") -> dict[str, str]:  # fmt: skip
     """The trtexec command line building each graph's engine with the same profiles (one set of
     --minShapes/--optShapes/--maxShapes per profile, in profile order)."""
     out = {}
-    for graph, plist in profiles(manifest, limits).items():
-        file = manifest["graphs"][graph]["file"]
+    for graph, plist in profiles(bundle, limits).items():
+        file = bundle.graph_spec(graph)["file"]
         parts = [
             "trtexec", f"--onnx={file}", f"--saveEngine={file.removesuffix('.onnx')}.engine", "--stronglyTyped",
             f"--memPoolSize=workspace:{workspace_mb}M", f"--timingCacheFile={timing_cache}",
@@ -125,14 +129,13 @@ def trtexec_commands(manifest: dict, limits: Limits, workspace_mb: int = 2048, t
     return out
 
 
-def polygraphy_command(manifest: dict, limits: Limits, graph: str = "decoder") -> str:
+def polygraphy_command(bundle: Bundle, limits: Limits, graph: str = "decoder") -> str:
     """polygraphy run comparing ONNX Runtime and TensorRT on one graph, at the decode profile's opt shapes."""
-    p = profiles(manifest, limits)[graph][0]
-    file = manifest["graphs"][graph]["file"]
-    shapes = " ".join(f"{n}:[{','.join(str(d) for d in s)}]" for n, s in p["opt"].items())
-    return (f"polygraphy run {file} --onnxrt --trt --input-shapes {shapes} "
-            f"--trt-min-shapes {shape_spec(p['min'])} --trt-opt-shapes {shape_spec(p['opt'])} --trt-max-shapes {shape_spec(p['max'])} "
-            "--atol 1e-3 --rtol 1e-3")  # fmt: skip
+    p = profiles(bundle, limits)[graph][0]
+    file = bundle.graph_spec(graph)["file"]
+    return (f"polygraphy run {file} --onnxrt --trt --input-shapes {polygraphy_shapes(p['opt'])} "
+            f"--trt-min-shapes {polygraphy_shapes(p['min'])} --trt-opt-shapes {polygraphy_shapes(p['opt'])} "
+            f"--trt-max-shapes {polygraphy_shapes(p['max'])} --atol 1e-3 --rtol 1e-3")  # fmt: skip
 
 
 def check_engine_compatible(engine_meta: dict, trt_version: str, device: dict[str, Any]) -> None:

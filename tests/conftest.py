@@ -11,7 +11,7 @@ import pytest
 # No model hub is reachable from test machines: fail Hub look-ups at once instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from nanovlm.config import VLMConfig
+from core.config import VLMConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("NANOVLM_TEST_CACHE", os.path.join(REPO, ".cache"))
@@ -36,15 +36,15 @@ def tiny_config(placement: str = "replace", **overrides) -> VLMConfig:
     return VLMConfig(**kw)
 
 
-def lively_model(placement: str, tokenizer_dir: str, seed: int = 0):
+def lively_model(placement: str, tokenizer_dir: str, seed: int = 0, blocks: int = 2):
     """A random tiny VLM with weights scaled up from the 0.02 init, so greedy paths vary."""
     import torch
 
-    from nanovlm.processors import Tokenizer
+    from core.processors import Tokenizer
     from nanovlm.vision_language_model import VisionLanguageModel
 
     torch.manual_seed(seed)
-    cfg = tiny_config(placement)
+    cfg = tiny_config(placement, lm_n_blocks=blocks)
     m = VisionLanguageModel(cfg, load_backbone=False, tokenizer=Tokenizer.from_dir(tokenizer_dir, cfg)).eval()
     with torch.no_grad():
         for p in m.parameters():
@@ -53,11 +53,11 @@ def lively_model(placement: str, tokenizer_dir: str, seed: int = 0):
     return m
 
 
-def export_lively(placement: str, tokenizer_dir: str, directory, decoder: str = "standard") -> tuple:
+def export_lively(placement: str, tokenizer_dir: str, directory, decoder: str = "standard", blocks: int = 2) -> tuple:
     """A lively tiny model saved as a checkpoint and exported: -> (model, bundle path)."""
     from export.onnx_export import export_onnx
 
-    m = lively_model(placement, tokenizer_dir)
+    m = lively_model(placement, tokenizer_dir, blocks=blocks)
     m.save_pretrained(directory / "ckpt")
     export_onnx(str(directory / "ckpt"), str(directory / "bundle"), decoder=decoder)
     return m, str(directory / "bundle")

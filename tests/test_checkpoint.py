@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nanovlm.config import VLMConfig
-from nanovlm.processors import Tokenizer
+from core.config import VLMConfig
+from core.processors import Tokenizer
 from nanovlm.vision_language_model import VisionLanguageModel
 from tests.conftest import tiny_config
 
@@ -170,7 +170,7 @@ def test_vlm_config_module_is_torch_free():
     import sys
 
     code = (
-        "import sys, nanovlm.config, nanovlm.processors; assert 'torch' not in sys.modules, 'torch imported'"
+        "import sys, core.config, core.processors; assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert VLMConfig  # imported above for the fixture module

@@ -3,7 +3,7 @@ import logging
 
 import pytest
 
-from nanovlm.config import V02_ONLY_KEYS, VLMConfig
+from core.config import V02_ONLY_KEYS, VLMConfig
 from tests.conftest import tiny_config
 
 

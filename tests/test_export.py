@@ -15,11 +15,11 @@ import torch
 
 ort = pytest.importorskip("onnxruntime")
 
+from core.bundle import BundleError, load_bundle  # noqa: E402
+from core.processors import ImageProcessor, Tokenizer, prepare_batch  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
 from nanovlm.language_model import positions_from_mask  # noqa: E402
-from nanovlm.processors import ImageProcessor, Tokenizer, prepare_batch  # noqa: E402
 from nanovlm.vision_language_model import VisionLanguageModel  # noqa: E402
-from runtime.bundle import BundleError, load_bundle  # noqa: E402
 from tests.conftest import export_lively, lively_model, nanovlm_222m_shape  # noqa: E402
 
 ATOL = 1e-4
@@ -33,7 +33,7 @@ def exported(request, tiny_tokenizer_dir, tmp_path_factory):
 
 
 def _fused(bundle: str) -> bool:
-    return load_bundle(bundle).manifest.get("decoder_graph") == "fused"
+    return load_bundle(bundle).fused
 
 
 def _sessions(bundle):
@@ -102,7 +102,7 @@ def _ort_generate(bundle, m, batch, max_new_tokens):
     (img,) = vis.run(None, {"pixel_values": batch.pixel_values})
     rows = img.reshape(-1, img.shape[-1])
     ids, mask = batch.input_ids, batch.attention_mask
-    if b.manifest["image_placement"] == "prefix":  # image slots in front, marked -1
+    if b.placement == "prefix":  # image slots in front, marked -1
         n = img.shape[1]
         ids = np.concatenate([np.full((ids.shape[0], n), -1, np.int64), ids], 1)
         mask = np.concatenate([np.ones((ids.shape[0], n), np.int64), mask], 1)
@@ -140,7 +140,7 @@ def test_end_to_end_greedy_equals_pytorch(exported):
     if m.cfg.image_placement == "replace":
         assert batch.pixel_values.shape[0] > 3  # several tiles per image went through
     ref = m.generate(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.pixel_values),
-                     attention_mask=torch.from_numpy(batch.attention_mask), max_new_tokens=12, greedy=True,
+                     attention_mask=torch.from_numpy(batch.attention_mask), max_new_tokens=12,
                      eos_token_id=-1)  # fmt: skip
     got = _ort_generate(bundle, m, batch, 12)
     assert got.tolist() == ref.tolist()
@@ -170,7 +170,7 @@ def test_bundle_is_small_and_standard(exported):
     emb = m.decoder.token_embedding.weight.detach().numpy()
     dec = onnx.load(b.graph_path("decoder")).graph.initializer
     assert sum(numpy_helper.to_array(t).size == emb.size for t in dec) == 1  # the tied matrix, once
-    spec = {i["name"]: i for i in b.manifest["graphs"]["decoder"]["inputs"]}
+    spec = {i["name"]: i for i in b.graph_spec("decoder")["inputs"]}
     assert spec["past_key_values.0.key"]["shape"] == ["batch", 2, "past_seq", 16]
     assert spec["input_ids"]["dtype"] == "int64"
 
@@ -240,7 +240,7 @@ def test_nanovlm_222m_shape_exports_within_size_target(smollm2_dir, tmp_path):
     export_onnx(str(tmp_path / "ckpt"), str(tmp_path / "bundle"))
     b = load_bundle(str(tmp_path / "bundle"))
     params = sum(p.numel() for p in m.parameters()) * 4
-    total = sum(meta["bytes"] for meta in b.manifest["files"].values())
+    total = b.total_bytes()
     assert total <= 1.05 * params, total / params
 
 
@@ -288,7 +288,7 @@ def test_fp16_bundle_tracks_fp32(tiny_tokenizer_dir, tmp_path):
     m.save_pretrained(tmp_path / "ckpt")
     export_onnx(str(tmp_path / "ckpt"), str(tmp_path / "b16"), precision="fp16")
     b = load_bundle(str(tmp_path / "b16"))
-    assert b.manifest["precision"] == "fp16" and b.manifest["kv_cache"]["dtype"] == "float16"
+    assert b.precision == "fp16" and b.mode == "fp16" and b.kv_dtype == "float16"
     _, vis, _ = _sessions(str(tmp_path / "b16"))
     x = torch.rand(3, 3, 32, 32)
     (got,) = vis.run(None, {"pixel_values": x.numpy()})
@@ -332,10 +332,10 @@ def test_fused_decoder_keeps_the_contract_in_fewer_nodes(tiny_tokenizer_dir, tmp
     fused = str(tmp_path / "f" / "bundle")
     export_onnx(str(tmp_path / "s" / "ckpt"), fused, decoder="fused")
     a, b = load_bundle(standard), load_bundle(fused)
-    assert b.manifest["decoder_graph"] == "fused" and b.manifest["runs_on"] == ["onnxruntime"]
-    assert a.manifest["decoder_graph"] == "standard"
-    assert a.manifest["graphs"]["decoder"]["inputs"] == b.manifest["graphs"]["decoder"]["inputs"]
-    assert a.manifest["graphs"]["decoder"]["outputs"] == b.manifest["graphs"]["decoder"]["outputs"]
+    assert b.fused and b.runs_on == ("onnxruntime",)
+    assert not a.fused and "tensorrt" in a.runs_on
+    assert a.graph_spec("decoder")["inputs"] == b.graph_spec("decoder")["inputs"]
+    assert a.graph_spec("decoder")["outputs"] == b.graph_spec("decoder")["outputs"]
     ga, gb = onnx.load(a.graph_path("decoder")), onnx.load(b.graph_path("decoder"))
     assert {n.name for n in weight_matmuls(ga)} == {n.name for n in weight_matmuls(gb)}
     assert tied_head(gb)[2] == "decoder.token_embedding.weight"
@@ -355,7 +355,7 @@ def test_fused_decoder_refuses_what_it_cannot_be(tiny_tokenizer_dir, tmp_path):
 
 
 def test_fused_decoder_untied_head_matches_pytorch(tiny_tokenizer_dir, tmp_path):
-    from nanovlm.processors import Tokenizer
+    from core.processors import Tokenizer
     from tests.conftest import tiny_config
 
     torch.manual_seed(1)

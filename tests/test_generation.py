@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from nanovlm.generation import filter_logits, sample
+from core.sampling import SamplingConfig
+from nanovlm.generation import probabilities, sample
 from nanovlm.vision_language_model import VisionLanguageModel
 from tests.conftest import tiny_config
 
@@ -28,8 +29,8 @@ def test_kv_cache_equals_recomputation(placement):
     m = _model(placement)
     ids = _prompt(m.cfg, 7)[None]
     imgs = torch.rand(1, 3, 32, 32)
-    cached = m.generate(ids, imgs, max_new_tokens=20, greedy=True)
-    uncached = m.generate(ids, imgs, max_new_tokens=20, greedy=True, use_kv_cache=False)
+    cached = m.generate(ids, imgs, max_new_tokens=20)
+    uncached = m.generate(ids, imgs, max_new_tokens=20, use_kv_cache=False)
     assert cached.shape == (1, 20)
     assert cached.tolist() == uncached.tolist()
     assert len(set(cached[0].tolist())) > 1  # a non-degenerate continuation
@@ -45,9 +46,9 @@ def test_left_padded_batch_equals_single(placement):
     mask = torch.zeros(3, width, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
-    batch = m.generate(ids, imgs, attention_mask=mask, max_new_tokens=12, greedy=True)
+    batch = m.generate(ids, imgs, attention_mask=mask, max_new_tokens=12)
     for i, p in enumerate(prompts):
-        single = m.generate(p[None], imgs[i : i + 1], max_new_tokens=12, greedy=True)
+        single = m.generate(p[None], imgs[i : i + 1], max_new_tokens=12)
         assert batch[i].tolist() == single[0].tolist(), f"row {i}"
 
 
@@ -55,9 +56,9 @@ def test_rows_stop_at_eos_and_generation_ends_when_all_finish():
     m = _model("replace", seed=5)
     ids = _prompt(m.cfg, 5)[None].repeat(2, 1)
     imgs = torch.rand(1, 3, 32, 32).repeat(2, 1, 1, 1)  # two identical rows finish together
-    free = m.generate(ids, imgs, max_new_tokens=10, greedy=True)
+    free = m.generate(ids, imgs, max_new_tokens=10)
     eos = int(free[0, 3])  # make the 4th greedy token the "eos"
-    stopped = m.generate(ids, imgs, max_new_tokens=10, greedy=True, eos_token_id=eos)
+    stopped = m.generate(ids, imgs, max_new_tokens=10, eos_token_id=eos)
     first = free[0].tolist().index(eos)
     assert stopped.shape[1] == first + 1  # no wasted steps once every row finished
     assert stopped[0].tolist() == free[0, : first + 1].tolist()
@@ -67,11 +68,11 @@ def test_rows_finish_independently():
     m = _model("replace", seed=6)
     ids = torch.stack([_prompt(m.cfg, 5), _prompt(m.cfg, 5)])
     imgs = torch.rand(2, 3, 32, 32)
-    free = m.generate(ids, imgs, max_new_tokens=10, greedy=True)
+    free = m.generate(ids, imgs, max_new_tokens=10)
     eos = int(free[0, 1])
     if eos in free[1].tolist():
         pytest.skip("both rows hit the chosen token; seed gives no independent case")
-    out = m.generate(ids, imgs, max_new_tokens=10, greedy=True, eos_token_id=eos)
+    out = m.generate(ids, imgs, max_new_tokens=10, eos_token_id=eos)
     assert out.shape[1] == 10
     assert out[0, 2:].tolist() == [eos] * 8  # finished row is padded with eos
     assert out[1].tolist() == free[1].tolist()
@@ -80,22 +81,22 @@ def test_rows_finish_independently():
 def test_seeded_sampling_is_reproducible():
     m = _model("replace", seed=7)
     ids, imgs = _prompt(m.cfg, 5)[None], torch.rand(1, 3, 32, 32)
-    a = m.generate(ids, imgs, max_new_tokens=15, temperature=1.5, top_k=0, top_p=1.0, seed=123)
-    b = m.generate(ids, imgs, max_new_tokens=15, temperature=1.5, top_k=0, top_p=1.0, seed=123)
-    g = m.generate(ids, imgs, max_new_tokens=15, greedy=True)
+    a = m.generate(ids, imgs, max_new_tokens=15, sampling=SamplingConfig(temperature=1.5, seed=123))
+    b = m.generate(ids, imgs, max_new_tokens=15, sampling=SamplingConfig(temperature=1.5, seed=123))
+    g = m.generate(ids, imgs, max_new_tokens=15)
     assert a.tolist() == b.tolist()
     assert a.tolist() != g.tolist()
 
 
-def test_filter_logits_top_k_and_top_p():
+def test_top_k_and_top_p_keep_the_expected_tokens():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    k2 = filter_logits(logits, top_k=2)
-    assert torch.isinf(k2[0, 2:]).all() and torch.isfinite(k2[0, :2]).all()
-    p = filter_logits(logits, top_p=0.75)  # 0.5 + 0.3 reaches 0.75: keep two
-    assert torch.isfinite(p[0, :2]).all() and torch.isinf(p[0, 2:]).all()
-    p1 = filter_logits(logits, top_p=0.1)  # the top token always stays
-    assert torch.isfinite(p1[0, 0]) and torch.isinf(p1[0, 1:]).all()
-    assert sample(logits, greedy=True).tolist() == [0]
+    k2 = probabilities(logits, SamplingConfig(temperature=1.0, top_k=2))
+    assert (k2[0, 2:] == 0).all() and (k2[0, :2] > 0).all()
+    p = probabilities(logits, SamplingConfig(temperature=1.0, top_p=0.75))  # 0.5 + 0.3 reaches 0.75: two
+    assert (p[0, :2] > 0).all() and (p[0, 2:] == 0).all()
+    p1 = probabilities(logits, SamplingConfig(temperature=1.0, top_p=0.1))  # the top token always stays
+    assert p1[0, 0] == 1 and (p1[0, 1:] == 0).all()
+    assert sample(logits, SamplingConfig()).tolist() == [0]
 
 
 def test_context_overflow_is_a_clear_error():

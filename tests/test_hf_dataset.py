@@ -6,8 +6,8 @@ from itertools import islice
 import pytest
 from PIL import Image
 
+from core.conversations import HFConversations, record_to_conversation
 from nanovlm.collator import Collator
-from nanovlm.hf_dataset import HFConversations, record_to_conversation
 from nanovlm.tiny import build_tokenizer, tiny_config
 
 datasets = pytest.importorskip("datasets")

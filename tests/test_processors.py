@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nanovlm.processors import (
+from core.processors import (
     ImageProcessor,
     Tokenizer,
     format_prompt,

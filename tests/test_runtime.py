@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from nanovlm.processors import ImageProcessor, prepare_batch
+from core.processors import ImageProcessor, prepare_batch
+from core.sampling import Sampler, SamplingConfig
 from runtime.onnx_backend import trt_profile_shapes
 from runtime.pipeline import VLMPipeline
-from runtime.sampler import Sampler, SamplingConfig
 from tests.conftest import REPO, export_lively
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -39,7 +39,7 @@ def _photos():
 def _reference(m, images, prompts, n):
     batch = prepare_batch(m.cfg, m.tokenizer, ImageProcessor.from_config(m.cfg), images, prompts)
     out = m.generate(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.pixel_values),
-                     attention_mask=torch.from_numpy(batch.attention_mask), max_new_tokens=n, greedy=True)  # fmt: skip
+                     attention_mask=torch.from_numpy(batch.attention_mask), max_new_tokens=n)  # fmt: skip
     eos = m.tokenizer.eos_token_id
     rows = []
     for r in out.tolist():
@@ -92,8 +92,7 @@ def test_chat_turn(pipe):
     a = p.chat(img, [("What is it?", "a cat")], "What colour?", max_new_tokens=8)
     batch = prepare_batch(m.cfg, m.tokenizer, ImageProcessor.from_config(m.cfg), [[img]], ["What colour?"],
                           [[("What is it?", "a cat")]])  # fmt: skip
-    out = m.generate(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.pixel_values), max_new_tokens=8,
-                     greedy=True)  # fmt: skip
+    out = m.generate(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.pixel_values), max_new_tokens=8)  # fmt: skip
     ids = out[0].tolist()
     eos = m.tokenizer.eos_token_id
     assert a == m.tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids)
@@ -102,8 +101,8 @@ def test_chat_turn(pipe):
 def test_seeded_sampling_reproducible(pipe):
     _, p, _ = pipe
     img = _photos()[0]
-    a = p.generate(img, "Hi?", max_new_tokens=12, temperature=1.5, seed=3)
-    b = p.generate(img, "Hi?", max_new_tokens=12, temperature=1.5, seed=3)
+    a = p.generate(img, "Hi?", max_new_tokens=12, sampling=SamplingConfig(temperature=1.5, seed=3))
+    b = p.generate(img, "Hi?", max_new_tokens=12, sampling=SamplingConfig(temperature=1.5, seed=3))
     assert a == b
 
 
@@ -140,7 +139,7 @@ def test_sampler_rules():
 
 def test_trt_profiles_from_manifest(pipe):
     _, p, _ = pipe
-    prof = trt_profile_shapes(p.bundle.manifest, max_batch=4, max_context=512, max_images=8)
+    prof = trt_profile_shapes(p.bundle, max_batch=4, max_context=512, max_images=8)
     dec = prof["decoder"]
     assert "past_key_values.0.key:1x2x0x16" in dec["trt_profile_min_shapes"]
     assert "input_ids:4x512" in dec["trt_profile_max_shapes"]
@@ -174,8 +173,8 @@ def test_runtime_runs_without_torch(pipe, tmp_path):
 @pytest.mark.slow
 def test_runtime_equals_pytorch_on_a_trained_model(trained_tiny, tmp_path):
     """A briefly trained default model (shapes data): runtime tokens equal PyTorch tokens."""
+    from core.shapes_dataset import ShapesDataset
     from export.onnx_export import export_onnx
-    from nanovlm.shapes_dataset import ShapesDataset
     from nanovlm.vision_language_model import VisionLanguageModel
     from runtime.pipeline import GenerationRequest
 
@@ -188,14 +187,14 @@ def test_runtime_equals_pytorch_on_a_trained_model(trained_tiny, tmp_path):
     batch = prepare_batch(m.cfg, m.tokenizer, ImageProcessor.from_config(m.cfg), [[s.image] for s in samples],
                           [s.question for s in samples])  # fmt: skip
     ref = m.generate(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.pixel_values),
-                     attention_mask=torch.from_numpy(batch.attention_mask), max_new_tokens=6, greedy=True)  # fmt: skip
+                     attention_mask=torch.from_numpy(batch.attention_mask), max_new_tokens=6)  # fmt: skip
     got = np.stack(list(p.generate_ids(batch, GenerationRequest(max_new_tokens=6))), axis=1)
     assert got.tolist() == ref.tolist()
 
 
 def test_runtime_inputs_are_pixel_identical_to_pytorch_side(pipe):
     """Real photos of different sizes and aspect ratios: the runtime's model inputs are the ones the
-    PyTorch side builds, bit for bit (one implementation, nanovlm.processors, serves both)."""
+    PyTorch side builds, bit for bit (one implementation, core.processors, serves both)."""
     m, p, _ = pipe
     photos = _photos() + [Image.fromarray(skimage_data.rocket()), Image.fromarray(skimage_data.camera())]
     sizes = {im.size for im in photos}
@@ -215,6 +214,6 @@ def test_text_only_prompt(pipe):
         return
     got = p.generate([], "Hello?", max_new_tokens=10)
     ids = torch.tensor([m.tokenizer.encode(p._batch([[]], ["Hello?"]).prompts[0])])
-    out = m.generate(ids, None, max_new_tokens=10, greedy=True)[0].tolist()
+    out = m.generate(ids, None, max_new_tokens=10)[0].tolist()
     eos = m.tokenizer.eos_token_id
     assert got == m.tokenizer.decode(out[: out.index(eos)] if eos in out else out)

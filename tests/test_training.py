@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from core.processors import format_prompt
+from core.shapes_dataset import QUESTION_TYPES, ShapesDataset, blind_baseline
 from nanovlm.collator import Collator, Conversation, encode_conversation
-from nanovlm.processors import format_prompt
-from nanovlm.shapes_dataset import QUESTION_TYPES, ShapesDataset, blind_baseline
 from nanovlm.tiny import build_tokenizer, tiny_config
 from nanovlm.train import backward_accumulated, conversations, lr_lambda, train
 from nanovlm.train_config import TrainConfig
@@ -49,7 +49,7 @@ def test_dataset_is_deterministic_balanced_and_split():
 
 
 def test_scene_questions_cover_the_types_and_agree_with_the_image():
-    from nanovlm.shapes_dataset import scene_questions
+    from core.shapes_dataset import scene_questions
 
     ds = ShapesDataset("train")
     for i in range(50):
@@ -68,7 +68,7 @@ def test_scene_questions_cover_the_types_and_agree_with_the_image():
 def test_answers_agree_with_the_scene_and_the_image():
     """Every question is about the one clearly largest object; its answers match that object and
     the pixels drawn for it, in the training chats and in the test split alike."""
-    from nanovlm.shapes_dataset import COLOURS, QUESTIONS, render, scene
+    from core.shapes_dataset import COLOURS, QUESTIONS, render, scene
 
     ds = ShapesDataset("train")
     for i in range(200):
@@ -241,7 +241,7 @@ def test_short_run_lowers_the_loss(tmp_path):
 def test_ddp_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "nanovlm.cli", "train", "-o", "max_training_steps=3", "-o", "batch_size=4", "-o", "eval_samples=0",
+           "-m", "cli.main", "train", "-o", "max_training_steps=3", "-o", "batch_size=4", "-o", "eval_samples=0",
            "-o", "checkpoint_interval=3", "-o", f"output_dir={out}", "-o", "log_interval=1"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)

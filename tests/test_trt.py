@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from export.cli import main as export_cli
+from cli.main import main as export_cli
+from core.bundle import load_bundle
 from export.trt_build import check_buildable
-from runtime.bundle import load_bundle
 from runtime.trt_plan import (
     Limits,
     check_engine_compatible,
@@ -37,12 +37,12 @@ def lively_bundle(tiny_tokenizer_dir, tmp_path_factory):
 
 
 def test_profiles_from_the_manifest(lively_bundle):
-    m = load_bundle(lively_bundle).manifest
+    m = load_bundle(lively_bundle)
     limits = Limits(max_batch=2, max_seq=64, max_context=128, max_images=3)
     p = profiles(m, limits)
     decode, prefill = p["decoder"]
     assert decode["name"] == "decode" and prefill["name"] == "prefill"
-    layers, heads, dim = m["kv_cache"]["layers"], m["kv_cache"]["kv_heads"], m["kv_cache"]["head_dim"]
+    heads, dim = m.kv_heads, m.head_dim
     assert decode["max"]["input_ids"] == (2, 1) and decode["max"]["past_key_values.0.key"] == (
         2,
         heads,
@@ -57,10 +57,10 @@ def test_profiles_from_the_manifest(lively_bundle):
     )
     assert prefill["max"]["input_ids"] == (2, 64) and prefill["max"]["attention_mask"] == (2, 128)
     assert prefill["max"]["image_embeds"] == (
-        3 * m["image_token_count"],
-        m["graphs"]["decoder"]["inputs"][1]["shape"][1],
+        3 * m.image_token_count,
+        m.graph_input("decoder", "image_embeds")["shape"][1],
     )
-    assert len([k for k in decode["min"] if k.startswith("past_key_values")]) == 2 * layers
+    assert len([k for k in decode["min"] if k.startswith("past_key_values")]) == 2 * m.kv_layers
     assert p["vision_encoder"][0]["max"]["pixel_values"] == (3, 3, 32, 32)
     for prof in (decode, prefill):  # every profile is min <= opt <= max, input by input
         for name in prof["min"]:
@@ -71,11 +71,9 @@ def test_profiles_from_the_manifest(lively_bundle):
 
 
 def test_pick_profile_and_limits(lively_bundle):
-    m = load_bundle(lively_bundle).manifest
+    m = load_bundle(lively_bundle)
     limits = Limits(max_batch=1, max_seq=32, max_context=64, max_images=2)
     dec = profiles(m, limits)["decoder"]
-    kv = m["kv_cache"]
-
     def shapes(seq, past, rows=0):
         s = {
             "input_ids": (1, seq),
@@ -83,9 +81,9 @@ def test_pick_profile_and_limits(lively_bundle):
             "position_ids": (1, seq),
             "image_embeds": (rows, 64),
         }
-        for i in range(kv["layers"]):
+        for i in range(m.kv_layers):
             for part in ("key", "value"):
-                s[f"past_key_values.{i}.{part}"] = (1, kv["kv_heads"], past, kv["head_dim"])
+                s[f"past_key_values.{i}.{part}"] = (1, m.kv_heads, past, m.head_dim)
         return s
 
     assert pick_profile(dec, shapes(1, 40)) == 0  # a decode step
@@ -97,11 +95,11 @@ def test_pick_profile_and_limits(lively_bundle):
     with pytest.raises(ValueError, match="exceeds the model's context of 512"):
         profiles(m, Limits(max_seq=8, max_context=4096))
     # two ping-pong sets x layers x (key, value) x batch x heads x context x dim x 4 bytes
-    assert kv_buffer_bytes(m, limits) == 2 * 2 * kv["layers"] * 1 * kv["kv_heads"] * 64 * kv["head_dim"] * 4
+    assert kv_buffer_bytes(m, limits) == 2 * 2 * m.kv_layers * 1 * m.kv_heads * 64 * m.head_dim * 4
 
 
 def test_trtexec_and_polygraphy_text(lively_bundle):
-    m = load_bundle(lively_bundle).manifest
+    m = load_bundle(lively_bundle)
     cmds = trtexec_commands(m, Limits(max_seq=16, max_context=32), workspace_mb=512, timing_cache="t.cache")
     dec = cmds["decoder"]
     assert dec.startswith("trtexec --onnx=decoder.onnx --saveEngine=decoder.engine --stronglyTyped")
@@ -109,8 +107,27 @@ def test_trtexec_and_polygraphy_text(lively_bundle):
     assert dec.count("--minShapes=") == 2 and dec.count("--maxShapes=") == 2  # decode + prefill profiles
     assert "input_ids:1x16" in dec and "past_key_values.1.value:1x2x31x16" in dec
     assert cmds["vision_encoder"].count("--minShapes=pixel_values:1x3x32x32") == 1
-    poly = polygraphy_command(m, Limits(max_seq=16, max_context=32))
-    assert poly.startswith("polygraphy run decoder.onnx --onnxrt --trt") and "--trt-max-shapes" in poly
+    limits = Limits(max_seq=16, max_context=32)
+    poly = polygraphy_command(m, limits)
+    assert poly.startswith("polygraphy run decoder.onnx --onnxrt --trt")
+    # parse each shape option back the way polygraphy reads it (name:[d0,d1,...], space-separated)
+    # and require exactly the decode profile's shapes
+    decode = profiles(m, limits)["decoder"][0]
+    words = poly.split()
+    for option, key in (("--input-shapes", "opt"), ("--trt-min-shapes", "min"), ("--trt-opt-shapes", "opt"),
+                        ("--trt-max-shapes", "max")):  # fmt: skip
+        start = words.index(option) + 1
+        args = []
+        for w in words[start:]:
+            if w.startswith("--"):
+                break
+            args.append(w)
+        parsed = {}
+        for a in args:
+            name, _, dims = a.rpartition(":")
+            assert dims.startswith("[") and dims.endswith("]"), a
+            parsed[name] = tuple(int(d) for d in dims[1:-1].split(",") if d)
+        assert parsed == decode[key], option
 
 
 def test_engine_compatibility_errors():
@@ -168,7 +185,7 @@ gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=f"TensorRT GPU test: 
 @gpu
 def test_trt_engines_give_the_onnx_runtime_tokens(lively_bundle, tmp_path):
     """Build the tiny model's engines (fp32), then greedy tokens on TensorRT == on ONNX Runtime."""
-    from export.parity import builtin_cases
+    from evaluation.parity import builtin_cases
     from export.trt_build import build_engines
     from runtime.pipeline import GenerationRequest, VLMPipeline
 
@@ -176,7 +193,7 @@ def test_trt_engines_give_the_onnx_runtime_tokens(lively_bundle, tmp_path):
     manifest = build_engines(
         lively_bundle, out, Limits(max_batch=1, max_seq=128, max_context=256, max_images=8)
     )
-    assert set(manifest["tensorrt"]["engines"]) == {"decoder", "vision_encoder"}
+    assert set(manifest.tensorrt["engines"]) == {"decoder", "vision_encoder"}
     assert os.path.exists(os.path.join(out, "trtexec.txt"))
     trt_pipe = VLMPipeline.from_bundle(out, backend="trt")
     ort_pipe = VLMPipeline.from_bundle(lively_bundle)
@@ -220,7 +237,7 @@ def test_validate_on_tensorrt_and_stale_engine_refused(lively_bundle, tmp_path):
 def test_trt_backend_errors_without_engines_or_tensorrt(lively_bundle, tmp_path):
     import json
 
-    from runtime.bundle import BundleError
+    from core.bundle import BundleError
     from runtime.pipeline import VLMPipeline
 
     with pytest.raises(BundleError, match="no TensorRT engines; build them with `nanovlm-export trt`"):

@@ -15,12 +15,13 @@ import time
 
 import click
 
-from .collator import Collator
-from .processors import ImageProcessor
-from .shapes_dataset import ShapesDataset, split_blind_baseline
-from .train import answer, evaluate, train
-from .train_config import TrainConfig
-from .vision_language_model import VisionLanguageModel
+from core.files import atomic_write
+from core.processors import ImageProcessor
+from core.shapes_dataset import ShapesDataset, split_blind_baseline
+from nanovlm.collator import Collator
+from nanovlm.train import answer, evaluate, train
+from nanovlm.train_config import TrainConfig
+from nanovlm.vision_language_model import VisionLanguageModel
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def run_demo(
     checks = validate_bundles(ckpt, bundles, test_samples)
     show_answers(model, collator.image_processor, bundles, tc)
     click.echo("\nMeasuring speed (each backend in a fresh process) ...")
-    from export.bench import bench
+    from evaluation.bench import bench
 
     speed = bench(list(bundles.values()), ckpt, None, "How many objects are there?", 32, 3, None, ())
     rows = {r["name"]: r for r in speed["rows"]}
@@ -101,7 +102,7 @@ def run_demo(
     click.echo(
         f"\nCurves: {os.path.join(output_dir, 'training_curves.png')}; demo took {result['demo_seconds']:.0f} s"
     )
-    with open(os.path.join(output_dir, "demo.json"), "w") as f:
+    with atomic_write(os.path.join(output_dir, "demo.json")) as f:
         json.dump(result, f, indent=2)
     return result
 
@@ -125,17 +126,17 @@ def export_and_quantize(ckpt: str, output_dir: str) -> dict[str, str]:
 
 def validate_bundles(ckpt: str, bundles: dict[str, str], n: int) -> dict[str, dict]:
     """`nanovlm-export validate` on each bundle: n built-in test questions against PyTorch."""
-    from export import parity
+    from core.recipes import gates_for
+    from evaluation import parity
     from runtime.pipeline import VLMPipeline
 
     reference, cases = parity.Reference(ckpt), parity.builtin_cases(n)
     out = {}
     for name, path in bundles.items():
-        summary = parity.compare(
-            VLMPipeline.from_bundle(path), reference, cases, max_new_tokens=4, desc=f"validating {name}"
-        )
+        pipe = VLMPipeline.from_bundle(path)
+        summary = parity.compare(pipe, reference, cases, max_new_tokens=4, desc=f"validating {name}")
         summary.pop("rows")
-        summary["failures"] = parity.gate(summary, parity.thresholds_for(parity.precision_of(path)))
+        summary["failures"] = parity.gate(summary, gates_for(pipe.bundle.mode))
         out[name] = summary
     return out
 

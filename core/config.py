@@ -122,6 +122,12 @@ class VLMConfig:
     def image_token_id(self) -> int | None:
         return self.extra_token_id("image_token") if self.vlm_extra_tokens else None
 
+    @property
+    def image_slot_id(self) -> int:
+        """The id the decoder graph reads as "the next image row": <|image|> in replace placement,
+        -1 in prefix placement (the runtime puts that many -1 slots in front of the text)."""
+        return self.image_token_id if self.image_placement == "replace" else -1
+
     # ----------------------------------------------------------------- checks
     def validate(self) -> None:
         def bad(msg: str) -> None:

@@ -10,14 +10,13 @@ For every case (images + prompt, from the built-in test split or a folder of rea
   answers   each side's own greedy answer: exact match and common-prefix length; task accuracy
             where the case has a known answer (built-in data)
 
-`nanovlm-export validate` gates on thresholds chosen per bundle precision (overridable), and the
-quantization report uses the same numbers.
+`nanovlm-export validate` gates on the bundle's recipe gates (core/recipes.py, overridable), and
+the quantization report uses the same numbers.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,26 +24,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nanovlm.processors import prepare_batch
+from core.processors import prepare_batch
+from core.recipes import GATE_METRICS
 from nanovlm.vision_language_model import VisionLanguageModel
 from runtime.pipeline import GenerationRequest, VLMPipeline
 
 log = logging.getLogger(__name__)
-
-# Gate values per bundle precision. fp32 differs from PyTorch only by float reassociation; fp16
-# and the quantized modes carry the issue's accuracy bars (KL in nats per token, mean over steps).
-THRESHOLDS: dict[str, dict[str, float]] = {
-    "fp32": {"vision_cosine_min": 0.9999, "kl_mean_max": 1e-4, "top1_min": 0.99, "exact_match_min": 0.95},
-    "fp16": {"vision_cosine_min": 0.999, "kl_mean_max": 1e-3, "top1_min": 0.97, "exact_match_min": 0.8},
-    "int8-dynamic": {"vision_cosine_min": 0.99, "kl_mean_max": 0.01, "top1_min": 0.93, "exact_match_min": 0.6},
-    "int8-static": {"vision_cosine_min": 0.98, "kl_mean_max": 0.01, "top1_min": 0.93, "exact_match_min": 0.6},
-    "int4": {"vision_cosine_min": 0.99, "kl_mean_max": 0.05, "top1_min": 0.85, "exact_match_min": 0.4},
-    "int4-fp16": {"vision_cosine_min": 0.99, "kl_mean_max": 0.05, "top1_min": 0.85, "exact_match_min": 0.4},
-}  # fmt: skip
-# what each threshold gates: (metric, "min" or "max")
-GATES = {"vision_cosine_min": ("vision_cosine_min", "min"), "kl_mean_max": ("kl_mean", "max"),
-         "top1_min": ("top1_agreement", "min"), "exact_match_min": ("exact_match", "min")}  # fmt: skip
-
 
 @dataclass(eq=False)  # hashed by identity: the reference keeps its results per case
 class Case:
@@ -54,7 +39,7 @@ class Case:
 
 
 def builtin_cases(n: int, split: str = "test", seed: int = 0) -> list[Case]:
-    from nanovlm.shapes_dataset import ShapesDataset
+    from core.shapes_dataset import ShapesDataset
 
     ds = ShapesDataset(split, seed=seed)
     return [Case([s.image], s.question, s.answer) for s in (ds[i] for i in range(n))]
@@ -226,22 +211,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def thresholds_for(precision: str, overrides: dict[str, float] | None = None) -> dict[str, float]:
-    if precision not in THRESHOLDS:
-        raise ValueError(f"no thresholds for precision {precision!r}; known: {', '.join(THRESHOLDS)}")
-    out = dict(THRESHOLDS[precision])
-    for key, value in (overrides or {}).items():
-        if key not in GATES:
-            raise ValueError(f"unknown threshold {key!r}; known: {', '.join(GATES)}")
-        out[key] = value
-    return out
-
-
 def gate(summary: dict[str, Any], thresholds: dict[str, float]) -> list[str]:
     """The failed checks, as readable lines (empty: all passed)."""
     failures = []
     for key, limit in thresholds.items():
-        metric, kind = GATES[key]
+        metric, kind = GATE_METRICS[key]
         if metric not in summary:
             continue
         value = summary[metric]
@@ -252,7 +226,7 @@ def gate(summary: dict[str, Any], thresholds: dict[str, float]) -> list[str]:
 
 def table(summary: dict[str, Any], thresholds: dict[str, float] | None = None) -> str:
     """A readable markdown table of the summary."""
-    limits = {GATES[k][0]: (v, GATES[k][1]) for k, v in (thresholds or {}).items()}
+    limits = {GATE_METRICS[k][0]: (v, GATE_METRICS[k][1]) for k, v in (thresholds or {}).items()}
     lines = ["| metric | value | gate |", "| --- | --- | --- |"]
     for key in ("cases", "steps", "vision_cosine_min", "vision_max_abs", "kl_mean", "kl_max", "top1_agreement",
                 "logits_max_abs", "exact_match", "common_prefix_ratio", "task_accuracy", "reference_task_accuracy"):  # fmt: skip
@@ -267,10 +241,3 @@ def table(summary: dict[str, Any], thresholds: dict[str, float] | None = None) -
             g = f"{'>=' if kind == 'min' else '<='} {limit:g} {'ok' if ok else 'FAIL'}"
         lines.append(f"| {key} | {text} | {g} |")
     return "\n".join(lines)
-
-
-def precision_of(bundle_path: str) -> str:
-    import json
-
-    with open(os.path.join(bundle_path, "manifest.json")) as f:
-        return json.load(f).get("precision", "fp32")

@@ -34,7 +34,7 @@ def bench_image(image: str | None) -> Any:
     """The image to benchmark with: the file given, or scikit-image's astronaut photograph."""
     from PIL import Image
 
-    from nanovlm.processors import load_image
+    from core.processors import load_image
 
     if image:
         return load_image(image)
@@ -47,14 +47,14 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
-def bundle_worker(path: str, image: str | None, prompt: str, new_tokens: int, repeats: int,
+def bundle_worker(path: str, image: str | None, prompt: str, max_new_tokens: int, repeats: int,
                   threads: int | None) -> dict[str, Any]:  # fmt: skip
     """(in a child process) the runtime on one bundle."""
     from runtime.pipeline import GenerationRequest, VLMPipeline
 
     pipe = VLMPipeline.from_bundle(path, threads=threads)
     batch = pipe._batch([[bench_image(image)]], [prompt])
-    request = GenerationRequest(max_new_tokens=new_tokens, ignore_eos=True)
+    request = GenerationRequest(max_new_tokens=max_new_tokens, ignore_eos=True)
     runs = []
     for k in range(repeats + 1):
         tokens = [int(t[0]) for t in pipe.generate_ids(batch, request)]
@@ -64,26 +64,26 @@ def bundle_worker(path: str, image: str | None, prompt: str, new_tokens: int, re
     return {
         "name": os.path.basename(os.path.normpath(path)),
         "kind": "bundle",
-        "precision": pipe.bundle.manifest.get("precision"),
+        "precision": pipe.bundle.mode,
         "image_encode_s": spread([r.image_encode_s for r in runs]),
         "ttft_s": spread([r.time_to_first_token_s for r in runs]),
         "prefill_positions_per_s": spread([r.prompt_tokens / r.prefill_s for r in runs]),
         "decode_tokens_per_s": spread([r.decode_tokens_per_s for r in runs]),
         "prompt_positions": t.prompt_tokens,
-        "new_tokens": new_tokens,
+        "max_new_tokens": max_new_tokens,
         "bytes": pipe.bundle.total_bytes(),
         "peak_rss_mb": _peak_rss_mb(),
         "tokens": tokens,
     }
 
 
-def pytorch_worker(checkpoint: str, image: str | None, prompt: str, new_tokens: int, repeats: int,
+def pytorch_worker(checkpoint: str, image: str | None, prompt: str, max_new_tokens: int, repeats: int,
                    threads: int | None, kv_cache: bool) -> dict[str, Any]:  # fmt: skip
     """(in a child process) the PyTorch reference, fp32, with or without its KV cache."""
     import torch
 
+    from core.processors import ImageProcessor, prepare_batch
     from nanovlm.checkpoint import resolve_checkpoint
-    from nanovlm.processors import ImageProcessor, prepare_batch
     from nanovlm.vision_language_model import VisionLanguageModel
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -108,7 +108,7 @@ def pytorch_worker(checkpoint: str, image: str | None, prompt: str, new_tokens: 
         out = [int(logits.argmax(-1))]
         t1 = time.perf_counter()
         seq = merged
-        for _ in range(new_tokens - 1):
+        for _ in range(max_new_tokens - 1):
             token = logits.argmax(-1)
             mask = torch.cat((mask, torch.ones_like(mask[:, :1])), 1)
             if kv_cache:
@@ -121,7 +121,7 @@ def pytorch_worker(checkpoint: str, image: str | None, prompt: str, new_tokens: 
             out.append(int(logits.argmax(-1)))
         decode = time.perf_counter() - t1
         return out, {"image_encode_s": t_img, "ttft_s": ttft, "prefill_s": ttft - t_img,
-                     "decode_tokens_per_s": (new_tokens - 1) / decode if new_tokens > 1 else 0.0,
+                     "decode_tokens_per_s": (max_new_tokens - 1) / decode if max_new_tokens > 1 else 0.0,
                      "positions": merged.shape[1]}  # fmt: skip
 
     runs = []
@@ -138,7 +138,7 @@ def pytorch_worker(checkpoint: str, image: str | None, prompt: str, new_tokens: 
         "prefill_positions_per_s": spread([r["positions"] / r["prefill_s"] for r in runs]),
         "decode_tokens_per_s": spread([r["decode_tokens_per_s"] for r in runs]),
         "prompt_positions": runs[0]["positions"],
-        "new_tokens": new_tokens,
+        "max_new_tokens": max_new_tokens,
         "bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         "peak_rss_mb": _peak_rss_mb(),
         "tokens": tokens,
@@ -156,7 +156,7 @@ def bench(
     reference: str | None = None,
     image: str | None = None,
     prompt: str = DEFAULT_PROMPT,
-    new_tokens: int = 64,
+    max_new_tokens: int = 64,
     repeats: int = 3,
     threads: int | None = None,
     growth: tuple[int, ...] = (16, 32, 64),
@@ -166,11 +166,11 @@ def bench(
     if reference:
         log.info("bench: pytorch (KV cache)")
         rows.append(
-            in_fresh_process(pytorch_worker, reference, image, prompt, new_tokens, repeats, threads, True)
+            in_fresh_process(pytorch_worker, reference, image, prompt, max_new_tokens, repeats, threads, True)
         )
     for path in bundles:
         log.info("bench: %s", path)
-        rows.append(in_fresh_process(bundle_worker, path, image, prompt, new_tokens, repeats, threads))
+        rows.append(in_fresh_process(bundle_worker, path, image, prompt, max_new_tokens, repeats, threads))
     curve = []
     if reference and growth:
         for n in growth:
@@ -180,7 +180,7 @@ def bench(
             runtime = (in_fresh_process(bundle_worker, bundles[0], image, prompt, n, 1, threads)
                        if bundles else None)  # fmt: skip
             curve.append({
-                "new_tokens": n,
+                "max_new_tokens": n,
                 "pytorch_kv_s_per_token": 1 / with_cache["decode_tokens_per_s"]["median"],
                 "pytorch_no_cache_s_per_token": 1 / without["decode_tokens_per_s"]["median"],
                 "runtime_s_per_token": 1 / runtime["decode_tokens_per_s"]["median"] if runtime else None,
@@ -188,7 +188,7 @@ def bench(
     first = rows[0]["tokens"] if rows else []
     for r in rows:
         r["same_tokens_as_first"] = r.pop("tokens") == first
-    return {"rows": rows, "growth": curve, "new_tokens": new_tokens, "repeats": repeats,
+    return {"rows": rows, "growth": curve, "max_new_tokens": max_new_tokens, "repeats": repeats,
             "threads": threads or os.cpu_count()}  # fmt: skip
 
 
@@ -209,7 +209,7 @@ def table(result: dict[str, Any]) -> str:
                   "| --- | --- | --- | --- |"]  # fmt: skip
         for g in result["growth"]:
             rt = f"{g['runtime_s_per_token'] * 1e3:.1f}" if g["runtime_s_per_token"] else "-"
-            lines.append(f"| {g['new_tokens']} | {g['pytorch_kv_s_per_token'] * 1e3:.1f} | "
+            lines.append(f"| {g['max_new_tokens']} | {g['pytorch_kv_s_per_token'] * 1e3:.1f} | "
                          f"{g['pytorch_no_cache_s_per_token'] * 1e3:.1f} | {rt} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -233,7 +233,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     axes[1].set_xlabel("time to first token, s (lower is better)")
     if result["growth"]:
         g = result["growth"]
-        n = [x["new_tokens"] for x in g]
+        n = [x["max_new_tokens"] for x in g]
         axes[2].plot(
             n, [x["pytorch_no_cache_s_per_token"] * 1e3 for x in g], "o-", label="PyTorch, no KV cache"
         )

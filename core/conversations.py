@@ -1,4 +1,5 @@
-"""Hugging Face `datasets` records in the_cauldron / FineVision style -> training conversations.
+"""Conversations (images + question/answer turns) and Hugging Face `datasets` records in
+the_cauldron / FineVision style turned into them; torch-free, for training and calibration.
 
 A record holds `images` (a list of PIL images or image dicts) and `texts`, a list of turns
 `{"user": ..., "assistant": ...}`; `messages`-style records (`{"role", "content"}` lists) work too.
@@ -9,11 +10,18 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from .collator import Conversation
-
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Conversation:
+    """One sample: images and (user, assistant) turns; images belong to the first turn."""
+
+    images: list[Any]
+    turns: list[tuple[str, str]]
 
 
 def record_to_conversation(record: dict[str, Any]) -> Conversation:

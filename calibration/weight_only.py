@@ -1,0 +1,75 @@
+"""Weight-only modes (int8-dynamic, int4, int4-fp16, and the fp16 rewrite): each graph's weight
+MatMuls become MatMulNBits; int4 keeps the layers measured to be sensitive at 8 bits and rounds
+the rest by GPTQ on the recorded decoder inputs. The vision encoder is 8-bit throughout."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+
+from core.bundle import Bundle
+from core.recipes import Recipe
+
+from .fp16 import to_fp16
+from .gptq import DAMPING
+from .nbits import matches, quantize_nbits
+
+log = logging.getLogger(__name__)
+
+# Decoder MatMuls the int4 recipe keeps at 8 bits, and how many blocks at each end stay 8-bit
+# (the sensitivity table in docs/quantization.md).
+INT4_KEEP_8BIT = ("*/mlp/down_proj/*", "*/attn/v_proj/*", "*/attn/k_proj/*", "*/attn/out_proj/*")
+INT4_EDGE_BLOCKS_8BIT = 1
+INT4_HEAD_BITS = 8  # the tied embedding/head matrix in the int4 recipe
+
+
+def edge_blocks(bundle: Bundle, n: int) -> list[int]:
+    """The first n and last n decoder block indices."""
+    layers = bundle.kv_layers
+    return sorted({*range(min(n, layers)), *range(max(layers - n, 0), layers)})
+
+
+def keep_8bit(bundle: Bundle, recipe: Recipe) -> list[str]:
+    """Decoder MatMul patterns kept at 8 bits (none unless the recipe's weights are 4-bit)."""
+    if recipe.weight_bits != 4:
+        return []
+    return [*INT4_KEEP_8BIT, *(f"*/blocks.{i}/*" for i in edge_blocks(bundle, INT4_EDGE_BLOCKS_8BIT))]
+
+
+def gptq_statistics(
+    bundle: Bundle, recipe: Recipe, plan: dict, decoder_feeds: list[dict[str, np.ndarray]]
+) -> tuple[dict | None, dict | None]:
+    """(per-channel input importance, GPTQ Gram matrices) of the 4-bit decoder MatMuls."""
+    if recipe.weight_bits != 4:
+        return None, None
+    from .importance import activation_importance
+
+    def four_bit(name: str) -> bool:
+        return not matches(name, [*plan["kept_8bit"], *plan["excluded"]])
+
+    importance, grams = activation_importance(bundle.graph_path("decoder"), decoder_feeds, four_bit)
+    plan["notes"]["importance"] = "4-bit scales searched with per-channel activation importance"
+    if grams:
+        plan["notes"]["gptq"] = f"{len(grams)} 4-bit MatMuls rounded by GPTQ (damping {DAMPING})"
+    return importance, grams
+
+
+def quantize_graph(
+    model: onnx.ModelProto, graph: str, recipe: Recipe, plan: dict,
+    importance: dict | None = None, grams: dict | None = None,
+) -> onnx.ModelProto:  # fmt: skip
+    """One graph of the bundle under a float or weight-only recipe."""
+    if recipe.fp16:
+        model = to_fp16(model)
+    if recipe.weight_bits is None:
+        return model
+    bits = recipe.weight_bits if graph == "decoder" else 8
+    decoder = graph == "decoder"
+    return quantize_nbits(
+        model, bits,
+        keep_8bit=plan["kept_8bit"] if decoder else [], exclude=plan["excluded"],
+        head_bits=INT4_HEAD_BITS if bits == 4 else 8,
+        importance=importance if decoder else None, grams=grams if decoder else None,
+    )  # fmt: skip

@@ -1,0 +1,374 @@
+"""The command line: one click root behind both console scripts (`nanovlm`, `nanovlm-export`).
+
+Commands, by what they need installed:
+
+    run                               the runtime only (numpy, onnxruntime, tokenizers): no torch
+    quantize, trt                     + onnx (quantize) or TensorRT (trt): no torch
+    train, demo, generate, onnx,      the PyTorch reference: the `torch` extra
+    validate, bench
+
+Modules load inside each command, so `nanovlm run` works on a torch-free install, and a torch
+command there says which extra to install. Expected errors (bad input, missing files, unsupported
+settings) print one line and exit 1; `-v` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from core.recipes import QUANTIZE_MODES
+
+log = logging.getLogger(__name__)
+
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError)
+
+
+# ----------------------------------------------------------------------------- shared options
+def user_errors(fn: Callable) -> Callable:
+    """Expected errors -> one line on stderr and exit 1 (the traceback only with -v)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EXPECTED_ERRORS as e:
+            if log.isEnabledFor(logging.DEBUG):
+                raise
+            raise click.ClickException(str(e) or type(e).__name__) from None
+
+    return wrapper
+
+
+def needs_torch(command: str) -> None:
+    """A clear line instead of `No module named 'torch'` on a torch-free install."""
+    missing = [m for m in ("torch", "safetensors") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise click.ClickException(
+            f"`{command}` needs the PyTorch reference ({', '.join(missing)} not installed): "
+            "pip install 'nanovlm-edge[torch]' (on a CPU-only machine install torch==2.13.0 first)"
+        )
+
+
+def pipeline_options(command: Callable) -> Callable:
+    """--backend/--provider: how a command runs a bundle."""
+    command = click.option(
+        "--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+        help="ONNX Runtime execution provider (--backend ort).",
+    )(command)  # fmt: skip
+    return click.option(
+        "--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+        help="ort: ONNX Runtime; trt: the TensorRT engines `nanovlm-export trt` added to the bundle.",
+    )(command)  # fmt: skip
+
+
+def sampling_options(command: Callable) -> Callable:
+    """The generation options of `run` and `generate`: the same names, defaults and meaning."""
+    for option in reversed([
+        click.option("--max-new-tokens", type=click.IntRange(1, 1_000_000), default=64, show_default=True),
+        click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True,
+                     help="0 means greedy. Applied before top-k and top-p."),
+        click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 means off."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+                     help="1 means off."),
+        click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True), default=1.0,
+                     show_default=True, help="1 means off."),
+        click.option("--seed", type=int, default=None),
+    ]):  # fmt: skip
+        command = option(command)
+    return command
+
+
+def sampling_config(kw: dict[str, Any]) -> Any:
+    from core.sampling import SamplingConfig
+
+    return SamplingConfig(**{k: kw.pop(k) for k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")})
+
+
+def write_json(path: str, data: Any) -> None:
+    from core.files import atomic_write
+
+    with atomic_write(path) as f:
+        json.dump(data, f, indent=2)
+
+
+# ----------------------------------------------------------------------------- the root
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging and tracebacks.")
+def main(verbose: bool) -> None:
+    """nanoVLM edge toolkit: train and check in PyTorch, export to ONNX/TensorRT, run without torch."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+# ----------------------------------------------------------------------------- PyTorch reference
+@main.command()
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="TrainConfig JSON.")
+@click.option("-o", "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a TrainConfig field.")
+@click.option("--resume", is_flag=True, help="Continue from OUTPUT_DIR/checkpoint.")
+@user_errors
+def train(config_path: str | None, overrides: tuple[str, ...], resume: bool) -> None:
+    """Train (default: the tiny model on the built-in shapes data). Works under torchrun for DDP."""
+    needs_torch("train")
+    from nanovlm.train import train as run
+    from nanovlm.train_config import TrainConfig
+
+    tc = TrainConfig.load(config_path) if config_path else TrainConfig()
+    tc = tc.override(list(overrides) + (["resume=true"] if resume else []))
+    summary = run(tc)
+    if summary:
+        click.echo(json.dumps(summary, indent=2))
+
+
+@main.command()
+@click.option("--output-dir", default="artifacts/tiny", show_default=True, help="Where the default model lives.")
+@click.option("--retrain", is_flag=True, help="Train again even if a finished model exists.")
+@click.option("--test-samples", type=click.IntRange(1), default=600, show_default=True,
+              help="Built-in test questions to score.")  # fmt: skip
+@click.option("--steps", type=click.IntRange(1), default=None, help="Training steps (default: TrainConfig's).")
+@user_errors
+def demo(output_dir: str, retrain: bool, test_samples: int, steps: int | None) -> None:
+    """Train the tiny default (or reuse it), export, quantize to INT8, validate, answer, measure."""
+    needs_torch("demo")
+    from cli.demo import run_demo
+
+    run_demo(output_dir, retrain, test_samples, steps)
+
+
+@main.command()
+@click.argument("checkpoint")
+@click.option("--image", "images", multiple=True, required=True, help="Image file (repeat for several).")
+@click.option("--prompt", required=True, help="Question about the image(s).")
+@sampling_options
+@click.option("--revision", default=None, help="Hub revision when CHECKPOINT is a Hub id.")
+@user_errors
+def generate(checkpoint: str, images: tuple[str, ...], prompt: str, max_new_tokens: int, revision: str | None,
+             **kw: Any) -> None:  # fmt: skip
+    """Answer PROMPT about --image with the PyTorch model at CHECKPOINT (a directory or Hub id)."""
+    needs_torch("generate")
+    import torch
+
+    from core.processors import ImageProcessor, prepare_batch
+    from nanovlm.vision_language_model import VisionLanguageModel
+
+    sampling = sampling_config(kw)
+    model = VisionLanguageModel.from_pretrained(checkpoint, revision=revision)
+    if model.tokenizer is None:
+        raise click.ClickException(f"{checkpoint} has no tokenizer files and cfg.lm_tokenizer could not be loaded")
+    batch = prepare_batch(model.cfg, model.tokenizer, ImageProcessor.from_config(model.cfg), [list(images)], [prompt])
+    out = model.generate(
+        torch.from_numpy(batch.input_ids), torch.from_numpy(batch.pixel_values),
+        attention_mask=torch.from_numpy(batch.attention_mask), max_new_tokens=max_new_tokens, sampling=sampling,
+    )  # fmt: skip
+    click.echo(model.tokenizer.decode(out[0].tolist()))
+
+
+# ----------------------------------------------------------------------------- runtime (no torch)
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--image", "images", multiple=True, required=True, help="Image file (repeat for several).")
+@click.option("--prompt", required=True)
+@pipeline_options
+@click.option("--stream", is_flag=True, help="Print text as tokens arrive.")
+@sampling_options
+@click.option("--json", "as_json", is_flag=True, help="Print the answer with timings as JSON.")
+@user_errors
+def run(bundle: str, images: tuple[str, ...], prompt: str, provider: str, backend: str, stream: bool,
+        max_new_tokens: int, as_json: bool, **kw: Any) -> None:  # fmt: skip
+    """Answer PROMPT about --image with an exported BUNDLE on ONNX Runtime or TensorRT (no torch needed)."""
+    from runtime.pipeline import VLMPipeline
+
+    sampling = sampling_config(kw)
+    pipe = VLMPipeline.from_bundle(bundle, provider=provider, backend=backend)
+    if stream and not as_json:
+        for piece in pipe.stream(list(images), prompt, max_new_tokens, sampling=sampling):
+            click.echo(piece, nl=False)
+        click.echo()
+        return
+    answer = pipe.generate(list(images), prompt, max_new_tokens, sampling=sampling)
+    if as_json:
+        click.echo(json.dumps({"answer": answer, "timings": pipe.last_timings.as_dict()}, indent=2))
+    else:
+        click.echo(answer)
+
+
+# ----------------------------------------------------------------------------- export and quantization
+@main.command()
+@click.argument("src")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--opset", type=click.IntRange(17, 21), default=17, show_default=True, help="ONNX opset.")
+@click.option(
+    "--decoder", type=click.Choice(["standard", "fused"]), default="standard", show_default=True,
+    help="standard: plain ONNX ops, runs everywhere incl. TensorRT. fused: ONNX Runtime contrib ops "
+    "(GroupQueryAttention, SkipSimplifiedLayerNormalization), fp32, much faster decode on CPU.",
+)  # fmt: skip
+@user_errors
+def onnx(src: str, out: str, precision: str, opset: int, decoder: str) -> None:
+    """Export checkpoint SRC (a directory or Hub id) to the ONNX bundle directory OUT."""
+    needs_torch("onnx")
+    from export.onnx_export import export_onnx
+
+    manifest = export_onnx(src, out, precision=precision, opset=opset, decoder=decoder)
+    sizes = {name: meta["bytes"] for name, meta in manifest.files.items()}
+    click.echo(json.dumps({"bundle": os.path.abspath(out), "precision": precision, "decoder": decoder,
+                           "bytes": sizes}, indent=2))  # fmt: skip
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--mode", required=True, type=click.Choice(QUANTIZE_MODES))
+@click.option(
+    "--calibration",
+    help="Calibrated modes: 'builtin' (default), a folder of images (+ prompts.txt, + texts.txt of "
+    "text-only prompts) or hf:NAME[:SUBSET].",
+)
+@click.option("--samples", type=click.IntRange(1, 100_000), default=32, show_default=True, help="Calibration samples.")
+@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
+@click.option("--exclude", multiple=True, help="Glob over node names left in float (repeatable), e.g. '*/head/*'.")
+@user_errors
+def quantize(bundle: str, out: str, mode: str, calibration: str | None, samples: int, method: str,
+             exclude: tuple[str, ...]) -> None:  # fmt: skip
+    """Quantize the fp32 bundle BUNDLE into the bundle directory OUT."""
+    if importlib.util.find_spec("onnx") is None:
+        raise click.ClickException("`quantize` needs onnx: pip install onnx (or the 'torch' extra)")
+    from calibration.quantize import quantize_bundle
+
+    manifest = quantize_bundle(bundle, out, mode, calibration, samples, method, exclude)
+    sizes = {name: meta["bytes"] for name, meta in manifest.files.items()}
+    click.echo(json.dumps({"bundle": os.path.abspath(out), "mode": mode, "bytes": sizes,
+                           "total_bytes": sum(sizes.values())}, indent=2))  # fmt: skip
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--max-batch", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--max-seq", type=click.IntRange(1), default=None,
+              help="Longest prefill incl. image tokens [min(512, context)].")  # fmt: skip
+@click.option("--max-context", type=click.IntRange(1), default=None,
+              help="Prompt + generated positions [min(1024, the model's)].")  # fmt: skip
+@click.option("--max-images", type=click.IntRange(1), default=4, show_default=True, help="Tiles per vision-encoder call.")
+@click.option("--workspace", type=click.IntRange(1), default=2048, show_default=True, help="Builder workspace, MB.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="Reuse and update this timing cache.")
+@click.option("--print-trtexec", is_flag=True, help="Only print the equivalent trtexec command lines.")
+@user_errors
+def trt(bundle: str, out: str, max_batch: int, max_seq: int | None, max_context: int | None, max_images: int,
+        workspace: int, timing_cache: str | None, print_trtexec: bool) -> None:  # fmt: skip
+    """Build TensorRT engines for BUNDLE (fp32, fp16 or int8-static) into OUT."""
+    from core.bundle import load_bundle
+    from export.trt_build import build_engines, check_buildable, describe
+    from runtime.trt_plan import Limits, trtexec_commands
+
+    max_context = max_context or min(1024, load_bundle(bundle, verify=False).max_context)
+    limits = Limits(max_batch, max_seq or min(512, max_context), max_context, max_images)
+    if print_trtexec:
+        for graph, cmd in trtexec_commands(check_buildable(bundle), limits, workspace).items():
+            click.echo(f"# {graph}\n{cmd}\n")
+        return
+    if importlib.util.find_spec("tensorrt") is None:
+        raise click.ClickException(
+            "the tensorrt Python package is not installed (pip install 'nanovlm-edge[trt]' on a machine "
+            "with an NVIDIA GPU; on Jetson it comes with JetPack). --print-trtexec prints the trtexec "
+            "commands instead."
+        )
+    manifest = build_engines(bundle, out, limits, workspace, timing_cache)
+    load_bundle(out)  # the result verifies
+    click.echo(describe(manifest))
+
+
+# ----------------------------------------------------------------------------- evaluation
+def _thresholds(items: tuple[str, ...]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{item!r} is not KEY=NUMBER", param_hint="--threshold") from None
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not KEY=NUMBER", param_hint="--threshold")
+    return out
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--reference", required=True, help="The PyTorch checkpoint the bundle came from (directory or Hub id).")
+@click.option("--images", default="builtin", show_default=True, help="'builtin' (test split) or a folder of images.")
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False), help="One prompt per line, for --images DIR.")
+@click.option("--samples", type=click.IntRange(1, 100_000), default=24, show_default=True, help="Cases to compare.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 100_000), default=16, show_default=True)
+@pipeline_options
+@click.option("--threshold", "thresholds", multiple=True, help="Override a gate, e.g. kl_mean_max=0.02 (repeatable).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the full report (per case) here.")
+@user_errors
+def validate(bundle: str, reference: str, images: str, prompts: str | None, samples: int, max_new_tokens: int,
+             backend: str, provider: str, thresholds: tuple[str, ...], json_out: str | None) -> None:  # fmt: skip
+    """Compare BUNDLE with its PyTorch checkpoint; exit code 1 when a threshold fails."""
+    needs_torch("validate")
+    from core.recipes import gates_for
+    from evaluation import parity
+    from runtime.pipeline import VLMPipeline
+
+    pipe = VLMPipeline.from_bundle(bundle, provider=provider, backend=backend)
+    limits = gates_for(pipe.bundle.mode, _thresholds(thresholds))
+    cases = parity.builtin_cases(samples) if images == "builtin" else parity.folder_cases(images, samples, prompts)
+    summary = parity.compare(pipe, parity.Reference(reference), cases, max_new_tokens)
+    failures = parity.gate(summary, limits)
+    click.echo(parity.table(summary, limits))
+    if json_out:
+        write_json(json_out, {"bundle": bundle, "reference": reference, "thresholds": limits, "failures": failures,
+                              "summary": summary})  # fmt: skip
+    if failures:
+        click.echo("FAILED: " + "; ".join(failures), err=True)
+        raise SystemExit(1)
+    click.echo("passed")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--reference", help="PyTorch checkpoint to measure alongside (with and without KV cache).")
+@click.option("--variants", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="More bundles (e.g. quantized) to measure in the same run (repeatable).")  # fmt: skip
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Default: a scikit-image photo.")
+@click.option("--prompt", default="Describe this image in detail.", show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(2, 100_000), default=64, show_default=True)
+@click.option("--repeats", type=click.IntRange(1, 1000), default=3, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads (default: all cores).")
+@click.option("--growth", default="16,32,64", show_default=True,
+              help="Output lengths for the PyTorch cost-growth curve ('' to skip).")  # fmt: skip
+@click.option("--plot", "plot_path", default="bench.png", show_default=True, help="PNG chart.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+@user_errors
+def bench(bundle: str, reference: str | None, variants: tuple[str, ...], image: str | None, prompt: str,
+          max_new_tokens: int, repeats: int, threads: int | None, growth: str, plot_path: str,
+          json_out: str | None) -> None:  # fmt: skip
+    """Image encode, TTFT, prefill and decode speed, peak memory and size: PyTorch and bundles."""
+    needs_torch("bench")
+    from evaluation import bench as b
+
+    try:
+        lengths = tuple(int(x) for x in growth.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{growth!r} is not a comma-separated list of lengths", param_hint="--growth") from None
+    if any(n < 2 for n in lengths):
+        raise click.BadParameter(f"{growth!r}: every length must be at least 2", param_hint="--growth")
+    result = b.bench([bundle, *variants], reference, image, prompt, max_new_tokens, repeats, threads, lengths)
+    click.echo(b.table(result))
+    b.plot(result, plot_path)
+    click.echo(f"chart: {plot_path}")
+    if json_out:
+        write_json(json_out, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""The bundle: the one contract between export, quantization and the runtime (docs/bundle.md).
+
+A bundle is a directory holding the graphs, the tokenizer, the model's `config.json` and
+`manifest.json`, written last, which lists every other file with its size and SHA-256. Loading
+checks all of them, so a missing, truncated or modified file is a clear error, not a wrong answer.
+
+Each fact has one source: the model's shape (placement, image tokens, tile size, context, KV
+layout) comes from `config.json`, tensor names and types from the graphs' recorded IO, and how the
+bundle was made (precision, decoder graph, quantization, TensorRT engines) from the manifest.
+`Bundle` reads them all through typed properties.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import VLMConfig
+from .files import atomic_write
+from .recipes import Recipe, recipe
+
+FORMAT = "nanovlm-bundle"
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
+GRAPHS = ("vision_encoder", "decoder")
+
+
+class BundleError(ValueError):
+    """A bundle that is missing, incomplete, modified or from an unsupported format version."""
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Manifest:
+    """manifest.json: how the bundle was made and what files it holds."""
+
+    precision: str  # "fp32" or "fp16": the float type the graphs were exported in
+    opset: int
+    graphs: dict[str, dict[str, Any]]  # graph -> {"file", "inputs", "outputs"} (names, dtypes, dims)
+    decoder_graph: str = "standard"  # or "fused": ONNX Runtime contrib ops, CPU only
+    quantization: dict[str, Any] | None = None  # {"mode", ...}: written by `quantize`
+    tensorrt: dict[str, Any] | None = None  # engines, limits, TensorRT version: written by `trt`
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> {"bytes", "sha256"}
+    created: str = ""
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str) -> Manifest:
+        if data.get("format") != FORMAT:
+            raise BundleError(f"{source}: format {data.get('format')!r}, expected {FORMAT!r}")
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise BundleError(
+                f"{source}: format_version {version!r} is newer than this runtime reads ({FORMAT_VERSION}); "
+                "upgrade nanovlm-edge"
+            )
+        if version == 1:  # v1 restated config facts and wrote a quantization mode as the precision
+            data = dict(data, precision="fp16" if data.get("precision") == "fp16" and not data.get("quantization")
+                        else "fp32")  # fmt: skip
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        missing = {"precision", "opset", "graphs"} - set(kwargs)
+        if missing:
+            raise BundleError(f"{source}: manifest lacks {', '.join(sorted(missing))}")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items() if v is not None}
+
+    def write(self, directory: str) -> Manifest:
+        """Hash every file in `directory` into `files` and write manifest.json, last and atomically."""
+        files = {}
+        for root, _, names in os.walk(directory):
+            for name in sorted(names):
+                path = os.path.join(root, name)
+                rel = os.path.relpath(path, directory)
+                if rel != MANIFEST:
+                    files[rel] = {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+        done = dataclasses.replace(
+            self, files=files, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            format=FORMAT, format_version=FORMAT_VERSION,
+        )  # fmt: skip
+        with atomic_write(os.path.join(directory, MANIFEST)) as f:
+            json.dump(done.to_dict(), f, indent=2)
+        return done
+
+
+@dataclass
+class Bundle:
+    path: str
+    manifest: Manifest
+    config: VLMConfig
+
+    # ------------------------------------------------------------------ files
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def total_bytes(self) -> int:
+        """Size of every file the manifest lists."""
+        return sum(meta["bytes"] for meta in self.manifest.files.values())
+
+    def graph_path(self, graph: str) -> str:
+        return self.file(self.graph_spec(graph)["file"])
+
+    def graph_spec(self, graph: str) -> dict[str, Any]:
+        try:
+            return self.manifest.graphs[graph]
+        except KeyError:
+            raise BundleError(f"{self.path}: manifest has no graph {graph!r}") from None
+
+    def graph_input(self, graph: str, name: str) -> dict[str, Any]:
+        for spec in self.graph_spec(graph)["inputs"]:
+            if spec["name"] == name:
+                return spec
+        raise BundleError(f"{self.path}: graph {graph} has no input {name!r}")
+
+    # ------------------------------------------------------------------ how it was made
+    @property
+    def precision(self) -> str:
+        return self.manifest.precision
+
+    @property
+    def mode(self) -> str:
+        """The quantization mode, or the export precision of an unquantized bundle."""
+        return (self.manifest.quantization or {}).get("mode") or self.manifest.precision
+
+    @property
+    def recipe(self) -> Recipe:
+        return recipe(self.mode)
+
+    @property
+    def fused(self) -> bool:
+        return self.manifest.decoder_graph == "fused"
+
+    @property
+    def runs_on(self) -> tuple[str, ...]:
+        return ("onnxruntime",) if self.fused else self.recipe.runs_on
+
+    # ------------------------------------------------------------------ the model's shape
+    @property
+    def placement(self) -> str:
+        return self.config.image_placement
+
+    @property
+    def image_slot_id(self) -> int:
+        return self.config.image_slot_id
+
+    @property
+    def image_token_count(self) -> int:
+        return self.config.image_token_count
+
+    @property
+    def tile_size(self) -> int:
+        return self.config.vit_img_size
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.config.lm_hidden_dim
+
+    @property
+    def max_context(self) -> int:
+        return self.config.lm_max_position_embeddings
+
+    @property
+    def kv_layers(self) -> int:
+        return self.config.lm_n_blocks
+
+    @property
+    def kv_heads(self) -> int:
+        return self.config.lm_n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.lm_head_dim
+
+    @property
+    def kv_dtype(self) -> str:
+        """numpy dtype name of the KV cache, as the decoder graph declares it."""
+        return self.graph_input("decoder", "past_key_values.0.key")["dtype"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.graph_spec("decoder")["outputs"][0]["shape"][1]
+
+
+def load_bundle(path: str, verify: bool = True) -> Bundle:
+    """Read and check a bundle: format version, every listed file present with its size and hash."""
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isdir(path):
+        raise BundleError(f"bundle not found: {path}")
+    if not os.path.exists(mpath):
+        raise BundleError(f"{path}: no {MANIFEST} (not a bundle, or an export that did not finish)")
+    try:
+        with open(mpath) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{mpath}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{mpath}: expected a JSON object")
+    manifest = Manifest.from_dict(data, mpath)
+    for rel, meta in manifest.files.items():
+        fp = os.path.join(path, rel)
+        if not os.path.exists(fp):
+            raise BundleError(f"{path}: missing file {rel} listed in the manifest")
+        size = os.path.getsize(fp)
+        if size != meta["bytes"]:
+            raise BundleError(
+                f"{path}: {rel} is {size} bytes, the manifest says {meta['bytes']} (truncated or replaced)"
+            )
+        if verify and file_sha256(fp) != meta["sha256"]:
+            raise BundleError(
+                f"{path}: {rel} does not match its SHA-256 in the manifest (modified or corrupt)"
+            )
+    try:
+        config = VLMConfig.load(os.path.join(path, "config.json"))
+    except (ValueError, FileNotFoundError) as e:
+        raise BundleError(str(e)) from None
+    return Bundle(path, manifest, config)

@@ -1,0 +1,107 @@
+"""What each kind of bundle is: one row per precision or quantization mode.
+
+Every list of modes in the toolkit comes from this table: the `quantize --mode` choices, the
+validate gates, which modes the fused CPU decoder takes, what needs calibration, and the
+benchmark lists. docs/quantization.md has the measurements behind each recipe's settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Gates:
+    """`validate` bars: each compares one parity metric with a limit."""
+
+    vision_cosine_min: float  # lowest per-token cosine of image embeddings vs PyTorch
+    kl_mean_max: float  # mean KL(PyTorch || bundle) over teacher-forced steps, nats per token
+    top1_min: float  # share of steps whose top-1 token agrees with PyTorch
+    exact_match_min: float  # share of cases whose whole greedy answer equals PyTorch's
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in GATE_METRICS}
+
+
+# gate name -> (summary metric, "min" or "max")
+GATE_METRICS = {
+    "vision_cosine_min": ("vision_cosine_min", "min"),
+    "kl_mean_max": ("kl_mean", "max"),
+    "top1_min": ("top1_agreement", "min"),
+    "exact_match_min": ("exact_match", "min"),
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str
+    scheme: str  # "float": no integer weights; "weight-only": MatMulNBits; "qdq": Q/DQ int8
+    gates: Gates
+    quantize_mode: bool = True  # a `quantize --mode` choice (fp32 is the export's own precision)
+    weight_bits: int | None = None  # decoder weight bits (None: float weights)
+    fp16: bool = False  # fp16 weights and matrix products
+    calibrated: bool = False  # records real graph inputs before quantizing
+    decode_steps: int = 0  # greedy decode steps recorded per calibration sample, after its prefill
+    fused_decoder: bool = False  # applies to bundles with the fused CPU decoder graph
+    runs_on: tuple[str, ...] = ("onnxruntime",)
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            "fp32", "the exported graphs as they are", "float",
+            Gates(vision_cosine_min=0.9999, kl_mean_max=1e-4, top1_min=0.99, exact_match_min=0.95),
+            quantize_mode=False, fused_decoder=True, runs_on=("onnxruntime", "tensorrt"),
+        ),
+        Recipe(
+            "fp16", "fp16 weights and products; norms, softmax and RoPE in fp32; fp32 graph IO", "float",
+            Gates(vision_cosine_min=0.999, kl_mean_max=1e-3, top1_min=0.97, exact_match_min=0.8),
+            fp16=True, runs_on=("onnxruntime", "tensorrt"),
+        ),
+        Recipe(
+            "int8-dynamic", "8-bit MatMulNBits weights in blocks of 32, int8 activations at run time",
+            "weight-only",
+            Gates(vision_cosine_min=0.99, kl_mean_max=0.01, top1_min=0.93, exact_match_min=0.6),
+            weight_bits=8, fused_decoder=True,
+        ),
+        Recipe(
+            "int8-static", "Q/DQ int8 weights and calibrated activations: the TensorRT INT8 input", "qdq",
+            Gates(vision_cosine_min=0.98, kl_mean_max=0.01, top1_min=0.93, exact_match_min=0.6),
+            weight_bits=8, calibrated=True, decode_steps=4, runs_on=("onnxruntime", "tensorrt"),
+        ),
+        Recipe(
+            "int4", "4-bit MatMulNBits decoder weights rounded by GPTQ, sensitive layers at 8 bits",
+            "weight-only",
+            Gates(vision_cosine_min=0.99, kl_mean_max=0.05, top1_min=0.85, exact_match_min=0.4),
+            weight_bits=4, calibrated=True, decode_steps=16, fused_decoder=True,
+        ),
+        Recipe(
+            "int4-fp16", "int4 on an fp16 graph, for GPUs", "weight-only",
+            Gates(vision_cosine_min=0.99, kl_mean_max=0.05, top1_min=0.85, exact_match_min=0.4),
+            weight_bits=4, fp16=True, calibrated=True, decode_steps=16,
+        ),
+    )
+}  # fmt: skip
+
+QUANTIZE_MODES = tuple(name for name, r in RECIPES.items() if r.quantize_mode)
+FUSED_MODES = tuple(name for name in QUANTIZE_MODES if RECIPES[name].fused_decoder)
+CALIBRATED_MODES = tuple(name for name in QUANTIZE_MODES if RECIPES[name].calibrated)
+
+
+def recipe(name: str) -> Recipe:
+    """The recipe of a mode or precision, with a clear error for an unknown name."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown mode {name!r}; expected one of {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def gates_for(name: str, overrides: dict[str, float] | None = None) -> dict[str, float]:
+    """The validate gates of a recipe, with any overridden by name."""
+    out = recipe(name).gates.as_dict()
+    for key, value in (overrides or {}).items():
+        if key not in GATE_METRICS:
+            raise ValueError(f"unknown threshold {key!r}; known: {', '.join(GATE_METRICS)}")
+        out[key] = value
+    return out

@@ -1,0 +1,1 @@
+"""Evaluation: bundles against their PyTorch checkpoint (parity) and speed, memory and size (bench)."""
