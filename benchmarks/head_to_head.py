@@ -104,9 +104,10 @@ def main() -> None:
     for k, s in report["ratios"].items():
         print(f"| {k} | {s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f}) |")
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
+        from core.files import atomic_write
+
+        with atomic_write(args.json) as f:
             json.dump(report, f, indent=2)
-        os.replace(args.json + ".tmp", args.json)
 
 
 if __name__ == "__main__":

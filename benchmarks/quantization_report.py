@@ -311,11 +311,12 @@ def main() -> None:
         report["smollm2"] = smollm2(args)
     print_tables(report)
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
+        from core.files import atomic_write
+
+        with atomic_write(args.json) as f:
             json.dump(
                 report, f, indent=2, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)
             )
-        os.replace(args.json + ".tmp", args.json)
 
 
 if __name__ == "__main__":

@@ -36,14 +36,18 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
         out = node.output[0]
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "Gather":  # fp16 table lookup, rows back to fp32
-            nodes.append(helper.make_node("Gather", list(node.input), [out + "_fp16"], name=node.name, **attrs))
+            nodes.append(
+                helper.make_node("Gather", list(node.input), [out + "_fp16"], name=node.name, **attrs)
+            )
         else:
             nodes.append(helper.make_node("Cast", [node.input[0]], [out + "_in16"], name=node.name + "_in16",
                                           to=onnx.TensorProto.FLOAT16))  # fmt: skip
             inputs = [out + "_in16", *node.input[1:]]
             nodes.append(helper.make_node(node.op_type, inputs, [out + "_fp16"], name=node.name, **attrs))
         nodes.append(
-            helper.make_node("Cast", [out + "_fp16"], [out], name=node.name + "_out32", to=onnx.TensorProto.FLOAT)
+            helper.make_node(
+                "Cast", [out + "_fp16"], [out], name=node.name + "_out32", to=onnx.TensorProto.FLOAT
+            )
         )
     del model.graph.node[:]
     model.graph.node.extend(nodes)

@@ -87,5 +87,3 @@ def activation_ranges(model: onnx.ModelProto) -> dict[str, float]:
             if scale.size == 1:
                 out[n.input[0]] = float(scale.reshape(-1)[0]) * 127.0
     return out
-
-

@@ -91,7 +91,11 @@ def quantize_bundle(
     with staged_dir(out, prefix=".tmp-bundle-") as tmp:
         for name in os.listdir(bundle.path):  # tokenizer, config: everything but the graphs
             path = bundle.file(name)
-            if os.path.isfile(path) and not name.endswith((".onnx", ".onnx.data", ".ort")) and name != MANIFEST:
+            if (
+                os.path.isfile(path)
+                and not name.endswith((".onnx", ".onnx.data", ".ort"))
+                and name != MANIFEST
+            ):
                 shutil.copy2(path, os.path.join(tmp, name))
         vision_feeds, decoder_feeds = [], []
         if r.calibrated:
@@ -113,14 +117,18 @@ def quantize_bundle(
                 model = quantize_graph(onnx.load(bundle.graph_path(graph)), graph, r, plan, importance, grams)
                 _save(model, os.path.join(tmp, bundle.graph_spec(graph)["file"]))
             if r.weight_bits:
-                plan["notes"]["vision_encoder"] = "8-bit MatMulNBits (the vision encoder is kept at INT8 or better)"
+                plan["notes"]["vision_encoder"] = (
+                    "8-bit MatMulNBits (the vision encoder is kept at INT8 or better)"
+                )
                 plan["notes"]["embedding"] = (
                     "tied embedding/head quantized once, shared by GatherBlockQuantized and MatMulNBits"
                 )
         plan["source_bundle_sha256"] = {k: v["sha256"] for k, v in bundle.manifest.files.items()}
         graphs = {g: {"file": s["file"]} | graph_io(os.path.join(tmp, s["file"]))
                   for g, s in bundle.manifest.graphs.items()}  # fmt: skip
-        manifest = dataclasses.replace(bundle.manifest, graphs=graphs, quantization=plan, tensorrt=None).write(tmp)
+        manifest = dataclasses.replace(
+            bundle.manifest, graphs=graphs, quantization=plan, tensorrt=None
+        ).write(tmp)
     log.info("%s bundle written to %s in %.1f s", mode, out, time.time() - t0)
     return manifest
 

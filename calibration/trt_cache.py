@@ -12,8 +12,9 @@ and the ONNX Runtime TensorRT EP reads it with `trt_int8_calibration_table_name`
 
 from __future__ import annotations
 
-import os
 import struct
+
+from core.files import atomic_write
 
 HEADER_SUFFIX = "-EntropyCalibration2"
 DEFAULT_TRT_VERSION = 100300  # TensorRT 10.3 (JetPack 6): major * 10000 + minor * 100 + patch
@@ -31,10 +32,8 @@ def write_trt_cache(ranges: dict[str, float], path: str, trt_version: int = DEFA
         if ":" in name or "\n" in name:
             raise ValueError(f"tensor name {name!r} cannot be written to a TensorRT cache")
         lines.append(f"{name}: {struct.pack('>f', amax / 127.0).hex()}")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
 
 
 def read_trt_cache(path: str) -> tuple[int, dict[str, float]]:

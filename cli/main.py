@@ -89,7 +89,9 @@ def sampling_options(command: Callable) -> Callable:
 def sampling_config(kw: dict[str, Any]) -> Any:
     from core.sampling import SamplingConfig
 
-    return SamplingConfig(**{k: kw.pop(k) for k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")})
+    return SamplingConfig(
+        **{k: kw.pop(k) for k in ("temperature", "top_k", "top_p", "repetition_penalty", "seed")}
+    )
 
 
 def write_json(path: str, data: Any) -> None:
@@ -111,8 +113,12 @@ def main(verbose: bool) -> None:
 
 # ----------------------------------------------------------------------------- PyTorch reference
 @main.command()
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="TrainConfig JSON.")
-@click.option("-o", "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a TrainConfig field.")
+@click.option(
+    "--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="TrainConfig JSON."
+)
+@click.option(
+    "-o", "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a TrainConfig field."
+)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT_DIR/checkpoint.")
 @user_errors
 def train(config_path: str | None, overrides: tuple[str, ...], resume: bool) -> None:
@@ -129,11 +135,15 @@ def train(config_path: str | None, overrides: tuple[str, ...], resume: bool) -> 
 
 
 @main.command()
-@click.option("--output-dir", default="artifacts/tiny", show_default=True, help="Where the default model lives.")
+@click.option(
+    "--output-dir", default="artifacts/tiny", show_default=True, help="Where the default model lives."
+)
 @click.option("--retrain", is_flag=True, help="Train again even if a finished model exists.")
 @click.option("--test-samples", type=click.IntRange(1), default=600, show_default=True,
               help="Built-in test questions to score.")  # fmt: skip
-@click.option("--steps", type=click.IntRange(1), default=None, help="Training steps (default: TrainConfig's).")
+@click.option(
+    "--steps", type=click.IntRange(1), default=None, help="Training steps (default: TrainConfig's)."
+)
 @user_errors
 def demo(output_dir: str, retrain: bool, test_samples: int, steps: int | None) -> None:
     """Train the tiny default (or reuse it), export, quantize to INT8, validate, answer, measure."""
@@ -162,8 +172,12 @@ def generate(checkpoint: str, images: tuple[str, ...], prompt: str, max_new_toke
     sampling = sampling_config(kw)
     model = VisionLanguageModel.from_pretrained(checkpoint, revision=revision)
     if model.tokenizer is None:
-        raise click.ClickException(f"{checkpoint} has no tokenizer files and cfg.lm_tokenizer could not be loaded")
-    batch = prepare_batch(model.cfg, model.tokenizer, ImageProcessor.from_config(model.cfg), [list(images)], [prompt])
+        raise click.ClickException(
+            f"{checkpoint} has no tokenizer files and cfg.lm_tokenizer could not be loaded"
+        )
+    batch = prepare_batch(
+        model.cfg, model.tokenizer, ImageProcessor.from_config(model.cfg), [list(images)], [prompt]
+    )
     out = model.generate(
         torch.from_numpy(batch.input_ids), torch.from_numpy(batch.pixel_values),
         attention_mask=torch.from_numpy(batch.attention_mask), max_new_tokens=max_new_tokens, sampling=sampling,
@@ -232,9 +246,15 @@ def onnx(src: str, out: str, precision: str, opset: int, decoder: str) -> None:
     help="Calibrated modes: 'builtin' (default), a folder of images (+ prompts.txt, + texts.txt of "
     "text-only prompts) or hf:NAME[:SUBSET].",
 )
-@click.option("--samples", type=click.IntRange(1, 100_000), default=32, show_default=True, help="Calibration samples.")
-@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
-@click.option("--exclude", multiple=True, help="Glob over node names left in float (repeatable), e.g. '*/head/*'.")
+@click.option(
+    "--samples", type=click.IntRange(1, 100_000), default=32, show_default=True, help="Calibration samples."
+)
+@click.option(
+    "--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True
+)
+@click.option(
+    "--exclude", multiple=True, help="Glob over node names left in float (repeatable), e.g. '*/head/*'."
+)
 @user_errors
 def quantize(bundle: str, out: str, mode: str, calibration: str | None, samples: int, method: str,
              exclude: tuple[str, ...]) -> None:  # fmt: skip
@@ -257,8 +277,16 @@ def quantize(bundle: str, out: str, mode: str, calibration: str | None, samples:
               help="Longest prefill incl. image tokens [min(512, context)].")  # fmt: skip
 @click.option("--max-context", type=click.IntRange(1), default=None,
               help="Prompt + generated positions [min(1024, the model's)].")  # fmt: skip
-@click.option("--max-images", type=click.IntRange(1), default=4, show_default=True, help="Tiles per vision-encoder call.")
-@click.option("--workspace", type=click.IntRange(1), default=2048, show_default=True, help="Builder workspace, MB.")
+@click.option(
+    "--max-images",
+    type=click.IntRange(1),
+    default=4,
+    show_default=True,
+    help="Tiles per vision-encoder call.",
+)
+@click.option(
+    "--workspace", type=click.IntRange(1), default=2048, show_default=True, help="Builder workspace, MB."
+)
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="Reuse and update this timing cache.")
 @click.option("--print-trtexec", is_flag=True, help="Only print the equivalent trtexec command lines.")
 @user_errors
@@ -302,14 +330,26 @@ def _thresholds(items: tuple[str, ...]) -> dict[str, float]:
 
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--reference", required=True, help="The PyTorch checkpoint the bundle came from (directory or Hub id).")
-@click.option("--images", default="builtin", show_default=True, help="'builtin' (test split) or a folder of images.")
-@click.option("--prompts", type=click.Path(exists=True, dir_okay=False), help="One prompt per line, for --images DIR.")
-@click.option("--samples", type=click.IntRange(1, 100_000), default=24, show_default=True, help="Cases to compare.")
+@click.option(
+    "--reference", required=True, help="The PyTorch checkpoint the bundle came from (directory or Hub id)."
+)
+@click.option(
+    "--images", default="builtin", show_default=True, help="'builtin' (test split) or a folder of images."
+)
+@click.option(
+    "--prompts", type=click.Path(exists=True, dir_okay=False), help="One prompt per line, for --images DIR."
+)
+@click.option(
+    "--samples", type=click.IntRange(1, 100_000), default=24, show_default=True, help="Cases to compare."
+)
 @click.option("--max-new-tokens", type=click.IntRange(1, 100_000), default=16, show_default=True)
 @pipeline_options
-@click.option("--threshold", "thresholds", multiple=True, help="Override a gate, e.g. kl_mean_max=0.02 (repeatable).")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the full report (per case) here.")
+@click.option(
+    "--threshold", "thresholds", multiple=True, help="Override a gate, e.g. kl_mean_max=0.02 (repeatable)."
+)
+@click.option(
+    "--json", "json_out", type=click.Path(dir_okay=False), help="Write the full report (per case) here."
+)
 @user_errors
 def validate(bundle: str, reference: str, images: str, prompts: str | None, samples: int, max_new_tokens: int,
              backend: str, provider: str, thresholds: tuple[str, ...], json_out: str | None) -> None:  # fmt: skip
@@ -321,7 +361,11 @@ def validate(bundle: str, reference: str, images: str, prompts: str | None, samp
 
     pipe = VLMPipeline.from_bundle(bundle, provider=provider, backend=backend)
     limits = gates_for(pipe.bundle.mode, _thresholds(thresholds))
-    cases = parity.builtin_cases(samples) if images == "builtin" else parity.folder_cases(images, samples, prompts)
+    cases = (
+        parity.builtin_cases(samples)
+        if images == "builtin"
+        else parity.folder_cases(images, samples, prompts)
+    )
     summary = parity.compare(pipe, parity.Reference(reference), cases, max_new_tokens)
     failures = parity.gate(summary, limits)
     click.echo(parity.table(summary, limits))
@@ -343,7 +387,9 @@ def validate(bundle: str, reference: str, images: str, prompts: str | None, samp
 @click.option("--prompt", default="Describe this image in detail.", show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(2, 100_000), default=64, show_default=True)
 @click.option("--repeats", type=click.IntRange(1, 1000), default=3, show_default=True)
-@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads (default: all cores).")
+@click.option(
+    "--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads (default: all cores)."
+)
 @click.option("--growth", default="16,32,64", show_default=True,
               help="Output lengths for the PyTorch cost-growth curve ('' to skip).")  # fmt: skip
 @click.option("--plot", "plot_path", default="bench.png", show_default=True, help="PNG chart.")
@@ -359,7 +405,9 @@ def bench(bundle: str, reference: str | None, variants: tuple[str, ...], image: 
     try:
         lengths = tuple(int(x) for x in growth.split(",") if x.strip())
     except ValueError:
-        raise click.BadParameter(f"{growth!r} is not a comma-separated list of lengths", param_hint="--growth") from None
+        raise click.BadParameter(
+            f"{growth!r} is not a comma-separated list of lengths", param_hint="--growth"
+        ) from None
     if any(n < 2 for n in lengths):
         raise click.BadParameter(f"{growth!r}: every length must be at least 2", param_hint="--growth")
     result = b.bench([bundle, *variants], reference, image, prompt, max_new_tokens, repeats, threads, lengths)

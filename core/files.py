@@ -1,11 +1,11 @@
 """Writes that land whole or not at all: a file or a directory appears complete, or not at all.
 
-    with staged_dir(out) as tmp:
-        ... write everything into tmp ...
-    # out now holds exactly what was written; on an exception nothing changed and tmp is gone
+with staged_dir(out) as tmp:
+    ... write everything into tmp ...
+# out now holds exactly what was written; on an exception nothing changed and tmp is gone
 
-    with atomic_write("report.json") as f:
-        json.dump(report, f)
+with atomic_write("report.json") as f:
+    json.dump(report, f)
 """
 
 from __future__ import annotations

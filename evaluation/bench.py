@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from core.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "Describe this image in detail."
@@ -246,6 +248,6 @@ def plot(result: dict[str, Any], path: str) -> None:
         axes[2].set_ylim(bottom=0)
         axes[2].legend(fontsize="small", loc="upper left")
     fig.suptitle(f"{result['threads']} threads, median of {result['repeats']}")
-    fig.savefig(path + ".tmp.png", dpi=110)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)

@@ -31,6 +31,7 @@ from runtime.pipeline import GenerationRequest, VLMPipeline
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(eq=False)  # hashed by identity: the reference keeps its results per case
 class Case:
     images: list[Any]

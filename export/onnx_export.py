@@ -236,5 +236,3 @@ def check_fused_graph(path: str) -> None:
             f"{path}: onnxruntime {ort.__version__} cannot load the fused decoder ({e}); it needs "
             f"onnxruntime >= {FUSED_MIN_ORT} (GroupQueryAttention with attention_bias)"
         ) from None
-
-

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from core.files import staged_dir
 from core.processors import Tokenizer
 
 if TYPE_CHECKING:
+    from .train_config import TrainConfig
     from .vision_language_model import VisionLanguageModel
 
 log = logging.getLogger(__name__)
@@ -117,3 +119,50 @@ def save_checkpoint(
             model.tokenizer.save(tmp)
         if extra is not None:
             extra(tmp)
+
+
+# ----------------------------------------------------------------------------- training state
+STATE_FILE = "train_state.pt"  # optimizer, scheduler and RNG state next to the weights
+
+
+def save_training_state(model, optimizer, scheduler, step: int, consumed: int, tc: TrainConfig) -> None:
+    """The checkpoint plus what resuming needs, written whole to output_dir/checkpoint."""
+
+    def extra(tmp: str) -> None:
+        state = {
+            "step": step,
+            "consumed": consumed,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": list(random.getstate()[1]),
+        }
+        torch.save(state, os.path.join(tmp, STATE_FILE))
+        tc.save(os.path.join(tmp, "train_config.json"))
+
+    save_checkpoint(model, os.path.join(tc.output_dir, "checkpoint"), extra=extra)
+
+
+def check_same_architecture(saved: VLMConfig, current: VLMConfig, where: str) -> None:
+    a, b = saved.to_dict(), current.to_dict()
+    shape_keys = [
+        k for k in b if k.startswith(("vit_", "lm_", "mp_")) and not k.endswith(("_type", "_tokenizer"))
+    ]
+    diff = [f"{k}: checkpoint {a.get(k)!r} vs run {b.get(k)!r}" for k in shape_keys if a.get(k) != b.get(k)]
+    if diff:
+        raise ValueError(f"cannot resume from {where}: different architecture ({'; '.join(diff)})")
+
+
+def load_training_state(model, optimizer, scheduler, ckpt: str) -> tuple[int, int]:
+    """Restore weights and training state from `ckpt` -> (step, samples consumed per rank)."""
+    if not os.path.exists(os.path.join(ckpt, STATE_FILE)):
+        raise FileNotFoundError(f"resume: no checkpoint with {STATE_FILE} in {ckpt}")
+    check_same_architecture(VLMConfig.load(os.path.join(ckpt, "config.json")), model.cfg, ckpt)
+    load_weights(model, os.path.join(ckpt, "model.safetensors"))
+    state = torch.load(os.path.join(ckpt, STATE_FILE), weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate((3, tuple(state["python_rng"]), None))
+    log.info("resumed from %s at step %d", ckpt, state["step"])
+    return state["step"], state["consumed"]

@@ -27,13 +27,13 @@ from core.conversations import Conversation
 from core.processors import ImageProcessor, Tokenizer, prepare_batch
 from core.shapes_dataset import QUESTION_TYPES, ShapesDataset, scene_questions, split_blind_baseline
 
-from .checkpoint import load_weights, save_checkpoint
+from .checkpoint import load_training_state, save_training_state
 from .collator import Collator
 from .train_config import TrainConfig
+from .train_history import append_history, plot_history, read_history, write_history
 from .vision_language_model import VisionLanguageModel
 
 log = logging.getLogger(__name__)
-STATE_FILE = "train_state.pt"
 
 
 # ----------------------------------------------------------------------------- setup
@@ -199,49 +199,6 @@ def answer(
     return [tokenizer.decode(row.tolist()) for row in out]
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def write_checkpoint(model, optimizer, scheduler, step: int, consumed: int, tc: TrainConfig) -> None:
-    def extra(tmp: str) -> None:
-        state = {
-            "step": step,
-            "consumed": consumed,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": list(random.getstate()[1]),
-        }
-        torch.save(state, os.path.join(tmp, STATE_FILE))
-        tc.save(os.path.join(tmp, "train_config.json"))
-
-    save_checkpoint(model, os.path.join(tc.output_dir, "checkpoint"), extra=extra)
-
-
-def check_same_architecture(saved: VLMConfig, current: VLMConfig, where: str) -> None:
-    a, b = saved.to_dict(), current.to_dict()
-    shape_keys = [
-        k for k in b if k.startswith(("vit_", "lm_", "mp_")) and not k.endswith(("_type", "_tokenizer"))
-    ]
-    diff = [f"{k}: checkpoint {a.get(k)!r} vs run {b.get(k)!r}" for k in shape_keys if a.get(k) != b.get(k)]
-    if diff:
-        raise ValueError(f"cannot resume from {where}: different architecture ({'; '.join(diff)})")
-
-
-def read_checkpoint(model, optimizer, scheduler, tc: TrainConfig) -> tuple[int, int]:
-    """Restore weights and training state from output_dir/checkpoint -> (step, samples consumed per rank)."""
-    ckpt = os.path.join(tc.output_dir, "checkpoint")
-    if not os.path.exists(os.path.join(ckpt, STATE_FILE)):
-        raise FileNotFoundError(f"resume: no checkpoint with {STATE_FILE} in {ckpt}")
-    check_same_architecture(VLMConfig.load(os.path.join(ckpt, "config.json")), model.cfg, ckpt)
-    load_weights(model, os.path.join(ckpt, "model.safetensors"))
-    state = torch.load(os.path.join(ckpt, STATE_FILE), weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate((3, tuple(state["python_rng"]), None))
-    log.info("resumed from %s at step %d", ckpt, state["step"])
-    return state["step"], state["consumed"]
-
-
 # ----------------------------------------------------------------------------- the loop
 def backward_accumulated(forward, micro: list[dict], ddp=None, autocast=nullcontext) -> float:
     """Backward over k micro-batches -> mean loss per label token of the whole accumulated batch.
@@ -275,7 +232,11 @@ def train(tc: TrainConfig, stop_after: int | None = None) -> dict:
     model.train()
     optimizer = torch.optim.AdamW(param_groups(model, tc), weight_decay=tc.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
-    step, consumed = read_checkpoint(model, optimizer, scheduler, tc) if tc.resume else (0, 0)
+    step, consumed = (
+        load_training_state(model, optimizer, scheduler, os.path.join(tc.output_dir, "checkpoint"))
+        if tc.resume
+        else (0, 0)
+    )
     collator = Collator(model.cfg, model.tokenizer, tc.max_sample_length)
     autocast = autocast_for(tc, device)
 
@@ -286,10 +247,10 @@ def train(tc: TrainConfig, stop_after: int | None = None) -> dict:
 
     os.makedirs(tc.output_dir, exist_ok=True)
     log_path = os.path.join(tc.output_dir, "metrics.jsonl")
-    history = _read_history(log_path, upto=step) if rank == 0 else []
+    history = read_history(log_path, upto=step) if rank == 0 else []
     if rank == 0:
         tc.save(os.path.join(tc.output_dir, "train_config.json"))
-        _write_history(log_path, history)  # drop entries past the checkpoint we resumed from
+        write_history(log_path, history)  # drop entries past the checkpoint we resumed from
 
     per_epoch = dataset_length(tc) // max(1, tc.batch_size * world * tc.gradient_accumulation_steps)
     max_steps = tc.max_training_steps
@@ -300,7 +261,7 @@ def train(tc: TrainConfig, stop_after: int | None = None) -> dict:
     if rank == 0 and step == 0 and tc.eval_samples:  # the starting point of the curves
         metrics = {"step": 0, **evaluate(model, tc, collator)}
         history.append(metrics)
-        _append(log_path, metrics)
+        append_history(log_path, metrics)
     t0, tokens_seen = time.time(), 0
     while step < max_steps:
         micro = []
@@ -324,15 +285,15 @@ def train(tc: TrainConfig, stop_after: int | None = None) -> dict:
                 entry = {"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                          "tokens_per_s": tokens_seen / (time.time() - t0), "elapsed_s": time.time() - t0}  # fmt: skip
                 history.append(entry)
-                _append(log_path, entry)
+                append_history(log_path, entry)
         is_eval = tc.eval_interval and step % tc.eval_interval == 0 or step == max_steps
         if is_eval and rank == 0 and tc.eval_samples:
             metrics = {"step": step, **evaluate(model, tc, collator)}
             history.append(metrics)
-            _append(log_path, metrics)
+            append_history(log_path, metrics)
             log.info("step %d: val_loss %.4f accuracy %.3f", step, metrics["val_loss"], metrics["accuracy"])
         if rank == 0 and (step % tc.checkpoint_interval == 0 or step == max_steps):
-            write_checkpoint(model, optimizer, scheduler, step, consumed, tc)
+            save_training_state(model, optimizer, scheduler, step, consumed, tc)
         if world > 1:
             dist.barrier()
         if stop_after is not None and step >= stop_after:
@@ -371,52 +332,3 @@ def _progress(rank: int, total: int, initial: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", disable=rank != 0, mininterval=2.0)
-
-
-def _append(path: str, entry: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
-
-
-def _read_history(path: str, upto: int) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if r["step"] <= upto]
-
-
-def _write_history(path: str, rows: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
-
-
-def plot_history(history: list[dict], path: str, blind_baseline: float | None = None) -> None:
-    """Training loss, validation loss and answer accuracy against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [h for h in history if "loss" in h]
-    evals = [h for h in history if "accuracy" in h]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot([h["step"] for h in train], [h["loss"] for h in train], label="train loss")
-    ax1.plot([h["step"] for h in evals], [h["val_loss"] for h in evals], "o-", label="validation loss")
-    ax1.set_yscale("log")
-    ax1.set_xlabel("step")
-    ax1.legend()
-    ax2.plot([h["step"] for h in evals], [100 * h["accuracy"] for h in evals], "o-", label="exact match")
-    if blind_baseline is not None:
-        ax2.axhline(
-            100 * blind_baseline, linestyle="--", color="gray", label="blind baseline (question only)"
-        )
-    ax2.set_ylim(0, 100)
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("validation accuracy (%)")
-    ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

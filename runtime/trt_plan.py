@@ -94,7 +94,13 @@ def kv_buffer_bytes(bundle: Bundle, limits: Limits) -> int:
     """Device memory for the KV cache: two ping-pong sets, every layer's key and value, at max context."""
     item = 2 if bundle.kv_dtype == "float16" else 4
     per_set = (
-        2 * bundle.kv_layers * limits.max_batch * bundle.kv_heads * limits.max_context * bundle.head_dim * item
+        2
+        * bundle.kv_layers
+        * limits.max_batch
+        * bundle.kv_heads
+        * limits.max_context
+        * bundle.head_dim
+        * item
     )
     return 2 * per_set
 

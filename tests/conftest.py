@@ -53,7 +53,9 @@ def lively_model(placement: str, tokenizer_dir: str, seed: int = 0, blocks: int 
     return m
 
 
-def export_lively(placement: str, tokenizer_dir: str, directory, decoder: str = "standard", blocks: int = 2) -> tuple:
+def export_lively(
+    placement: str, tokenizer_dir: str, directory, decoder: str = "standard", blocks: int = 2
+) -> tuple:
     """A lively tiny model saved as a checkpoint and exported: -> (model, bundle path)."""
     from export.onnx_export import export_onnx
 

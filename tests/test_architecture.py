@@ -87,7 +87,9 @@ def violations(root: Path) -> list[str]:
         for dep in deps:
             other = dep.split(".")[0]
             if dep in graph and other != floor and other not in ALLOWED[floor]:
-                out.append(f"{mod} imports {dep}: {floor}/ may import only {sorted(ALLOWED[floor]) or 'nothing'}")
+                out.append(
+                    f"{mod} imports {dep}: {floor}/ may import only {sorted(ALLOWED[floor]) or 'nothing'}"
+                )
     # 2. torch-free floors reach no torch, directly or through project modules
     for mod in graph:
         if mod.split(".")[0] not in TORCH_FREE:
@@ -142,4 +144,3 @@ def test_a_breach_is_reported(tmp_path, files, expected):
     """Each rule fails on a deliberate breach, lazy and relative imports included."""
     found = violations(_tree(tmp_path, files))
     assert any(line.startswith(expected) for line in found), found
-

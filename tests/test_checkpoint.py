@@ -169,8 +169,6 @@ def test_vlm_config_module_is_torch_free():
     import subprocess
     import sys
 
-    code = (
-        "import sys, core.config, core.processors; assert 'torch' not in sys.modules, 'torch imported'"
-    )
+    code = "import sys, core.config, core.processors; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
     assert VLMConfig  # imported above for the fixture module

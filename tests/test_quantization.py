@@ -38,7 +38,10 @@ def quantized(lively, tmp_path_factory):
     """Every mode applied to the lively bundle (int8-static calibrated on the built-in data)."""
     _, bundle, _ = lively
     d = tmp_path_factory.mktemp("quantized")
-    return {mode: (quantize_bundle(bundle, str(d / mode), mode, samples=8), str(d / mode)) for mode in QUANTIZE_MODES}
+    return {
+        mode: (quantize_bundle(bundle, str(d / mode), mode, samples=8), str(d / mode))
+        for mode in QUANTIZE_MODES
+    }
 
 
 def _photo_folder(tmp_path, n=3, broken=1):

@@ -39,7 +39,9 @@ def _transformers(logits: np.ndarray, seen: np.ndarray, c: SamplingConfig) -> np
     return scores.softmax(-1).numpy()
 
 
-@pytest.mark.parametrize("config", SETTINGS, ids=lambda c: f"t{c.temperature}-k{c.top_k}-p{c.top_p}-r{c.repetition_penalty}")
+@pytest.mark.parametrize(
+    "config", SETTINGS, ids=lambda c: f"t{c.temperature}-k{c.top_k}-p{c.top_p}-r{c.repetition_penalty}"
+)
 def test_processed_distributions_agree_to_1e_6(config):
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal((4, 300)) * 3).astype(np.float32)
@@ -78,8 +80,17 @@ def test_seeded_sampler_is_reproducible_and_greedy_is_argmax():
     assert Sampler(SamplingConfig())(logits).tolist() == logits.argmax(-1).tolist()
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
-                                 dict(repetition_penalty=0), dict(temperature=float("nan"))])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(top_p=1.5),
+        dict(top_k=-1),
+        dict(repetition_penalty=0),
+        dict(temperature=float("nan")),
+    ],
+)
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingConfig(**bad)

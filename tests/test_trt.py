@@ -74,6 +74,7 @@ def test_pick_profile_and_limits(lively_bundle):
     m = load_bundle(lively_bundle)
     limits = Limits(max_batch=1, max_seq=32, max_context=64, max_images=2)
     dec = profiles(m, limits)["decoder"]
+
     def shapes(seq, past, rows=0):
         s = {
             "input_ids": (1, seq),
