@@ -35,6 +35,8 @@ def load_image(
         name = "<image bytes>"
         try:
             img = Image.open(image)
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"{name}: refused as a decompression bomb ({e})") from None
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"{name}: not a readable image ({e})") from None
     else:
@@ -43,6 +45,8 @@ def load_image(
             img = Image.open(name)
         except FileNotFoundError:
             raise FileNotFoundError(f"image not found: {name}") from None
+        except Image.DecompressionBombError as e:  # Pillow's own limit, checked at open
+            raise ValueError(f"{name}: refused as a decompression bomb ({e})") from None
         except (UnidentifiedImageError, OSError) as e:
             raise ValueError(f"{name}: not a readable image ({e})") from None
     w, h = img.size

@@ -69,7 +69,33 @@ def test_non_image_and_missing_file(tmp_path):
         load_image(tmp_path / "nope.png")
 
 
-def test_decompression_bomb_guard():
+def _blank_png(path, width: int, height: int) -> None:
+    """A valid 1-bit PNG of the given size, written row by row (a few hundred kB on disk however
+    large: the decompression-bomb shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z, row = zlib.compressobj(9), b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed pixels
+    data = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                + chunk(b"IDAT", data) + chunk(b"IEND", b""))  # fmt: skip
+
+
+def test_decompression_bomb_guard(tmp_path):
+    """Real files: one over our pixel limit, and a 40000x40000 one that Pillow refuses at open;
+    both are a one-line ValueError naming the file, and neither is decoded."""
+    _blank_png(tmp_path / "big.png", 4000, 3000)
+    assert Image.open(tmp_path / "big.png").size == (4000, 3000)  # a valid PNG
+    with pytest.raises(ValueError, match="big.png: image is 4000x3000 = 12000000 pixels, above the limit"):
+        load_image(tmp_path / "big.png", max_pixels=10_000_000)
+    _blank_png(tmp_path / "bomb.png", 40000, 40000)
+    assert (tmp_path / "bomb.png").stat().st_size < 2_000_000
+    with pytest.raises(ValueError, match="bomb.png: .*40000x40000|bomb.png: .*pixels"):
+        load_image(tmp_path / "bomb.png")
     with pytest.raises(ValueError, match="above the limit"):
         load_image(Image.new("L", (200, 200)), max_pixels=100 * 100)
 
