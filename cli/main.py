@@ -47,9 +47,16 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def needs_torch(command: str) -> None:
     """A clear line instead of `No module named 'torch'` on a torch-free install."""
-    missing = [m for m in ("torch", "safetensors") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("torch", "safetensors") if not installed(m)]
     if missing:
         raise click.ClickException(
             f"`{command}` needs the PyTorch reference ({', '.join(missing)} not installed): "
@@ -259,7 +266,7 @@ def onnx(src: str, out: str, precision: str, opset: int, decoder: str) -> None:
 def quantize(bundle: str, out: str, mode: str, calibration: str | None, samples: int, method: str,
              exclude: tuple[str, ...]) -> None:  # fmt: skip
     """Quantize the fp32 bundle BUNDLE into the bundle directory OUT."""
-    if importlib.util.find_spec("onnx") is None:
+    if not installed("onnx"):
         raise click.ClickException("`quantize` needs onnx: pip install onnx (or the 'torch' extra)")
     from calibration.quantize import quantize_bundle
 
@@ -303,7 +310,7 @@ def trt(bundle: str, out: str, max_batch: int, max_seq: int | None, max_context:
         for graph, cmd in trtexec_commands(check_buildable(bundle), limits, workspace).items():
             click.echo(f"# {graph}\n{cmd}\n")
         return
-    if importlib.util.find_spec("tensorrt") is None:
+    if not installed("tensorrt"):
         raise click.ClickException(
             "the tensorrt Python package is not installed (pip install 'nanovlm-edge[trt]' on a machine "
             "with an NVIDIA GPU; on Jetson it comes with JetPack). --print-trtexec prints the trtexec "

@@ -1,0 +1,109 @@
+"""The command line as a user runs it: one root behind both console scripts, the runtime's
+commands on a torch-free install, and one clear line for commands that need the torch extra."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from PIL import Image
+
+from runtime.pipeline import VLMPipeline
+from tests.conftest import REPO, export_lively
+
+BLOCK_TORCH = """
+import runpy, sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "safetensors"):
+            raise ModuleNotFoundError("No module named " + repr(name))
+sys.meta_path.insert(0, Block())
+sys.argv = ["nanovlm", *sys.argv[1:]]
+try:
+    runpy.run_module("cli.main", run_name="__main__")
+finally:
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
+    assert not loaded, loaded
+"""
+
+
+@pytest.fixture(scope="module")
+def made(tiny_tokenizer_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    _, bundle = export_lively("replace", tiny_tokenizer_dir, d)
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(d / "red.png")
+    return bundle, str(d / "ckpt"), str(d / "red.png")
+
+
+def _without_torch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(BLOCK_TORCH), *args], cwd=REPO,
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=120)  # fmt: skip
+
+
+def test_run_works_without_torch(made):
+    bundle, _, image = made
+    expected = VLMPipeline.from_bundle(bundle).generate(image, "What is it?", max_new_tokens=10)
+    res = _without_torch("run", bundle, "--image", image, "--prompt", "What is it?", "--max-new-tokens", "10")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout == expected + "\n"
+
+
+@pytest.mark.parametrize("command", ["generate", "validate", "onnx", "bench", "train", "demo"])
+def test_torch_commands_name_the_extra_on_a_torch_free_install(made, command, tmp_path):
+    bundle, ckpt, image = made
+    args = {
+        "generate": [ckpt, "--image", image, "--prompt", "Hi?"],
+        "validate": [bundle, "--reference", ckpt],
+        "onnx": [ckpt, str(tmp_path / "out")],
+        "bench": [bundle],
+        "train": [],
+        "demo": ["--output-dir", str(tmp_path / "demo")],
+    }[command]
+    res = _without_torch(command, *args)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "needs the PyTorch reference" in res.stderr and "pip install 'nanovlm-edge[torch]'" in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "demo").exists()
+
+
+def test_both_console_scripts_share_one_root():
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    out = CliRunner().invoke(main, ["--help"]).output
+    for command in ("run", "generate", "train", "demo", "onnx", "quantize", "trt", "validate", "bench"):
+        assert f"  {command} " in out, command
+    scripts = open(os.path.join(REPO, "pyproject.toml")).read()
+    assert 'nanovlm = "cli.main:main"' in scripts and 'nanovlm-export = "cli.main:main"' in scripts
+
+
+@pytest.mark.slow
+def test_pip_install_without_extras_runs_nanovlm_run(made, tmp_path):
+    """A real torch-free install: a fresh venv, `pip install .` (no extras), then the console
+    script answers like the library, and `nanovlm generate` names the extra to install."""
+    bundle, ckpt, image = made
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", REPO],
+                         capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    check = subprocess.run([str(venv / "bin" / "python"), "-c", "import importlib.util as u; "
+                            "print([m for m in ('torch', 'transformers', 'onnx') if u.find_spec(m)])"],
+                           capture_output=True, text=True, cwd=str(tmp_path))  # fmt: skip
+    assert check.stdout.strip() == "[]", check.stdout
+    expected = VLMPipeline.from_bundle(bundle).generate(image, "What is it?", max_new_tokens=10)
+    res = subprocess.run([str(venv / "bin" / "nanovlm"), "run", bundle, "--image", image, "--prompt", "What is it?",
+                          "--max-new-tokens", "10"], capture_output=True, text=True, cwd=str(tmp_path), timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout == expected + "\n"
+    gen = subprocess.run([str(venv / "bin" / "nanovlm-export"), "generate", ckpt, "--image", image, "--prompt", "Hi"],
+                         capture_output=True, text=True, cwd=str(tmp_path), timeout=300)  # fmt: skip
+    assert (
+        gen.returncode == 1
+        and "pip install 'nanovlm-edge[torch]'" in gen.stderr
+        and "Traceback" not in gen.stderr
+    )
