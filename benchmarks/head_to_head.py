@@ -36,7 +36,7 @@ RATIOS = {"fused int8-dynamic": "fp32", "fused int4": "llama.cpp Q4_1"}  # bar: 
 
 def llama_cpp_warm(gguf: str, ids: list[int], new_tokens: int, threads: int) -> dict:
     """(in a child process) a warm-up generation, then the timed one: llama.cpp's first decode in
-    a process measured ~7% slower than its later ones."""
+    a process is slower than its later ones."""
     from llamacpp import decode_speed
 
     decode_speed(gguf, ids, new_tokens, threads=threads)

@@ -168,7 +168,7 @@ def main() -> None:
                      "image_encode_s": t.image_encode_s, "prefill_s": t.prefill_s}  # fmt: skip
 
     def text_prefill(n_tokens: int = 104) -> float:
-        """The runtime backend on a text-only prompt of n_tokens (the issue's naive-export reference)."""
+        """The runtime backend on a text-only prompt of n_tokens (the figure a plain torch.onnx export is compared at)."""
         ids = np.array([pipe.tokenizer.encode(PROMPT * 4)[:n_tokens]], np.int64)
         n_ids = ids.shape[1]
         times = []

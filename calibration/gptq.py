@@ -17,10 +17,9 @@ import numpy as np
 
 from .blockwise import check_bits, pack, round_to_grid, search_scales
 
-# Added to H's diagonal as a share of its mean. A few thousand calibration rows for K = 576
-# channels estimate H poorly, and GPTQ then fits the calibration prompts instead of the model's
-# use: on SmolLM2-135M, 0.01 (the paper's value) made text-prompt KL worse than plain rounding,
-# 0.1 was best, 0.3 and 1 drift back toward plain rounding (docs/quantization.md).
+# Added to H's diagonal as a share of its mean. A few thousand calibration rows estimate H for
+# K = 576 channels poorly; with less damping GPTQ fits the calibration prompts rather than the
+# model's use, with more it tends to plain rounding (docs/quantization.md has the sweep).
 DAMPING = 0.1
 
 

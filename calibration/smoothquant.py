@@ -1,7 +1,6 @@
 """SmoothQuant (Xiao et al., 2022): move activation outliers into the weights before static INT8.
 
-Per-tensor int8 activation ranges cannot hold SmolLM2's outlier channels (static Q/DQ on every
-MatMul: KL 3.0 nats/token). For a weight MatMul Y = X W, dividing input channel j of X by s_j and
+Per-tensor int8 activation ranges cannot hold SmolLM2's outlier channels (docs/quantization.md). For a weight MatMul Y = X W, dividing input channel j of X by s_j and
 multiplying row j of W by s_j leaves Y unchanged; with s_j = max|X_j|^a / max|W_j|^(1-a) the
 activation ranges even out and the weights take a share of the difficulty.
 

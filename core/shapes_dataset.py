@@ -14,10 +14,9 @@ in a uniformly drawn cell, so yes/no is 50/50), so the question text alone gives
 `blind_baseline` measures what the best text-only guesser (the majority answer for each question)
 scores.
 
-An earlier set asked about objects named by colour ("What shape is the red object?", "Is the red
-object left of the blue object?"); the tiny default did not learn those within its 10-minute
-budget (docs/training.md has the measurements), so the default set anchors every question on an
-object the model can find without reading a colour word.
+Every question is about an object the model can find without reading a colour word: the tiny
+default does not learn to bind a colour word to an object within its training budget
+(docs/training.md).
 
 Sample `i` of a split depends only on (seed, split, i): deterministic, shardable, resumable.
 """

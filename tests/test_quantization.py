@@ -387,17 +387,18 @@ def test_bench_measures_pytorch_and_bundles_and_plots(lively, quantized, tmp_pat
 # ----------------------------------------------------------------------------- trained model (slow)
 @pytest.mark.slow
 def test_quantized_trained_model_meets_the_accuracy_bars(trained_tiny, tmp_path):
-    """The issue's bars on a (briefly) trained default model, 300 built-in test questions against
-    fp32 PyTorch: KL <= 0.01 (int8) / 0.05 (int4) / 0.001 (fp16); task accuracy within 1 point
-    (int8, fp16) or 2 points (int4) of the fp32 model's."""
+    """Each recipe's KL gate on a (briefly) trained default model, 300 built-in test questions
+    against fp32 PyTorch, and task accuracy within 1 point (int8, fp16) or 2 points (int4) of the
+    fp32 model's."""
     from export.onnx_export import export_onnx
 
     fp32 = str(tmp_path / "fp32")
     export_onnx(trained_tiny, fp32)
     ref, cases = parity.Reference(trained_tiny), parity.builtin_cases(300)
-    bars = {"fp16": (1e-3, 0.01), "int8-dynamic": (0.01, 0.01), "int8-static": (0.01, 0.01),
-            "int4": (0.05, 0.02), "int4-fp16": (0.05, 0.02)}  # fmt: skip
-    for mode, (kl_bar, acc_bar) in bars.items():
+    accuracy_bar = {"fp16": 0.01, "int8-dynamic": 0.01, "int8-static": 0.01, "int4": 0.02, "int4-fp16": 0.02}
+    assert set(accuracy_bar) == set(QUANTIZE_MODES)
+    for mode, acc_bar in accuracy_bar.items():
+        kl_bar = RECIPES[mode].gates.kl_mean_max
         path = str(tmp_path / mode)
         quantize_bundle(fp32, path, mode, samples=16)
         s = parity.compare(VLMPipeline.from_bundle(path), ref, cases, max_new_tokens=4)
