@@ -140,8 +140,8 @@ def main() -> None:
         rows = img.reshape(-1, img.shape[-1])
         feed_ids, mask = batch.input_ids, batch.attention_mask
         pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
-        past = [np.zeros((1, b.kv_heads, 0, b.head_dim), np.float32)] * (2 * b.kv_layers)
-        names = [f"past_key_values.{i}.{p}" for i in range(b.kv_layers) for p in ("key", "value")]
+        past = [np.zeros((1, b.kv.heads, 0, b.kv.head_dim), np.float32)] * (2 * b.kv.layers)
+        names = [f"past_key_values.{i}.{p}" for i in range(b.kv.layers) for p in ("key", "value")]
         out, ttft, t1 = [], 0.0, 0.0
         for step in range(n):
             res = dec_s.run(None, {"input_ids": feed_ids, "image_embeds": rows, "attention_mask": mask,

@@ -34,9 +34,9 @@ class RecordingBackend:
             g: ort.InferenceSession(bundle.graph_path(g), session_options(threads), providers=["CPUExecutionProvider"])
             for g in ("vision_encoder", "decoder")
         }  # fmt: skip
-        self.layers, self.kv_heads, self.head_dim = bundle.kv_layers, bundle.kv_heads, bundle.head_dim
-        self.kv_dtype = np.dtype(bundle.kv_dtype)
-        self.max_context = bundle.max_context
+        kv = bundle.kv
+        self.kv, self.kv_dtype = kv, np.dtype(kv.dtype)
+        self.max_context = bundle.config.lm_max_position_embeddings
         self.vision_feeds: list[dict[str, np.ndarray]] = []
         self.decoder_feeds: list[dict[str, np.ndarray]] = []
 
@@ -46,8 +46,8 @@ class RecordingBackend:
         return self.sessions["vision_encoder"].run(None, feed)[0]
 
     def reset(self, batch: int, max_total: int) -> None:
-        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.kv_dtype)
-        self.past = [empty] * (2 * self.layers)
+        empty = np.zeros((batch, self.kv.heads, 0, self.kv.head_dim), self.kv_dtype)
+        self.past = [empty] * (2 * self.kv.layers)
 
     def step(self, input_ids: np.ndarray, image_rows: np.ndarray, attention_mask: np.ndarray,
              position_ids: np.ndarray) -> np.ndarray:  # fmt: skip
@@ -57,7 +57,7 @@ class RecordingBackend:
             "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
             "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
         }
-        for i in range(self.layers):
+        for i in range(self.kv.layers):
             feed[f"past_key_values.{i}.key"] = self.past[2 * i]
             feed[f"past_key_values.{i}.value"] = self.past[2 * i + 1]
         self.decoder_feeds.append(feed)

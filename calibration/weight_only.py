@@ -27,7 +27,7 @@ INT4_HEAD_BITS = 8  # the tied embedding/head matrix in the int4 recipe
 
 def edge_blocks(bundle: Bundle, n: int) -> list[int]:
     """The first n and last n decoder block indices."""
-    layers = bundle.kv_layers
+    layers = bundle.config.lm_n_blocks
     return sorted({*range(min(n, layers)), *range(max(layers - n, 0), layers)})
 
 

@@ -304,7 +304,9 @@ def trt(bundle: str, out: str, max_batch: int, max_seq: int | None, max_context:
     from export.trt_build import build_engines, check_buildable, describe
     from runtime.trt_plan import Limits, trtexec_commands
 
-    max_context = max_context or min(1024, load_bundle(bundle, verify=False).max_context)
+    max_context = max_context or min(
+        1024, load_bundle(bundle, verify=False).config.lm_max_position_embeddings
+    )
     limits = Limits(max_batch, max_seq or min(512, max_context), max_context, max_images)
     if print_trtexec:
         for graph, cmd in trtexec_commands(check_buildable(bundle), limits, workspace).items():

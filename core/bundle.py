@@ -5,9 +5,9 @@ A bundle is a directory holding the graphs, the tokenizer, the model's `config.j
 checks all of them, so a missing, truncated or modified file is a clear error, not a wrong answer.
 
 Each fact has one source: the model's shape (placement, image tokens, tile size, context, KV
-layout) comes from `config.json`, tensor names and types from the graphs' recorded IO, and how the
-bundle was made (precision, decoder graph, quantization, TensorRT engines) from the manifest.
-`Bundle` reads them all through typed properties.
+layout) comes from `config.json` (`Bundle.config`, a VLMConfig), tensor names and types from the
+graphs' recorded IO, and how the bundle was made (precision, decoder graph, quantization,
+TensorRT engines) from the manifest; `Bundle` joins them in typed properties.
 """
 
 from __future__ import annotations
@@ -99,8 +99,20 @@ class Manifest:
         return done
 
 
+@dataclass(frozen=True)
+class KVLayout:
+    """One KV cache tensor per layer and direction: [batch, heads, positions, head_dim] of dtype."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    dtype: str  # numpy dtype name
+
+
 @dataclass
 class Bundle:
+    """A loaded bundle: the model's shape is `config` (VLMConfig), how it was made `manifest`."""
+
     path: str
     manifest: Manifest
     config: VLMConfig
@@ -150,47 +162,13 @@ class Bundle:
     def runs_on(self) -> tuple[str, ...]:
         return ("onnxruntime",) if self.fused else self.recipe.runs_on
 
-    # ------------------------------------------------------------------ the model's shape
+    # ------------------------------------------------------------------ tensors
     @property
-    def placement(self) -> str:
-        return self.config.image_placement
-
-    @property
-    def image_slot_id(self) -> int:
-        return self.config.image_slot_id
-
-    @property
-    def image_token_count(self) -> int:
-        return self.config.image_token_count
-
-    @property
-    def tile_size(self) -> int:
-        return self.config.vit_img_size
-
-    @property
-    def hidden_dim(self) -> int:
-        return self.config.lm_hidden_dim
-
-    @property
-    def max_context(self) -> int:
-        return self.config.lm_max_position_embeddings
-
-    @property
-    def kv_layers(self) -> int:
-        return self.config.lm_n_blocks
-
-    @property
-    def kv_heads(self) -> int:
-        return self.config.lm_n_kv_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.config.lm_head_dim
-
-    @property
-    def kv_dtype(self) -> str:
-        """numpy dtype name of the KV cache, as the decoder graph declares it."""
-        return self.graph_input("decoder", "past_key_values.0.key")["dtype"]
+    def kv(self) -> KVLayout:
+        """The KV cache: layout from the config, element type from the decoder graph's IO."""
+        c = self.config
+        dtype = self.graph_input("decoder", "past_key_values.0.key")["dtype"]
+        return KVLayout(c.lm_n_blocks, c.lm_n_kv_heads, c.lm_head_dim, dtype)
 
     @property
     def vocab_size(self) -> int:

@@ -94,9 +94,9 @@ class OrtBackend:
             )
         self.bundle, self.provider = bundle, provider
         self.device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
-        self.layers, self.kv_heads, self.head_dim = bundle.kv_layers, bundle.kv_heads, bundle.head_dim
-        self.kv_dtype = np.dtype(bundle.kv_dtype)
-        self.max_context = bundle.max_context
+        kv = bundle.kv
+        self.kv, self.kv_dtype = kv, np.dtype(kv.dtype)
+        self.max_context = bundle.config.lm_max_position_embeddings
         self.vocab = bundle.vocab_size
         fused = bundle.fused
         self.kv_in_place = fused
@@ -156,12 +156,12 @@ class OrtBackend:
         if batch * max_total > self._capacity[0] * self._capacity[1] or batch != self._capacity[0]:
             import onnxruntime as ort
 
-            size = batch * self.kv_heads * max_total * self.head_dim
+            size = batch * self.kv.heads * max_total * self.kv.head_dim
             # [ping/pong][layer*2 + (key, value)]; one set when the graph updates it in place
             self._buffers = [
                 [
                     ort.OrtValue.ortvalue_from_shape_and_type((size,), np.float32, self.device, 0)
-                    for _ in range(2 * self.layers)
+                    for _ in range(2 * self.kv.layers)
                 ]
                 for _ in range(1 if self.kv_in_place else 2)
             ]
@@ -182,12 +182,12 @@ class OrtBackend:
         io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         if self.kv_in_place:  # the whole buffer in and out: positions [past_len, past_len + S) get written
             src = dst = self._buffers[0]
-            past_shape = present_shape = (B, self.kv_heads, self._capacity[1], self.head_dim)
+            past_shape = present_shape = (B, self.kv.heads, self._capacity[1], self.kv.head_dim)
         else:
             src, dst = self._buffers[self.turn], self._buffers[1 - self.turn]
-            past_shape = (B, self.kv_heads, self.past_len, self.head_dim)
-            present_shape = (B, self.kv_heads, self.past_len + S, self.head_dim)
-        for i in range(self.layers):
+            past_shape = (B, self.kv.heads, self.past_len, self.kv.head_dim)
+            present_shape = (B, self.kv.heads, self.past_len + S, self.kv.head_dim)
+        for i in range(self.kv.layers):
             for j, part in enumerate(("key", "value")):
                 io.bind_input(f"past_key_values.{i}.{part}", self.device, 0, self.kv_dtype, past_shape,
                               src[2 * i + j].data_ptr())  # fmt: skip

@@ -100,7 +100,7 @@ class VLMPipeline:
         """(input_ids, attention_mask, image rows) for the decoder; prefix models get -1 image slots."""
         ids, mask = batch.input_ids, batch.attention_mask
         rows = image_embeds.reshape(-1, image_embeds.shape[-1])  # [tiles * tokens, hidden]; may be empty
-        if self.bundle.placement == "prefix":
+        if self.cfg.image_placement == "prefix":
             n = image_embeds.shape[1]
             ids = np.concatenate([np.full((ids.shape[0], n), -1, np.int64), ids], axis=1)
             mask = np.concatenate([np.ones((mask.shape[0], n), np.int64), mask], axis=1)

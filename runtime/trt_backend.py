@@ -93,16 +93,18 @@ class TrtBackend:
                 ctx.set_optimization_profile_async(k, int(self.stream))
                 contexts.append(ctx)
             self.contexts[graph] = contexts
-        self.layers, self.kv_heads, self.head_dim = bundle.kv_layers, bundle.kv_heads, bundle.head_dim
-        self.kv_dtype = np.dtype(bundle.kv_dtype)
+        kv, cfg = bundle.kv, bundle.config
+        self.kv, self.kv_dtype = kv, np.dtype(kv.dtype)
         self.max_context = self.limits.max_context
-        self.hidden, self.vocab = bundle.hidden_dim, bundle.vocab_size
-        self.tokens = bundle.image_token_count
-        tile = bundle.tile_size
+        self.hidden, self.vocab = cfg.lm_hidden_dim, bundle.vocab_size
+        self.tokens = cfg.image_token_count
+        tile = cfg.vit_img_size
         L = self.limits
         # device memory, allocated once at the limits
-        kv_bytes = L.max_batch * self.kv_heads * L.max_context * self.head_dim * self.kv_dtype.itemsize
-        self.kv = [[DeviceBuffer(cudart, kv_bytes) for _ in range(2 * self.layers)] for _ in range(2)]
+        kv_bytes = L.max_batch * self.kv.heads * L.max_context * self.kv.head_dim * self.kv_dtype.itemsize
+        self.kv_buffers = [
+            [DeviceBuffer(cudart, kv_bytes) for _ in range(2 * self.kv.layers)] for _ in range(2)
+        ]
         rows = L.max_images * self.tokens
         self.buf = {
             "input_ids": DeviceBuffer(cudart, L.max_batch * L.max_seq * 8),
@@ -158,11 +160,11 @@ class TrtBackend:
     def step(self, input_ids: np.ndarray, image_rows: np.ndarray, attention_mask: np.ndarray,
              position_ids: np.ndarray) -> np.ndarray:  # fmt: skip
         B, S = input_ids.shape
-        past = (B, self.kv_heads, self.past_len, self.head_dim)
-        present = (B, self.kv_heads, self.past_len + S, self.head_dim)
+        past = (B, self.kv.heads, self.past_len, self.kv.head_dim)
+        present = (B, self.kv.heads, self.past_len + S, self.kv.head_dim)
         shapes = {"input_ids": (B, S), "image_embeds": (image_rows.shape[0], self.hidden),
                   "attention_mask": attention_mask.shape, "position_ids": (B, S)}  # fmt: skip
-        for i in range(self.layers):
+        for i in range(self.kv.layers):
             shapes[f"past_key_values.{i}.key"] = shapes[f"past_key_values.{i}.value"] = past
         k = pick_profile(self.profiles["decoder"], shapes)
         ctx = self.contexts["decoder"][k]
@@ -173,8 +175,8 @@ class TrtBackend:
         for name in ("input_ids", "image_embeds", "attention_mask", "position_ids"):
             ctx.set_input_shape(name, shapes[name])
             ctx.set_tensor_address(name, self.buf[name].ptr)
-        src, dst = self.kv[self.turn], self.kv[1 - self.turn]
-        for i in range(self.layers):
+        src, dst = self.kv_buffers[self.turn], self.kv_buffers[1 - self.turn]
+        for i in range(self.kv.layers):
             for j, part in enumerate(("key", "value")):
                 ctx.set_input_shape(f"past_key_values.{i}.{part}", past)
                 ctx.set_tensor_address(f"past_key_values.{i}.{part}", src[2 * i + j].ptr)
@@ -187,7 +189,7 @@ class TrtBackend:
         return self._download("logits", (B, self.vocab))
 
     def close(self) -> None:
-        for group in self.kv:
+        for group in self.kv_buffers:
             for b in group:
                 b.free()
         for b in self.buf.values():

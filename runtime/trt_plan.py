@@ -39,21 +39,23 @@ class Limits:
 def _decoder_shapes(bundle: Bundle, batch: int, seq: int, past: int, image_rows: int) -> dict[str, Shape]:
     shapes: dict[str, Shape] = {
         "input_ids": (batch, seq),
-        "image_embeds": (image_rows, bundle.hidden_dim),
+        "image_embeds": (image_rows, bundle.config.lm_hidden_dim),
         "attention_mask": (batch, past + seq),
         "position_ids": (batch, seq),
     }
-    for i in range(bundle.kv_layers):
+    kv = bundle.kv
+    for i in range(kv.layers):
         for part in ("key", "value"):
-            shapes[f"past_key_values.{i}.{part}"] = (batch, bundle.kv_heads, past, bundle.head_dim)
+            shapes[f"past_key_values.{i}.{part}"] = (batch, kv.heads, past, kv.head_dim)
     return shapes
 
 
 def profiles(bundle: Bundle, limits: Limits) -> dict[str, list[dict[str, Any]]]:
     """{graph: [{"name", "min": {input: shape}, "opt": ..., "max": ...}, ...]} in profile-index order."""
-    limits.check(bundle.max_context)
-    tile = bundle.tile_size
-    rows = limits.max_images * bundle.image_token_count
+    cfg = bundle.config
+    limits.check(cfg.lm_max_position_embeddings)
+    tile = cfg.vit_img_size
+    rows = limits.max_images * cfg.image_token_count
     B, S, C = limits.max_batch, limits.max_seq, limits.max_context
     decode = {
         "name": "decode",
@@ -64,7 +66,7 @@ def profiles(bundle: Bundle, limits: Limits) -> dict[str, list[dict[str, Any]]]:
     prefill = {
         "name": "prefill",
         "min": _decoder_shapes(bundle, 1, 1, 0, 0),
-        "opt": _decoder_shapes(bundle, 1, min(S, 128), 0, min(rows, bundle.image_token_count)),
+        "opt": _decoder_shapes(bundle, 1, min(S, 128), 0, min(rows, cfg.image_token_count)),
         "max": _decoder_shapes(bundle, B, S, C - S, rows),
     }
     vision = {
@@ -92,16 +94,9 @@ def pick_profile(graph_profiles: list[dict[str, Any]], shapes: dict[str, Shape])
 
 def kv_buffer_bytes(bundle: Bundle, limits: Limits) -> int:
     """Device memory for the KV cache: two ping-pong sets, every layer's key and value, at max context."""
-    item = 2 if bundle.kv_dtype == "float16" else 4
-    per_set = (
-        2
-        * bundle.kv_layers
-        * limits.max_batch
-        * bundle.kv_heads
-        * limits.max_context
-        * bundle.head_dim
-        * item
-    )
+    kv = bundle.kv
+    item = 2 if kv.dtype == "float16" else 4
+    per_set = 2 * kv.layers * limits.max_batch * kv.heads * limits.max_context * kv.head_dim * item
     return 2 * per_set
 
 

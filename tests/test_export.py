@@ -102,7 +102,7 @@ def _ort_generate(bundle, m, batch, max_new_tokens):
     (img,) = vis.run(None, {"pixel_values": batch.pixel_values})
     rows = img.reshape(-1, img.shape[-1])
     ids, mask = batch.input_ids, batch.attention_mask
-    if b.placement == "prefix":  # image slots in front, marked -1
+    if b.config.image_placement == "prefix":  # image slots in front, marked -1
         n = img.shape[1]
         ids = np.concatenate([np.full((ids.shape[0], n), -1, np.int64), ids], 1)
         mask = np.concatenate([np.ones((ids.shape[0], n), np.int64), mask], 1)
@@ -288,7 +288,7 @@ def test_fp16_bundle_tracks_fp32(tiny_tokenizer_dir, tmp_path):
     m.save_pretrained(tmp_path / "ckpt")
     export_onnx(str(tmp_path / "ckpt"), str(tmp_path / "b16"), precision="fp16")
     b = load_bundle(str(tmp_path / "b16"))
-    assert b.precision == "fp16" and b.mode == "fp16" and b.kv_dtype == "float16"
+    assert b.precision == "fp16" and b.mode == "fp16" and b.kv.dtype == "float16"
     _, vis, _ = _sessions(str(tmp_path / "b16"))
     x = torch.rand(3, 3, 32, 32)
     (got,) = vis.run(None, {"pixel_values": x.numpy()})

@@ -42,7 +42,7 @@ def test_profiles_from_the_manifest(lively_bundle):
     p = profiles(m, limits)
     decode, prefill = p["decoder"]
     assert decode["name"] == "decode" and prefill["name"] == "prefill"
-    heads, dim = m.kv_heads, m.head_dim
+    heads, dim = m.kv.heads, m.kv.head_dim
     assert decode["max"]["input_ids"] == (2, 1) and decode["max"]["past_key_values.0.key"] == (
         2,
         heads,
@@ -57,10 +57,10 @@ def test_profiles_from_the_manifest(lively_bundle):
     )
     assert prefill["max"]["input_ids"] == (2, 64) and prefill["max"]["attention_mask"] == (2, 128)
     assert prefill["max"]["image_embeds"] == (
-        3 * m.image_token_count,
+        3 * m.config.image_token_count,
         m.graph_input("decoder", "image_embeds")["shape"][1],
     )
-    assert len([k for k in decode["min"] if k.startswith("past_key_values")]) == 2 * m.kv_layers
+    assert len([k for k in decode["min"] if k.startswith("past_key_values")]) == 2 * m.kv.layers
     assert p["vision_encoder"][0]["max"]["pixel_values"] == (3, 3, 32, 32)
     for prof in (decode, prefill):  # every profile is min <= opt <= max, input by input
         for name in prof["min"]:
@@ -82,9 +82,9 @@ def test_pick_profile_and_limits(lively_bundle):
             "position_ids": (1, seq),
             "image_embeds": (rows, 64),
         }
-        for i in range(m.kv_layers):
+        for i in range(m.kv.layers):
             for part in ("key", "value"):
-                s[f"past_key_values.{i}.{part}"] = (1, m.kv_heads, past, m.head_dim)
+                s[f"past_key_values.{i}.{part}"] = (1, m.kv.heads, past, m.kv.head_dim)
         return s
 
     assert pick_profile(dec, shapes(1, 40)) == 0  # a decode step
@@ -96,7 +96,7 @@ def test_pick_profile_and_limits(lively_bundle):
     with pytest.raises(ValueError, match="exceeds the model's context of 512"):
         profiles(m, Limits(max_seq=8, max_context=4096))
     # two ping-pong sets x layers x (key, value) x batch x heads x context x dim x 4 bytes
-    assert kv_buffer_bytes(m, limits) == 2 * 2 * m.kv_layers * 1 * m.kv_heads * 64 * m.head_dim * 4
+    assert kv_buffer_bytes(m, limits) == 2 * 2 * m.kv.layers * 1 * m.kv.heads * 64 * m.kv.head_dim * 4
 
 
 def test_trtexec_and_polygraphy_text(lively_bundle):
