@@ -17,8 +17,8 @@ import time
 
 import onnx
 
-from core.bundle import GRAPHS, MANIFEST, Bundle, Manifest, load_bundle
-from core.files import staged_dir
+from core.bundle import GRAPHS, MANIFEST, Bundle, Manifest, is_bundle, load_bundle
+from core.files import check_target, staged_dir
 from core.graph_io import graph_io
 from core.recipes import FUSED_MODES, QUANTIZE_MODES, Recipe, recipe
 
@@ -74,6 +74,7 @@ def quantize_bundle(
     method: str = "minmax",
     exclude: tuple[str, ...] | list[str] = (),
     decode_steps: int | None = None,
+    overwrite: bool = False,
 ) -> Manifest:
     """Quantize the fp32 bundle `src` into the bundle directory `out`; returns the new manifest.
     `decode_steps`: greedy decode steps recorded per calibration sample (default: the recipe's)."""
@@ -84,6 +85,9 @@ def quantize_bundle(
         raise ValueError(f"samples={samples}: must be at least 1")
     bundle = load_bundle(src)
     check_source(bundle, mode)
+    if os.path.abspath(src) == os.path.abspath(out):
+        raise ValueError(f"{out}: the output must be another directory than the source bundle")
+    check_target(out, is_bundle, "bundle", overwrite)
     t0 = time.time()
     # what the recipe did, recorded in the manifest so a bundle says how it was made
     plan = {"mode": mode, "method": None, "calibration": None, "excluded": list(exclude),

@@ -15,41 +15,66 @@ import time
 
 import click
 
-from core.files import atomic_write
+from core.files import atomic_write, check_target
 from core.processors import ImageProcessor
 from core.shapes_dataset import ShapesDataset, split_blind_baseline
 from nanovlm.collator import Collator
-from nanovlm.train import answer, evaluate, train
+from nanovlm.train import answer, evaluate, is_training_run, train
 from nanovlm.train_config import TrainConfig
 from nanovlm.vision_language_model import VisionLanguageModel
 
 log = logging.getLogger(__name__)
 
 
+# The demo stops training once validation accuracy reaches this (checked every EVAL_INTERVAL
+# steps); --full-schedule trains all TrainConfig.max_training_steps.
+TARGET_ACCURACY = 0.99
+EVAL_INTERVAL = 500
+
+
 def finished_run(tc: TrainConfig) -> bool:
-    path = os.path.join(tc.output_dir, "summary.json")
-    if not os.path.exists(path) or not os.path.exists(
+    """Whether output_dir holds a run with these settings that ran to its end (or its target)."""
+    files = [os.path.join(tc.output_dir, f) for f in ("summary.json", "train_config.json")]
+    if not all(map(os.path.exists, files)) or not os.path.exists(
         os.path.join(tc.output_dir, "checkpoint", "model.safetensors")
     ):
         return False
-    with open(path) as f:
-        return json.load(f).get("steps") == tc.max_training_steps
+    with open(files[0]) as f:
+        summary = json.load(f)
+    saved = TrainConfig.load(files[1])
+    same = all(
+        getattr(saved, k) == getattr(tc, k)
+        for k in ("max_training_steps", "target_accuracy", "eval_interval")
+    )
+    return same and (summary.get("steps") == tc.max_training_steps or "stopped_early" in summary)
 
 
 def run_demo(
-    output_dir: str, retrain: bool = False, test_samples: int = 600, steps: int | None = None
-) -> dict:
-    tc = TrainConfig(output_dir=output_dir)
+    output_dir: str, retrain: bool = False, test_samples: int = 600, steps: int | None = None,
+    full_schedule: bool = False,
+) -> dict:  # fmt: skip
+    """The demo's output directory is its own: an earlier demo or training run there is reused or
+    replaced; a directory holding anything else is refused."""
+    check_target(output_dir, is_training_run, "training run", overwrite=True)
+    tc = TrainConfig(output_dir=output_dir, overwrite=True, eval_interval=EVAL_INTERVAL,
+                     target_accuracy=0.0 if full_schedule else TARGET_ACCURACY)  # fmt: skip
     if steps:
         tc.max_training_steps = steps
     t0 = time.time()
     if retrain or not finished_run(tc):
         click.echo(f"Training the default tiny model on the built-in shapes data -> {output_dir}")
+        if tc.target_accuracy:
+            click.echo(f"(stops once validation accuracy reaches {tc.target_accuracy:.0%}; --full-schedule "
+                       f"trains all {tc.max_training_steps} steps)")  # fmt: skip
         train(tc)
     else:
         click.echo(f"Reusing the finished model in {output_dir} (--retrain to train again)")
     with open(os.path.join(output_dir, "summary.json")) as f:
         summary = json.load(f)
+    if "stopped_early" in summary:
+        click.echo(
+            f"Training stopped at step {summary['stopped_early']['step']}: {summary['stopped_early']['reason']}"
+        )
     model = VisionLanguageModel.from_pretrained(os.path.join(output_dir, "checkpoint"))
     collator = Collator(model.cfg, model.tokenizer, tc.max_sample_length)
     test = evaluate(model, tc, collator, split="test", n=test_samples)
@@ -69,6 +94,7 @@ def run_demo(
     result = {
         "params": sum(p.numel() for p in model.parameters()),
         "train_steps": summary["steps"],
+        "stopped_early": summary.get("stopped_early"),
         "train_seconds": round(summary.get("train_seconds", 0.0), 1),
         "test_accuracy": test["accuracy"],
         "test_accuracy_by_type": test["accuracy_by_type"],
@@ -83,7 +109,8 @@ def run_demo(
     }
     click.echo("\n| metric | value |\n| --- | --- |")
     click.echo(f"| parameters | {result['params']:,} |")
-    click.echo(f"| training | {result['train_steps']} steps, {result['train_seconds']} s |")
+    stop = " (stopped early: validation target reached)" if result["stopped_early"] else ""
+    click.echo(f"| training | {result['train_steps']} steps{stop}, {result['train_seconds']} s |")
     click.echo(f"| test exact match, PyTorch ({test_samples} questions) | {100 * test['accuracy']:.1f}% |")
     for q, acc in test["accuracy_by_type"].items():
         click.echo(f"| &nbsp; {q} | {100 * acc:.1f}% |")
@@ -117,10 +144,10 @@ def export_and_quantize(ckpt: str, output_dir: str) -> dict[str, str]:
     out = {name: os.path.join(output_dir, d) for name, d in
            (("fp32", "bundle"), ("int8", "bundle-int8"), ("int8 fused", "bundle-int8-fused"))}  # fmt: skip
     fused_fp32 = os.path.join(output_dir, "bundle-fused")
-    export_onnx(ckpt, out["fp32"])
-    quantize_bundle(out["fp32"], out["int8"], "int8-dynamic")
-    export_onnx(ckpt, fused_fp32, decoder="fused")
-    quantize_bundle(fused_fp32, out["int8 fused"], "int8-dynamic")
+    export_onnx(ckpt, out["fp32"], overwrite=True)  # the demo's own bundles: replaced on every run
+    quantize_bundle(out["fp32"], out["int8"], "int8-dynamic", overwrite=True)
+    export_onnx(ckpt, fused_fp32, decoder="fused", overwrite=True)
+    quantize_bundle(fused_fp32, out["int8 fused"], "int8-dynamic", overwrite=True)
     return out
 
 

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -76,6 +77,13 @@ def pipeline_options(command: Callable) -> Callable:
     )(command)  # fmt: skip
 
 
+def overwrite_option(command: Callable) -> Callable:
+    return click.option(
+        "--overwrite", is_flag=True,
+        help="Replace OUT when it holds this command's earlier output (anything else is refused).",
+    )(command)  # fmt: skip
+
+
 def sampling_options(command: Callable) -> Callable:
     """The generation options of `run` and `generate`: the same names, defaults and meaning."""
     for option in reversed([
@@ -109,7 +117,24 @@ def write_json(path: str, data: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- the root
-@click.group()
+class OneLineErrors(click.Group):
+    """Every error is one line on stderr: click's usage errors too (without the usage block)."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
+        extra.pop("standalone_mode", None)
+        try:
+            return super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if isinstance(e, click.UsageError) and ctx else ""
+            click.echo(f"Error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=OneLineErrors)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging and tracebacks.")
 def main(verbose: bool) -> None:
     """nanoVLM edge toolkit: train and check in PyTorch, export to ONNX/TensorRT, run without torch."""
@@ -127,15 +152,17 @@ def main(verbose: bool) -> None:
     "-o", "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a TrainConfig field."
 )
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT_DIR/checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Start afresh over an earlier run in OUTPUT_DIR.")
 @user_errors
-def train(config_path: str | None, overrides: tuple[str, ...], resume: bool) -> None:
+def train(config_path: str | None, overrides: tuple[str, ...], resume: bool, overwrite: bool) -> None:
     """Train (default: the tiny model on the built-in shapes data). Works under torchrun for DDP."""
     needs_torch("train")
     from nanovlm.train import train as run
     from nanovlm.train_config import TrainConfig
 
     tc = TrainConfig.load(config_path) if config_path else TrainConfig()
-    tc = tc.override(list(overrides) + (["resume=true"] if resume else []))
+    flags = (["resume=true"] if resume else []) + (["overwrite=true"] if overwrite else [])
+    tc = tc.override(list(overrides) + flags)
     summary = run(tc)
     if summary:
         click.echo(json.dumps(summary, indent=2))
@@ -151,13 +178,16 @@ def train(config_path: str | None, overrides: tuple[str, ...], resume: bool) -> 
 @click.option(
     "--steps", type=click.IntRange(1), default=None, help="Training steps (default: TrainConfig's)."
 )
+@click.option(
+    "--full-schedule", is_flag=True, help="Train every step instead of stopping at the validation target."
+)
 @user_errors
-def demo(output_dir: str, retrain: bool, test_samples: int, steps: int | None) -> None:
+def demo(output_dir: str, retrain: bool, test_samples: int, steps: int | None, full_schedule: bool) -> None:
     """Train the tiny default (or reuse it), export, quantize to INT8, validate, answer, measure."""
     needs_torch("demo")
     from cli.demo import run_demo
 
-    run_demo(output_dir, retrain, test_samples, steps)
+    run_demo(output_dir, retrain, test_samples, steps, full_schedule)
 
 
 @main.command()
@@ -232,13 +262,14 @@ def run(bundle: str, images: tuple[str, ...], prompt: str, provider: str, backen
     help="standard: plain ONNX ops, runs everywhere incl. TensorRT. fused: ONNX Runtime contrib ops "
     "(GroupQueryAttention, SkipSimplifiedLayerNormalization), fp32, much faster decode on CPU.",
 )  # fmt: skip
+@overwrite_option
 @user_errors
-def onnx(src: str, out: str, precision: str, opset: int, decoder: str) -> None:
+def onnx(src: str, out: str, precision: str, opset: int, decoder: str, overwrite: bool) -> None:
     """Export checkpoint SRC (a directory or Hub id) to the ONNX bundle directory OUT."""
     needs_torch("onnx")
     from export.onnx_export import export_onnx
 
-    manifest = export_onnx(src, out, precision=precision, opset=opset, decoder=decoder)
+    manifest = export_onnx(src, out, precision=precision, opset=opset, decoder=decoder, overwrite=overwrite)
     sizes = {name: meta["bytes"] for name, meta in manifest.files.items()}
     click.echo(json.dumps({"bundle": os.path.abspath(out), "precision": precision, "decoder": decoder,
                            "bytes": sizes}, indent=2))  # fmt: skip
@@ -262,15 +293,16 @@ def onnx(src: str, out: str, precision: str, opset: int, decoder: str) -> None:
 @click.option(
     "--exclude", multiple=True, help="Glob over node names left in float (repeatable), e.g. '*/head/*'."
 )
+@overwrite_option
 @user_errors
 def quantize(bundle: str, out: str, mode: str, calibration: str | None, samples: int, method: str,
-             exclude: tuple[str, ...]) -> None:  # fmt: skip
+             exclude: tuple[str, ...], overwrite: bool) -> None:  # fmt: skip
     """Quantize the fp32 bundle BUNDLE into the bundle directory OUT."""
     if not installed("onnx"):
         raise click.ClickException("`quantize` needs onnx: pip install onnx (or the 'torch' extra)")
     from calibration.quantize import quantize_bundle
 
-    manifest = quantize_bundle(bundle, out, mode, calibration, samples, method, exclude)
+    manifest = quantize_bundle(bundle, out, mode, calibration, samples, method, exclude, overwrite=overwrite)
     sizes = {name: meta["bytes"] for name, meta in manifest.files.items()}
     click.echo(json.dumps({"bundle": os.path.abspath(out), "mode": mode, "bytes": sizes,
                            "total_bytes": sum(sizes.values())}, indent=2))  # fmt: skip
@@ -296,9 +328,10 @@ def quantize(bundle: str, out: str, mode: str, calibration: str | None, samples:
 )
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="Reuse and update this timing cache.")
 @click.option("--print-trtexec", is_flag=True, help="Only print the equivalent trtexec command lines.")
+@overwrite_option
 @user_errors
 def trt(bundle: str, out: str, max_batch: int, max_seq: int | None, max_context: int | None, max_images: int,
-        workspace: int, timing_cache: str | None, print_trtexec: bool) -> None:  # fmt: skip
+        workspace: int, timing_cache: str | None, print_trtexec: bool, overwrite: bool) -> None:  # fmt: skip
     """Build TensorRT engines for BUNDLE (fp32, fp16 or int8-static) into OUT."""
     from core.bundle import load_bundle
     from export.trt_build import build_engines, check_buildable, describe
@@ -318,7 +351,7 @@ def trt(bundle: str, out: str, max_batch: int, max_seq: int | None, max_context:
             "with an NVIDIA GPU; on Jetson it comes with JetPack). --print-trtexec prints the trtexec "
             "commands instead."
         )
-    manifest = build_engines(bundle, out, limits, workspace, timing_cache)
+    manifest = build_engines(bundle, out, limits, workspace, timing_cache, overwrite=overwrite)
     load_bundle(out)  # the result verifies
     click.echo(describe(manifest))
 

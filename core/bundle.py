@@ -175,6 +175,15 @@ class Bundle:
         return self.graph_spec("decoder")["outputs"][0]["shape"][1]
 
 
+def is_bundle(path: str) -> bool:
+    """Whether `path` holds a bundle manifest (what `check_target` lets a bundle writer replace)."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def load_bundle(path: str, verify: bool = True) -> Bundle:
     """Read and check a bundle: format version, every listed file present with its size and hash."""
     mpath = os.path.join(path, MANIFEST)

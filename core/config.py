@@ -19,6 +19,8 @@ import dataclasses
 import json
 import logging
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +40,31 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+
+def check_types(cls: type, data: dict[str, Any], source: str) -> None:
+    """Refuse a value whose JSON type does not fit its dataclass field, naming the key and value
+    (an int field takes no string or bool; a float field takes an int)."""
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key in hints and not _fits(value, hints[key]):
+            name = getattr(hints[key], "__name__", str(hints[key]))
+            raise ValueError(f"{source}: {key} = {value!r} is not a valid {name}")
+
+
+def _fits(value: Any, want: Any) -> bool:
+    if want is bool:
+        return isinstance(value, bool)
+    if want is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if want is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if want is str:
+        return isinstance(value, str)
+    options = typing.get_args(want) if typing.get_origin(want) in (typing.Union, types.UnionType) else (want,)
+    return any(
+        value is None if o is type(None) else isinstance(value, typing.get_origin(o) or o) for o in options
+    )
 
 
 @dataclass
@@ -132,6 +159,15 @@ class VLMConfig:
     def validate(self) -> None:
         def bad(msg: str) -> None:
             raise ValueError(f"inconsistent VLMConfig: {msg}")
+
+        check_types(type(self), dataclasses.asdict(self), "VLMConfig")
+        may_be_zero = ("extra_token_amount", "mp_image_token_length")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                positive = f.type == "int" and f.name not in may_be_zero
+                if value < 0 or (value == 0 and positive):
+                    bad(f"{f.name}={value} must be {'positive' if positive else '>= 0'}")
 
         if self.vit_img_size % self.vit_patch_size:
             bad(f"vit_img_size={self.vit_img_size} is not a multiple of vit_patch_size={self.vit_patch_size}")

