@@ -250,3 +250,21 @@ def test_ddp_two_cpu_processes(tmp_path):
     state = torch.load(out / "checkpoint" / "train_state.pt", weights_only=True)
     assert state["step"] == 3 and state["consumed"] == 12  # per rank: 3 steps x 4 samples
     assert len(_losses(TrainConfig(output_dir=str(out)))) == 3  # only rank 0 wrote the log
+
+
+@pytest.mark.slow
+def test_training_stops_once_validation_reaches_the_target(tmp_path):
+    """target_accuracy: the run ends at the first evaluation at or above the target, saves its
+    checkpoint there and says why; the schedule itself is unchanged (300 steps planned)."""
+
+    tc = TrainConfig(max_training_steps=300, eval_interval=25, eval_samples=40, target_accuracy=0.25,
+                     checkpoint_interval=1000, output_dir=str(tmp_path / "run"))  # fmt: skip
+    summary = train(tc)
+    stop = summary["stopped_early"]
+    evals = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"accuracy"' in line]
+    assert 0 < stop["step"] < 300 and summary["steps"] == stop["step"]
+    assert evals[-1]["step"] == stop["step"] and evals[-1]["accuracy"] >= 0.25
+    assert all(e["accuracy"] < 0.25 for e in evals[:-1])
+    assert "reached the target 0.25 (of 300 scheduled steps)" in stop["reason"]
+    state = torch.load(tmp_path / "run" / "checkpoint" / "train_state.pt", weights_only=True)
+    assert state["step"] == stop["step"]
