@@ -18,6 +18,11 @@ from .nbits import matches, weight_matmuls
 from .weight_only import edge_blocks
 
 METHODS = ("minmax", "entropy", "percentile")
+# Weights use 7 bits ([-64, 64]). On x86 ONNX Runtime runs int8 Q/DQ MatMuls as uint8 x int8 (it
+# shifts int8 activations by 128); without AVX-512 VNNI / AVX-VNNI the kernel's VPMADDUBSW adds
+# two such products into int16, which saturates for |w| > 64 (2 * 255 * 127 > 32767). With 7-bit
+# weights no sum can saturate, so the bundle computes the same on AVX2, AVX-512 VNNI and ARM.
+WEIGHT_RANGE = (-64, 64)
 SMOOTH_ALPHA = 0.5  # SmoothQuant migration strength for the decoder (0 = off)
 INT8_STATIC_FLOAT = ("*/mlp/down_proj/*",)
 INT8_STATIC_EDGE_BLOCKS = 1
@@ -65,6 +70,7 @@ def quantize_qdq(
             nodes_to_quantize=[n for n in names if n not in excluded], calibrate_method=calib,
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                            "CalibTensorRangeSymmetric": True, "CalibStridedMinMax": 1},
+            reduce_range=True,  # 7-bit weights: see WEIGHT_RANGE
             calibration_providers=["CPUExecutionProvider"],
             use_external_data_format=False, calibration_cache_path=None,
         )  # fmt: skip

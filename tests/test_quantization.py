@@ -238,6 +238,24 @@ def test_histogram_methods_take_feeds_of_different_shapes(lively, method, tmp_pa
     assert len(scales) > 10 and all(v > 0 for v in scales.values())
 
 
+def test_static_weights_fit_7_bits(quantized):
+    """int8-static stores weights in [-64, 64] (calibration/qdq.py: no int16 saturation on CPUs
+    without VNNI), while the range is used: some weight reaches the limit."""
+    from calibration.qdq import WEIGHT_RANGE
+
+    _, path = quantized["int8-static"]
+    top = 0
+    for graph in ("vision_encoder", "decoder"):
+        m = onnx.load(os.path.join(path, f"{graph}.onnx"))
+        inits = {i.name: i for i in m.graph.initializer}
+        for n in m.graph.node:
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits:
+                w = onnx.numpy_helper.to_array(inits[n.input[0]]).astype(np.int32)
+                assert WEIGHT_RANGE[0] <= w.min() and w.max() <= WEIGHT_RANGE[1], n.name
+                top = max(top, int(np.abs(w).max()))
+    assert top == 64
+
+
 def test_static_bundle_has_one_cache_entry_per_quantized_tensor(quantized):
     manifest, path = quantized["int8-static"]
     _, scales = read_trt_cache(os.path.join(path, "calibration.cache"))
