@@ -56,7 +56,8 @@ class DecoderGraph(nn.Module):
         flat = is_img.reshape(-1)
         table = torch.cat((image_embeds.to(tokens.dtype), tokens.new_zeros(1, tokens.shape[-1])), dim=0)
         n_rows = image_embeds.shape[0]
-        rows = torch.cumsum(flat.to(torch.int64), 0) - 1
+        # counted in float32 (exact below 2^24 positions): TensorRT's CumSum takes float types only
+        rows = torch.cumsum(flat.to(torch.float32), 0).to(torch.int64) - 1
         # An image token with no row left (e.g. one the model generated) stays a plain token,
         # exactly as in the PyTorch reference.
         flat = flat & (rows < n_rows)

@@ -422,3 +422,25 @@ def test_fused_decoder_updates_a_capacity_buffer_in_place(tiny_tokenizer_dir, tm
         assert got.shape[2] == cap  # still the whole buffer
         np.testing.assert_allclose(got[:, :, : P + 1], ref[1 + n], atol=ATOL)
         assert not got[:, :, P + 1 :].any()  # nothing written past the new position
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_standard_decoder_cumsum_is_float_with_a_constant_axis(tiny_tokenizer_dir, tmp_path, precision):
+    """onnx-tensorrt (10.x) parses CumSum on FP32/FP16/BF16 inputs only, with its axis an
+    initializer: the image-row counter of the decoder graph must keep to that."""
+    import onnx
+
+    m = lively_model("replace", tiny_tokenizer_dir)
+    m.save_pretrained(tmp_path / "ckpt")
+    export_onnx(str(tmp_path / "ckpt"), str(tmp_path / "b"), precision=precision)
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "b" / "decoder.onnx"))).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    constants = {i.name for i in graph.initializer} | {
+        o for n in graph.node if n.op_type == "Constant" for o in n.output
+    }
+    cumsums = [n for n in graph.node if n.op_type == "CumSum"]
+    assert cumsums
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    for n in cumsums:
+        assert types[n.input[0]] in floats, (n.name, onnx.TensorProto.DataType.Name(types[n.input[0]]))
+        assert n.input[1] in constants, n.name
