@@ -21,7 +21,7 @@ import numpy as np
 
 from core.bundle import Bundle, BundleError
 
-from .trt_plan import Limits, check_engine_compatible, pick_profile
+from .trt_plan import Limits, check_engine_compatible, pick_profile, prefill_image_rows
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class TrtBackend:
         self.kv_buffers = [
             [DeviceBuffer(cudart, kv_bytes) for _ in range(2 * self.kv.layers)] for _ in range(2)
         ]
-        rows = L.max_images * self.tokens
+        rows = prefill_image_rows(bundle, L)
         self.buf = {
             "input_ids": DeviceBuffer(cudart, L.max_batch * L.max_seq * 8),
             "image_embeds": DeviceBuffer(cudart, rows * self.hidden * 4),
@@ -113,7 +113,7 @@ class TrtBackend:
             "position_ids": DeviceBuffer(cudart, L.max_batch * L.max_seq * 8),
             "logits": DeviceBuffer(cudart, L.max_batch * self.vocab * 4),
             "pixel_values": DeviceBuffer(cudart, L.max_images * 3 * tile * tile * 4),
-            "vision_out": DeviceBuffer(cudart, rows * self.hidden * 4),
+            "vision_out": DeviceBuffer(cudart, L.max_images * self.tokens * self.hidden * 4),
         }
         self.past_len, self.turn = 0, 0
 

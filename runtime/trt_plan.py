@@ -50,12 +50,28 @@ def _decoder_shapes(bundle: Bundle, batch: int, seq: int, past: int, image_rows:
     return shapes
 
 
+def views_per_image(cfg: Any) -> int:
+    """Vision-encoder inputs one image can become: its tiles plus a global view at the largest
+    split (max_img_size), or 1 (prefix placement, or a single-tile grid)."""
+    if cfg.image_placement == "prefix":
+        return 1
+    tiles = (cfg.max_img_size // cfg.vit_img_size) ** 2
+    return tiles + 1 if tiles > 1 else 1
+
+
+def prefill_image_rows(bundle: Bundle, limits: Limits) -> int:
+    """Image rows one prefill can carry: each prompt of the batch with max_images vision inputs,
+    or one image at its largest split if that is more."""
+    cfg = bundle.config
+    return limits.max_batch * max(limits.max_images, views_per_image(cfg)) * cfg.image_token_count
+
+
 def profiles(bundle: Bundle, limits: Limits) -> dict[str, list[dict[str, Any]]]:
     """{graph: [{"name", "min": {input: shape}, "opt": ..., "max": ...}, ...]} in profile-index order."""
     cfg = bundle.config
     limits.check(cfg.lm_max_position_embeddings)
     tile = cfg.vit_img_size
-    rows = limits.max_images * cfg.image_token_count
+    rows = prefill_image_rows(bundle, limits)
     B, S, C = limits.max_batch, limits.max_seq, limits.max_context
     decode = {
         "name": "decode",

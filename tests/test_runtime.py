@@ -146,7 +146,7 @@ def test_trt_profiles_from_manifest(pipe):
     dec = prof["decoder"]
     assert "past_key_values.0.key:1x2x0x16" in dec["trt_profile_min_shapes"]
     assert "input_ids:4x512" in dec["trt_profile_max_shapes"]
-    assert "image_embeds:32x64" in dec["trt_profile_max_shapes"]  # 8 images x 4 tokens
+    assert "image_embeds:128x64" in dec["trt_profile_max_shapes"]  # 4 prompts x 8 images x 4 tokens
     assert prof["vision_encoder"]["trt_profile_max_shapes"] == "pixel_values:8x3x32x32"
 
 

@@ -56,8 +56,9 @@ def test_profiles_from_the_manifest(lively_bundle):
         dim,
     )
     assert prefill["max"]["input_ids"] == (2, 64) and prefill["max"]["attention_mask"] == (2, 128)
+    # two prompts, each with one image at its largest split (2x2 tiles + a global view = 5 > 3)
     assert prefill["max"]["image_embeds"] == (
-        3 * m.config.image_token_count,
+        2 * 5 * m.config.image_token_count,
         m.graph_input("decoder", "image_embeds")["shape"][1],
     )
     assert len([k for k in decode["min"] if k.startswith("past_key_values")]) == 2 * m.kv.layers
@@ -97,6 +98,27 @@ def test_pick_profile_and_limits(lively_bundle):
         profiles(m, Limits(max_seq=8, max_context=4096))
     # two ping-pong sets x layers x (key, value) x batch x heads x context x dim x 4 bytes
     assert kv_buffer_bytes(m, limits) == 2 * 2 * m.kv.layers * 1 * m.kv.heads * 64 * m.kv.head_dim * 4
+
+
+def test_a_2x2_tiled_image_picks_the_prefill_profile(lively_bundle):
+    """One image split 2x2 (a global view + 4 tiles: 5 vision inputs) under the default
+    --max-images 4: its prefill must fit a profile, as the runtime builds it."""
+    from PIL import Image
+
+    from core.processors import ImageProcessor, Tokenizer, prepare_batch
+
+    m = load_bundle(lively_bundle)
+    cfg = m.config
+    batch = prepare_batch(cfg, Tokenizer.from_dir(lively_bundle, cfg), ImageProcessor.from_config(cfg),
+                          [[Image.new("RGB", (64, 64), (9, 99, 199))]], ["What is it?"])  # fmt: skip
+    assert batch.pixel_values.shape[0] == 5
+    rows, S = 5 * cfg.image_token_count, batch.input_ids.shape[1]
+    shapes = {"input_ids": (1, S), "attention_mask": (1, S), "position_ids": (1, S),
+              "image_embeds": (rows, cfg.lm_hidden_dim)}  # fmt: skip
+    for i in range(m.kv.layers):
+        for part in ("key", "value"):
+            shapes[f"past_key_values.{i}.{part}"] = (1, m.kv.heads, 0, m.kv.head_dim)
+    assert pick_profile(profiles(m, Limits(max_seq=128, max_context=256))["decoder"], shapes) == 1
 
 
 def test_trtexec_and_polygraphy_text(lively_bundle):
