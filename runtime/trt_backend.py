@@ -1,11 +1,14 @@
 """TensorRT backend: the same interface as OrtBackend (encode_images / reset / step), no torch.
 
 Engines come from `nanovlm-export trt` (their manifest entry names the TensorRT version and GPU
-they were built for; anything else is refused with "rebuild"). Device memory is allocated once,
-at the engines' limits: the KV cache as two ping-pong sets (each step reads its past from one set
-and TensorRT writes the present into the other), the inputs, and the logits. One execution
-context per decoder profile (decode, prefill), each bound to its profile once; a step picks the
-context whose profile holds its shapes, sets the input shapes and tensor addresses, and runs
+they were built for; anything else is refused with "rebuild"), and their IO tensors must have the
+names and dtypes the bundle's graphs record. Device memory is allocated once, at the engines'
+limits: the KV cache as two ping-pong sets (each step reads its past from one set and TensorRT
+writes the present into the other), the inputs, the logits, and one activation block that every
+execution context shares (they run one at a time on one stream; on an 8 GB Orin a block per
+context would double the engines' working memory). One context per decoder profile (decode,
+prefill), each bound to its profile once; a step picks the context whose profile holds its
+shapes, sets the input shapes and tensor addresses (each call checked), and runs
 `execute_async_v3` on the backend's stream. CUDA calls go through cuda-python.
 
 Written against the TensorRT 10 and cuda-python documentation; run where both exist
@@ -21,7 +24,14 @@ import numpy as np
 
 from core.bundle import Bundle, BundleError
 
-from .trt_plan import Limits, check_engine_compatible, pick_profile, prefill_image_rows
+from .trt_plan import (
+    Limits,
+    check_engine_compatible,
+    check_io_dtypes,
+    io_dtypes,
+    pick_profile,
+    prefill_image_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +51,17 @@ def device_info() -> dict[str, Any]:
     props = _check(cudart.cudaGetDeviceProperties(0))
     name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
     return {"name": name.rstrip("\x00"), "compute_capability": [props.major, props.minor]}
+
+
+def _ok(accepted: bool, what: str) -> None:
+    """TensorRT's setters return False (and log) instead of raising: make that an error here."""
+    if not accepted:
+        raise RuntimeError(f"TensorRT refused {what} (see the TensorRT log above)")
+
+
+def stream_handle(stream: Any) -> int:
+    """The raw cudaStream_t: `getPtr()` (cuda-bindings >= 12.9 deprecate `int(stream)`)."""
+    return int(stream.getPtr()) if hasattr(stream, "getPtr") else int(stream)
 
 
 class DeviceBuffer:
@@ -71,6 +92,7 @@ class TrtBackend:
         device = device_info()
         self.limits = Limits(**meta["limits"])
         self.stream = _check(cudart.cudaStreamCreate())
+        self.handle = stream_handle(self.stream)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engines, self.profiles = {}, {}
@@ -82,17 +104,31 @@ class TrtBackend:
                 raise RuntimeError(
                     f"{emeta['file']}: TensorRT could not deserialize the engine; rebuild it on this device"
                 )
+            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))).name for n in names}
+            check_io_dtypes(graph, dtypes, io_dtypes(bundle, graph))
             self.engines[graph] = engine
             self.profiles[graph] = [{k: {n: tuple(s) for n, s in p[k].items()} for k in ("min", "max")}
                                     for p in emeta["profiles"]]  # fmt: skip
+        # one activation block for every context, as large as the largest engine needs
+        activation_bytes = max(engine.device_memory_size_v2 for engine in self.engines.values())
+        self.activations = DeviceBuffer(cudart, activation_bytes)
         self.contexts: dict[str, list[Any]] = {}
         for graph, engine in self.engines.items():
             contexts = []
             for k in range(len(self.profiles[graph])):
-                ctx = engine.create_execution_context()
-                ctx.set_optimization_profile_async(k, int(self.stream))
+                ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+                if ctx is None:
+                    raise RuntimeError(
+                        f"TensorRT could not create an execution context for the {graph} engine"
+                    )
+                ctx.set_device_memory(self.activations.ptr, self.activations.nbytes)
+                _ok(
+                    ctx.set_optimization_profile_async(k, self.handle), f"optimization profile {k} of {graph}"
+                )
                 contexts.append(ctx)
             self.contexts[graph] = contexts
+        self.io = {graph: io_dtypes(bundle, graph) for graph in self.engines}
         kv, cfg = bundle.kv, bundle.config
         self.kv, self.kv_dtype = kv, np.dtype(kv.dtype)
         self.max_context = self.limits.max_context
@@ -141,10 +177,15 @@ class TrtBackend:
             chunk = np.ascontiguousarray(pixel_values[start : start + self.limits.max_images], np.float32)
             ctx = self.contexts["vision_encoder"][0]
             self._upload("pixel_values", chunk)
-            ctx.set_input_shape("pixel_values", chunk.shape)
-            ctx.set_tensor_address("pixel_values", self.buf["pixel_values"].ptr)
-            ctx.set_tensor_address("image_embeds", self.buf["vision_out"].ptr)
-            if not ctx.execute_async_v3(int(self.stream)):
+            _ok(ctx.set_input_shape("pixel_values", chunk.shape), f"pixel_values shape {chunk.shape}")
+            _ok(
+                ctx.set_tensor_address("pixel_values", self.buf["pixel_values"].ptr),
+                "the pixel_values address",
+            )
+            _ok(
+                ctx.set_tensor_address("image_embeds", self.buf["vision_out"].ptr), "the image_embeds address"
+            )
+            if not ctx.execute_async_v3(self.handle):
                 raise RuntimeError("TensorRT vision encoder execution failed")
             out.append(self._download("vision_out", (chunk.shape[0], self.tokens, self.hidden)))
         return np.concatenate(out) if out else np.zeros((0, self.tokens, self.hidden), np.float32)
@@ -168,29 +209,38 @@ class TrtBackend:
             shapes[f"past_key_values.{i}.key"] = shapes[f"past_key_values.{i}.value"] = past
         k = pick_profile(self.profiles["decoder"], shapes)
         ctx = self.contexts["decoder"][k]
-        self._upload("input_ids", input_ids.astype(np.int64))
-        self._upload("image_embeds", image_rows.astype(np.float32))
-        self._upload("attention_mask", attention_mask.astype(np.int64))
-        self._upload("position_ids", position_ids.astype(np.int64))
-        for name in ("input_ids", "image_embeds", "attention_mask", "position_ids"):
-            ctx.set_input_shape(name, shapes[name])
-            ctx.set_tensor_address(name, self.buf[name].ptr)
+        dtypes = self.io["decoder"]  # checked against the engine at load
+        arrays = {"input_ids": input_ids, "image_embeds": image_rows, "attention_mask": attention_mask,
+                  "position_ids": position_ids}  # fmt: skip
+        for name, array in arrays.items():
+            self._upload(name, array.astype(dtypes[name]))
+            _ok(ctx.set_input_shape(name, shapes[name]), f"{name} shape {shapes[name]}")
+            _ok(ctx.set_tensor_address(name, self.buf[name].ptr), f"the {name} address")
         src, dst = self.kv_buffers[self.turn], self.kv_buffers[1 - self.turn]
         for i in range(self.kv.layers):
             for j, part in enumerate(("key", "value")):
-                ctx.set_input_shape(f"past_key_values.{i}.{part}", past)
-                ctx.set_tensor_address(f"past_key_values.{i}.{part}", src[2 * i + j].ptr)
-                ctx.set_tensor_address(f"present.{i}.{part}", dst[2 * i + j].ptr)
-        ctx.set_tensor_address("logits", self.buf["logits"].ptr)
-        if not ctx.execute_async_v3(int(self.stream)):
+                name = f"past_key_values.{i}.{part}"
+                _ok(ctx.set_input_shape(name, past), f"{name} shape {past}")
+                _ok(ctx.set_tensor_address(name, src[2 * i + j].ptr), f"the {name} address")
+                _ok(
+                    ctx.set_tensor_address(f"present.{i}.{part}", dst[2 * i + j].ptr),
+                    f"the present.{i}.{part} address",
+                )
+        _ok(ctx.set_tensor_address("logits", self.buf["logits"].ptr), "the logits address")
+        if not ctx.execute_async_v3(self.handle):
             raise RuntimeError(f"TensorRT decoder execution failed (profile {k}, shapes {present})")
         self.past_len += S
         self.turn = 1 - self.turn
         return self._download("logits", (B, self.vocab))
 
     def close(self) -> None:
+        """Free the device memory and the stream (contexts first: they use the activation block)."""
+        self.contexts.clear()
         for group in self.kv_buffers:
             for b in group:
                 b.free()
-        for b in self.buf.values():
+        for b in [*self.buf.values(), self.activations]:
             b.free()
+        if self.stream is not None:
+            self.cudart.cudaStreamDestroy(self.stream)
+            self.stream = None

@@ -155,6 +155,28 @@ def polygraphy_command(bundle: Bundle, limits: Limits, graph: str = "decoder") -
             f"--trt-max-shapes {polygraphy_shapes(p['max'])} --atol 1e-3 --rtol 1e-3")  # fmt: skip
 
 
+def io_dtypes(bundle: Bundle, graph: str) -> dict[str, str]:
+    """{tensor: numpy dtype name} of a graph's inputs and outputs, as the bundle recorded them."""
+    spec = bundle.graph_spec(graph)
+    return {t["name"]: t["dtype"] for t in [*spec["inputs"], *spec["outputs"]]}
+
+
+def check_io_dtypes(graph: str, engine: dict[str, str], expected: dict[str, str]) -> None:
+    """Refuse an engine whose IO tensors differ from the graph's in name or dtype: the backend binds
+    buffers of the graph's dtypes, and a mismatch would be read as garbage, not fail."""
+    missing = sorted(set(expected) - set(engine))
+    extra = sorted(set(engine) - set(expected))
+    wrong = [
+        f"{n}: engine {engine[n]}, graph {t}" for n, t in expected.items() if n in engine and engine[n] != t
+    ]
+    if missing or extra or wrong:
+        problems = [f"missing {missing}"] * bool(missing) + [f"unexpected {extra}"] * bool(extra) + wrong
+        raise RuntimeError(
+            f"the {graph} engine's IO does not match the bundle's graph ({'; '.join(problems)}): rebuild it "
+            "with `nanovlm-export trt` from this bundle"
+        )
+
+
 def check_engine_compatible(engine_meta: dict, trt_version: str, device: dict[str, Any]) -> None:
     """Refuse engines built by another TensorRT version or for another GPU, with what to do."""
     built = engine_meta.get("tensorrt_version")

@@ -19,6 +19,8 @@ from export.trt_build import check_buildable
 from runtime.trt_plan import (
     Limits,
     check_engine_compatible,
+    check_io_dtypes,
+    io_dtypes,
     kv_buffer_bytes,
     pick_profile,
     polygraphy_command,
@@ -151,6 +153,22 @@ def test_trtexec_and_polygraphy_text(lively_bundle):
             assert dims.startswith("[") and dims.endswith("]"), a
             parsed[name] = tuple(int(d) for d in dims[1:-1].split(",") if d)
         assert parsed == decode[key], option
+
+
+def test_engine_io_must_match_the_graph(lively_bundle):
+    """The backend binds the graph's dtypes; an engine whose IO differs is refused by name."""
+    b = load_bundle(lively_bundle)
+    dec = io_dtypes(b, "decoder")
+    assert dec["input_ids"] == dec["attention_mask"] == dec["position_ids"] == "int64"
+    assert dec["logits"] == dec["image_embeds"] == dec["present.1.value"] == "float32"
+    assert io_dtypes(b, "vision_encoder") == {"pixel_values": "float32", "image_embeds": "float32"}
+    check_io_dtypes("decoder", dict(dec), dec)
+    with pytest.raises(RuntimeError, match="logits: engine float16, graph float32.*rebuild"):
+        check_io_dtypes("decoder", dec | {"logits": "float16"}, dec)
+    with pytest.raises(RuntimeError, match=r"missing \['present.1.value'\]"):
+        check_io_dtypes("decoder", {k: v for k, v in dec.items() if k != "present.1.value"}, dec)
+    with pytest.raises(RuntimeError, match=r"unexpected \['inputs_embeds'\]"):
+        check_io_dtypes("decoder", dec | {"inputs_embeds": "float32"}, dec)
 
 
 def test_engine_compatibility_errors():
