@@ -444,3 +444,21 @@ def test_standard_decoder_cumsum_is_float_with_a_constant_axis(tiny_tokenizer_di
     for n in cumsums:
         assert types[n.input[0]] in floats, (n.name, onnx.TensorProto.DataType.Name(types[n.input[0]]))
         assert n.input[1] in constants, n.name
+
+
+def test_format_version_1_manifests_still_load(exported, tmp_path):
+    """Version 1 wrote a quantization mode as the precision and restated config facts; such a
+    bundle loads with the precision it was exported in and its mode from `quantization`."""
+    import json
+
+    _, bundle = exported
+    copy = _copy(bundle, tmp_path)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    v1 = manifest | {"format_version": 1, "precision": "int8-dynamic", "quantization": {"mode": "int8-dynamic"},
+                     "image_placement": "replace", "kv_cache": {"layers": 2}, "generation": {"greedy": True}}  # fmt: skip
+    (copy / "manifest.json").write_text(json.dumps(v1))
+    b = load_bundle(str(copy))
+    assert b.precision == "fp32" and b.mode == "int8-dynamic" and b.recipe.weight_bits == 8
+    (copy / "manifest.json").write_text(json.dumps(manifest | {"format_version": 3}))
+    with pytest.raises(ValueError, match="format_version 3 is newer than this runtime reads"):
+        load_bundle(str(copy))
