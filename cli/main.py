@@ -3,7 +3,7 @@
 Commands, by what they need installed:
 
     run                               the runtime only (numpy, onnxruntime, tokenizers): no torch
-    quantize, trt                     + onnx (quantize) or TensorRT (trt): no torch
+    quantize, check, trt              + onnx (quantize, check) or TensorRT (trt): no torch
     train, demo, generate, onnx,      the PyTorch reference: the `torch` extra
     validate, bench
 
@@ -354,6 +354,28 @@ def trt(bundle: str, out: str, max_batch: int, max_seq: int | None, max_context:
     manifest = build_engines(bundle, out, limits, workspace, timing_cache, overwrite=overwrite)
     load_bundle(out)  # the result verifies
     click.echo(describe(manifest))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--target", "targets", multiple=True, type=click.Choice(["trt-10.3", "trt-10.13"]),
+              help="TensorRT version to check for (repeatable; default: both).")  # fmt: skip
+@user_errors
+def check(bundle: str, targets: tuple[str, ...]) -> None:
+    """Will TensorRT parse BUNDLE's graphs? Every node against onnx-tensorrt's support matrix; exit 1 if not."""
+    if not installed("onnx"):
+        raise click.ClickException("`check` needs onnx: pip install onnx (or the 'torch' extra)")
+    from export.trt_check import check_bundle
+
+    failed = False
+    for name in targets or ("trt-10.3", "trt-10.13"):
+        problems = [p for graph in check_bundle(bundle, name).values() for p in graph]
+        click.echo(f"{name}: {'ok' if not problems else f'{len(problems)} problems'}")
+        for p in problems:
+            click.echo(f"  {p}")
+        failed |= bool(problems)
+    if failed:
+        raise SystemExit(1)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -95,6 +95,7 @@ def export_onnx(
                 check_fused_graph(path)
             else:
                 check_graph(path, opset)
+                warn_tensorrt(path)
             spec.update(graph_io(path))
         log.info("[4/4] writing tokenizer, config and manifest")
         model.tokenizer.save(tmp)
@@ -224,6 +225,15 @@ def check_graph(path: str, opset: int) -> None:
     foreign = sorted({n.op_type for n in m.graph.node if n.domain not in STANDARD_DOMAINS})
     if foreign:
         raise ValueError(f"{path}: non-standard ops {foreign}; the bundle must run on TensorRT 10.3")
+
+
+def warn_tensorrt(path: str) -> None:
+    """Log what TensorRT 10.3 (JetPack 6) would not parse in a graph meant for it."""
+    from .trt_check import check_model, target
+
+    model = onnx.load(path, load_external_data=False)
+    for problem in check_model(model, target("trt-10.3"), os.path.basename(path)):
+        log.warning("TensorRT 10.3 would not parse %s", problem)
 
 
 def check_fused_graph(path: str) -> None:

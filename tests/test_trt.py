@@ -293,3 +293,86 @@ def test_trt_backend_errors_without_engines_or_tensorrt(lively_bundle, tmp_path)
             VLMPipeline.from_bundle(str(fake), backend="trt", verify=False)
     with pytest.raises(ValueError, match="unknown backend 'tflite'"):
         VLMPipeline.from_bundle(lively_bundle, backend="tflite")
+
+
+# ----------------------------------------------------------------------------- compatibility check
+@pytest.fixture(scope="module")
+def trt_bundles(tiny_tokenizer_dir, tmp_path_factory):
+    """The bundles meant for TensorRT (fp32, fp16, int8-static) of both image placements, plus the
+    ONNX Runtime-only ones (fused decoder, int8-dynamic)."""
+    from conftest import export_lively
+
+    from calibration.quantize import quantize_bundle
+    from export.onnx_export import export_onnx
+
+    d = tmp_path_factory.mktemp("trt_check")
+    out = {}
+    for placement in ("replace", "prefix"):
+        _, fp32 = export_lively(placement, tiny_tokenizer_dir, d / placement)
+        out[f"{placement} fp32"] = fp32
+        export_onnx(str(d / placement / "ckpt"), str(d / placement / "fp16"), precision="fp16")
+        out[f"{placement} fp16"] = str(d / placement / "fp16")
+        quantize_bundle(fp32, str(d / placement / "int8"), "int8-static", samples=8)
+        out[f"{placement} int8-static"] = str(d / placement / "int8")
+    quantize_bundle(out["replace fp32"], str(d / "int8-dynamic"), "int8-dynamic")
+    export_onnx(str(d / "replace" / "ckpt"), str(d / "fused"), decoder="fused")
+    return out | {"int8-dynamic": str(d / "int8-dynamic"), "fused": str(d / "fused")}
+
+
+@pytest.mark.parametrize("target", ["trt-10.3", "trt-10.13"])
+def test_every_bundle_meant_for_tensorrt_passes_the_check(trt_bundles, target):
+    from export.trt_check import check_bundle
+
+    for name in ("replace fp32", "replace fp16", "replace int8-static", "prefix fp32", "prefix fp16",
+                 "prefix int8-static"):  # fmt: skip
+        assert check_bundle(trt_bundles[name], target) == {"vision_encoder": [], "decoder": []}, name
+
+
+def test_the_check_names_what_tensorrt_would_not_parse(trt_bundles, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from export.trt_check import check_bundle, check_model, target
+
+    problems = check_bundle(trt_bundles["int8-dynamic"], "trt-10.3")
+    assert any("com.microsoft.MatMulNBits is not a standard ONNX operator" in p for p in problems["decoder"])
+    fused = check_bundle(trt_bundles["fused"], "trt-10.3")["decoder"]
+    assert any("GroupQueryAttention" in p for p in fused)
+
+    # the pattern the decoder graph used to have: CumSum over int64, with its axis a graph input
+    graph = helper.make_graph(
+        [helper.make_node("CumSum", ["x", "axis"], ["y"], name="count")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.INT64, [4]),
+         helper.make_tensor_value_info("axis", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [4])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    found = check_model(model, target("trt-10.3"), "g")
+    assert "g: opset 21; trt-10.3 parses opsets 9 to 20" in found
+    assert "g: count: CumSum on INT64; trt-10.3 takes FP32, FP16, BF16" in found
+    assert "g: count: input 1 of CumSum (axis) must be a build-time constant" in found
+    # an operator added after 10.3, and a non-zero Q/DQ zero point
+    rms = helper.make_graph(
+        [helper.make_node("RMSNormalization", ["x", "s"], ["y"], name="norm"),
+         helper.make_node("DequantizeLinear", ["q", "sc", "zp"], ["d"], name="dq")], "h",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+         helper.make_tensor_value_info("q", TensorProto.INT8, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4]),
+         helper.make_tensor_value_info("d", TensorProto.FLOAT, [4])],
+        initializer=[helper.make_tensor("s", TensorProto.FLOAT, [4], [1.0] * 4),
+                     helper.make_tensor("sc", TensorProto.FLOAT, [], [0.1]),
+                     helper.make_tensor("zp", TensorProto.INT8, [], [3])],
+    )  # fmt: skip
+    found = check_model(
+        helper.make_model(rms, opset_imports=[helper.make_opsetid("", 23)]), target("trt-10.3"), "h"
+    )
+    assert "h: norm: RMSNormalization is not parsed by trt-10.3 (added in a later TensorRT)" in found
+    assert any("dq: DequantizeLinear with a non-zero zero point" in p for p in found)
+    onnx.checker.check_model(model)  # the test graphs themselves are valid ONNX
+
+
+def test_check_command(trt_bundles):
+    ok = CliRunner().invoke(export_cli, ["check", trt_bundles["prefix int8-static"]])
+    assert ok.exit_code == 0 and "trt-10.3: ok" in ok.output and "trt-10.13: ok" in ok.output, ok.output
+    bad = CliRunner().invoke(export_cli, ["check", trt_bundles["fused"], "--target", "trt-10.3"])
+    assert bad.exit_code == 1 and "problems" in bad.output and "GroupQueryAttention" in bad.output
