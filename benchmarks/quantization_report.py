@@ -118,14 +118,14 @@ def variants(ckpt: str, fp32: str, name: str, calibration: str, samples: int) ->
 def accuracy(
     paths: dict[str, str], reference, cases, max_new_tokens: int, label: str = ""
 ) -> dict[str, dict]:
-    """{mode: parity.compare's summary, its per-case "rows" included, + bundle bytes}."""
-    from evaluation import parity
+    """{mode: metrics.compare's summary, its per-case "rows" included, + bundle bytes}."""
+    from evaluation import metrics
     from runtime.pipeline import VLMPipeline
 
     out = {}
     for mode, path in paths.items():
         pipe = VLMPipeline.from_bundle(path)
-        s = parity.compare(pipe, reference, cases, max_new_tokens, desc=mode + label)
+        s = metrics.compare(pipe, reference, cases, max_new_tokens, desc=mode + label)
         out[mode] = s | {"bytes": pipe.bundle.total_bytes()}
         logging.info("%s%s: KL %.4g top-1 %.3f exact %.2f", mode, label, s["kl_mean"], s["top1_agreement"],
                      s["exact_match"])  # fmt: skip
@@ -146,16 +146,16 @@ def smollm2(args) -> dict:
     from runtime_decode import PROMPT, build_bundle, build_checkpoint
 
     from core.processors import load_image
-    from evaluation import parity
+    from evaluation import metrics, parity
     from evaluation.bench import bench
 
     ckpt = build_checkpoint()
     paths = variants(ckpt, build_bundle(ckpt), "nanovlm-222m-shape", photo_folder(), 20)
-    cases = [parity.Case([Image.fromarray(getattr(skimage.data, k)())], p) for k, p in EVAL_PHOTOS.items()]
-    cases += [parity.Case([], t) for t in EVAL_TEXTS]
+    cases = [metrics.Case([Image.fromarray(getattr(skimage.data, k)())], p) for k, p in EVAL_PHOTOS.items()]
+    cases += [metrics.Case([], t) for t in EVAL_TEXTS]
     folder = os.path.dirname(skimage.data.__file__)
-    check = [parity.Case([load_image(os.path.join(folder, f))], p) for f, p in CHECK_PICTURES.items()]
-    check += [parity.Case([], t) for t in CHECK_TEXTS]
+    check = [metrics.Case([load_image(os.path.join(folder, f))], p) for f, p in CHECK_PICTURES.items()]
+    check += [metrics.Case([], t) for t in CHECK_TEXTS]
     reference = parity.Reference(ckpt)  # one PyTorch run per case, shared by every comparison below
     summaries = accuracy(paths, reference, cases, 32)
     result = {"accuracy": without_rows(summaries)}
@@ -163,7 +163,9 @@ def smollm2(args) -> dict:
     result["speed"] = {mode: row for mode, row in zip(paths, speed["rows"], strict=True)}
     result["llama_cpp"] = llama_cpp_speed(ckpt, speed["rows"][0]["prompt_positions"], args)
     text = len(EVAL_PHOTOS)  # the text prompts' rows of the comparison above
-    result["text_only"] = {mode: kl_top1(parity.summarize(s["rows"][text:])) for mode, s in summaries.items()}
+    result["text_only"] = {
+        mode: kl_top1(metrics.summarize(s["rows"][text:])) for mode, s in summaries.items()
+    }
     result["text_only"] |= llama_cpp_text_kl(reference, paths["fp32"], cases[text:])
     # a check set no recipe was chosen on: KL and top-1 only
     result["check_set"] = {
@@ -175,7 +177,7 @@ def smollm2(args) -> dict:
 def llama_cpp_text_kl(reference, fp32: str, cases: list) -> dict[str, dict]:
     """KL vs fp32 PyTorch of llama.cpp's GGUFs on the text prompts (teacher-forced along PyTorch's
     greedy answer; over the base vocabulary, the GGUF's); {} without llama.cpp or the GGUFs."""
-    from evaluation import parity
+    from evaluation import metrics
     from runtime.pipeline import VLMPipeline
 
     try:
@@ -195,7 +197,7 @@ def llama_cpp_text_kl(reference, fp32: str, cases: list) -> dict[str, dict]:
             ref = run["logits"]
             got = forced_logits(gguf_path, run["batch"].input_ids[0].tolist(), run["tokens"])
             base = got.shape[1]  # the extra image tokens have no row in the GGUF
-            kls += list(parity.kl_divergence(ref[:, :base], got))
+            kls += list(metrics.kl_divergence(ref[:, :base], got))
             agree += list(ref[:, :base].argmax(-1) == got.argmax(-1))
         out[name] = {"kl_mean": float(np.mean(kls)), "top1_agreement": float(np.mean(agree))}
     return out
@@ -232,7 +234,7 @@ def llama_cpp_speed(ckpt: str, positions: int, args) -> dict:
 
 
 def tiny(args) -> dict:
-    from evaluation import parity
+    from evaluation import metrics, parity
 
     root = os.path.join(REPO, "artifacts", "tiny")
     ckpt, fp32 = os.path.join(root, "checkpoint"), os.path.join(root, "bundle")
@@ -241,7 +243,7 @@ def tiny(args) -> dict:
             "artifacts/tiny/bundle not found: run `make demo` first (trains and exports the default)"
         )
     paths = variants(ckpt, fp32, "tiny", "builtin", 32)
-    summaries = accuracy(paths, parity.Reference(ckpt), parity.builtin_cases(args.tiny_cases), 4)
+    summaries = accuracy(paths, parity.Reference(ckpt), metrics.builtin_cases(args.tiny_cases), 4)
     return {"accuracy": without_rows(summaries)}
 
 

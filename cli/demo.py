@@ -154,16 +154,16 @@ def export_and_quantize(ckpt: str, output_dir: str) -> dict[str, str]:
 def validate_bundles(ckpt: str, bundles: dict[str, str], n: int) -> dict[str, dict]:
     """`nanovlm-export validate` on each bundle: n built-in test questions against PyTorch."""
     from core.recipes import gates_for
-    from evaluation import parity
+    from evaluation import metrics, parity
     from runtime.pipeline import VLMPipeline
 
-    reference, cases = parity.Reference(ckpt), parity.builtin_cases(n)
+    reference, cases = parity.Reference(ckpt), metrics.builtin_cases(n)
     out = {}
     for name, path in bundles.items():
         pipe = VLMPipeline.from_bundle(path)
-        summary = parity.compare(pipe, reference, cases, max_new_tokens=4, desc=f"validating {name}")
+        summary = metrics.compare(pipe, reference, cases, max_new_tokens=4, desc=f"validating {name}")
         summary.pop("rows")
-        summary["failures"] = parity.gate(summary, gates_for(pipe.bundle.mode))
+        summary["failures"] = metrics.gate(summary, gates_for(pipe.bundle.mode))
         out[name] = summary
     return out
 

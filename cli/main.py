@@ -4,8 +4,10 @@ Commands, by what they need installed:
 
     run                               the runtime only (numpy, onnxruntime, tokenizers): no torch
     quantize, check, trt              + onnx (quantize, check) or TensorRT (trt): no torch
+    validate                          no torch against the results stored in the bundle;
+                                      the `torch` extra with --reference CHECKPOINT
     train, demo, generate, onnx,      the PyTorch reference: the `torch` extra
-    validate, bench
+    bench
 
 Modules load inside each command, so `nanovlm run` works on a torch-free install, and a torch
 command there says which extra to install. Expected errors (bad input, missing files, unsupported
@@ -394,19 +396,17 @@ def _thresholds(items: tuple[str, ...]) -> dict[str, float]:
 
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--reference", required=True, help="The PyTorch checkpoint the bundle came from (directory or Hub id)."
-)
-@click.option(
-    "--images", default="builtin", show_default=True, help="'builtin' (test split) or a folder of images."
-)
+@click.option("--reference", help="The PyTorch checkpoint the bundle came from (directory or Hub id). "
+              "Without it: the PyTorch results stored in the bundle at export (no torch needed).")  # fmt: skip
+@click.option("--images", default="builtin", show_default=True,
+              help="With --reference: 'builtin' (test split) or a folder of images.")  # fmt: skip
 @click.option(
     "--prompts", type=click.Path(exists=True, dir_okay=False), help="One prompt per line, for --images DIR."
 )
-@click.option(
-    "--samples", type=click.IntRange(1, 100_000), default=24, show_default=True, help="Cases to compare."
-)
-@click.option("--max-new-tokens", type=click.IntRange(1, 100_000), default=16, show_default=True)
+@click.option("--samples", type=click.IntRange(1, 100_000), default=24, show_default=True,
+              help="With --reference: cases to compare.")  # fmt: skip
+@click.option("--max-new-tokens", type=click.IntRange(1, 100_000), default=None,
+              help="Greedy tokens per case [16; the stored reference's own count without --reference].")  # fmt: skip
 @pipeline_options
 @click.option(
     "--threshold", "thresholds", multiple=True, help="Override a gate, e.g. kl_mean_max=0.02 (repeatable)."
@@ -415,27 +415,35 @@ def _thresholds(items: tuple[str, ...]) -> dict[str, float]:
     "--json", "json_out", type=click.Path(dir_okay=False), help="Write the full report (per case) here."
 )
 @user_errors
-def validate(bundle: str, reference: str, images: str, prompts: str | None, samples: int, max_new_tokens: int,
-             backend: str, provider: str, thresholds: tuple[str, ...], json_out: str | None) -> None:  # fmt: skip
-    """Compare BUNDLE with its PyTorch checkpoint; exit code 1 when a threshold fails."""
-    needs_torch("validate")
+def validate(bundle: str, reference: str | None, images: str, prompts: str | None, samples: int,
+             max_new_tokens: int | None, backend: str, provider: str, thresholds: tuple[str, ...],
+             json_out: str | None) -> None:  # fmt: skip
+    """Compare BUNDLE with PyTorch (its checkpoint, or the results stored in it); exit 1 when a gate fails."""
     from core.recipes import gates_for
-    from evaluation import parity
+    from evaluation import metrics
     from runtime.pipeline import VLMPipeline
 
     pipe = VLMPipeline.from_bundle(bundle, provider=provider, backend=backend)
     limits = gates_for(pipe.bundle.mode, _thresholds(thresholds))
-    cases = (
-        parity.builtin_cases(samples)
-        if images == "builtin"
-        else parity.folder_cases(images, samples, prompts)
-    )
-    summary = parity.compare(pipe, parity.Reference(reference), cases, max_new_tokens)
-    failures = parity.gate(summary, limits)
-    click.echo(parity.table(summary, limits))
+    if reference:
+        needs_torch("validate --reference")
+        from evaluation import parity
+
+        ref: metrics.Reference = parity.Reference(reference)
+        cases = (metrics.builtin_cases(samples) if images == "builtin"
+                 else metrics.folder_cases(images, samples, prompts))  # fmt: skip
+        max_new_tokens = max_new_tokens or 16
+    else:
+        if images != "builtin":
+            raise click.BadParameter("--images DIR needs --reference CHECKPOINT", param_hint="--images")
+        stored = metrics.StoredReference(pipe.bundle)
+        ref, cases, max_new_tokens = stored, stored.cases, max_new_tokens or stored.max_new_tokens
+    summary = metrics.compare(pipe, ref, cases, max_new_tokens)
+    failures = metrics.gate(summary, limits)
+    click.echo(metrics.table(summary, limits))
     if json_out:
-        write_json(json_out, {"bundle": bundle, "reference": reference, "thresholds": limits, "failures": failures,
-                              "summary": summary})  # fmt: skip
+        write_json(json_out, {"bundle": bundle, "reference": reference or "stored", "thresholds": limits,
+                              "failures": failures, "summary": summary})  # fmt: skip
     if failures:
         click.echo("FAILED: " + "; ".join(failures), err=True)
         raise SystemExit(1)

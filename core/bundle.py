@@ -27,6 +27,9 @@ from .recipes import Recipe, recipe
 FORMAT = "nanovlm-bundle"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+REFERENCE = (
+    "reference.npz"  # PyTorch's results on built-in cases, stored at export (validation without torch)
+)
 GRAPHS = ("vision_encoder", "decoder")
 
 
@@ -52,6 +55,7 @@ class Manifest:
     decoder_graph: str = "standard"  # or "fused": ONNX Runtime contrib ops, CPU only
     quantization: dict[str, Any] | None = None  # {"mode", ...}: written by `quantize`
     tensorrt: dict[str, Any] | None = None  # engines, limits, TensorRT version: written by `trt`
+    reference: dict[str, Any] | None = None  # {"file", "split", "seed", "cases", "max_new_tokens"}
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> {"bytes", "sha256"}
     created: str = ""
     format: str = FORMAT

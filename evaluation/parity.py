@@ -1,80 +1,18 @@
-"""Does a bundle say what the PyTorch model says? Per-graph and end-to-end comparisons.
-
-For every case (images + prompt, from the built-in test split or a folder of real images):
-
-  vision    the bundle's image embeddings against PyTorch's: max abs difference, cosine per token
-  decoder   teacher-forced: both sides prefill the same prompt, then step through the tokens
-            PyTorch chose greedily; per step the KL divergence KL(PyTorch || bundle) of the next-
-            token distributions and whether their top-1 agree, so one early difference does not
-            hide how close the rest is
-  answers   each side's own greedy answer: exact match and common-prefix length; task accuracy
-            where the case has a known answer (built-in data)
-
-`nanovlm-export validate` gates on the bundle's recipe gates (core/recipes.py, overridable), and
-the quantization report uses the same numbers.
-"""
+"""The PyTorch reference for `nanovlm-export validate --reference CKPT`: the checkpoint the bundle
+came from, run greedily once per case (evaluation/metrics.py compares the bundle with it)."""
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
 from core.processors import prepare_batch
-from core.recipes import GATE_METRICS
+from nanovlm.reference import greedy_reference
 from nanovlm.vision_language_model import VisionLanguageModel
-from runtime.pipeline import GenerationRequest, VLMPipeline
+from runtime.pipeline import VLMPipeline
 
-log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)  # hashed by identity: the reference keeps its results per case
-class Case:
-    images: list[Any]
-    prompt: str
-    answer: str | None = None  # known answer (built-in data): task accuracy
+from .metrics import Case
 
 
-def builtin_cases(n: int, split: str = "test", seed: int = 0) -> list[Case]:
-    from core.shapes_dataset import ShapesDataset
-
-    ds = ShapesDataset(split, seed=seed)
-    return [Case([s.image], s.question, s.answer) for s in (ds[i] for i in range(n))]
-
-
-def folder_cases(folder: str, n: int, prompts_file: str | None = None) -> list[Case]:
-    from calibration.data import load_calibration
-
-    cal = load_calibration(folder, n, prompts_file=prompts_file)
-    return [Case(s.images, s.prompt) for s in cal.samples]
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """KL(ref || other) per row, in nats."""
-    p, q = log_softmax(ref_logits), log_softmax(logits)
-    return (np.exp(p) * (p - q)).sum(-1)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-# ----------------------------------------------------------------------------- PyTorch side
 class Reference:
     """The PyTorch model: image embeddings, greedy answer and the logits that chose each token.
 
@@ -96,149 +34,7 @@ class Reference:
             self._runs[key] = self._run(pipe, case, max_new_tokens)
         return self._runs[key]
 
-    @torch.inference_mode()
     def _run(self, pipe: VLMPipeline, case: Case, max_new_tokens: int) -> dict[str, Any]:
         m = self.model
         batch = prepare_batch(m.cfg, pipe.tokenizer, pipe.image_processor, [case.images], [case.prompt])
-        ids = torch.from_numpy(batch.input_ids)
-        mask = torch.from_numpy(batch.attention_mask)
-        pixels = torch.from_numpy(batch.pixel_values)
-        embeds = m.encode_images(pixels) if pixels.shape[0] else None
-        merged, mask = m.merge_image_embeds(ids, embeds, mask)
-        logits, cache, pos = m.prefill(merged, mask)
-        eos = pipe.tokenizer.eos_token_id
-        tokens, steps = [], []
-        for _ in range(max_new_tokens):
-            steps.append(logits[0].float().numpy())
-            token = int(logits[0].argmax())
-            tokens.append(token)
-            if token == eos or len(tokens) == max_new_tokens:
-                break
-            mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
-            pos = pos + 1
-            logits, cache = m.decode_one_token(torch.tensor([token]), mask, cache, pos)
-        vision = embeds.float().numpy() if embeds is not None else np.zeros((0, 0, 0), np.float32)
-        return {"batch": batch, "vision": vision, "tokens": tokens, "logits": np.stack(steps)}
-
-
-# ----------------------------------------------------------------------------- bundle side
-def bundle_run(pipe: VLMPipeline, batch: Any, forced: list[int], max_new_tokens: int) -> dict[str, Any]:
-    """The bundle's image embeddings, its logits along the forced tokens, and its own greedy answer."""
-    backend = pipe.backend
-    has_images = batch.pixel_values.shape[0] > 0
-    hidden = pipe.cfg.lm_hidden_dim
-    vision = backend.encode_images(batch.pixel_values) if has_images else np.zeros((0, 0, hidden), np.float32)
-    ids, mask, rows = pipe._inputs(batch, vision)
-    backend.reset(1, ids.shape[1] + len(forced) + 1)
-    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-    steps = [backend.step(ids, rows, mask, pos)[0].copy()]
-    empty = np.zeros((0, hidden), np.float32)
-    for token in forced[:-1]:
-        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-        pos = pos[:, -1:] + 1
-        steps.append(backend.step(np.array([[token]], np.int64), empty, mask, pos)[0].copy())
-    request = GenerationRequest(max_new_tokens=max_new_tokens)
-    eos = pipe.tokenizer.eos_token_id
-    own: list[int] = []
-    for token in pipe.generate_ids(batch, request):
-        own.append(int(token[0]))
-        if own[-1] == eos:
-            break
-    return {"vision": vision, "logits": np.stack(steps), "tokens": own}
-
-
-# ----------------------------------------------------------------------------- comparison
-def compare(
-    pipe: VLMPipeline,
-    reference: Reference,
-    cases: list[Case],
-    max_new_tokens: int = 16,
-    desc: str = "validating",
-) -> dict[str, Any]:
-    """All metrics over `cases`; per-case rows under "cases"."""
-    rows = []
-    for case in tqdm(cases, desc=desc, unit="case", leave=False):
-        ref = reference.run(pipe, case, max_new_tokens)
-        got = bundle_run(pipe, ref["batch"], ref["tokens"], max_new_tokens)
-        row: dict[str, Any] = {"prompt": case.prompt}
-        if ref["vision"].size:
-            a = ref["vision"].reshape(-1, ref["vision"].shape[-1]).astype(np.float64)
-            b = got["vision"].reshape(-1, got["vision"].shape[-1]).astype(np.float64)
-            cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30)
-            row |= {"vision_max_abs": float(np.abs(a - b).max()), "vision_cosine_min": float(cos.min())}
-        kl = kl_divergence(ref["logits"], got["logits"])
-        row |= {
-            "logits_max_abs": float(np.abs(ref["logits"] - got["logits"]).max()),
-            "kl": kl.tolist(),
-            "top1": (ref["logits"].argmax(-1) == got["logits"].argmax(-1)).tolist(),
-            "reference_answer": pipe.tokenizer.decode([t for t in ref["tokens"] if t != pipe.tokenizer.eos_token_id]),
-            "answer": pipe.tokenizer.decode([t for t in got["tokens"] if t != pipe.tokenizer.eos_token_id]),
-            "exact_match": ref["tokens"] == got["tokens"],
-            "common_prefix": common_prefix(ref["tokens"], got["tokens"]),
-            "reference_length": len(ref["tokens"]),
-        }  # fmt: skip
-        if case.answer is not None:
-            row["expected"] = case.answer
-        rows.append(row)
-    return summarize(rows)
-
-
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    kl = np.concatenate([np.asarray(r["kl"], np.float64) for r in rows])
-    top1 = np.concatenate([np.asarray(r["top1"], bool) for r in rows])
-    out: dict[str, Any] = {
-        "cases": len(rows),
-        "steps": int(kl.size),
-        "kl_mean": float(kl.mean()),
-        "kl_max": float(kl.max()),
-        "top1_agreement": float(top1.mean()),
-        "logits_max_abs": max(r["logits_max_abs"] for r in rows),
-        "exact_match": float(np.mean([r["exact_match"] for r in rows])),
-        "common_prefix_ratio": float(
-            sum(r["common_prefix"] for r in rows) / max(1, sum(r["reference_length"] for r in rows))
-        ),
-    }
-    with_vision = [r for r in rows if "vision_cosine_min" in r]
-    if with_vision:
-        out["vision_max_abs"] = max(r["vision_max_abs"] for r in with_vision)
-        out["vision_cosine_min"] = min(r["vision_cosine_min"] for r in with_vision)
-    known = [r for r in rows if "expected" in r]
-    if known:
-        out["task_accuracy"] = float(np.mean([r["answer"].strip() == r["expected"] for r in known]))
-        out["reference_task_accuracy"] = float(
-            np.mean([r["reference_answer"].strip() == r["expected"] for r in known])
-        )
-    out["rows"] = rows
-    return out
-
-
-def gate(summary: dict[str, Any], thresholds: dict[str, float]) -> list[str]:
-    """The failed checks, as readable lines (empty: all passed)."""
-    failures = []
-    for key, limit in thresholds.items():
-        metric, kind = GATE_METRICS[key]
-        if metric not in summary:
-            continue
-        value = summary[metric]
-        if (kind == "min" and value < limit) or (kind == "max" and value > limit):
-            failures.append(f"{metric} = {value:.6g} {'<' if kind == 'min' else '>'} {limit:g}")
-    return failures
-
-
-def table(summary: dict[str, Any], thresholds: dict[str, float] | None = None) -> str:
-    """A readable markdown table of the summary."""
-    limits = {GATE_METRICS[k][0]: (v, GATE_METRICS[k][1]) for k, v in (thresholds or {}).items()}
-    lines = ["| metric | value | gate |", "| --- | --- | --- |"]
-    for key in ("cases", "steps", "vision_cosine_min", "vision_max_abs", "kl_mean", "kl_max", "top1_agreement",
-                "logits_max_abs", "exact_match", "common_prefix_ratio", "task_accuracy", "reference_task_accuracy"):  # fmt: skip
-        if key not in summary:
-            continue
-        value = summary[key]
-        text = f"{value:.6g}" if isinstance(value, float) else str(value)
-        g = ""
-        if key in limits:
-            limit, kind = limits[key]
-            ok = value >= limit if kind == "min" else value <= limit
-            g = f"{'>=' if kind == 'min' else '<='} {limit:g} {'ok' if ok else 'FAIL'}"
-        lines.append(f"| {key} | {text} | {g} |")
-    return "\n".join(lines)
+        return {"batch": batch} | greedy_reference(m, batch, pipe.tokenizer.eos_token_id, max_new_tokens)

@@ -12,10 +12,11 @@ import os
 import time
 import warnings
 
+import numpy as np
 import onnx
 import torch
 
-from core.bundle import Manifest, is_bundle
+from core.bundle import REFERENCE, Manifest, is_bundle
 from core.config import VLMConfig
 from core.files import check_target, staged_dir
 from core.graph_io import graph_io
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 DEFAULT_OPSET = 17
 STANDARD_DOMAINS = {"", "ai.onnx"}
 TWO_GB = 2**31
+# stored PyTorch reference: cases x new tokens of logits (4 x 6 x 49,218 fp32 = 4.7 MB for SmolLM2)
+REFERENCE_CASES, REFERENCE_TOKENS = 4, 6
 
 
 def check_exportable(cfg: VLMConfig, src: str) -> None:
@@ -75,6 +78,7 @@ def export_onnx(
         raise ValueError(
             f"{src}: no tokenizer files in the checkpoint and cfg.lm_tokenizer could not be loaded"
         )
+    reference = reference_results(model, REFERENCE_CASES, REFERENCE_TOKENS)  # fp32, before any conversion
     if precision == "fp16":
         from .fp16 import prepare_fp16
 
@@ -100,9 +104,34 @@ def export_onnx(
         log.info("[4/4] writing tokenizer, config and manifest")
         model.tokenizer.save(tmp)
         model.cfg.save(os.path.join(tmp, "config.json"))
-        manifest = Manifest(precision, opset, graphs, decoder_graph=decoder).write(tmp)
+        with open(os.path.join(tmp, REFERENCE), "wb") as f:
+            np.savez(f, **reference)
+        stored = {"file": REFERENCE, "split": "test", "seed": 0, "cases": REFERENCE_CASES,
+                  "max_new_tokens": REFERENCE_TOKENS}  # fmt: skip
+        manifest = Manifest(precision, opset, graphs, decoder_graph=decoder, reference=stored).write(tmp)
     log.info("bundle written to %s in %.1f s", out, time.time() - t0)
     return manifest
+
+
+def reference_results(model: VisionLanguageModel, n_cases: int, max_new_tokens: int) -> dict[str, np.ndarray]:
+    """PyTorch's greedy results on the first built-in test cases, as reference.npz arrays
+    (vision_i, logits_i, tokens_i): what `validate` without --reference compares a bundle with."""
+    from core.processors import ImageProcessor, prepare_batch
+    from core.shapes_dataset import ShapesDataset
+    from nanovlm.reference import greedy_reference
+
+    ds, proc = ShapesDataset("test", seed=0), ImageProcessor.from_config(model.cfg)
+    out = {}
+    for i in range(n_cases):
+        s = ds[i]
+        batch = prepare_batch(model.cfg, model.tokenizer, proc, [[s.image]], [s.question])
+        r = greedy_reference(model, batch, model.tokenizer.eos_token_id, max_new_tokens)
+        out |= {
+            f"vision_{i}": r["vision"],
+            f"logits_{i}": r["logits"],
+            f"tokens_{i}": np.asarray(r["tokens"], np.int64),
+        }
+    return out
 
 
 def _onnx_export(module: torch.nn.Module, args: tuple, path: str, opset: int, **kw) -> None:
@@ -189,7 +218,6 @@ def share_tied_head(path: str, embedding: str) -> None:
     folding of W.T): a second copy of the largest tensor. Rewrite it as Gemm(transB=1) reading
     the embedding initializer itself.
     """
-    import numpy as np
     from onnx import numpy_helper
 
     m = onnx.load(path)

@@ -113,3 +113,42 @@ def test_pip_install_without_extras_runs_nanovlm_run(made, tmp_path):
         and "pip install 'nanovlm-edge[torch]'" in gen.stderr
         and "Traceback" not in gen.stderr
     )
+
+
+def test_validate_without_torch_against_the_stored_reference(made, tmp_path):
+    """The device-side check: `validate BUNDLE` with torch unimportable compares the bundle with
+    the PyTorch results stored at export: passes for the bundle, fails (exit 1) for a perturbed
+    copy, and names --reference for a bundle without stored results."""
+    import json
+    import shutil
+
+    import numpy as np
+    import onnx
+
+    from core.bundle import Manifest
+
+    bundle, _, _ = made
+    ok = _without_torch("validate", bundle)
+    assert ok.returncode == 0 and "passed" in ok.stdout, ok.stderr[-2000:]
+    assert "| cases | 4 |" in ok.stdout and "| steps |" in ok.stdout
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    m = onnx.load(str(bad / "decoder.onnx"))
+    w = next(i for i in m.graph.initializer if "MatMul" in i.name or "proj" in i.name)
+    arr = onnx.numpy_helper.to_array(w) + np.random.default_rng(0).normal(0, 0.5, tuple(w.dims)).astype(
+        np.float32
+    )
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+    onnx.save(m, str(bad / "decoder.onnx"))
+    Manifest.from_dict(json.loads((bad / "manifest.json").read_text()), "bad").write(str(bad))
+    res = _without_torch("validate", str(bad))
+    assert res.returncode == 1 and "FAILED: " in res.stderr and "kl_mean" in res.stderr, res.stderr[-2000:]
+
+    old = tmp_path / "old"
+    shutil.copytree(bundle, old)
+    data = json.loads((old / "manifest.json").read_text())
+    data.pop("reference")
+    (old / "manifest.json").write_text(json.dumps(data))
+    res = _without_torch("validate", str(old))
+    assert res.returncode == 1 and "no stored PyTorch reference" in res.stderr and "--reference" in res.stderr

@@ -21,7 +21,7 @@ import pytest
 
 from calibration.quantize import quantize_bundle
 from core.recipes import RECIPES
-from evaluation.parity import kl_divergence
+from evaluation.metrics import kl_divergence
 from tests.conftest import REPO, export_lively
 
 QEMU = shutil.which("qemu-x86_64")

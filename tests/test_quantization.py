@@ -20,7 +20,7 @@ from calibration.trt_cache import read_trt_cache, write_trt_cache
 from cli.main import main as export_cli
 from core.bundle import load_bundle
 from core.recipes import QUANTIZE_MODES, RECIPES, gates_for
-from evaluation import parity
+from evaluation import metrics, parity
 from runtime.pipeline import VLMPipeline
 
 
@@ -278,12 +278,12 @@ def test_every_mode_runs_through_the_runtime_close_to_fp32(lively, quantized):
     cosine > 0.99."""
     _, _, ckpt = lively
     ref = parity.Reference(ckpt)
-    cases = parity.builtin_cases(8)
+    cases = metrics.builtin_cases(8)
     for mode, (manifest, path) in quantized.items():
         assert manifest.precision == "fp32" and manifest.quantization["mode"] == mode
         pipe = VLMPipeline.from_bundle(path)
         assert pipe.bundle.mode == mode
-        s = parity.compare(pipe, ref, cases, max_new_tokens=6)
+        s = metrics.compare(pipe, ref, cases, max_new_tokens=6)
         assert s["kl_mean"] < RECIPES[mode].gates.kl_mean_max, (mode, s["kl_mean"])
         assert s["vision_cosine_min"] > 0.99, (mode, s["vision_cosine_min"])
 
@@ -371,12 +371,29 @@ def test_validate_passes_good_bundles_and_fails_a_perturbed_weight(lively, tmp_p
     assert res.exit_code == 1 and "kl_mean" in res.output, res.output
 
 
+def test_stored_reference_is_the_checkpoints_and_travels_with_quantized_bundles(lively, quantized):
+    """The results stored at export give the same comparison as running the checkpoint now, and
+    every quantized bundle carries them, so it validates on a device without torch."""
+    _, bundle, ckpt = lively
+    pipe = VLMPipeline.from_bundle(bundle)
+    stored = metrics.StoredReference(pipe.bundle)
+    assert len(stored.cases) == 4 and stored.max_new_tokens == 6
+    a = metrics.compare(pipe, stored, stored.cases, 6)
+    b = metrics.compare(pipe, parity.Reference(ckpt), stored.cases, 6)
+    for key in ("kl_mean", "top1_agreement", "exact_match", "vision_cosine_min", "logits_max_abs"):
+        assert a[key] == pytest.approx(b[key], abs=1e-12), key
+    for mode, (_, path) in quantized.items():
+        q = VLMPipeline.from_bundle(path)
+        s = metrics.compare(q, metrics.StoredReference(q.bundle), stored.cases, 6)
+        assert not metrics.gate(s, gates_for(mode)), (mode, s["kl_mean"])
+
+
 def test_validate_threshold_overrides():
     assert gates_for("int4", {"kl_mean_max": 0.1})["kl_mean_max"] == 0.1
     assert gates_for("int4")["kl_mean_max"] == 0.05
     with pytest.raises(ValueError, match="unknown threshold 'kl'"):
         gates_for("int4", {"kl": 0.1})
-    assert parity.gate({"kl_mean": 0.2, "top1_agreement": 0.99}, {"kl_mean_max": 0.1, "top1_min": 0.9}) == [
+    assert metrics.gate({"kl_mean": 0.2, "top1_agreement": 0.99}, {"kl_mean_max": 0.1, "top1_min": 0.9}) == [
         "kl_mean = 0.2 > 0.1"
     ]
 
@@ -412,14 +429,14 @@ def test_quantized_trained_model_meets_the_accuracy_bars(trained_tiny, tmp_path)
 
     fp32 = str(tmp_path / "fp32")
     export_onnx(trained_tiny, fp32)
-    ref, cases = parity.Reference(trained_tiny), parity.builtin_cases(300)
+    ref, cases = parity.Reference(trained_tiny), metrics.builtin_cases(300)
     accuracy_bar = {"fp16": 0.01, "int8-dynamic": 0.01, "int8-static": 0.01, "int4": 0.02, "int4-fp16": 0.02}
     assert set(accuracy_bar) == set(QUANTIZE_MODES)
     for mode, acc_bar in accuracy_bar.items():
         kl_bar = RECIPES[mode].gates.kl_mean_max
         path = str(tmp_path / mode)
         quantize_bundle(fp32, path, mode, samples=16)
-        s = parity.compare(VLMPipeline.from_bundle(path), ref, cases, max_new_tokens=4)
+        s = metrics.compare(VLMPipeline.from_bundle(path), ref, cases, max_new_tokens=4)
         assert s["kl_mean"] <= kl_bar, (mode, s["kl_mean"])
         # +1e-9: a 6-answer difference in 300 computes as 0.020000000000000018; the bar is inclusive
         assert abs(s["task_accuracy"] - s["reference_task_accuracy"]) <= acc_bar + 1e-9, (
@@ -466,13 +483,13 @@ def test_fused_bundles_quantize_to_the_cpu_modes_only(tiny_tokenizer_dir, tmp_pa
     from export.trt_build import check_buildable
 
     _, bundle = export_lively("replace", tiny_tokenizer_dir, tmp_path, decoder="fused")
-    ref, cases = parity.Reference(str(tmp_path / "ckpt")), parity.builtin_cases(8)
+    ref, cases = parity.Reference(str(tmp_path / "ckpt")), metrics.builtin_cases(8)
     for mode, kl_bar in (("int8-dynamic", 0.01), ("int4", 0.05)):
         manifest = quantize_bundle(bundle, str(tmp_path / mode), mode, samples=8)
         assert manifest.decoder_graph == "fused"
         ops = {n.op_type for n in onnx.load(str(tmp_path / mode / "decoder.onnx")).graph.node}
         assert {"GroupQueryAttention", "MatMulNBits", "GatherBlockQuantized"} <= ops and "MatMul" not in ops
-        s = parity.compare(VLMPipeline.from_bundle(str(tmp_path / mode)), ref, cases, max_new_tokens=6)
+        s = metrics.compare(VLMPipeline.from_bundle(str(tmp_path / mode)), ref, cases, max_new_tokens=6)
         assert s["kl_mean"] < kl_bar, (mode, s["kl_mean"])
     for mode in ("int8-static", "int4-fp16", "fp16"):
         with pytest.raises(ValueError, match=f"fused decoder .*mode {mode} targets GPUs"):

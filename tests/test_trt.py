@@ -226,7 +226,7 @@ gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=f"TensorRT GPU test: 
 @gpu
 def test_trt_engines_give_the_onnx_runtime_tokens(lively_bundle, tmp_path):
     """Build the tiny model's engines (fp32), then greedy tokens on TensorRT == on ONNX Runtime."""
-    from evaluation.parity import builtin_cases
+    from evaluation.metrics import builtin_cases
     from export.trt_build import build_engines
     from runtime.pipeline import GenerationRequest, VLMPipeline
 
