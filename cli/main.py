@@ -6,8 +6,8 @@ Commands, by what they need installed:
     quantize, check, trt              + onnx (quantize, check) or TensorRT (trt): no torch
     validate                          no torch against the results stored in the bundle;
                                       the `torch` extra with --reference CHECKPOINT
-    train, demo, generate, onnx,      the PyTorch reference: the `torch` extra
-    bench
+    bench                             no torch for bundles; the `torch` extra with --reference
+    train, demo, generate, onnx       the PyTorch reference: the `torch` extra
 
 Modules load inside each command, so `nanovlm run` works on a torch-free install, and a torch
 command there says which extra to install. Expected errors (bad input, missing files, unsupported
@@ -471,7 +471,10 @@ def bench(bundle: str, reference: str | None, variants: tuple[str, ...], image: 
           max_new_tokens: int, repeats: int, threads: int | None, growth: str, plot_path: str,
           json_out: str | None) -> None:  # fmt: skip
     """Image encode, TTFT, prefill and decode speed, peak memory and size: PyTorch and bundles."""
-    needs_torch("bench")
+    if reference:
+        needs_torch("bench --reference")
+    if image is None and not installed("skimage"):
+        raise click.ClickException("pass --image FILE (the default photograph comes with scikit-image)")
     from evaluation import bench as b
 
     try:

@@ -152,3 +152,34 @@ def test_validate_without_torch_against_the_stored_reference(made, tmp_path):
     (old / "manifest.json").write_text(json.dumps(data))
     res = _without_torch("validate", str(old))
     assert res.returncode == 1 and "no stored PyTorch reference" in res.stderr and "--reference" in res.stderr
+
+
+@pytest.mark.slow
+def test_the_jetson_extra_runs_the_device_path_without_torch(made, tmp_path):
+    """`pip install '.[jetson]'` in a fresh venv (TensorRT excepted: JetPack brings it) gives every
+    module the device path imports, and check / validate / trt --print-trtexec / run work there."""
+    bundle, _, image = made
+    venv, src = tmp_path / "venv", tmp_path / "src"
+    for name in ("core", "nanovlm", "runtime", "export", "calibration", "evaluation", "cli"):
+        shutil.copytree(os.path.join(REPO, name), src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(os.path.join(REPO, name), src / name)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    py = str(venv / "bin" / "python")
+    pip = subprocess.run([py, "-m", "pip", "install", "-q", f"{src}[jetson]"], capture_output=True, text=True,
+                         timeout=1200)  # fmt: skip
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    modules = ["runtime.pipeline", "runtime.onnx_backend", "runtime.trt_backend", "runtime.trt_plan",
+               "export.trt_build", "export.trt_check", "evaluation.metrics", "evaluation.bench", "cli.main",
+               "cuda.bindings.runtime", "onnx", "matplotlib"]  # fmt: skip
+    code = ("import importlib.util as u, importlib; "
+            f"[importlib.import_module(m) for m in {modules!r}]; "
+            "print([m for m in ('torch', 'transformers', 'tensorrt') if u.find_spec(m)])")  # fmt: skip
+    res = subprocess.run([py, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr[-3000:]
+    exe = str(venv / "bin" / "nanovlm-export")
+    for args, expect in ((["check", bundle], "trt-10.3: ok"), (["validate", bundle], "passed"),
+                         (["trt", bundle, str(tmp_path / "e"), "--print-trtexec"], "trtexec --onnx=decoder.onnx"),
+                         (["run", bundle, "--image", image, "--prompt", "Hi?", "--max-new-tokens", "4"], "")):  # fmt: skip
+        res = subprocess.run([exe, *args], capture_output=True, text=True, cwd=str(tmp_path), timeout=600)
+        assert res.returncode == 0 and expect in res.stdout, (args, res.stderr[-2000:])
