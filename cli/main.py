@@ -330,10 +330,11 @@ def quantize(bundle: str, out: str, mode: str, calibration: str | None, samples:
 )
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="Reuse and update this timing cache.")
 @click.option("--print-trtexec", is_flag=True, help="Only print the equivalent trtexec command lines.")
+@click.option("--tf32", is_flag=True, help="Let fp32 products run in TF32 (faster on Ampere+, less precise).")
 @overwrite_option
 @user_errors
 def trt(bundle: str, out: str, max_batch: int, max_seq: int | None, max_context: int | None, max_images: int,
-        workspace: int, timing_cache: str | None, print_trtexec: bool, overwrite: bool) -> None:  # fmt: skip
+        workspace: int, timing_cache: str | None, print_trtexec: bool, tf32: bool, overwrite: bool) -> None:  # fmt: skip
     """Build TensorRT engines for BUNDLE (fp32, fp16 or int8-static) into OUT."""
     from core.bundle import load_bundle
     from export.trt_build import build_engines, check_buildable, describe
@@ -344,7 +345,7 @@ def trt(bundle: str, out: str, max_batch: int, max_seq: int | None, max_context:
     )
     limits = Limits(max_batch, max_seq or min(512, max_context), max_context, max_images)
     if print_trtexec:
-        for graph, cmd in trtexec_commands(check_buildable(bundle), limits, workspace).items():
+        for graph, cmd in trtexec_commands(check_buildable(bundle), limits, workspace, tf32=tf32).items():
             click.echo(f"# {graph}\n{cmd}\n")
         return
     if not installed("tensorrt"):
@@ -353,7 +354,7 @@ def trt(bundle: str, out: str, max_batch: int, max_seq: int | None, max_context:
             "with an NVIDIA GPU; on Jetson it comes with JetPack). --print-trtexec prints the trtexec "
             "commands instead."
         )
-    manifest = build_engines(bundle, out, limits, workspace, timing_cache, overwrite=overwrite)
+    manifest = build_engines(bundle, out, limits, workspace, timing_cache, overwrite=overwrite, tf32=tf32)
     load_bundle(out)  # the result verifies
     click.echo(describe(manifest))
 

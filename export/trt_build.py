@@ -50,7 +50,7 @@ def check_buildable(bundle_path: str) -> Bundle:
 
 
 def build_engines(bundle_path: str, out: str, limits: Limits, workspace_mb: int = 2048,
-                  timing_cache: str | None = None, overwrite: bool = False) -> Manifest:  # fmt: skip
+                  timing_cache: str | None = None, overwrite: bool = False, tf32: bool = False) -> Manifest:  # fmt: skip
     """Build one engine per graph into a copy of the bundle at `out`; returns the new manifest."""
     bundle = check_buildable(bundle_path)
     if os.path.abspath(bundle_path) == os.path.abspath(out):
@@ -72,7 +72,7 @@ def build_engines(bundle_path: str, out: str, limits: Limits, workspace_mb: int 
             file = bundle.graph_spec(graph)["file"]
             engine_file = file.removesuffix(".onnx") + ".engine"
             log.info("building %s (%d profiles)", engine_file, len(plist))
-            data = _build_one(trt, logger, os.path.join(tmp, file), plist, workspace_mb, cache_path)
+            data = _build_one(trt, logger, os.path.join(tmp, file), plist, workspace_mb, cache_path, tf32)
             with open(os.path.join(tmp, engine_file), "wb") as f:
                 f.write(data)
             engines[graph] = {
@@ -90,7 +90,7 @@ def build_engines(bundle_path: str, out: str, limits: Limits, workspace_mb: int 
                 "build_seconds": round(time.time() - t0, 1),
             }
         with open(os.path.join(tmp, "trtexec.txt"), "w") as f:
-            for graph, cmd in trtexec_commands(bundle, limits, workspace_mb).items():
+            for graph, cmd in trtexec_commands(bundle, limits, workspace_mb, tf32=tf32).items():
                 f.write(f"# {graph}\n{cmd}\n\n")
             f.write(
                 f"# compare ONNX Runtime and TensorRT on the decoder\n{polygraphy_command(bundle, limits)}\n"
@@ -103,7 +103,8 @@ def build_engines(bundle_path: str, out: str, limits: Limits, workspace_mb: int 
         return dataclasses.replace(bundle.manifest, tensorrt=tensorrt).write(tmp)
 
 
-def _build_one(trt, logger, onnx_path: str, plist: list[dict], workspace_mb: int, cache_path: str) -> bytes:
+def _build_one(trt, logger, onnx_path: str, plist: list[dict], workspace_mb: int, cache_path: str,
+               tf32: bool = False) -> bytes:  # fmt: skip
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
@@ -113,6 +114,8 @@ def _build_one(trt, logger, onnx_path: str, plist: list[dict], workspace_mb: int
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mb << 20)
+    if not tf32:  # TensorRT enables TF32 by default: fp32 MatMuls on Ampere+ (Orin) would lose precision
+        config.clear_flag(trt.BuilderFlag.TF32)
     cache_bytes = open(cache_path, "rb").read() if os.path.exists(cache_path) else b""
     cache = config.create_timing_cache(cache_bytes)
     config.set_timing_cache(cache, ignore_mismatch=False)

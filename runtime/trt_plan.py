@@ -126,15 +126,18 @@ def polygraphy_shapes(shapes: dict[str, Shape]) -> str:
     return " ".join(f"{name}:[{','.join(str(d) for d in shape)}]" for name, shape in shapes.items())
 
 
-def trtexec_commands(bundle: Bundle, limits: Limits, workspace_mb: int = 2048, timing_cache: str = "timing.cache") -> dict[str, str]:  # fmt: skip
+def trtexec_commands(bundle: Bundle, limits: Limits, workspace_mb: int = 2048, timing_cache: str = "timing.cache",
+                     tf32: bool = False) -> dict[str, str]:  # fmt: skip
     """The trtexec command line building each graph's engine with the same profiles (one set of
-    --minShapes/--optShapes/--maxShapes per profile, in profile order)."""
+    --minShapes/--optShapes/--maxShapes per profile, in profile order); fp32 products stay fp32
+    (--noTF32) unless `tf32`."""
     out = {}
     for graph, plist in profiles(bundle, limits).items():
         file = bundle.graph_spec(graph)["file"]
         parts = [
             "trtexec", f"--onnx={file}", f"--saveEngine={file.removesuffix('.onnx')}.engine", "--stronglyTyped",
             f"--memPoolSize=workspace:{workspace_mb}M", f"--timingCacheFile={timing_cache}",
+            *([] if tf32 else ["--noTF32"]),
         ]  # fmt: skip
         for p in plist:
             parts += [

@@ -131,6 +131,8 @@ def test_trtexec_and_polygraphy_text(lively_bundle):
     assert "--memPoolSize=workspace:512M" in dec and "--timingCacheFile=t.cache" in dec
     assert dec.count("--minShapes=") == 2 and dec.count("--maxShapes=") == 2  # decode + prefill profiles
     assert "input_ids:1x16" in dec and "past_key_values.1.value:1x2x31x16" in dec
+    assert "--noTF32" in dec  # fp32 stays fp32 unless asked
+    assert "--noTF32" not in trtexec_commands(m, Limits(max_seq=16, max_context=32), tf32=True)["decoder"]
     assert cmds["vision_encoder"].count("--minShapes=pixel_values:1x3x32x32") == 1
     limits = Limits(max_seq=16, max_context=32)
     poly = polygraphy_command(m, limits)
