@@ -378,3 +378,37 @@ def test_check_command(trt_bundles):
     assert ok.exit_code == 0 and "trt-10.3: ok" in ok.output and "trt-10.13: ok" in ok.output, ok.output
     bad = CliRunner().invoke(export_cli, ["check", trt_bundles["fused"], "--target", "trt-10.3"])
     assert bad.exit_code == 1 and "problems" in bad.output and "GroupQueryAttention" in bad.output
+
+
+@gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8-static"])
+def test_trt_engines_of_each_precision_pass_the_bundles_gates(trt_bundles, precision, tmp_path):
+    """fp32, fp16 and int8 (Q/DQ) engines, validated on TensorRT against the PyTorch results the
+    bundle stores, under the bundle's own recipe gates."""
+    from export.trt_build import build_engines
+
+    out = str(tmp_path / "engines")
+    build_engines(trt_bundles[f"replace {precision}"], out, Limits(max_batch=2, max_seq=128, max_context=256))
+    res = CliRunner().invoke(export_cli, ["validate", out, "--backend", "trt"])
+    assert res.exit_code == 0, res.output
+
+
+@gpu
+def test_trt_batch_of_two_with_a_2x2_tiled_image_gives_the_onnx_runtime_tokens(lively_bundle, tmp_path):
+    """Two prompts in one batch, one of them about an image split 2x2 (5 vision inputs): the
+    engines' greedy answers equal ONNX Runtime's on the same fp32 bundle."""
+    from PIL import Image
+
+    from core.shapes_dataset import ShapesDataset
+    from export.trt_build import build_engines
+    from runtime.pipeline import VLMPipeline
+
+    out = str(tmp_path / "engines")
+    build_engines(lively_bundle, out, Limits(max_batch=2, max_seq=128, max_context=256))
+    s = ShapesDataset("test", seed=0)[0]
+    items = [(Image.new("RGB", (64, 64), (200, 40, 40)), "What is it?"), (s.image, s.question)]
+    trt_pipe, ort_pipe = VLMPipeline.from_bundle(out, backend="trt"), VLMPipeline.from_bundle(lively_bundle)
+    assert ort_pipe._batch([[items[0][0]]], ["x"]).pixel_values.shape[0] == 5
+    assert trt_pipe.generate_batch(items, max_new_tokens=8) == ort_pipe.generate_batch(
+        items, max_new_tokens=8
+    )
