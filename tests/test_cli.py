@@ -59,7 +59,7 @@ def test_torch_commands_name_the_extra_on_a_torch_free_install(made, command, tm
         "generate": [ckpt, "--image", image, "--prompt", "Hi?"],
         "validate": [bundle, "--reference", ckpt],
         "onnx": [ckpt, str(tmp_path / "out")],
-        "bench": [bundle],
+        "bench": [bundle, "--reference", ckpt],
         "train": [],
         "demo": ["--output-dir", str(tmp_path / "demo")],
     }[command]
