@@ -85,9 +85,7 @@ def quantize_bundle(
         raise ValueError(f"samples={samples}: must be at least 1")
     bundle = load_bundle(src)
     check_source(bundle, mode)
-    if os.path.abspath(src) == os.path.abspath(out):
-        raise ValueError(f"{out}: the output must be another directory than the source bundle")
-    check_target(out, is_bundle, "bundle", overwrite)
+    check_target(out, is_bundle, "bundle", overwrite, source=src)
     t0 = time.time()
     # what the recipe did, recorded in the manifest so a bundle says how it was made
     plan = {"mode": mode, "method": None, "calibration": None, "excluded": list(exclude),

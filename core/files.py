@@ -21,10 +21,16 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 
-def check_target(path: str | os.PathLike, owned: Callable[[str], bool], what: str, overwrite: bool) -> None:
+def check_target(
+    path: str | os.PathLike, owned: Callable[[str], bool], what: str, overwrite: bool,
+    source: str | os.PathLike | None = None,
+) -> None:  # fmt: skip
     """Refuse to replace `path` unless it is missing, empty, or our own earlier `what` and
-    `overwrite` is set: a command never deletes files it did not write."""
+    `overwrite` is set: a command never deletes files it did not write, nor its own input
+    (`source`)."""
     path = os.fspath(path)
+    if source is not None and os.path.abspath(source) == os.path.abspath(path):
+        raise ValueError(f"{path}: the output must be another directory than the source {what}")
     if not os.path.lexists(path):
         return
     if not os.path.isdir(path) or os.path.islink(path):

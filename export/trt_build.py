@@ -53,9 +53,7 @@ def build_engines(bundle_path: str, out: str, limits: Limits, workspace_mb: int 
                   timing_cache: str | None = None, overwrite: bool = False, tf32: bool = False) -> Manifest:  # fmt: skip
     """Build one engine per graph into a copy of the bundle at `out`; returns the new manifest."""
     bundle = check_buildable(bundle_path)
-    if os.path.abspath(bundle_path) == os.path.abspath(out):
-        raise ValueError(f"{out}: the output must be another directory than the source bundle")
-    check_target(out, is_bundle, "bundle", overwrite)
+    check_target(out, is_bundle, "bundle", overwrite, source=bundle_path)
     plans = profiles(bundle, limits)  # validates the limits against the model's context
     import tensorrt as trt
 
