@@ -25,11 +25,11 @@ from nanovlm.vision_language_model import VisionLanguageModel
 from runtime.onnx_backend import FUSED_MIN_ORT
 
 from .graphs import DecoderGraph, VisionEncoderGraph, decoder_io_names
+from .trt_support import STANDARD_DOMAINS
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
-STANDARD_DOMAINS = {"", "ai.onnx"}
 TWO_GB = 2**31
 # stored PyTorch reference: cases x new tokens of logits (4 x 6 x 49,218 fp32 = 4.7 MB for SmolLM2)
 REFERENCE_CASES, REFERENCE_TOKENS = 4, 6

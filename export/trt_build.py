@@ -24,6 +24,8 @@ from core.files import atomic_write, check_target, staged_dir
 from runtime.trt_backend import device_info
 from runtime.trt_plan import Limits, polygraphy_command, profiles, trtexec_commands
 
+from .trt_support import STANDARD_DOMAINS
+
 log = logging.getLogger(__name__)
 
 
@@ -32,7 +34,7 @@ def contrib_ops(graph_path: str) -> list[str]:
     import onnx
 
     m = onnx.load(graph_path, load_external_data=False)
-    return sorted({f"{n.domain}.{n.op_type}" for n in m.graph.node if n.domain not in ("", "ai.onnx")})
+    return sorted({f"{n.domain}.{n.op_type}" for n in m.graph.node if n.domain not in STANDARD_DOMAINS})
 
 
 def check_buildable(bundle_path: str) -> Bundle:

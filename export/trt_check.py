@@ -15,9 +15,8 @@ import onnx
 
 from core.bundle import GRAPHS, load_bundle
 
-from .trt_support import CONSTANT_INPUTS, TARGETS, TYPED_TENSOR, TYPES, ZERO_POINTS, Target
+from .trt_support import CONSTANT_INPUTS, STANDARD_DOMAINS, TARGETS, TYPED_TENSOR, TYPES, ZERO_POINTS, Target
 
-STANDARD_DOMAINS = ("", "ai.onnx")
 TYPE_NAMES = {
     onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16", onnx.TensorProto.BFLOAT16: "BF16",
     onnx.TensorProto.INT32: "INT32", onnx.TensorProto.INT64: "INT64", onnx.TensorProto.INT8: "INT8",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+STANDARD_DOMAINS = ("", "ai.onnx")  # ONNX's own operators; anything else is a contrib or custom op
 FLOATS = ("FP32", "FP16", "BF16")
 NUMBERS = (*FLOATS, "INT32", "INT64")
 SHAPING = (*NUMBERS, "BOOL")
