@@ -82,21 +82,27 @@ def test_both_console_scripts_share_one_root():
     assert 'nanovlm = "cli.main:main"' in scripts and 'nanovlm-export = "cli.main:main"' in scripts
 
 
+def _install_in_fresh_venv(tmp_path, extras: str):
+    """pip install a copy of the package (so the build leaves nothing in the checkout), with
+    `extras` such as "[jetson]", into a fresh venv; -> the venv's path."""
+    venv, src = tmp_path / "venv", tmp_path / "src"
+    for name in ("core", "nanovlm", "runtime", "export", "calibration", "evaluation", "cli"):
+        shutil.copytree(os.path.join(REPO, name), src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(os.path.join(REPO, name), src / name)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"{src}{extras}"],
+                         capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    return venv
+
+
 @pytest.mark.slow
 def test_pip_install_without_extras_runs_nanovlm_run(made, tmp_path):
     """A real torch-free install: a fresh venv, `pip install .` (no extras), then the console
     script answers like the library, and `nanovlm generate` names the extra to install."""
     bundle, ckpt, image = made
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    src = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
-    for name in ("core", "nanovlm", "runtime", "export", "calibration", "evaluation", "cli"):
-        shutil.copytree(os.path.join(REPO, name), src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(os.path.join(REPO, name), src / name)
-    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(src)],
-                         capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert pip.returncode == 0, pip.stderr[-3000:]
+    venv = _install_in_fresh_venv(tmp_path, "")
     check = subprocess.run([str(venv / "bin" / "python"), "-c", "import importlib.util as u; "
                             "print([m for m in ('torch', 'transformers', 'onnx') if u.find_spec(m)])"],
                            capture_output=True, text=True, cwd=str(tmp_path))  # fmt: skip
@@ -159,16 +165,8 @@ def test_the_jetson_extra_runs_the_device_path_without_torch(made, tmp_path):
     """`pip install '.[jetson]'` in a fresh venv (TensorRT excepted: JetPack brings it) gives every
     module the device path imports, and check / validate / trt --print-trtexec / run work there."""
     bundle, _, image = made
-    venv, src = tmp_path / "venv", tmp_path / "src"
-    for name in ("core", "nanovlm", "runtime", "export", "calibration", "evaluation", "cli"):
-        shutil.copytree(os.path.join(REPO, name), src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(os.path.join(REPO, name), src / name)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    venv = _install_in_fresh_venv(tmp_path, "[jetson]")
     py = str(venv / "bin" / "python")
-    pip = subprocess.run([py, "-m", "pip", "install", "-q", f"{src}[jetson]"], capture_output=True, text=True,
-                         timeout=1200)  # fmt: skip
-    assert pip.returncode == 0, pip.stderr[-3000:]
     modules = ["runtime.pipeline", "runtime.onnx_backend", "runtime.trt_backend", "runtime.trt_plan",
                "export.trt_build", "export.trt_check", "evaluation.metrics", "evaluation.bench", "cli.main",
                "cuda.bindings.runtime", "onnx", "matplotlib"]  # fmt: skip
