@@ -117,7 +117,7 @@ def bundle_run(pipe: VLMPipeline, batch: Any, forced: list[int], max_new_tokens:
     has_images = batch.pixel_values.shape[0] > 0
     hidden = pipe.cfg.lm_hidden_dim
     vision = backend.encode_images(batch.pixel_values) if has_images else np.zeros((0, 0, hidden), np.float32)
-    ids, mask, rows = pipe._inputs(batch, vision)
+    ids, mask, rows = pipe.decoder_inputs(batch, vision)
     backend.reset(1, ids.shape[1] + len(forced) + 1)
     pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     steps = [backend.step(ids, rows, mask, pos)[0].copy()]

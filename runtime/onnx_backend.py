@@ -1,6 +1,6 @@
 """ONNX Runtime sessions for a bundle: providers, session options, IO binding, the KV cache.
 
-The KV cache lives in two preallocated flat buffers per layer and direction, sized for the largest
+The KV cache (runtime/kv_cache.py) lives in preallocated flat buffers per layer and direction, sized for the largest
 context of the generation, used in turn: a step reads its past from one and ONNX Runtime writes the
 present straight into the other (IO binding), so a step allocates nothing and the runtime copies
 nothing; the graph's own Concat is the one pass over the cache. The fused decoder needs no pass at
@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from core.bundle import Bundle
+
+from .kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +139,7 @@ class OrtBackend:
                     f"(it needs onnxruntime >= {FUSED_MIN_ORT}): {e}"
                 ) from None
         self.io = self.sessions["decoder"].io_binding()
-        self._buffers: list[list[Any]] = []
-        self._capacity = (0, 0)
+        self.cache: KVCache | None = None
 
     # ------------------------------------------------------------------ vision
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -149,30 +150,28 @@ class OrtBackend:
         return out
 
     # ------------------------------------------------------------------ KV cache
+    def new_cache(self, rows: int, length: int) -> KVCache:
+        return KVCache(self.kv, rows, length, self.kv_in_place, self.device)
+
     def reset(self, batch: int, max_total: int) -> None:
         """Start a generation: (re)allocate the cache buffers if this one needs more room."""
         if max_total > self.max_context:
             raise ValueError(f"{max_total} positions exceed the model's context of {self.max_context}")
-        if batch * max_total > self._capacity[0] * self._capacity[1] or batch != self._capacity[0]:
-            import onnxruntime as ort
+        c = self.cache
+        if c is None or c.capacity[0] != batch or not c.fits(batch, max_total):
+            self.cache = c = self.new_cache(batch, max_total)
+        c.batch, c.length, c.turn = batch, 0, 0
 
-            size = batch * self.kv.heads * max_total * self.kv.head_dim
-            # [ping/pong][layer*2 + (key, value)]; one set when the graph updates it in place
-            self._buffers = [
-                [
-                    ort.OrtValue.ortvalue_from_shape_and_type((size,), np.float32, self.device, 0)
-                    for _ in range(2 * self.kv.layers)
-                ]
-                for _ in range(1 if self.kv_in_place else 2)
-            ]
-            self._capacity = (batch, max_total)
-        self.past_len = 0
-        self.turn = 0
+    @property
+    def past_len(self) -> int:
+        return self.cache.length if self.cache else 0
 
     def step(self, input_ids: np.ndarray, image_rows: np.ndarray, attention_mask: np.ndarray,
-             position_ids: np.ndarray) -> np.ndarray:  # fmt: skip
-        """One decoder call over S new positions; returns logits [B, V] for the last one."""
+             position_ids: np.ndarray, cache: KVCache | None = None) -> np.ndarray:  # fmt: skip
+        """One decoder call over S new positions on `cache` (the one `reset` made by default);
+        returns logits [B, V] for the last one."""
         B, S = input_ids.shape
+        cache = cache or self.cache
         io = self.io
         io.clear_binding_inputs()
         io.clear_binding_outputs()
@@ -180,22 +179,15 @@ class OrtBackend:
         io.bind_cpu_input("image_embeds", np.ascontiguousarray(image_rows, dtype=np.float32))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
         io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        if self.kv_in_place:  # the whole buffer in and out: positions [past_len, past_len + S) get written
-            src = dst = self._buffers[0]
-            past_shape = present_shape = (B, self.kv.heads, self._capacity[1], self.kv.head_dim)
-        else:
-            src, dst = self._buffers[self.turn], self._buffers[1 - self.turn]
-            past_shape = (B, self.kv.heads, self.past_len, self.kv.head_dim)
-            present_shape = (B, self.kv.heads, self.past_len + S, self.kv.head_dim)
+        src, dst, past_shape, present_shape = cache.bindings(B, S)
         for i in range(self.kv.layers):
             for j, part in enumerate(("key", "value")):
                 io.bind_input(f"past_key_values.{i}.{part}", self.device, 0, self.kv_dtype, past_shape,
-                              src[2 * i + j].data_ptr())  # fmt: skip
+                              cache.pointer(src, 2 * i + j))  # fmt: skip
                 io.bind_output(f"present.{i}.{part}", self.device, 0, self.kv_dtype, present_shape,
-                               dst[2 * i + j].data_ptr())  # fmt: skip
+                               cache.pointer(dst, 2 * i + j))  # fmt: skip
         logits = np.empty((B, self.vocab), dtype=np.float32)  # written in place by ONNX Runtime
         io.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         self.sessions["decoder"].run_with_iobinding(io)
-        self.past_len += S
-        self.turn = 1 - self.turn
+        cache.advance(S)
         return logits

@@ -96,7 +96,9 @@ class VLMPipeline:
         return cls(bundle, OrtBackend(bundle, provider, **backend_options))
 
     # ------------------------------------------------------------------ inputs
-    def _inputs(self, batch: Batch, image_embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def decoder_inputs(
+        self, batch: Batch, image_embeds: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(input_ids, attention_mask, image rows) for the decoder; prefix models get -1 image slots."""
         ids, mask = batch.input_ids, batch.attention_mask
         rows = image_embeds.reshape(-1, image_embeds.shape[-1])  # [tiles * tokens, hidden]; may be empty
@@ -117,7 +119,7 @@ class VLMPipeline:
         else:
             image_embeds = np.zeros((0, 0, hidden), np.float32)
         t.image_encode_s = time.perf_counter() - t0
-        ids, mask, rows = self._inputs(batch, image_embeds)
+        ids, mask, rows = self.decoder_inputs(batch, image_embeds)
         B, S = ids.shape
         total = S + request.max_new_tokens
         if total > self.backend.max_context:
@@ -198,30 +200,56 @@ class VLMPipeline:
         return [self._text(r, request.stop)[0] for r in rows]
 
     def _stream(self, batch: Batch, request: GenerationRequest) -> Iterator[str]:
-        ids: list[int] = []
-        sent = ""
+        text = TextStream(self.tokenizer, request.stop)
         gen = self.generate_ids(batch, request)
         for token in gen:
-            tok = int(token[0])
-            if tok == self.tokenizer.eos_token_id:
-                break
-            ids.append(tok)
-            text, stopped = self._text(ids, request.stop)
-            if stopped:
-                if len(text) > len(sent):
-                    yield text[len(sent) :]
+            delta, done = text.push(int(token[0]))
+            if delta:
+                yield delta
+            if done:
                 gen.close()
                 return
-            # hold back an incomplete multi-byte character, and any tail that may start a stop string
-            if text.endswith("\ufffd"):
-                continue
-            safe = len(text) - _stop_overlap(text, request.stop)
-            if safe > len(sent):
-                yield text[len(sent) : safe]
-                sent = text[:safe]
-        text, _ = self._text(ids, request.stop)
-        if len(text) > len(sent):
-            yield text[len(sent) :]
+        if tail := text.flush():
+            yield tail
+
+
+class TextStream:
+    """Token ids -> text pieces for streaming: holds back an incomplete multi-byte character and any
+    tail that may begin a stop string; ends at EOS or at a stop string (which is not sent)."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def _text(self) -> tuple[str, bool]:
+        text = self.tokenizer.decode(self.ids)
+        for s in self.stop:
+            if s in text:
+                return text[: text.index(s)], True
+        return text, False
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add one token -> (new text to send, whether the answer ended here)."""
+        if token == self.tokenizer.eos_token_id:
+            return self.flush(), True
+        self.ids.append(token)
+        text, stopped = self._text()
+        if stopped:
+            return self._send(text), True
+        if text.endswith("\ufffd"):
+            return "", False
+        return self._send(text[: len(text) - _stop_overlap(text, self.stop)]), False
+
+    def flush(self) -> str:
+        """What is left to send once no more tokens come."""
+        return self._send(self._text()[0])
+
+    def _send(self, upto: str) -> str:
+        if len(upto) <= len(self.sent):
+            return ""
+        delta, self.sent = upto[len(self.sent) :], upto
+        return delta
 
 
 def _stop_overlap(text: str, stops: list[str]) -> int:

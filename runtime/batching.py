@@ -1,0 +1,293 @@
+"""Continuous batching: concurrent requests share the decoder's steps.
+
+One engine thread owns the backend and runs this loop:
+
+    admit     each waiting request (while batch rows are free): encode its images and prefill it
+              alone into a scratch cache, sample its first token, copy its KV row into the batch
+    decode    one decoder step over every running row: [B, 1] tokens, one shared frame of T
+              positions, each row left-padded and masked (runtime/kv_cache.py)
+    sample    each row with its own sampler (own seed, own settings), text through its TextStream
+    retire    rows that hit EOS, a stop string, max_tokens or were cancelled leave the batch
+
+A request is prefilled exactly as it would be alone, and a decode row sees only its own positions,
+so under greedy decoding every request's answer equals the answer it gets alone (tests check it).
+Consumers get `Event`s through a callback called on the engine thread; it must not block.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from core.processors import Batch
+from core.sampling import Sampler
+
+from .kv_cache import KVCache
+from .pipeline import GenerationRequest, TextStream, VLMPipeline
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The engine's waiting queue is at its limit; try again later."""
+
+
+@dataclass
+class Event:
+    """What a request's consumer hears: new text, then one event with `finish` set."""
+
+    text: str
+    completion_tokens: int
+    finish: str | None = None  # "stop" (EOS or a stop string), "length", "cancelled" or "error"
+    error: str | None = None
+
+
+@dataclass
+class Ticket:
+    """One submitted request; `cancel()` frees its batch row at the next step."""
+
+    batch: Batch  # one row, from VLMPipeline's prepare path
+    request: GenerationRequest
+    on_event: Callable[[Event], None]
+    prompt_tokens: int = 0
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    finished: float | None = None
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class _Row:
+    """A running request's decode state."""
+
+    ticket: Ticket
+    sampler: Sampler
+    text: TextStream
+    seen: list[int]
+    next_position: int
+    last_token: int
+    new_tokens: int = 1
+
+
+class ContinuousBatcher:
+    def __init__(self, pipeline: VLMPipeline, max_batch: int = 8, max_queue: int = 64):
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError(f"max_batch={max_batch} and max_queue={max_queue} must be at least 1")
+        if pipeline.backend.device != "cpu" or not hasattr(pipeline.backend, "new_cache"):
+            raise ValueError(
+                "continuous batching runs on the ONNX Runtime CPU backend (it moves KV rows on the host)"
+            )
+        self.pipe, self.backend = pipeline, pipeline.backend
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_context = self.backend.max_context
+        self.waiting: deque[Ticket] = deque()
+        self.rows: list[_Row] = []
+        self.mask = np.zeros((0, 0), np.int64)  # [B, T] the frame's attention mask
+        self.cache: KVCache | None = None
+        self.scratch: KVCache | None = None
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+        self.steps = 0  # decode steps run (for tests and metrics)
+        self.on_step: Callable[[int, int], None] | None = None  # (running rows, waiting) after each step
+
+    # ------------------------------------------------------------------ the consumer side
+    def prompt_length(self, batch: Batch) -> int:
+        """Positions the prompt takes, image tokens included (prefix models put them in front)."""
+        n = batch.input_ids.shape[1]
+        if self.pipe.cfg.image_placement == "prefix" and batch.pixel_values.shape[0]:
+            n += self.pipe.cfg.mp_image_token_length
+        return n
+
+    def submit(self, batch: Batch, request: GenerationRequest, on_event: Callable[[Event], None]) -> Ticket:
+        """Queue a one-row batch; raises QueueFull or ValueError (too long for the context)."""
+        if batch.input_ids.shape[0] != 1:
+            raise ValueError(f"submit takes one request at a time, got a batch of {batch.input_ids.shape[0]}")
+        n = self.prompt_length(batch)
+        if n + request.max_new_tokens > self.max_context:
+            raise ValueError(
+                f"prompt ({n} positions incl. image tokens) + max_tokens ({request.max_new_tokens}) = "
+                f"{n + request.max_new_tokens} exceeds the model's context of {self.max_context}"
+            )
+        ticket = Ticket(batch, request, on_event, prompt_tokens=n)
+        with self.cond:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (the limit is {self.max_queue})")
+            self.waiting.append(ticket)
+            self.cond.notify()
+        return ticket
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.rows)
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.run, name="nanovlm-batcher", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what was submitted, take nothing new, end the thread."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        if self.thread:
+            self.thread.join(timeout)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.waiting and not self.rows and not self.stopping:
+                    self.cond.wait()
+                if self.stopping and not self.waiting and not self.rows:
+                    return
+                admit = [
+                    self.waiting.popleft()
+                    for _ in range(min(len(self.waiting), self.max_batch - len(self.rows)))
+                ]
+            try:
+                for ticket in admit:
+                    self._admit(ticket)
+                self._retire([r for r, row in enumerate(self.rows) if row.ticket.cancelled], "cancelled")
+                if self.rows:
+                    self._decode()
+            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, never the engine
+                log.exception("batch step failed")
+                self._retire(list(range(len(self.rows))), "error", f"{type(e).__name__}: {e}")
+                self.cache = None
+            if self.on_step:
+                self.on_step(len(self.rows), len(self.waiting))
+
+    # ------------------------------------------------------------------ admit: prefill alone, then join
+    def _admit(self, ticket: Ticket) -> None:
+        if ticket.cancelled:
+            return self._finish(ticket, "cancelled")
+        try:
+            batch, pipe = ticket.batch, self.pipe
+            hidden = pipe.cfg.lm_hidden_dim
+            if batch.pixel_values.shape[0]:
+                embeds = self.backend.encode_images(batch.pixel_values)
+            else:
+                embeds = np.zeros((0, 0, hidden), np.float32)
+            ids, mask, image_rows = pipe.decoder_inputs(batch, embeds)  # [1, S]
+            S = ids.shape[1]
+            if self.scratch is None or not self.scratch.fits(1, S):
+                self.scratch = self.backend.new_cache(1, max(S, 256))
+            self.scratch.batch, self.scratch.length, self.scratch.turn = 1, 0, 0
+            pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+            logits = self.backend.step(ids, image_rows, mask, pos, cache=self.scratch)
+        except Exception as e:  # noqa: BLE001 - a request that cannot run fails alone
+            log.exception("prefill failed")
+            return self._finish(ticket, "error", f"{type(e).__name__}: {e}")
+        row = _Row(ticket, Sampler(ticket.request.sampling), TextStream(pipe.tokenizer, ticket.request.stop),
+                   seen=list(batch.input_ids[0][batch.attention_mask[0] == 1]), next_position=int(pos[0, -1]) + 1,
+                   last_token=-1)  # fmt: skip
+        ticket.first_token = time.perf_counter()
+        if self._emit(row, logits):
+            return
+        self._join(row, S)
+
+    def _join(self, row: _Row, S: int) -> None:
+        """Copy the scratch cache's row into the batch, right-aligned in the frame."""
+        T = self.cache.length if self.cache and self.rows else 0
+        need = max(T, S) + 1
+        if not self.rows:  # an empty batch starts a frame of the newcomer's length
+            if self.cache is None or not self.cache.fits(self.max_batch, need):
+                self.cache = self._cache_for(need, None)
+            self.cache.batch, self.cache.length, self.cache.turn = 0, S, 0
+            self.mask = np.zeros((0, S), np.int64)
+        elif not self.cache.fits(self.max_batch, need):
+            self.cache = self._cache_for(need, self.cache)
+        if S > self.cache.length:
+            self.mask = np.pad(self.mask, ((0, 0), (S - self.cache.length, 0)))
+        self.cache.append_row(self.scratch)
+        new = np.zeros((1, self.cache.length), np.int64)
+        new[0, self.cache.length - S :] = 1
+        self.mask = np.concatenate([self.mask, new])
+        self.rows.append(row)
+
+    def _cache_for(self, length: int, old: KVCache | None) -> KVCache:
+        """A batch cache for max_batch rows and at least `length` positions, grown in steps of 256."""
+        size = min(self.max_context, -(-length // 256) * 256)
+        if old is None:
+            return self.backend.new_cache(self.max_batch, size)
+        return old.moved_to(self.max_batch, size)
+
+    # ------------------------------------------------------------------ decode one step for every row
+    def _decode(self) -> None:
+        cache = self.cache
+        lead = int((self.mask.argmax(axis=1)).min())  # columns that are padding in every row
+        if lead:
+            cache.reframe(-lead)
+            self.mask = self.mask[:, lead:]
+        if not cache.fits(cache.batch, cache.length + 1):
+            self.cache = cache = self._cache_for(cache.length + 1, cache)
+        B = len(self.rows)
+        tokens = np.array([[r.last_token] for r in self.rows], np.int64)  # [B, 1]
+        pos = np.array([[r.next_position] for r in self.rows], np.int64)  # [B, 1]
+        self.mask = np.concatenate([self.mask, np.ones((B, 1), np.int64)], axis=1)  # [B, T + 1]
+        empty = np.zeros((0, self.pipe.cfg.lm_hidden_dim), np.float32)
+        logits = self.backend.step(tokens, empty, self.mask, pos, cache=cache)  # [B, V]
+        self.steps += 1
+        done = []
+        for r, row in enumerate(self.rows):
+            row.next_position += 1
+            row.new_tokens += 1
+            if self._emit(row, logits[r : r + 1]):
+                done.append(r)
+        self._retire(done, None)
+
+    def _emit(self, row: _Row, logits: np.ndarray) -> bool:
+        """Sample the row's next token and send its text; True when the request is finished."""
+        req = row.ticket.request
+        token = int(row.sampler(logits, [row.seen] if req.sampling.repetition_penalty != 1.0 else None)[0])
+        row.seen.append(token)
+        row.last_token = token
+        if req.ignore_eos and token == self.pipe.tokenizer.eos_token_id:
+            delta, ended = "", False  # benchmarks: always max_tokens
+        else:
+            delta, ended = row.text.push(token)
+        length = not ended and row.new_tokens >= req.max_new_tokens
+        if length:
+            delta += row.text.flush()
+        if delta and not ended and not length:
+            row.ticket.on_event(Event(delta, row.new_tokens))
+        if ended or length:
+            self._finish(row.ticket, "stop" if ended else "length", text=delta, tokens=row.new_tokens)
+            return True
+        return False
+
+    def _retire(self, rows: list[int], reason: str | None, error: str | None = None) -> None:
+        """Remove rows (highest index first: the last row moves into a freed place)."""
+        for r in sorted(rows, reverse=True):
+            row = self.rows[r]
+            if reason is not None:
+                self._finish(row.ticket, reason, error)
+            last = len(self.rows) - 1
+            if self.cache is not None and self.cache.batch == len(self.rows):
+                self.cache.remove_row(r)
+            self.rows[r] = self.rows[last]
+            self.mask[r] = self.mask[last]
+            self.rows.pop()
+            self.mask = self.mask[:last]
+
+    def _finish(
+        self, ticket: Ticket, reason: str, error: str | None = None, text: str = "", tokens: int = 0
+    ) -> None:
+        ticket.finished = time.perf_counter()
+        ticket.on_event(Event(text, tokens, finish=reason, error=error))

@@ -1,0 +1,170 @@
+"""Continuous batching: requests that share decode steps answer exactly as they do alone."""
+
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.bundle import KVLayout
+from core.sampling import SamplingConfig
+from runtime.batching import ContinuousBatcher, Event, QueueFull
+from runtime.kv_cache import KVCache
+from runtime.pipeline import GenerationRequest, VLMPipeline
+from tests.conftest import export_lively
+
+skimage_data = pytest.importorskip("skimage.data")
+
+
+@pytest.fixture(scope="module", params=["replace", "prefix", "replace-fused"])
+def pipe(request, tiny_tokenizer_dir, tmp_path_factory):
+    placement, _, fused = request.param.partition("-")
+    _, bundle = export_lively(
+        placement, tiny_tokenizer_dir, tmp_path_factory.mktemp("cb"), fused or "standard"
+    )
+    return VLMPipeline.from_bundle(bundle)
+
+
+def _requests(p):
+    """Mixed prompt lengths, images (one split into tiles, one not), text only, and max_tokens."""
+    astronaut = Image.fromarray(skimage_data.astronaut())  # 512x512: split into tiles
+    small = Image.fromarray(skimage_data.coffee()).resize((30, 20))  # one tile
+    wide = Image.fromarray(skimage_data.chelsea())
+    out = [
+        ([astronaut], "What is it?", 12),
+        ([small], "Describe the colours of everything you can see in this picture, please.", 20),
+        ([wide], "Cat?", 5),
+        ([small], "How many red circles are there?", 16),
+        ([astronaut], "What colour is the square?", 9),
+        ([], "user assistant", 14),
+    ]
+    if p.cfg.image_placement == "prefix":  # exactly one image per prompt
+        out = [(imgs or [small], q, n) for imgs, q, n in out]
+    return out
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.text, self.finish, self.done = "", None, threading.Event()
+        self.tokens = 0
+
+    def __call__(self, e: Event) -> None:
+        self.text += e.text
+        if e.finish:
+            self.finish, self.tokens = e.finish, e.completion_tokens
+            self.done.set()
+
+
+def _run(p, engine, items, join_at: dict[int, list[int]], sampling=None):
+    """Submit items[i] for i in join_at[0] now and the others when the engine has run that many steps."""
+    got = [_Collector() for _ in items]
+    widest = []
+
+    def submit(i):
+        imgs, q, n = items[i]
+        batch = p._batch([imgs], [q])
+        engine.submit(batch, GenerationRequest(n, sampling or SamplingConfig()), got[i])
+
+    def on_step(running, waiting):
+        widest.append(running)
+        for i in join_at.get(engine.steps, []) if engine.steps else []:
+            submit(i)
+            join_at[engine.steps] = []
+
+    engine.on_step = on_step
+    for i in join_at.pop(0):
+        submit(i)
+    engine.start()
+    for c in got:
+        assert c.done.wait(120)
+    engine.stop(10)
+    return got, max(widest)
+
+
+def test_shared_steps_answer_as_alone(pipe):
+    p = pipe
+    items = _requests(p)
+    alone = [p.generate(imgs, q, max_new_tokens=n) for imgs, q, n in items]
+    engine = ContinuousBatcher(p, max_batch=4)
+    # three at once, then joins at a step boundary while others decode (one waits for a free row)
+    got, widest = _run(p, engine, items, {0: [0, 1, 2], 2: [3], 4: [4, 5]})
+    assert [c.text for c in got] == alone
+    assert all(c.finish in ("stop", "length") for c in got)
+    assert widest >= 3, "the requests never shared a step"
+    assert engine.steps < sum(n for *_, n in items), "no decode step was shared"
+    assert any(a for a in alone)
+
+
+def test_seeded_sampling_does_not_depend_on_neighbours(pipe):
+    """A sampled request's answer depends on its seed only, not on who shares its steps."""
+    p = pipe
+    items = _requests(p)[:4]
+    s = SamplingConfig(temperature=0.9, top_p=0.9, seed=7)
+    alone = [p.generate(imgs, q, max_new_tokens=n, sampling=s) for imgs, q, n in items]
+    got, _ = _run(p, ContinuousBatcher(p, max_batch=3), items, {0: [0, 1], 1: [2, 3]}, sampling=s)
+    assert [c.text for c in got] == alone
+
+
+def test_cancel_frees_the_row_and_leaves_others_alone(pipe):
+    p = pipe
+    items = _requests(p)[:3]
+    alone = [p.generate(imgs, q, max_new_tokens=n) for imgs, q, n in items]
+    engine = ContinuousBatcher(p, max_batch=3)
+    got = [_Collector() for _ in items]
+    req = [GenerationRequest(n, ignore_eos=i == 0) for i, (_, _, n) in enumerate(items)]
+    req[0] = GenerationRequest(200, ignore_eos=True)  # would run long: cancelled after 2 steps
+    tickets = [
+        engine.submit(p._batch([imgs], [q]), r, c) for (imgs, q, _), r, c in zip(items, req, got, strict=True)
+    ]
+    engine.on_step = lambda running, waiting: tickets[0].cancel() if engine.steps == 2 else None
+    engine.start()
+    for c in got:
+        assert c.done.wait(120)
+    engine.stop(10)
+    assert got[0].finish == "cancelled" and got[0].tokens < 200
+    assert [c.text for c in got[1:]] == alone[1:]
+
+
+def test_limits(pipe):
+    p = pipe
+    engine = ContinuousBatcher(p, max_batch=1, max_queue=2)
+    batch = p._batch([[]] if p.cfg.image_placement != "prefix" else [[Image.new("RGB", (8, 8))]], ["hi"])
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        engine.submit(batch, GenerationRequest(p.backend.max_context), _Collector())
+    engine.submit(batch, GenerationRequest(2), _Collector())
+    engine.submit(batch, GenerationRequest(2), _Collector())
+    with pytest.raises(QueueFull, match="2 requests are waiting"):
+        engine.submit(batch, GenerationRequest(2), _Collector())
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_kv_cache_rows_and_frame(in_place):
+    """Joining right-aligns a row (growing the frame on the left), leaving moves the last row in,
+    reframing drops shared padding: checked against plain numpy on the same contents."""
+    kv = KVLayout(layers=1, heads=2, head_dim=3, dtype="float32")
+    rng = np.random.default_rng(0)
+
+    def single(length):
+        c = KVCache(kv, 1, 8, in_place)
+        c.batch, c.length = 1, length
+        for v in c.views():
+            v[...] = rng.standard_normal(v.shape)
+        return c, [v[0].copy() for v in c.views()]
+
+    batch = KVCache(kv, 3, 10, in_place)
+    a, a_kv = single(4)
+    b, b_kv = single(6)
+    batch.length = 4
+    batch.append_row(a)
+    batch.append_row(b)  # longer: row 0 gets two padding columns in front
+    assert batch.length == 6
+    for v, ak, bk in zip(batch.views(), a_kv, b_kv, strict=True):
+        assert np.array_equal(v[0, :, 2:], ak) and np.all(v[0, :, :2] == 0)
+        assert np.array_equal(v[1], bk)
+    batch.remove_row(0)  # b moves to row 0
+    assert batch.batch == 1
+    batch.reframe(-2)
+    for v, bk in zip(batch.views(), b_kv, strict=True):
+        assert np.array_equal(v[0], bk[:, 2:])
+    with pytest.raises(ValueError, match="exceeds"):
+        batch.reframe(7)
