@@ -61,7 +61,7 @@ def main() -> None:
     pipes, batches = {}, {}
     for name, d in BUNDLES.items():
         pipes[name] = VLMPipeline.from_bundle(os.path.join(CACHE, "bundles", d), threads=threads)
-        batches[name] = pipes[name]._batch([[bench_image(None)]], [PROMPT])
+        batches[name] = pipes[name].prepare([[bench_image(None)]], [PROMPT])
     request = GenerationRequest(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     gguf = os.path.join(CACHE, "smollm2-135m-q4_1.gguf")
     positions = None

@@ -179,7 +179,7 @@ def main() -> None:
 
     def runtime_on(p):
         def run():
-            b = p._batch([[image]], [PROMPT])
+            b = p.prepare([[image]], [PROMPT])
             out = [int(t[0]) for t in p.generate_ids(b, request)]
             t = p.last_timings
             return out, {"ttft_s": t.time_to_first_token_s, "decode_tok_s": t.decode_tokens_per_s,

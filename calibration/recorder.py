@@ -75,7 +75,7 @@ def record_feeds(
     pipe = VLMPipeline(bundle, backend)
     request = GenerationRequest(max_new_tokens=decode_steps + 1, ignore_eos=True)
     for s in tqdm(cal.samples, desc="calibration: recording graph inputs", unit="sample", leave=False):
-        batch = pipe._batch([s.images], [s.prompt])
+        batch = pipe.prepare([s.images], [s.prompt])
         for _ in pipe.generate_ids(batch, request):
             pass
     log.info("recorded %d vision and %d decoder feeds", len(backend.vision_feeds), len(backend.decoder_feeds))

@@ -3,6 +3,7 @@
 Commands, by what they need installed:
 
     run                               the runtime only (numpy, onnxruntime, tokenizers): no torch
+    serve                             + the `serve` extra (starlette, uvicorn, prometheus-client)
     quantize, check, trt              + onnx (quantize, check) or TensorRT (trt): no torch
     validate                          no torch against the results stored in the bundle;
                                       the `torch` extra with --reference CHECKPOINT
@@ -251,6 +252,69 @@ def run(bundle: str, images: tuple[str, ...], prompt: str, provider: str, backen
         click.echo(json.dumps({"answer": answer, "timings": pipe.last_timings.as_dict()}, indent=2))
     else:
         click.echo(answer)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface)."
+)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--name", default=None, help="Model id clients see (default: the bundle's folder name).")
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1, 256),
+    default=8,
+    show_default=True,
+    help="Requests that share decode steps (continuous batching).",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(1, 100_000),
+    default=64,
+    show_default=True,
+    help="Requests waiting for a batch row before new ones get 429.",
+)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(1, 1_000_000),
+    default=256,
+    show_default=True,
+    help="New tokens for a request that names no max_tokens.",
+)
+@click.option("--max-images", type=click.IntRange(0, 64), default=4, show_default=True)
+@click.option("--max-image-mb", type=click.FloatRange(0, 1024, min_open=True), default=8.0, show_default=True)
+@click.option("--max-image-pixels", type=click.IntRange(1), default=4096 * 4096, show_default=True)
+@click.option("--max-body-mb", type=click.FloatRange(0, 4096, min_open=True), default=16.0, show_default=True)
+@click.option(
+    "--image-dir",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Allow file:// image URLs under this directory (off by default).",
+)
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime intra-op threads.")
+@user_errors
+def serve(bundle: str, host: str, port: int, name: str | None, max_batch: int, max_queue: int, max_tokens: int,
+          max_images: int, max_image_mb: float, max_image_pixels: int, max_body_mb: float, image_dir: str | None,
+          threads: int | None) -> None:  # fmt: skip
+    """Serve BUNDLE over an OpenAI-compatible HTTP API (/v1/chat/completions, /health, /metrics, a page at /)."""
+    missing = [m for m in ("starlette", "uvicorn", "prometheus_client") if not installed(m)]
+    if missing:
+        raise click.ClickException(
+            f"`serve` needs the serve extra ({', '.join(missing)} not installed): pip install 'nanovlm-edge[serve]'"
+        )
+    from core.bundle import load_bundle
+    from serve.app import ServeConfig
+    from serve.app import serve as run_server
+    from serve.openai_api import Limits
+
+    load_bundle(bundle)  # a bad bundle fails here, in one line, before the server starts
+    mb = 1024 * 1024
+    limits = Limits(max_body_bytes=int(max_body_mb * mb), max_image_bytes=int(max_image_mb * mb),
+                    max_image_pixels=max_image_pixels, max_images=max_images, max_tokens=max_tokens,
+                    image_dir=image_dir)  # fmt: skip
+    config = ServeConfig(bundle, name, max_batch, max_queue, threads, limits)
+    run_server(config, host, port)
 
 
 # ----------------------------------------------------------------------------- export and quantization

@@ -280,21 +280,25 @@ def format_prompt(
     question: str,
     grids: list[tuple[int, int]],
     history: list[tuple[str, str]] | None = None,
+    system: str | None = None,
 ) -> str:
     """The text the model sees for a question about images with the given tile grids.
 
     replace placement: chat template, the image string in front of the first user turn.
     prefix placement: nanoVLM v0.1's "Question: ... Answer:" (images go in front as embeddings).
-    `history` holds earlier (question, answer) turns of a chat about the same images.
+    `history` holds earlier (question, answer) turns of a chat about the same images; `system` is
+    a system message (chat-template models only).
     """
     if not question or not question.strip():
         raise ValueError("empty prompt")
     history = history or []
     if cfg.image_placement == "prefix":
+        if system:
+            raise ValueError("this model (prefix placement, no chat template) takes no system message")
         turns = "".join(f"Question: {q} Answer: {a} " for q, a in history)
         return f"{turns}Question: {question} Answer:"
     img = image_string(grids, cfg) if grids else ""
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     for i, (q, a) in enumerate(history):
         messages += [
             {"role": "user", "content": (img if i == 0 else "") + q},
@@ -340,6 +344,7 @@ def prepare_batch(
     images: list[list[Any]],
     prompts: list[str],
     histories: list[list[tuple[str, str]]] | None = None,
+    system: str | None = None,
 ) -> Batch:
     """Preprocess images, format and tokenize prompts, left-pad: the one input path for every backend."""
     if len(images) != len(prompts):
@@ -356,7 +361,7 @@ def prepare_batch(
             pixels, grid = image_processor(image)
             tiles.append(pixels)
             grids.append(grid)
-        text = format_prompt(cfg, prompt, grids, history)
+        text = format_prompt(cfg, prompt, grids, history, system)
         texts.append(text)
         rows.append(encode_prompt(tokenizer, cfg, text))
     ids, mask = left_pad(rows, tokenizer.pad_token_id)

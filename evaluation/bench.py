@@ -55,7 +55,7 @@ def bundle_worker(path: str, image: str | None, prompt: str, max_new_tokens: int
     from runtime.pipeline import GenerationRequest, VLMPipeline
 
     pipe = VLMPipeline.from_bundle(path, threads=threads)
-    batch = pipe._batch([[bench_image(image)]], [prompt])
+    batch = pipe.prepare([[bench_image(image)]], [prompt])
     request = GenerationRequest(max_new_tokens=max_new_tokens, ignore_eos=True)
     runs = []
     for k in range(repeats + 1):

@@ -157,8 +157,12 @@ class VLMPipeline:
             self.last_timings = t
 
     # ------------------------------------------------------------------ user calls
-    def _batch(self, images: list[list[Any]], prompts: list[str], histories=None) -> Batch:
-        return prepare_batch(self.cfg, self.tokenizer, self.image_processor, images, prompts, histories)
+    def prepare(self, images: list[list[Any]], prompts: list[str], histories: list[list[tuple[str, str]]] | None = None,
+                system: str | None = None) -> Batch:  # fmt: skip
+        """Model inputs for (images, prompt) pairs: the one input path (core/processors.py)."""
+        return prepare_batch(
+            self.cfg, self.tokenizer, self.image_processor, images, prompts, histories, system
+        )
 
     def _text(self, ids: list[int], stop: list[str]) -> tuple[str, bool]:
         eos = self.tokenizer.eos_token_id
@@ -180,19 +184,19 @@ class VLMPipeline:
                sampling: SamplingConfig | None = None) -> Iterator[str]:  # fmt: skip
         """Like generate, yielding text as tokens arrive."""
         request = GenerationRequest(max_new_tokens, sampling or SamplingConfig(), list(stop or []))
-        yield from self._stream(self._batch([_as_list(images)], [prompt]), request)
+        yield from self._stream(self.prepare([_as_list(images)], [prompt]), request)
 
     def chat(self, images: Any, history: list[tuple[str, str]], prompt: str, max_new_tokens: int = 64,
              sampling: SamplingConfig | None = None) -> str:  # fmt: skip
         """One more turn of a conversation about the same images; `history` holds (question, answer) pairs."""
         request = GenerationRequest(max_new_tokens, sampling or SamplingConfig())
-        return "".join(self._stream(self._batch([_as_list(images)], [prompt], [history]), request))
+        return "".join(self._stream(self.prepare([_as_list(images)], [prompt], [history]), request))
 
     def generate_batch(self, items: list[tuple[Any, str]], max_new_tokens: int = 64, stop: list[str] | None = None,
                        sampling: SamplingConfig | None = None) -> list[str]:  # fmt: skip
         """Several (images, prompt) pairs in one left-padded batch."""
         request = GenerationRequest(max_new_tokens, sampling or SamplingConfig(), list(stop or []))
-        batch = self._batch([_as_list(i) for i, _ in items], [p for _, p in items])
+        batch = self.prepare([_as_list(i) for i, _ in items], [p for _, p in items])
         rows: list[list[int]] = [[] for _ in items]
         for token in self.generate_ids(batch, request):
             for r, tok in enumerate(token.tolist()):

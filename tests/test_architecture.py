@@ -30,9 +30,10 @@ ALLOWED: dict[str, set[str]] = {
     "calibration": {"core", "runtime"},
     "export": {"core", "nanovlm", "runtime"},
     "evaluation": {"core", "nanovlm", "runtime", "calibration"},
-    "cli": {"core", "nanovlm", "runtime", "calibration", "export", "evaluation"},
+    "serve": {"core", "runtime"},
+    "cli": {"core", "nanovlm", "runtime", "calibration", "export", "evaluation", "serve"},
 }
-TORCH_FREE = ("core", "runtime", "calibration")
+TORCH_FREE = ("core", "runtime", "calibration", "serve")
 FORBIDDEN_THERE = ("torch", "transformers", "torchvision")
 
 

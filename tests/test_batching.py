@@ -62,7 +62,7 @@ def _run(p, engine, items, join_at: dict[int, list[int]], sampling=None):
 
     def submit(i):
         imgs, q, n = items[i]
-        batch = p._batch([imgs], [q])
+        batch = p.prepare([imgs], [q])
         engine.submit(batch, GenerationRequest(n, sampling or SamplingConfig()), got[i])
 
     def on_step(running, waiting):
@@ -114,7 +114,8 @@ def test_cancel_frees_the_row_and_leaves_others_alone(pipe):
     req = [GenerationRequest(n, ignore_eos=i == 0) for i, (_, _, n) in enumerate(items)]
     req[0] = GenerationRequest(200, ignore_eos=True)  # would run long: cancelled after 2 steps
     tickets = [
-        engine.submit(p._batch([imgs], [q]), r, c) for (imgs, q, _), r, c in zip(items, req, got, strict=True)
+        engine.submit(p.prepare([imgs], [q]), r, c)
+        for (imgs, q, _), r, c in zip(items, req, got, strict=True)
     ]
     engine.on_step = lambda running, waiting: tickets[0].cancel() if engine.steps == 2 else None
     engine.start()
@@ -128,7 +129,7 @@ def test_cancel_frees_the_row_and_leaves_others_alone(pipe):
 def test_limits(pipe):
     p = pipe
     engine = ContinuousBatcher(p, max_batch=1, max_queue=2)
-    batch = p._batch([[]] if p.cfg.image_placement != "prefix" else [[Image.new("RGB", (8, 8))]], ["hi"])
+    batch = p.prepare([[]] if p.cfg.image_placement != "prefix" else [[Image.new("RGB", (8, 8))]], ["hi"])
     with pytest.raises(ValueError, match="exceeds the model's context"):
         engine.submit(batch, GenerationRequest(p.backend.max_context), _Collector())
     engine.submit(batch, GenerationRequest(2), _Collector())

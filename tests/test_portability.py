@@ -40,7 +40,7 @@ for path in sys.argv[2:]:
     rows = []
     for i in range(6):  # the prefill of each case: every MatMul over the whole prompt and its image
         s = ds[i]
-        batch = pipe._batch([[s.image]], [s.question])
+        batch = pipe.prepare([[s.image]], [s.question])
         ids, mask, image_rows = pipe.decoder_inputs(batch, pipe.backend.encode_images(batch.pixel_values))
         pipe.backend.reset(1, ids.shape[1] + 1)
         pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)

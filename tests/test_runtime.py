@@ -252,7 +252,7 @@ def test_runtime_inputs_match_nanovlms_transforms_and_transformers_tokenizer(pip
     assert len({im.size for im in photos}) >= 3  # 512x512, 400x400, 451x300, 640x427
     grids = set()
     for im in photos:
-        ours = p._batch([[im]], ["What is it?"])
+        ours = p.prepare([[im]], ["What is it?"])
         ref, grid = _nanovlm_transforms(cfg, im)
         grids.add(grid)
         assert ours.pixel_values.shape == ref.shape
@@ -277,7 +277,7 @@ def test_text_only_prompt(pipe):
             p.generate([], "Hello?")
         return
     got = p.generate([], "Hello?", max_new_tokens=10)
-    ids = torch.tensor([m.tokenizer.encode(p._batch([[]], ["Hello?"]).prompts[0])])
+    ids = torch.tensor([m.tokenizer.encode(p.prepare([[]], ["Hello?"]).prompts[0])])
     out = m.generate(ids, None, max_new_tokens=10)[0].tolist()
     eos = m.tokenizer.eos_token_id
     assert got == m.tokenizer.decode(out[: out.index(eos)] if eos in out else out)

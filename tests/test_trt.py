@@ -242,7 +242,7 @@ def test_trt_engines_give_the_onnx_runtime_tokens(lively_bundle, tmp_path):
     ort_pipe = VLMPipeline.from_bundle(lively_bundle)
     request = GenerationRequest(max_new_tokens=8)
     for case in builtin_cases(6):
-        batch = ort_pipe._batch([case.images], [case.prompt])
+        batch = ort_pipe.prepare([case.images], [case.prompt])
         want = [int(t[0]) for t in ort_pipe.generate_ids(batch, request)]
         got = [int(t[0]) for t in trt_pipe.generate_ids(batch, request)]
         assert got == want, case.prompt
@@ -408,7 +408,7 @@ def test_trt_batch_of_two_with_a_2x2_tiled_image_gives_the_onnx_runtime_tokens(l
     s = ShapesDataset("test", seed=0)[0]
     items = [(Image.new("RGB", (64, 64), (200, 40, 40)), "What is it?"), (s.image, s.question)]
     trt_pipe, ort_pipe = VLMPipeline.from_bundle(out, backend="trt"), VLMPipeline.from_bundle(lively_bundle)
-    assert ort_pipe._batch([[items[0][0]]], ["x"]).pixel_values.shape[0] == 5
+    assert ort_pipe.prepare([[items[0][0]]], ["x"]).pixel_values.shape[0] == 5
     assert trt_pipe.generate_batch(items, max_new_tokens=8) == ort_pipe.generate_batch(
         items, max_new_tokens=8
     )

@@ -1,0 +1,1 @@
+"""`nanovlm serve`: an OpenAI-compatible server over the torch-free runtime (starlette + uvicorn)."""

@@ -1,0 +1,267 @@
+"""The OpenAI chat-completions schema: request -> our inputs, our outputs -> responses and chunks.
+
+Plain functions over JSON-like dicts, no web framework, so the schema rules are tested on their
+own. Every refusal is an `ApiError` carrying the HTTP status and OpenAI's error body fields.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from core.processors import load_image
+from core.sampling import SamplingConfig
+
+
+class ApiError(Exception):
+    """A refused request: HTTP status, message, and the parameter it concerns."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.kind = kind or {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
+                             429: "rate_limit_error", 503: "server_error"}.get(status, "server_error")  # fmt: skip
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; the server's flags set these."""
+
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_image_bytes: int = 8 * 1024 * 1024  # decoded bytes of one image
+    max_image_pixels: int = 4096 * 4096
+    max_images: int = 4
+    max_tokens: int = 256  # when the request names none
+    max_stop: int = 4
+    image_dir: str | None = None  # file:// images allowed only under this directory
+
+
+@dataclass
+class ChatRequest:
+    """A validated chat request in our terms."""
+
+    images: list[Image.Image]
+    question: str
+    history: list[tuple[str, str]]
+    system: str | None
+    max_tokens: int | None  # None: the server's default, within the context
+    sampling: SamplingConfig
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    model: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+def parse_chat(body: Any, limits: Limits) -> ChatRequest:
+    """Validate an OpenAI chat-completions body; images are opened (and size-checked) here."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", "messages")
+    system, turns, images = None, [], []
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise ApiError(400, f"{where} must be an object", where)
+        role = msg.get("role")
+        text, imgs = _content(msg.get("content"), f"{where}.content", limits)
+        if role in ("system", "developer"):
+            if i != 0 or imgs:
+                raise ApiError(400, f"{where}: a system message must come first and hold text only", where)
+            system = text
+            continue
+        if role not in ("user", "assistant"):
+            raise ApiError(
+                400, f"{where}.role {role!r} is not supported (system, user or assistant)", f"{where}.role"
+            )
+        if turns and turns[-1][0] == role:
+            raise ApiError(400, f"{where}: user and assistant messages must alternate", where)
+        if role == "assistant" and imgs:
+            raise ApiError(400, f"{where}: an assistant message cannot hold images", where)
+        if role == "assistant" and not turns:
+            raise ApiError(400, f"{where}: the conversation must start with a user message", where)
+        images += imgs
+        turns.append((role, text))
+    if not turns or turns[-1][0] != "user":
+        raise ApiError(400, "the last message must be a user message", "messages")
+    if len(images) > limits.max_images:
+        raise ApiError(
+            400, f"{len(images)} images in one request; the limit is {limits.max_images}", "messages"
+        )
+    if not turns[-1][1].strip():
+        raise ApiError(400, "the last user message has no text", "messages")
+    history = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 1, 2)]
+
+    n = body.get("n", 1)
+    if n != 1:
+        raise ApiError(400, f"n={n!r}: only one choice per request is supported", "n")
+    for name in ("frequency_penalty", "presence_penalty"):
+        if body.get(name) not in (None, 0, 0.0):
+            raise ApiError(400, f"{name} is not supported (use 0 or leave it out)", name)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        _int(max_tokens, "max_tokens", 1)
+    temperature = _number(body.get("temperature", 0.0), "temperature", 0.0, 2.0)
+    top_p = _number(body.get("top_p", 1.0), "top_p", 0.0, 1.0)
+    if top_p == 0:
+        raise ApiError(400, "top_p must be greater than 0", "top_p")
+    seed = body.get("seed")
+    if seed is not None:
+        _int(seed, "seed", 0)
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if (
+        not isinstance(stop, list)
+        or not all(isinstance(s, str) and s for s in stop)
+        or len(stop) > limits.max_stop
+    ):
+        raise ApiError(
+            400, f"'stop' must be a string or a list of at most {limits.max_stop} non-empty strings", "stop"
+        )
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    model = body.get("model", "")
+    if not isinstance(model, str):
+        raise ApiError(400, "'model' must be a string", "model")
+    return ChatRequest(
+        images=images, question=turns[-1][1], history=history, system=system, max_tokens=max_tokens,
+        sampling=SamplingConfig(temperature=float(temperature), top_p=float(top_p), seed=seed),
+        stop=stop, stream=stream, include_usage=bool(options.get("include_usage")), model=model,
+    )  # fmt: skip
+
+
+def _int(value: Any, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ApiError(400, f"{name}={value!r} must be an integer >= {low}", name)
+    return value
+
+
+def _number(value: Any, name: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ApiError(400, f"{name}={value!r} must be a number in [{low}, {high}]", name)
+    return float(value)
+
+
+def _content(content: Any, where: str, limits: Limits) -> tuple[str, list[Image.Image]]:
+    """A message's text (parts joined with newlines) and images, in order."""
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where} must be a string or a list of content parts", where)
+    texts, images = [], []
+    for j, part in enumerate(content):
+        at = f"{where}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(url, str):
+                raise ApiError(400, f"{at}.image_url.url must be a string", at)
+            if len(images) + 1 > limits.max_images:
+                raise ApiError(400, f"too many images in one request; the limit is {limits.max_images}", at)
+            images.append(open_image_url(url, at, limits))
+        else:
+            raise ApiError(400, f"{at}: expected a part of type 'text' (with text) or 'image_url'", at)
+    return "\n".join(texts), images
+
+
+def open_image_url(url: str, where: str, limits: Limits) -> Image.Image:
+    """A data: URL (base64) or, when the operator allows a directory, a file:// path inside it.
+    Nothing is fetched from the network."""
+    if url.startswith("data:"):
+        head, _, data = url.partition(",")
+        if ";base64" not in head:
+            raise ApiError(400, f"{where}: only base64 data: URLs are supported", where)
+        if len(data) * 3 // 4 > limits.max_image_bytes:
+            raise ApiError(413, f"{where}: image is over {limits.max_image_bytes} bytes", where)
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, f"{where}: the data: URL is not valid base64", where) from None
+        source: Any = io.BytesIO(raw)
+    elif url.startswith("file://"):
+        if not limits.image_dir:
+            raise ApiError(
+                400, f"{where}: file:// images are off (the server allows them with --image-dir)", where
+            )
+        path = os.path.realpath(url[len("file://") :])
+        root = os.path.realpath(limits.image_dir)
+        if os.path.commonpath([path, root]) != root:
+            raise ApiError(400, f"{where}: {path} is outside the allowed image directory", where)
+        if not os.path.isfile(path):
+            raise ApiError(400, f"{where}: no such image file {path}", where)
+        if os.path.getsize(path) > limits.max_image_bytes:
+            raise ApiError(413, f"{where}: image is over {limits.max_image_bytes} bytes", where)
+        source = path
+    else:
+        raise ApiError(400, f"{where}: only data: URLs (or allowed file:// paths) are accepted; the server "
+                            "fetches nothing from the network", where)  # fmt: skip
+    try:
+        return load_image(source, max_pixels=limits.max_image_pixels)
+    except (ValueError, FileNotFoundError) as e:
+        raise ApiError(400, f"{where}: {e}", where) from None
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def completion(
+    cid: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int
+) -> dict:
+    return {
+        "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }  # fmt: skip
+
+
+def chunk(cid: str, model: str, delta: dict, finish: str | None = None) -> dict:
+    return {
+        "id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }  # fmt: skip
+
+
+def usage_chunk(cid: str, model: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+        "choices": [], "usage": usage(prompt_tokens, completion_tokens),
+    }  # fmt: skip
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+
+def models(name: str, created: int) -> dict:
+    return {
+        "object": "list",
+        "data": [{"id": name, "object": "model", "created": created, "owned_by": "nanovlm-edge"}],
+    }
