@@ -17,8 +17,10 @@ import pytest
 from PIL import Image
 
 from runtime.pipeline import VLMPipeline
+from serve.process import BIN
+from serve.process import ServerProcess as Server
 from tests.conftest import export_lively
-from tests.serve_helpers import BIN, Server, user
+from tests.serve_helpers import user
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -354,7 +356,7 @@ def test_sigterm_drains_running_requests(endless):
         # (what systemd and Kubernetes expect of a clean stop); the whole answer arrived first
         assert s.proc.wait(60) == -signal.SIGTERM
         assert text == alone
-        assert "Finished server process" in s.proc.stdout.read()
+        assert "Finished server process" in s.output()
     finally:
         s.stop()
 
