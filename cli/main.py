@@ -293,10 +293,22 @@ def run(bundle: str, images: tuple[str, ...], prompt: str, provider: str, backen
     help="Allow file:// image URLs under this directory (off by default).",
 )
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime intra-op threads.")
+@click.option(
+    "--ray",
+    "use_ray",
+    is_flag=True,
+    help="Run as a Ray Serve deployment (the cluster extra): a local cluster, or RAY_ADDRESS's.",
+)
+@click.option(
+    "--replicas", type=click.IntRange(1, 1024), default=1, show_default=True, help="Ray Serve replicas."
+)
+@click.option("--cpus-per-replica", type=click.FloatRange(0.1, 1024), default=1.0, show_default=True)
+@click.option("--gpus-per-replica", type=click.FloatRange(0, 64), default=0.0, show_default=True)
 @user_errors
 def serve(bundle: str, host: str, port: int, name: str | None, max_batch: int, max_queue: int, max_tokens: int,
           max_images: int, max_image_mb: float, max_image_pixels: int, max_body_mb: float, image_dir: str | None,
-          threads: int | None) -> None:  # fmt: skip
+          threads: int | None, use_ray: bool, replicas: int, cpus_per_replica: float,
+          gpus_per_replica: float) -> None:  # fmt: skip
     """Serve BUNDLE over an OpenAI-compatible HTTP API (/v1/chat/completions, /health, /metrics, a page at /)."""
     missing = [m for m in ("starlette", "uvicorn", "prometheus_client") if not installed(m)]
     if missing:
@@ -314,6 +326,16 @@ def serve(bundle: str, host: str, port: int, name: str | None, max_batch: int, m
                     max_image_pixels=max_image_pixels, max_images=max_images, max_tokens=max_tokens,
                     image_dir=image_dir)  # fmt: skip
     config = ServeConfig(bundle, name, max_batch, max_queue, threads, limits)
+    if use_ray:
+        if not installed("ray"):
+            raise click.ClickException("`serve --ray` needs the cluster extra (ray not installed): "
+                                       "pip install 'nanovlm-edge[cluster]'")  # fmt: skip
+        from serve.ray_app import run as run_ray
+
+        run_ray(config, replicas, host, port, cpus_per_replica, gpus_per_replica)
+        return
+    if replicas != 1:
+        raise click.UsageError("--replicas needs --ray (one process serves one engine)")
     run_server(config, host, port)
 
 

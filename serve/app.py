@@ -168,8 +168,10 @@ def create_app(config: ServeConfig, load_in_background: bool = True) -> Starlett
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         loader = threading.Thread(target=service.load, name="nanovlm-load", daemon=True)
         loader.start()
-        if not load_in_background:
+        if not load_in_background:  # e.g. a Ray replica: ready only once loaded, or not started at all
             await run_in_threadpool(loader.join)
+            if service.failed:
+                raise RuntimeError(f"cannot serve {config.bundle}: {service.failed}")
         yield
         await run_in_threadpool(service.stop)
 

@@ -1,0 +1,249 @@
+"""Serving throughput and latency against concurrency: `nanovlm serve` vs llama-cpp-python's server.
+
+    python benchmarks/serve_bench.py [--levels 1 4 8 16] [--requests 16] [--max-tokens 64]
+                                     [--servers "fused int8" "fused int4" "llama.cpp Q4_1"] [--json OUT]
+
+Both servers hold the same SmolLM2-135M-Instruct weights: ours the nanoVLM-222M-shape bundles
+(fused decoder, int8-dynamic and int4; built and cached by runtime_decode.py and
+quantization_report.py), llama-cpp-python's OpenAI server (`python -m llama_cpp.server`) the
+Q4_1 GGUF, started with --interrupt_requests false (by default a new request cuts off the running
+stream). Each server runs alone on the machine, in turn. Per concurrency level, `--requests`
+streamed chat requests with text prompts go out from that many client threads (closed loop), each
+asking for --max-tokens new tokens; per request the time to the first content chunk (TTFT) and the
+tokens received (usage when the server reports it, else content chunks); aggregate tokens/s = all
+tokens of the level / its wall time. Prints a table, writes JSON and a PNG chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.path.join(REPO, ".cache")
+PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a rainbow forms, step by step.",
+    "Describe a busy market in a small town on a Saturday morning.",
+    "What should I pack for a week of hiking in the mountains?",
+    "Tell me about the history of bicycles.",
+    "Give me a recipe for a simple vegetable soup.",
+    "Why is the sky blue? Explain it to a child.",
+    "Write a letter to a friend about your holiday by the sea.",
+]
+
+
+# ----------------------------------------------------------------------------- the servers
+def bundle_paths() -> dict[str, str]:
+    """The 222M-shape fused bundles, built once (quantization_report.py's recipe and calibration)."""
+    from quantization_report import photo_folder
+    from runtime_decode import build_checkpoint, build_fused_int8
+
+    from calibration.quantize import quantize_bundle
+
+    ckpt = build_checkpoint()
+    int8 = build_fused_int8(ckpt)
+    fused = os.path.join(CACHE, "bundles", "nanovlm-222m-shape-fused-fp32")
+    int4 = os.path.join(CACHE, "bundles", "nanovlm-222m-shape-fused-int4")
+    if not os.path.exists(os.path.join(int4, "manifest.json")):
+        quantize_bundle(fused, int4, "int4", calibration=photo_folder(), samples=20)
+    return {"fused int8": int8, "fused int4": int4}
+
+
+def gguf_q4_1() -> str:
+    from llamacpp import quantize_q4_1, write_gguf
+
+    lm = os.path.join(CACHE, "smollm2-135m-instruct")
+    f32 = os.path.join(CACHE, "smollm2-135m-f32.gguf")
+    q41 = os.path.join(CACHE, "smollm2-135m-q4_1.gguf")
+    if not os.path.exists(f32):
+        write_gguf(lm, f32)
+    if not os.path.exists(q41):
+        quantize_q4_1(f32, q41)
+    return q41
+
+
+class LlamaCppServer:
+    """`python -m llama_cpp.server` on the GGUF, 127.0.0.1, waiting (bounded) for /v1/models."""
+
+    def __init__(self, gguf: str, threads: int):
+        from serve.process import free_port
+
+        self.port = free_port()
+        self.log = open(os.devnull, "w")
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
+               "--port", str(self.port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+               "--n_ctx", "2048", "--chat_format", "chatml", "--interrupt_requests", "false"]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama_cpp.server exited with {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/models", timeout=2):
+                    return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("llama_cpp.server did not come up in 300 s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def __enter__(self) -> LlamaCppServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ----------------------------------------------------------------------------- the client
+def one_request(port: int, prompt: str, max_tokens: int) -> dict:
+    """A streamed chat request: -> {ttft_s, tokens, total_s}."""
+    body = {"model": "x", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
+    ttft, chunks, usage = None, 0, None
+    for raw in r:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        msg = json.loads(line[6:])
+        if msg.get("usage"):
+            usage = msg["usage"]["completion_tokens"]
+        if msg.get("choices") and msg["choices"][0]["delta"].get("content"):
+            chunks += 1
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+    conn.close()
+    return {"ttft_s": ttft if ttft is not None else float("nan"), "tokens": usage or chunks,
+            "total_s": time.perf_counter() - t0}  # fmt: skip
+
+
+def level(port: int, concurrency: int, requests: int, max_tokens: int) -> dict:
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(requests)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        runs = list(pool.map(lambda p: one_request(port, p, max_tokens), prompts))
+    wall = time.perf_counter() - t0
+    ttft = sorted(r["ttft_s"] for r in runs)
+    tokens = sum(r["tokens"] for r in runs)
+    return {"concurrency": concurrency, "requests": requests, "wall_s": wall, "tokens": tokens,
+            "aggregate_tokens_per_s": tokens / wall, "ttft_p50_s": statistics.median(ttft),
+            "ttft_p95_s": ttft[min(len(ttft) - 1, int(round(0.95 * (len(ttft) - 1))))]}  # fmt: skip
+
+
+def sweep(port: int, levels: list[int], requests: int, max_tokens: int) -> list[dict]:
+    one_request(port, PROMPTS[0], 8)  # warm-up
+    return [level(port, c, max(requests, c), max_tokens) for c in levels]
+
+
+# ----------------------------------------------------------------------------- report
+def plot(results: dict[str, list[dict]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, rows in results.items():
+        c = [r["concurrency"] for r in rows]
+        a.plot(c, [r["aggregate_tokens_per_s"] for r in rows], "o-", label=name)
+        b.plot(c, [r["ttft_p95_s"] for r in rows], "o-", label=name)
+    a.set(xlabel="concurrent requests", ylabel="aggregate decode tokens/s", title="Throughput")
+    b.set(xlabel="concurrent requests", ylabel="p95 time to first token (s)", title="Latency", yscale="log")
+    for ax in (a, b):
+        ax.set_xticks(sorted({r["concurrency"] for rows in results.values() for r in rows}))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--requests", type=int, default=16, help="requests per level (at least the concurrency)")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--servers", nargs="+", default=["fused int8", "fused int4", "llama.cpp Q4_1"])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=os.path.join(REPO, "docs", "serve_bench.png"))
+    args = ap.parse_args()
+
+    from serve.process import ServerProcess
+
+    threads = os.cpu_count() or 1
+    results: dict[str, list[dict]] = {}
+    bundles = bundle_paths() if any(s != "llama.cpp Q4_1" for s in args.servers) else {}
+    for name in args.servers:
+        print(f"{name} ...", flush=True)
+        if name == "llama.cpp Q4_1":
+            with LlamaCppServer(gguf_q4_1(), threads) as s:
+                results[name] = sweep(s.port, args.levels, args.requests, args.max_tokens)
+        else:
+            with ServerProcess(bundles[name], "--max-batch", str(args.max_batch), "--max-queue", "1024") as s:
+                results[name] = sweep(s.port, args.levels, args.requests, args.max_tokens)
+
+    print(
+        f"\n{threads} CPU threads, {args.max_tokens} new tokens, text prompts, {args.requests}+ requests per level\n"
+    )
+    print(
+        "| server | concurrency | aggregate tok/s | TTFT p50 (s) | TTFT p95 (s) |\n| --- | --- | --- | --- | --- |"
+    )
+    for name, rows in results.items():
+        for r in rows:
+            print(f"| {name} | {r['concurrency']} | {r['aggregate_tokens_per_s']:.1f} | {r['ttft_p50_s']:.3f} | "
+                  f"{r['ttft_p95_s']:.3f} |")  # fmt: skip
+    by = {name: {r["concurrency"]: r for r in rows} for name, rows in results.items()}
+    print("\n| bar | value |\n| --- | --- |")
+    for name in by:
+        if name.startswith("llama") or 1 not in by[name] or 8 not in by[name]:
+            continue
+        one, eight = by[name][1], by[name][8]
+        print(
+            f"| {name}: aggregate at 8 / own single stream (bar >= 3) | "
+            f"{eight['aggregate_tokens_per_s'] / one['aggregate_tokens_per_s']:.2f}x |"
+        )
+        if "llama.cpp Q4_1" in by and 8 in by["llama.cpp Q4_1"]:
+            print(
+                f"| {name}: aggregate at 8 / llama.cpp server at 8 (bar >= 2) | "
+                f"{eight['aggregate_tokens_per_s'] / by['llama.cpp Q4_1'][8]['aggregate_tokens_per_s']:.2f}x |"
+            )
+        print(
+            f"| {name}: p95 TTFT at 8 / lone TTFT (bar <= 3) | {eight['ttft_p95_s'] / one['ttft_p50_s']:.2f}x |"
+        )
+    report = {"machine": f"{threads} CPU threads", "max_tokens": args.max_tokens, "results": results}
+    if args.plot:
+        plot(results, args.plot)
+        print(f"\nchart: {args.plot}")
+    if args.json:
+        from core.files import atomic_write
+
+        with atomic_write(args.json) as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
