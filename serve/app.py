@@ -90,6 +90,12 @@ class Service:
             self.metrics.queue_depth.set_function(lambda: self.engine.queue_depth)
             self.metrics.running.set_function(lambda: self.engine.running)
             self.engine.start()
+            if self.pipe.bundle.mode != "fp32":
+                log.warning(
+                    "%s is a %s bundle: its kernels round differently at batch 1 and in a batch, so a greedy answer "
+                    "can leave its lone run's path after some tokens (fp32 bundles answer exactly as alone; "
+                    "docs/serving.md)", c.bundle, self.pipe.bundle.mode,
+                )  # fmt: skip
             self._warm_up()
             self.ready.set()
             log.info("serving %s (%s) with up to %d requests per batch", c.model_name, c.bundle, c.max_batch)

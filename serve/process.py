@@ -11,8 +11,6 @@ import time
 import urllib.error
 import urllib.request
 
-BIN = os.path.dirname(sys.executable)
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -23,10 +21,11 @@ def free_port() -> int:
 class ServerProcess:
     """`nanovlm serve BUNDLE ARGS...` on 127.0.0.1 and a free port; waits (bounded) for /health."""
 
-    def __init__(self, bundle: str, *args: str, timeout: float = 300):
+    def __init__(self, bundle: str, *args: str, timeout: float = 300, python: str = sys.executable):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [os.path.join(BIN, "nanovlm"), "serve", bundle, "--port", str(self.port), *args]
+        script = os.path.join(os.path.dirname(python), "nanovlm")  # the console script of that environment
+        cmd = [script, "serve", bundle, "--port", str(self.port), *args]
         # the log goes to a file, not a pipe: an unread pipe fills up and blocks the server
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True)

@@ -86,7 +86,7 @@ def _install_in_fresh_venv(tmp_path, extras: str):
     """pip install a copy of the package (so the build leaves nothing in the checkout), with
     `extras` such as "[jetson]", into a fresh venv; -> the venv's path."""
     venv, src = tmp_path / "venv", tmp_path / "src"
-    for name in ("core", "nanovlm", "runtime", "export", "calibration", "evaluation", "cli"):
+    for name in ("core", "nanovlm", "runtime", "export", "calibration", "evaluation", "serve", "cli"):
         shutil.copytree(os.path.join(REPO, name), src / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(os.path.join(REPO, name), src / name)
@@ -181,3 +181,35 @@ def test_the_jetson_extra_runs_the_device_path_without_torch(made, tmp_path):
                          (["run", bundle, "--image", image, "--prompt", "Hi?", "--max-new-tokens", "4"], "")):  # fmt: skip
         res = subprocess.run([exe, *args], capture_output=True, text=True, cwd=str(tmp_path), timeout=600)
         assert res.returncode == 0 and expect in res.stdout, (args, res.stderr[-2000:])
+
+
+@pytest.mark.slow
+def test_the_serve_extra_serves_without_torch(made, tmp_path):
+    """`pip install '.[serve]'` in a fresh venv: no torch, and `nanovlm serve` from there answers
+    like the library and serves its page (the HTML ships as package data)."""
+    import json
+    import urllib.request
+
+    from serve.process import ServerProcess
+
+    bundle, _, image = made
+    venv = _install_in_fresh_venv(tmp_path, "[serve]")
+    check = subprocess.run([str(venv / "bin" / "python"), "-c", "import importlib.util as u; "
+                            "print([m for m in ('torch', 'transformers', 'onnx') if u.find_spec(m)])"],
+                           capture_output=True, text=True, cwd=str(tmp_path))  # fmt: skip
+    assert check.stdout.strip() == "[]", check.stdout
+    expected = VLMPipeline.from_bundle(bundle).generate([], "What is it?", max_new_tokens=8)
+    server = ServerProcess(bundle, python=str(venv / "bin" / "python"))
+    try:
+        body = json.dumps(
+            {"messages": [{"role": "user", "content": "What is it?"}], "max_tokens": 8}
+        ).encode()
+        req = urllib.request.Request(
+            server.url + "/v1/chat/completions", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=120) as r:
+            assert json.loads(r.read())["choices"][0]["message"]["content"] == expected
+        with urllib.request.urlopen(server.url + "/", timeout=30) as r:
+            assert "/v1/chat/completions" in r.read().decode()
+    finally:
+        server.stop()

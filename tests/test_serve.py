@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -17,12 +18,12 @@ import pytest
 from PIL import Image
 
 from runtime.pipeline import VLMPipeline
-from serve.process import BIN
 from serve.process import ServerProcess as Server
 from tests.conftest import export_lively
 from tests.serve_helpers import user
 
 skimage_data = pytest.importorskip("skimage.data")
+BIN = os.path.dirname(sys.executable)
 
 
 @pytest.fixture(scope="module", params=["standard", "fused"])
