@@ -88,6 +88,18 @@ def quantize_q4_1(src: str, dst: str, threads: int = 2) -> None:
     os.replace(dst + ".tmp", dst)
 
 
+def cached_ggufs(cache: str) -> tuple[str, str]:
+    """(f32, Q4_1) GGUFs of the SmolLM2-135M-Instruct directory in `cache`, written once."""
+    lm = os.path.join(cache, "smollm2-135m-instruct")
+    f32 = os.path.join(cache, "smollm2-135m-f32.gguf")
+    q41 = os.path.join(cache, "smollm2-135m-q4_1.gguf")
+    if not os.path.exists(f32):
+        write_gguf(lm, f32)
+    if not os.path.exists(q41):
+        quantize_q4_1(f32, q41)
+    return f32, q41
+
+
 def prompt_ids(tokenizer_json: str, text: str, positions: int) -> list[int]:
     """`text` repeated and cut to `positions` tokens: llama.cpp gets as many prompt positions as
     the bundles' image + prompt prefill."""

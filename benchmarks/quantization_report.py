@@ -209,18 +209,13 @@ def llama_cpp_speed(ckpt: str, positions: int, args) -> dict:
         import llama_cpp  # noqa: F401
     except ImportError as e:
         return {"skipped": f"llama.cpp not installed ({e}); pip install llama-cpp-python gguf"}
-    from llamacpp import decode_speed, prompt_ids, quantize_q4_1, write_gguf
+    from llamacpp import cached_ggufs, decode_speed, prompt_ids
     from runtime_decode import PROMPT
 
     from evaluation.bench import spread
 
     lm = os.path.join(CACHE, "smollm2-135m-instruct")
-    f32 = os.path.join(CACHE, "smollm2-135m-f32.gguf")
-    q41 = os.path.join(CACHE, "smollm2-135m-q4_1.gguf")
-    if not os.path.exists(f32):
-        write_gguf(lm, f32)
-    if not os.path.exists(q41):
-        quantize_q4_1(f32, q41)
+    f32, q41 = cached_ggufs(CACHE)
     ids = prompt_ids(os.path.join(lm, "tokenizer.json"), PROMPT, positions)
     out = {}
     for name, path in (("llama.cpp f32", f32), ("llama.cpp Q4_1", q41)):

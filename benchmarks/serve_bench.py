@@ -62,16 +62,9 @@ def bundle_paths() -> dict[str, str]:
 
 
 def gguf_q4_1() -> str:
-    from llamacpp import quantize_q4_1, write_gguf
+    from llamacpp import cached_ggufs
 
-    lm = os.path.join(CACHE, "smollm2-135m-instruct")
-    f32 = os.path.join(CACHE, "smollm2-135m-f32.gguf")
-    q41 = os.path.join(CACHE, "smollm2-135m-q4_1.gguf")
-    if not os.path.exists(f32):
-        write_gguf(lm, f32)
-    if not os.path.exists(q41):
-        quantize_q4_1(f32, q41)
-    return q41
+    return cached_ggufs(CACHE)[1]
 
 
 class LlamaCppServer:

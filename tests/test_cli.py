@@ -97,16 +97,22 @@ def _install_in_fresh_venv(tmp_path, extras: str):
     return venv
 
 
+def _importable(venv, modules: tuple[str, ...], cwd) -> str:
+    """Which of `modules` the venv's Python can import, as it prints the list."""
+    code = f"import importlib.util as u; print([m for m in {modules!r} if u.find_spec(m)])"
+    res = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, cwd=str(cwd)
+    )
+    return res.stdout.strip()
+
+
 @pytest.mark.slow
 def test_pip_install_without_extras_runs_nanovlm_run(made, tmp_path):
     """A real torch-free install: a fresh venv, `pip install .` (no extras), then the console
     script answers like the library, and `nanovlm generate` names the extra to install."""
     bundle, ckpt, image = made
     venv = _install_in_fresh_venv(tmp_path, "")
-    check = subprocess.run([str(venv / "bin" / "python"), "-c", "import importlib.util as u; "
-                            "print([m for m in ('torch', 'transformers', 'onnx') if u.find_spec(m)])"],
-                           capture_output=True, text=True, cwd=str(tmp_path))  # fmt: skip
-    assert check.stdout.strip() == "[]", check.stdout
+    assert _importable(venv, ("torch", "transformers", "onnx"), tmp_path) == "[]"
     expected = VLMPipeline.from_bundle(bundle).generate(image, "What is it?", max_new_tokens=10)
     res = subprocess.run([str(venv / "bin" / "nanovlm"), "run", bundle, "--image", image, "--prompt", "What is it?",
                           "--max-new-tokens", "10"], capture_output=True, text=True, cwd=str(tmp_path), timeout=300)  # fmt: skip
@@ -194,10 +200,7 @@ def test_the_serve_extra_serves_without_torch(made, tmp_path):
 
     bundle, _, image = made
     venv = _install_in_fresh_venv(tmp_path, "[serve]")
-    check = subprocess.run([str(venv / "bin" / "python"), "-c", "import importlib.util as u; "
-                            "print([m for m in ('torch', 'transformers', 'onnx') if u.find_spec(m)])"],
-                           capture_output=True, text=True, cwd=str(tmp_path))  # fmt: skip
-    assert check.stdout.strip() == "[]", check.stdout
+    assert _importable(venv, ("torch", "transformers", "onnx"), tmp_path) == "[]"
     expected = VLMPipeline.from_bundle(bundle).generate([], "What is it?", max_new_tokens=8)
     server = ServerProcess(bundle, python=str(venv / "bin" / "python"))
     try:
