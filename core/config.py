@@ -113,6 +113,12 @@ class VLMConfig:
     # --- VLM ---
     # None means a v0.1 checkpoint: prefix placement, no extra tokens.
     vlm_extra_tokens: dict[str, str] | None = field(default_factory=default_extra_tokens)
+    # The id of the image placeholder when the checkpoint's tokenizer defines its image tokens
+    # (Idefics3 / SmolVLM: vlm_extra_tokens then names tokens the vocabulary already has); None:
+    # nanoVLM's extra tokens, appended after the base vocabulary in the order of vlm_extra_tokens.
+    vlm_image_token_id: int | None = None
+    # Prompt and image-processing convention: "nanovlm", or "idefics3" (SmolVLM's processor).
+    vlm_format: str = "nanovlm"
     vlm_load_backbone_weights: bool = True
     vlm_checkpoint_path: str = "checkpoints"
     hf_repo_name: str = "nanoVLM"
@@ -147,6 +153,8 @@ class VLMConfig:
 
     @property
     def image_token_id(self) -> int | None:
+        if self.vlm_image_token_id is not None:
+            return self.vlm_image_token_id
         return self.extra_token_id("image_token") if self.vlm_extra_tokens else None
 
     @property
@@ -169,6 +177,8 @@ class VLMConfig:
                 if value < 0 or (value == 0 and positive):
                     bad(f"{f.name}={value} must be {'positive' if positive else '>= 0'}")
 
+        if self.vlm_format not in ("nanovlm", "idefics3"):
+            bad(f"vlm_format={self.vlm_format!r} must be 'nanovlm' or 'idefics3'")
         if self.vit_img_size % self.vit_patch_size:
             bad(f"vit_img_size={self.vit_img_size} is not a multiple of vit_patch_size={self.vit_patch_size}")
         if self.vit_hidden_dim % self.vit_n_heads:
@@ -192,12 +202,19 @@ class VLMConfig:
                     f"/mp_pixel_shuffle_factor^2 = ({self.vit_img_size}/{self.vit_patch_size})^2/"
                     f"{self.mp_pixel_shuffle_factor}^2 = {expected}"
                 )
-            if len(self.vlm_extra_tokens) > self.extra_token_amount:
+            if self.vlm_image_token_id is not None:  # the tokenizer's own tokens: nothing appended
+                if not 0 <= self.vlm_image_token_id < self.lm_vocab_size:
+                    bad(
+                        f"vlm_image_token_id={self.vlm_image_token_id} is outside the vocabulary of {self.lm_vocab_size}"
+                    )
+            elif len(self.vlm_extra_tokens) > self.extra_token_amount:
                 bad(
                     f"vlm_extra_tokens has {len(self.vlm_extra_tokens)} tokens but extra_token_amount="
                     f"{self.extra_token_amount}"
                 )
-            if self.lm_vocab_size < self.lm_base_vocab_size + len(self.vlm_extra_tokens):
+            if self.vlm_image_token_id is None and self.lm_vocab_size < self.lm_base_vocab_size + len(
+                self.vlm_extra_tokens
+            ):
                 bad(
                     f"lm_vocab_size={self.lm_vocab_size} cannot hold lm_base_vocab_size={self.lm_base_vocab_size} "
                     f"+ {len(self.vlm_extra_tokens)} extra tokens"
@@ -209,6 +226,9 @@ class VLMConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config as nanoVLM writes it; v0.1 (prefix) configs omit the v0.2-only keys."""
         d = dataclasses.asdict(self)
+        for key, default in (("vlm_image_token_id", None), ("vlm_format", "nanovlm")):
+            if d[key] == default:  # keys nanoVLM's own config does not have, written only when used
+                d.pop(key)
         if self.image_placement == "prefix":
             for key in V02_ONLY_KEYS:
                 d.pop(key, None)
@@ -249,16 +269,21 @@ class VLMConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> VLMConfig:
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_config_json(path), source=str(path))
+
+
+def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A config file's JSON object, with one-line errors for a missing, malformed or non-object file."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 # Keys that only nanoVLM v0.2+ configs carry; a v0.1 nanoVLM rejects them.

@@ -135,12 +135,18 @@ class Tokenizer:
     this is checked, since the model's embedding rows are laid out that way.
     """
 
-    def __init__(self, tokenizer: Any, eos_token: str, extra_tokens: dict[str, str] | None, base_vocab: int):
+    def __init__(self, tokenizer: Any, eos_token: str, extra_tokens: dict[str, str] | None, base_vocab: int,
+                 appended: bool = True):  # fmt: skip
+        """`appended`: the extra tokens follow the base vocabulary (nanoVLM); otherwise they are the
+        tokenizer's own (Idefics3 / SmolVLM), and each must already be in it."""
         from tokenizers import AddedToken
 
         self.tok = tokenizer
         self.extra_tokens = dict(extra_tokens or {})
-        if self.extra_tokens:
+        missing = [t for t in self.extra_tokens.values() if not appended and tokenizer.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"the tokenizer lacks the model's image tokens {missing[:4]}")
+        if self.extra_tokens and appended:
             self.tok.add_special_tokens(
                 [AddedToken(t, special=True, normalized=False) for t in self.extra_tokens.values()]
             )
@@ -170,7 +176,9 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise ValueError(f"{path}: cannot parse tokenizer ({e})") from None
         eos = read_eos_token(directory, tok)
-        return cls(tok, eos, cfg.vlm_extra_tokens, cfg.lm_base_vocab_size)
+        return cls(
+            tok, eos, cfg.vlm_extra_tokens, cfg.lm_base_vocab_size, appended=cfg.vlm_image_token_id is None
+        )
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str, cfg: VLMConfig, revision: str | None = None) -> Tokenizer:
@@ -347,6 +355,11 @@ def prepare_batch(
     system: str | None = None,
 ) -> Batch:
     """Preprocess images, format and tokenize prompts, left-pad: the one input path for every backend."""
+    if cfg.vlm_format != "nanovlm":
+        raise ValueError(
+            f"vlm_format={cfg.vlm_format!r}: this checkpoint's image processor and prompt expansion "
+            "(Idefics3 / SmolVLM) are not implemented yet; the model itself loads and runs on given ids and pixels"
+        )
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
     histories = histories or [[] for _ in prompts]

@@ -16,9 +16,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_model
 
-from core.config import VLMConfig
+from core.config import VLMConfig, read_config_json
 from core.files import staged_dir
 from core.processors import Tokenizer
+
+from .idefics3 import is_idefics3, load_idefics3
 
 if TYPE_CHECKING:
     from .train_config import TrainConfig
@@ -40,7 +42,19 @@ def resolve_checkpoint(src: str, revision: str | None = None) -> str:
     from huggingface_hub import snapshot_download
 
     return snapshot_download(
-        src, revision=revision, allow_patterns=["config.json", "model.safetensors", "tokenizer*", "README.md"]
+        src,
+        revision=revision,
+        allow_patterns=[
+            "config.json",
+            "model*.safetensors*",
+            "tokenizer*",
+            "README.md",
+            "processor_config.json",
+            "preprocessor_config.json",
+            "chat_template.json",
+            "chat_template.jinja",
+            "special_tokens_map.json",
+        ],
     )
 
 
@@ -112,7 +126,10 @@ def load_checkpoint(
     cls: type[VisionLanguageModel], src: str, revision: str | None = None
 ) -> VisionLanguageModel:
     directory = resolve_checkpoint(src, revision)
-    cfg = VLMConfig.load(os.path.join(directory, "config.json"))
+    raw = read_config_json(os.path.join(directory, "config.json"))
+    if is_idefics3(raw):  # a transformers Idefics3 / SmolVLM checkpoint
+        return load_idefics3(cls, directory)
+    cfg = VLMConfig.from_dict(raw, source=os.path.join(directory, "config.json"))
     weights = os.path.join(directory, "model.safetensors")
     if not os.path.exists(weights):
         refuse_pickle(directory)

@@ -127,20 +127,24 @@ class ViT(nn.Module):
         # A full SiglipModel (and older SiglipVisionModel saves) prefix names with "vision_model.".
         prefix = "vision_model." if "vision_model.embeddings.patch_embedding.weight" in source else ""
         copy_into(model, source, siglip_weight_table(cfg.vit_n_blocks, prefix))
-        # Our attention fuses q, k and v into one projection; SigLIP stores them apart.
-        sd = model.state_dict()
-        with torch.no_grad():
-            for i in range(cfg.vit_n_blocks):
-                hf = f"{prefix}encoder.layers.{i}.self_attn"
-                for kind in ("weight", "bias"):
-                    parts = [source.get(f"{hf}.{p}_proj.{kind}") for p in ("q", "k", "v")]
-                    sd[f"blocks.{i}.attn.qkv_proj.{kind}"].copy_(torch.cat(parts, dim=0))
+        fuse_qkv(model, source, prefix, cfg.vit_n_blocks)
         log.info(
             "loaded vision backbone %s (%d params)",
             cfg.vit_model_type,
             sum(p.numel() for p in model.parameters()),
         )
         return model
+
+
+def fuse_qkv(vit: ViT, source: TensorSource, prefix: str, n_blocks: int) -> None:
+    """Our attention fuses q, k and v into one projection; SigLIP stores them apart."""
+    sd = vit.state_dict()
+    with torch.no_grad():
+        for i in range(n_blocks):
+            hf = f"{prefix}encoder.layers.{i}.self_attn"
+            for kind in ("weight", "bias"):
+                parts = [source.get(f"{hf}.{p}_proj.{kind}") for p in ("q", "k", "v")]
+                sd[f"blocks.{i}.attn.qkv_proj.{kind}"].copy_(torch.cat(parts, dim=0))
 
 
 def siglip_weight_table(n_blocks: int, prefix: str = "vision_model.") -> dict[str, str]:

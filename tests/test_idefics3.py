@@ -1,0 +1,165 @@
+"""Idefics3 / SmolVLM checkpoints written by transformers load into our reference and compute what
+transformers computes, on tiny random configs saved with transformers' own save_pretrained."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from nanovlm.idefics3 import idefics3_config
+from nanovlm.vision_language_model import VisionLanguageModel
+
+transformers = pytest.importorskip("transformers")
+skimage_data = pytest.importorskip("skimage.data")
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utterance>", "<fake_token_around_image>",
+            "<image>", "<global-img>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]  # fmt: skip
+CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] "
+    "== 'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == "
+    "'text' %}{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)  # SmolVLM's template
+
+
+def write_idefics3(directory, tie: bool, seed: int = 0) -> None:
+    """A tiny random Idefics3 model and its processor, as transformers saves them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3Processor,
+        PreTrainedTokenizerFast,
+    )
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(["How many red circles are there? There are 3.", "What colour is the square? blue",
+                             "User: Assistant:"] * 20, trainer)  # fmt: skip
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<end_of_utterance>", pad_token="<|endoftext|>",
+                                     bos_token="<|im_start|>")  # fmt: skip
+    cfg = Idefics3Config(
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(hf_tok),
+                         max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie,
+                         pad_token_id=hf_tok.pad_token_id),
+        scale_factor=2, image_token_id=hf_tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=tie,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # weights scaled up from the 0.02 init, so greedy paths vary
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(6.0)
+    model.save_pretrained(directory)
+    images = Idefics3ImageProcessorPil(size={"longest_edge": 4 * 32}, max_image_size={"longest_edge": 32},
+                                       do_image_splitting=True)  # fmt: skip
+    Idefics3Processor(image_processor=images, tokenizer=hf_tok, image_seq_len=4,
+                      chat_template=CHAT_TEMPLATE).save_pretrained(directory)  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def checkpoint(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(f"idefics3-{request.param}")
+    write_idefics3(d, tie=request.param == "tied")
+    return str(d)
+
+
+def _inputs(directory, image):
+    """transformers' own processor: chat template, prompt expansion, pixels."""
+    processor = transformers.Idefics3Processor.from_pretrained(directory)
+    content = ([{"type": "image"}] if image is not None else []) + [
+        {"type": "text", "text": "How many circles?"}
+    ]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return processor(text=prompt, images=[image] if image is not None else None, return_tensors="pt")
+
+
+IMAGES = {
+    "small": lambda: Image.fromarray(skimage_data.coffee()).resize((24, 20)),  # one tile
+    "wide": lambda: Image.fromarray(skimage_data.chelsea()).resize((100, 40)),  # split into tiles
+    "text only": lambda: None,
+}
+
+
+@pytest.mark.parametrize("image", list(IMAGES))
+def test_logits_and_greedy_tokens_equal_transformers(checkpoint, image):
+    ref = transformers.Idefics3ForConditionalGeneration.from_pretrained(checkpoint).eval()
+    ours = VisionLanguageModel.from_pretrained(checkpoint)
+    inputs = _inputs(checkpoint, IMAGES[image]())
+    ids = inputs["input_ids"]
+    pixels = inputs.get("pixel_values")
+    if pixels is not None:
+        assert pixels.shape[1] > (1 if image == "small" else 2)  # the wide image really is split
+        pixels = pixels[0]  # [tiles, 3, S, S], tiles in the processor's order
+    with torch.no_grad():
+        want = ref(**inputs).logits
+        got, _ = ours(ids, pixels)
+    assert (got - want).abs().max().item() <= 1e-4
+    want_tokens = ref.generate(**inputs, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :]
+    got_tokens = ours.generate(ids, pixels, max_new_tokens=12, eos_token_id=ours.tokenizer.eos_token_id)[0]
+    eos = ours.tokenizer.eos_token_id
+    want_list = want_tokens.tolist()
+    want_list = want_list[: want_list.index(eos) + 1] if eos in want_list else want_list
+    assert got_tokens.tolist()[: len(want_list)] == want_list
+    assert len(set(want_list)) > 1
+
+
+def test_config_mapping(checkpoint):
+    hf = json.load(open(f"{checkpoint}/config.json"))
+    cfg = idefics3_config(hf)
+    assert (cfg.vit_img_size, cfg.vit_patch_size, cfg.mp_pixel_shuffle_factor, cfg.mp_image_token_length) == (
+        32,
+        8,
+        2,
+        4,
+    )
+    assert cfg.lm_vocab_size == hf["text_config"]["vocab_size"] and cfg.image_token_id == hf["image_token_id"]
+    assert cfg.vlm_format == "idefics3" and cfg.lm_tie_weights == hf["tie_word_embeddings"]
+    ours = VisionLanguageModel.from_pretrained(checkpoint)
+    assert ours.tokenizer.token_id("image_token") == hf["image_token_id"]
+    with pytest.raises(ValueError, match="image processor and prompt expansion"):
+        from core.processors import ImageProcessor, prepare_batch
+
+        prepare_batch(ours.cfg, ours.tokenizer, ImageProcessor.from_config(ours.cfg), [[]], ["hi"])
+
+
+@pytest.mark.parametrize(
+    "change,words",
+    [
+        (lambda c: c["vision_config"].update(hidden_act="relu"), "vision_config.hidden_act='relu'"),
+        (lambda c: c["text_config"].update(model_type="mistral"), "text_config.model_type='mistral'"),
+        (lambda c: c["text_config"].update(attention_bias=True), "text_config.attention_bias"),
+        (lambda c: c.pop("image_token_id"), "no image_token_id"),
+        (
+            lambda c: c["text_config"].update(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+            "RoPE scaling",
+        ),
+    ],
+)
+def test_unsupported_settings_are_named(checkpoint, change, words):
+    hf = json.load(open(f"{checkpoint}/config.json"))
+    change(hf)
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace("[", r"\[")):
+        idefics3_config(hf)
+
+
+def test_weights_that_do_not_fit_are_named(checkpoint, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint, bad)
+    weights = load_file(str(bad / "model.safetensors"))
+    weights["model.extra.weight"] = torch.zeros(2)
+    save_file(weights, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError, match="unexpected \\['model.extra.weight'\\]"):
+        VisionLanguageModel.from_pretrained(str(bad))
