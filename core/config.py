@@ -119,6 +119,8 @@ class VLMConfig:
     vlm_image_token_id: int | None = None
     # Prompt and image-processing convention: "nanovlm", or "idefics3" (SmolVLM's processor).
     vlm_format: str = "nanovlm"
+    # vlm_format="idefics3": the checkpoint's image-processor settings (core/idefics3.py SETTINGS)
+    vlm_image_processor: dict[str, Any] | None = None
     vlm_load_backbone_weights: bool = True
     vlm_checkpoint_path: str = "checkpoints"
     hf_repo_name: str = "nanoVLM"
@@ -179,6 +181,16 @@ class VLMConfig:
 
         if self.vlm_format not in ("nanovlm", "idefics3"):
             bad(f"vlm_format={self.vlm_format!r} must be 'nanovlm' or 'idefics3'")
+        if self.vlm_format == "idefics3":
+            from .idefics3 import SETTINGS
+
+            got = set(self.vlm_image_processor or {})
+            if got != set(SETTINGS):
+                bad(f"vlm_image_processor must have exactly the keys {sorted(SETTINGS)}; got {sorted(got)}")
+            if self.vlm_image_processor["tile"] != self.vit_img_size:
+                bad(
+                    f"vlm_image_processor tile={self.vlm_image_processor['tile']} != vit_img_size={self.vit_img_size}"
+                )
         if self.vit_img_size % self.vit_patch_size:
             bad(f"vit_img_size={self.vit_img_size} is not a multiple of vit_patch_size={self.vit_patch_size}")
         if self.vit_hidden_dim % self.vit_n_heads:
@@ -226,7 +238,11 @@ class VLMConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config as nanoVLM writes it; v0.1 (prefix) configs omit the v0.2-only keys."""
         d = dataclasses.asdict(self)
-        for key, default in (("vlm_image_token_id", None), ("vlm_format", "nanovlm")):
+        for key, default in (
+            ("vlm_image_token_id", None),
+            ("vlm_format", "nanovlm"),
+            ("vlm_image_processor", None),
+        ):
             if d[key] == default:  # keys nanoVLM's own config does not have, written only when used
                 d.pop(key)
         if self.image_placement == "prefix":

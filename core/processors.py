@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from . import idefics3
 from .config import VLMConfig
 
 # ----------------------------------------------------------------------------- images
@@ -98,7 +99,10 @@ class ImageProcessor:
     resize_to_max: bool = False
 
     @classmethod
-    def from_config(cls, cfg: VLMConfig) -> ImageProcessor:
+    def from_config(cls, cfg: VLMConfig) -> ImageProcessor | Idefics3ImageProcessor:
+        """The image pipeline of the config's format (nanoVLM's, or Idefics3's)."""
+        if cfg.vlm_format == "idefics3":
+            return Idefics3ImageProcessor(cfg.vlm_image_processor)
         return cls(cfg.vit_img_size, cfg.max_img_size, cfg.image_placement, cfg.resize_to_max_side_len)
 
     def target_size(self, h: int, w: int) -> tuple[int, int]:
@@ -123,6 +127,16 @@ class ImageProcessor:
         if (n_h, n_w) != (1, 1):
             tiles = np.concatenate([_resize_float(chw, p)[None], tiles], axis=0)
         return np.ascontiguousarray(tiles), (n_h, n_w)
+
+
+@dataclass(frozen=True)
+class Idefics3ImageProcessor:
+    """Idefics3 / SmolVLM's image pipeline (core/idefics3.py): tiles row-major, global view last."""
+
+    settings: dict[str, Any]
+
+    def __call__(self, image: str | os.PathLike | Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
+        return idefics3.process_image(load_image(image), self.settings)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -278,7 +292,7 @@ def _compile_template(template: str) -> Any:
     return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
 
 
-def render_chat(template: str, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+def render_chat(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
     """Render a Jinja chat template in a sandbox (templates come from checkpoints: no code runs)."""
     return _compile_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
 
@@ -300,6 +314,11 @@ def format_prompt(
     if not question or not question.strip():
         raise ValueError("empty prompt")
     history = history or []
+    if cfg.vlm_format == "idefics3":
+        prompt = render_chat(
+            cfg.lm_chat_template, idefics3.chat_messages(question, len(grids), history, system)
+        )
+        return idefics3.expand_images(prompt, grids, cfg.vlm_extra_tokens, cfg.mp_image_token_length)
     if cfg.image_placement == "prefix":
         if system:
             raise ValueError("this model (prefix placement, no chat template) takes no system message")
@@ -318,7 +337,10 @@ def format_prompt(
 
 def encode_prompt(tokenizer: Tokenizer, cfg: VLMConfig, prompt: str) -> list[int]:
     """Token ids of a formatted prompt; v0.1 checkpoints used the tokenizer's own special tokens."""
-    return tokenizer.encode(prompt, add_special_tokens=cfg.image_placement == "prefix")
+    # v0.1 checkpoints and Idefics3's processor let the tokenizer add its special tokens
+    return tokenizer.encode(
+        prompt, add_special_tokens=cfg.image_placement == "prefix" or cfg.vlm_format == "idefics3"
+    )
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -355,11 +377,6 @@ def prepare_batch(
     system: str | None = None,
 ) -> Batch:
     """Preprocess images, format and tokenize prompts, left-pad: the one input path for every backend."""
-    if cfg.vlm_format != "nanovlm":
-        raise ValueError(
-            f"vlm_format={cfg.vlm_format!r}: this checkpoint's image processor and prompt expansion "
-            "(Idefics3 / SmolVLM) are not implemented yet; the model itself loads and runs on given ids and pixels"
-        )
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
     histories = histories or [[] for _ in prompts]

@@ -6,19 +6,21 @@ shuffle by `scale_factor` then one bias-free linear (the same channel order as o
 decoder whose `<image>` positions take the image embeddings. Only names differ, so loading is a
 config mapping and a weight table. What differs is the processing around the model (tile order,
 LANCZOS resizing, [-1, 1] pixels, `<fake_token_around_image>` prompts): `vlm_format="idefics3"`
-marks it, and core/processors.py refuses such configs until that processing is written.
+selects core/idefics3.py, with the checkpoint's processor settings and chat template.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch
 
-from core.config import VLMConfig
+from core.config import VLMConfig, read_config_json
+from core.idefics3 import settings_from_processor
 
-from .hf_weights import TensorSource, copy_into, read_hf_config
+from .hf_weights import TensorSource, copy_into, read_hf_config, resolve_file
 from .language_model import LanguageModel, llama_weight_table
 from .vision_transformer import ViT, fuse_qkv, siglip_weight_table
 
@@ -42,8 +44,39 @@ def is_idefics3(hf: dict) -> bool:
     )
 
 
-def idefics3_config(hf: dict, where: str = "config.json") -> VLMConfig:
-    """Our VLMConfig for an Idefics3 config dict; unsupported settings are named."""
+def read_processing(directory: str, revision: str | None = None) -> tuple[dict, int | None, str]:
+    """(image-processor settings dict, image_seq_len, chat template) from a checkpoint's processor
+    files: processor_config.json (transformers 5) or preprocessor_config.json, and the chat template
+    from chat_template.jinja, chat_template.json, processor_config.json or tokenizer_config.json."""
+
+    def load(name: str) -> dict | None:
+        path = resolve_file(directory, name, revision, required=False)
+        return read_config_json(path) if path else None
+
+    processor, pre = load("processor_config.json") or {}, load("preprocessor_config.json")
+    image = processor.get("image_processor") or pre
+    if not image:
+        raise FileNotFoundError(f"{directory}: no image processor settings (processor_config.json or "
+                                "preprocessor_config.json)")  # fmt: skip
+    seq_len = processor.get("image_seq_len", (pre or {}).get("image_seq_len"))
+    template = processor.get("chat_template")
+    jinja = resolve_file(directory, "chat_template.jinja", revision, required=False)
+    if jinja:
+        with open(jinja) as f:
+            template = f.read()
+    template = template or (load("chat_template.json") or {}).get("chat_template")
+    template = template or (load("tokenizer_config.json") or {}).get("chat_template")
+    if not isinstance(template, str) or not template:
+        raise FileNotFoundError(
+            f"{directory}: no chat template (chat_template.jinja / .json, processor_config.json)"
+        )
+    return image, seq_len, template
+
+
+def idefics3_config(hf: dict, processor: dict, chat_template: str, image_seq_len: int | None = None,
+                    where: str = "config.json") -> VLMConfig:  # fmt: skip
+    """Our VLMConfig for an Idefics3 config dict and its processor settings; unsupported settings
+    are named."""
     vision, text = hf.get("vision_config") or {}, hf.get("text_config") or {}
     if not vision or not text:
         raise ValueError(f"{where}: an Idefics3 config needs vision_config and text_config")
@@ -66,7 +99,7 @@ def idefics3_config(hf: dict, where: str = "config.json") -> VLMConfig:
     if "image_token_id" not in hf:
         raise ValueError(f"{where}: no image_token_id")
     scale = hf.get("scale_factor", 2)
-    cfg = VLMConfig(vit_model_type="", lm_model_type="", lm_tokenizer="", vlm_format="idefics3")
+    cfg = VLMConfig(vit_model_type="", lm_model_type="", lm_tokenizer="")
     ViT.config_from_hf(vision, cfg)
     # the text vocabulary already holds the image tokens: nothing is appended after it
     cfg.vlm_extra_tokens, cfg.extra_token_amount = dict(TOKENS), 0
@@ -77,7 +110,18 @@ def idefics3_config(hf: dict, where: str = "config.json") -> VLMConfig:
     cfg.vlm_image_token_id = int(hf["image_token_id"])
     cfg.mp_pixel_shuffle_factor = scale
     cfg.mp_image_token_length = cfg.image_token_count
-    cfg.max_img_size = cfg.vit_img_size
+    settings = settings_from_processor(processor, f"{where}: image processor")
+    if settings["tile"] != cfg.vit_img_size:
+        raise ValueError(f"{where}: max_image_size.longest_edge={settings['tile']} differs from the vision "
+                         f"encoder's image_size={cfg.vit_img_size}")  # fmt: skip
+    if image_seq_len is not None and image_seq_len != cfg.image_token_count:
+        raise ValueError(f"{where}: image_seq_len={image_seq_len} but the model emits {cfg.image_token_count} "
+                         "image tokens per tile")  # fmt: skip
+    cfg.vlm_image_processor = settings
+    # the largest tile grid an image can get (TensorRT profiles are sized by it)
+    cfg.max_img_size = math.ceil(settings["longest_edge"] / cfg.vit_img_size) * cfg.vit_img_size
+    cfg.lm_chat_template = chat_template
+    cfg.vlm_format = "idefics3"
     cfg.validate()
     return cfg
 
@@ -102,7 +146,8 @@ def load_idefics3(cls: type, directory: str, revision: str | None = None) -> tor
     from .checkpoint import load_tokenizer
 
     hf = read_hf_config(directory, revision)
-    cfg = idefics3_config(hf, os.path.join(directory, "config.json"))
+    image, seq_len, template = read_processing(directory, revision)
+    cfg = idefics3_config(hf, image, template, seq_len, os.path.join(directory, "config.json"))
     model = cls(cfg, load_backbone=False)
     source = TensorSource(directory, revision)
     table = idefics3_weight_table(cfg)

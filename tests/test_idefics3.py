@@ -3,11 +3,12 @@ transformers computes, on tiny random configs saved with transformers' own save_
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from nanovlm.idefics3 import idefics3_config
+from nanovlm.idefics3 import idefics3_config, read_processing
 from nanovlm.vision_language_model import VisionLanguageModel
 
 transformers = pytest.importorskip("transformers")
@@ -82,6 +83,11 @@ def _inputs(directory, image):
     return processor(text=prompt, images=[image] if image is not None else None, return_tensors="pt")
 
 
+def _processing(directory):
+    image, seq_len, template = read_processing(directory)
+    return image, template, seq_len
+
+
 IMAGES = {
     "small": lambda: Image.fromarray(skimage_data.coffee()).resize((24, 20)),  # one tile
     "wide": lambda: Image.fromarray(skimage_data.chelsea()).resize((100, 40)),  # split into tiles
@@ -114,7 +120,7 @@ def test_logits_and_greedy_tokens_equal_transformers(checkpoint, image):
 
 def test_config_mapping(checkpoint):
     hf = json.load(open(f"{checkpoint}/config.json"))
-    cfg = idefics3_config(hf)
+    cfg = idefics3_config(hf, *_processing(checkpoint))
     assert (cfg.vit_img_size, cfg.vit_patch_size, cfg.mp_pixel_shuffle_factor, cfg.mp_image_token_length) == (
         32,
         8,
@@ -125,10 +131,41 @@ def test_config_mapping(checkpoint):
     assert cfg.vlm_format == "idefics3" and cfg.lm_tie_weights == hf["tie_word_embeddings"]
     ours = VisionLanguageModel.from_pretrained(checkpoint)
     assert ours.tokenizer.token_id("image_token") == hf["image_token_id"]
-    with pytest.raises(ValueError, match="image processor and prompt expansion"):
-        from core.processors import ImageProcessor, prepare_batch
+    assert ours.cfg.vlm_image_processor["longest_edge"] == 128 and ours.cfg.max_img_size == 128
 
-        prepare_batch(ours.cfg, ours.tokenizer, ImageProcessor.from_config(ours.cfg), [[]], ["hi"])
+
+PICTURES = {
+    "small": lambda: Image.fromarray(skimage_data.coffee()).resize((24, 20)),
+    "wide": lambda: Image.fromarray(skimage_data.chelsea()).resize((100, 40)),
+    "tall odd": lambda: Image.fromarray(skimage_data.astronaut()).resize((37, 151)),
+    "grey": lambda: Image.fromarray(skimage_data.camera()),  # 512x512 8-bit grey
+    "square tile": lambda: Image.fromarray(skimage_data.coffee()).resize((32, 32)),
+}
+
+
+@pytest.mark.parametrize("picture", list(PICTURES))
+def test_pixels_and_ids_equal_idefics3_processor(checkpoint, picture):
+    """Our torch-free processing against transformers' Idefics3Processor: pixel values bit for bit,
+    input ids equal, for images of several shapes, with a chat history and a system message."""
+    from core.processors import ImageProcessor, prepare_batch
+
+    processor = transformers.Idefics3Processor.from_pretrained(checkpoint)
+    ours = VisionLanguageModel.from_pretrained(checkpoint)
+    image = PICTURES[picture]()
+    history = [("What colour is the square?", "blue")]
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": history[0][0]}]},
+        {"role": "assistant", "content": [{"type": "text", "text": history[0][1]}]},
+        {"role": "user", "content": [{"type": "text", "text": "How many circles?"}]},
+    ]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    want = processor(text=prompt, images=[image], return_tensors="np")
+    batch = prepare_batch(ours.cfg, ours.tokenizer, ImageProcessor.from_config(ours.cfg), [[image]],
+                          ["How many circles?"], [history], "Answer briefly.")  # fmt: skip
+    assert batch.input_ids[0].tolist() == want["input_ids"][0].tolist()
+    assert batch.pixel_values.shape == want["pixel_values"][0].shape
+    assert np.array_equal(batch.pixel_values, want["pixel_values"][0])
 
 
 @pytest.mark.parametrize(
@@ -148,7 +185,7 @@ def test_unsupported_settings_are_named(checkpoint, change, words):
     hf = json.load(open(f"{checkpoint}/config.json"))
     change(hf)
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace("[", r"\[")):
-        idefics3_config(hf)
+        idefics3_config(hf, *_processing(checkpoint))
 
 
 def test_weights_that_do_not_fit_are_named(checkpoint, tmp_path):
@@ -163,3 +200,34 @@ def test_weights_that_do_not_fit_are_named(checkpoint, tmp_path):
     save_file(weights, str(bad / "model.safetensors"))
     with pytest.raises(ValueError, match="unexpected \\['model.extra.weight'\\]"):
         VisionLanguageModel.from_pretrained(str(bad))
+
+
+@pytest.fixture(scope="module")
+def bundles(checkpoint, tmp_path_factory):
+    """The checkpoint through `nanovlm-export onnx`, both decoder graphs."""
+    from export.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("idefics3-bundles")
+    paths = {}
+    for decoder in ("standard", "fused"):
+        paths[decoder] = str(out / decoder)
+        export_onnx(checkpoint, paths[decoder], decoder=decoder)
+    return paths
+
+
+@pytest.mark.parametrize("decoder", ["standard", "fused"])
+@pytest.mark.parametrize("image", list(IMAGES))
+def test_runtime_answers_like_transformers_generate(checkpoint, bundles, decoder, image):
+    """Exported and run without torch: the greedy answer equals transformers' generate, decoded."""
+    from runtime.pipeline import VLMPipeline
+
+    ref = transformers.Idefics3ForConditionalGeneration.from_pretrained(checkpoint).eval()
+    processor = transformers.Idefics3Processor.from_pretrained(checkpoint)
+    picture = IMAGES[image]()
+    inputs = _inputs(checkpoint, picture)
+    want = ref.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    want_text = processor.tokenizer.decode(want, skip_special_tokens=True)
+    pipe = VLMPipeline.from_bundle(bundles[decoder])
+    got = pipe.generate([picture] if picture is not None else [], "How many circles?", max_new_tokens=12)
+    assert got == want_text
+    assert want_text.strip()
