@@ -350,12 +350,31 @@ def serve(bundle: str, host: str, port: int, name: str | None, max_batch: int, m
     help="standard: plain ONNX ops, runs everywhere incl. TensorRT. fused: ONNX Runtime contrib ops "
     "(GroupQueryAttention, SkipSimplifiedLayerNormalization), fp32, much faster decode on CPU.",
 )  # fmt: skip
+@click.option(
+    "--layout", type=click.Choice(["bundle", "transformers.js"]), default="bundle", show_default=True,
+    help="bundle: this toolkit's bundle. transformers.js: onnx/ graphs and files transformers.js loads "
+    "(Idefics3 / SmolVLM checkpoints).",
+)  # fmt: skip
 @overwrite_option
 @user_errors
-def onnx(src: str, out: str, precision: str, opset: int, decoder: str, overwrite: bool) -> None:
+def onnx(src: str, out: str, precision: str, opset: int, decoder: str, layout: str, overwrite: bool) -> None:
     """Export checkpoint SRC (a directory or Hub id) to the ONNX bundle directory OUT."""
     needs_torch("onnx")
     from export.onnx_export import export_onnx
+
+    if layout == "transformers.js":
+        from export.transformers_js import export_transformers_js
+
+        if precision != "fp32" or decoder != "standard":
+            raise click.UsageError(
+                "--layout transformers.js writes fp32 standard graphs (no --precision/--decoder)"
+            )
+        click.echo(
+            json.dumps(
+                {"transformers.js": os.path.abspath(export_transformers_js(src, out, opset, overwrite))}
+            )
+        )
+        return
 
     manifest = export_onnx(src, out, precision=precision, opset=opset, decoder=decoder, overwrite=overwrite)
     sizes = {name: meta["bytes"] for name, meta in manifest.files.items()}

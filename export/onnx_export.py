@@ -17,10 +17,11 @@ import onnx
 import torch
 
 from core.bundle import REFERENCE, Manifest, is_bundle
-from core.config import VLMConfig
+from core.config import VLMConfig, read_config_json
 from core.files import check_target, staged_dir
 from core.graph_io import graph_io
 from nanovlm.checkpoint import resolve_checkpoint
+from nanovlm.idefics3 import is_idefics3
 from nanovlm.vision_language_model import VisionLanguageModel
 from runtime.onnx_backend import FUSED_MIN_ORT
 
@@ -72,7 +73,9 @@ def export_onnx(
     check_target(out, is_bundle, "bundle", overwrite)
     t0 = time.time()
     directory = resolve_checkpoint(src)
-    check_exportable(VLMConfig.load(os.path.join(directory, "config.json")), src)
+    raw = read_config_json(os.path.join(directory, "config.json"))
+    if not is_idefics3(raw):  # (an Idefics3 config is mapped, and checked, when the model loads)
+        check_exportable(VLMConfig.from_dict(raw, os.path.join(directory, "config.json")), src)
     model = VisionLanguageModel.from_pretrained(directory).eval()
     if model.tokenizer is None:
         raise ValueError(
