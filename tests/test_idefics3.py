@@ -231,3 +231,25 @@ def test_runtime_answers_like_transformers_generate(checkpoint, bundles, decoder
     got = pipe.generate([picture] if picture is not None else [], "How many circles?", max_new_tokens=12)
     assert got == want_text
     assert want_text.strip()
+
+
+def test_serve_answers_with_a_smolvlm_bundle(bundles):
+    """`nanovlm serve` on an exported SmolVLM bundle: an image request answers like the runtime."""
+    import urllib.request
+
+    from runtime.pipeline import VLMPipeline
+    from serve.process import ServerProcess
+    from tests.serve_helpers import user
+
+    picture = IMAGES["wide"]()
+    want = VLMPipeline.from_bundle(bundles["fused"]).generate(
+        [picture], "How many circles?", max_new_tokens=10
+    )
+    with ServerProcess(bundles["fused"]) as server:
+        body = json.dumps({"messages": [user("How many circles?", picture)], "max_tokens": 10}).encode()
+        req = urllib.request.Request(
+            server.url + "/v1/chat/completions", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=120) as r:
+            assert json.loads(r.read())["choices"][0]["message"]["content"] == want
+    assert want.strip()
