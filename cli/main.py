@@ -369,11 +369,11 @@ def onnx(src: str, out: str, precision: str, opset: int, decoder: str, layout: s
             raise click.UsageError(
                 "--layout transformers.js writes fp32 standard graphs (no --precision/--decoder)"
             )
-        click.echo(
-            json.dumps(
-                {"transformers.js": os.path.abspath(export_transformers_js(src, out, opset, overwrite))}
-            )
-        )
+        from calibration.transformers_js import add_quantized_variants
+
+        path = export_transformers_js(src, out, opset, overwrite, extra=add_quantized_variants)
+        files = sorted(os.listdir(os.path.join(path, "onnx")))
+        click.echo(json.dumps({"transformers.js": os.path.abspath(path), "onnx": files}, indent=2))
         return
 
     manifest = export_onnx(src, out, precision=precision, opset=opset, decoder=decoder, overwrite=overwrite)

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -74,8 +75,10 @@ class MergedDecoderGraph(nn.Module):
         return (self.decoder.head(hidden), *[t for kv in presents for t in kv])  # logits [B, S, V]
 
 
-def export_transformers_js(src: str, out: str, opset: int = 17, overwrite: bool = False) -> str:
-    """Write the transformers.js layout of Idefics3 checkpoint `src` (directory or Hub id) to `out`."""
+def export_transformers_js(src: str, out: str, opset: int = 17, overwrite: bool = False,
+                           extra: Callable[[str], object] | None = None) -> str:  # fmt: skip
+    """Write the transformers.js layout of Idefics3 checkpoint `src` (directory or Hub id) to `out`;
+    `extra(dir)` adds files (e.g. quantized variants) before the layout is renamed into place."""
     from .onnx_export import _onnx_export, check_graph
 
     directory = resolve_checkpoint(src)
@@ -141,5 +144,7 @@ def export_transformers_js(src: str, out: str, opset: int = 17, overwrite: bool 
         pre.setdefault("image_processor_type", "Idefics3ImageProcessor")
         with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
             json.dump(pre, f, indent=2)
+        if extra is not None:
+            extra(tmp)
     log.info("transformers.js layout written to %s", out)
     return out

@@ -24,7 +24,7 @@ CHAT_TEMPLATE = (
 )  # SmolVLM's template
 
 
-def write_idefics3(directory, tie: bool, seed: int = 0) -> None:
+def write_idefics3(directory, tie: bool, seed: int = 0, layers: int = 2) -> None:
     """A tiny random Idefics3 model and its processor, as transformers saves them."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
@@ -47,7 +47,7 @@ def write_idefics3(directory, tie: bool, seed: int = 0) -> None:
     cfg = Idefics3Config(
         vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                            image_size=32, patch_size=8),
-        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=len(hf_tok),
                          max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie,
                          pad_token_id=hf_tok.pad_token_id),

@@ -48,9 +48,11 @@ def test_transformers_js_answers_like_our_runtime(node_modules, tmp_path):
     from tests.test_idefics3 import write_idefics3
 
     ckpt, bundle, layout = tmp_path / "ckpt", tmp_path / "bundle", tmp_path / "smolvlm-tiny"
-    write_idefics3(ckpt, tie=False)
+    write_idefics3(ckpt, tie=False, layers=4)  # blocks 1 and 2 get 4-bit layers in the q4 variant
     export_onnx(str(ckpt), str(bundle))
-    export_transformers_js(str(ckpt), str(layout))
+    from calibration.transformers_js import add_quantized_variants
+
+    export_transformers_js(str(ckpt), str(layout), extra=add_quantized_variants)
     pipe = VLMPipeline.from_bundle(str(bundle))
     question = "How many circles?"
     pictures = [Image.fromarray(skimage_data.chelsea()).resize((100, 40)),  # split into 4 x 2 tiles + global
@@ -73,13 +75,67 @@ def test_transformers_js_answers_like_our_runtime(node_modules, tmp_path):
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     script = os.path.join(node_modules, "idefics3_generate.mjs")  # next to node_modules, so imports resolve
     shutil.copy2(os.path.join(REPO, "tests", "js", "idefics3_generate.mjs"), script)
-    r = subprocess.run([NODE, script, str(layout), str(tmp_path / "cases.json")], capture_output=True, text=True,
-                       timeout=600)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
-    got = json.loads(r.stdout.strip().splitlines()[-1])
     eos = pipe.tokenizer.eos_token_id
+    cut = lambda t: t[: t.index(eos) + 1] if eos in t else t  # noqa: E731
+    got = _node(script, layout, tmp_path / "cases.json", "fp32")
     for mine, theirs in zip(ours, got, strict=True):
-        mine = mine[: mine.index(eos) + 1] if eos in mine else mine
-        assert theirs["tokens"][: len(mine)] == mine
+        assert cut(theirs["tokens"]) == cut(mine)
     assert len({tuple(o) for o in ours}) == 3 and all(len(set(o)) > 1 for o in ours)
     assert got[2]["processor_input_ids"] == cases[2]["input_ids"]  # its tokenizer and chat template: our ids
+    # the quantized variants, under the names transformers.js reads for dtype q4 / q8: its greedy
+    # tokens equal a plain ONNX Runtime loop over the same files
+    import onnx
+    from onnx import helper
+
+    from calibration.transformers_js import SUFFIXES
+
+    q4 = onnx.load(str(layout / "onnx" / "decoder_model_merged_q4.onnx"))
+    bits = [helper.get_attribute_value(a) for n in q4.graph.node if n.op_type == "MatMulNBits"
+            for a in n.attribute if a.name == "bits"]  # fmt: skip
+    assert bits.count(4) >= 4 and 8 in bits
+    image_id = pipe.cfg.image_token_id
+    for dtype, suffix in SUFFIXES.items():
+        theirs = _node(script, layout, tmp_path / "cases.json", dtype)
+        for case, t in zip(cases, theirs, strict=True):
+            assert cut(t["tokens"]) == cut(_ort_greedy(layout, suffix, case, image_id, eos))
+
+
+def _node(script, layout, cases, dtype: str) -> list[dict]:
+    r = subprocess.run(
+        [NODE, script, str(layout), str(cases), dtype], capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _ort_greedy(layout, suffix: str, case: dict, image_id: int, eos: int) -> list[int]:
+    """Greedy decoding over the layout's three graphs with onnxruntime, as their IO says."""
+    import numpy as np
+    import onnxruntime as ort
+
+    s = {g: ort.InferenceSession(str(layout / "onnx" / f"{g}{suffix}.onnx"), providers=["CPUExecutionProvider"])
+         for g in ("vision_encoder", "embed_tokens", "decoder_model_merged")}  # fmt: skip
+    ids = np.array([case["input_ids"]], np.int64)
+    x = s["embed_tokens"].run(None, {"input_ids": ids})[0]
+    if case["pixel_values"] is not None:
+        pixels = np.array(case["pixel_values"], np.float32).reshape(case["pixel_shape"])
+        feats = s["vision_encoder"].run(None, {"pixel_values": pixels})[0]
+        x[0, ids[0] == image_id] = feats.reshape(-1, x.shape[-1])
+    dec = s["decoder_model_merged"]
+    past = {i.name: np.zeros([1, i.shape[1], 0, i.shape[3]], np.float32) for i in dec.get_inputs()
+            if i.name.startswith("past_key_values.")}  # fmt: skip
+    total, out = ids.shape[1], []
+    for _ in range(case["max_new_tokens"]):
+        n = x.shape[1]
+        feed = {"inputs_embeds": x, "attention_mask": np.ones((1, total), np.int64),
+                "position_ids": np.arange(total - n, total, dtype=np.int64)[None], **past}  # fmt: skip
+        logits, *presents = dec.run(None, feed)
+        token = int(logits[0, -1].argmax())
+        out.append(token)
+        if token == eos:
+            break
+        past = {name.replace("present", "past_key_values"): v
+                for name, v in zip([o.name for o in dec.get_outputs()[1:]], presents, strict=True)}  # fmt: skip
+        x = s["embed_tokens"].run(None, {"input_ids": np.array([[token]], np.int64)})[0]
+        total += 1
+    return out

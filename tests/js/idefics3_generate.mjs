@@ -1,7 +1,8 @@
 // Greedy generation with transformers.js from a `--layout transformers.js` export, local files only.
 //
-//   node idefics3_generate.mjs MODEL_DIR CASES.json
+//   node idefics3_generate.mjs MODEL_DIR CASES.json [DTYPE]
 //
+// DTYPE: fp32 (default), or q4 / q8 for the quantized variants (onnx/*_q4.onnx, *_quantized.onnx).
 // CASES.json: [{"input_ids": [...], "pixel_values": [...] | null, "pixel_shape": [...] | null,
 //               "max_new_tokens": n, "messages": [...] | null}]
 // Prints one JSON line: for each case the generated token ids (prompt excluded) and, for cases
@@ -10,13 +11,13 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { AutoProcessor, Idefics3ForConditionalGeneration, Tensor, env } from '@huggingface/transformers';
 
-const [modelDir, casesPath] = process.argv.slice(2);
+const [modelDir, casesPath, dtype = 'fp32'] = process.argv.slice(2);
 env.allowRemoteModels = false;
 env.allowLocalModels = true;
 env.localModelPath = path.dirname(path.resolve(modelDir));
 const id = path.basename(path.resolve(modelDir));
 
-const model = await Idefics3ForConditionalGeneration.from_pretrained(id, { dtype: 'fp32', device: 'cpu' });
+const model = await Idefics3ForConditionalGeneration.from_pretrained(id, { dtype, device: 'cpu' });
 const processor = await AutoProcessor.from_pretrained(id);
 const cases = JSON.parse(fs.readFileSync(casesPath, 'utf8'));
 const results = [];
