@@ -54,6 +54,11 @@ def quantize_qdq(
             ]
             plan["kept_float"] = patterns
         excluded = [n for n in names if matches(n, patterns)]
+        targets = [n for n in names if n not in excluded]
+        if not targets:  # quantize_static reads an empty node list as "every node": keep the graph float
+            onnx.save(model, dst_path)
+            plan["notes"][f"{graph}_float"] = "every weight MatMul excluded: the graph stays float"
+            continue
         if graph == "decoder" and SMOOTH_ALPHA:
             from .smoothquant import smooth
 
@@ -67,7 +72,7 @@ def quantize_qdq(
             src_path, dst_path, FeedReader(feeds, f"calibrating {graph}"),
             quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"], per_channel=True,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            nodes_to_quantize=[n for n in names if n not in excluded], calibrate_method=calib,
+            nodes_to_quantize=targets, calibrate_method=calib,
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                            "CalibTensorRangeSymmetric": True, "CalibStridedMinMax": 1},
             reduce_range=True,  # 7-bit weights: see WEIGHT_RANGE

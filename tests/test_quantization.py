@@ -496,3 +496,14 @@ def test_fused_bundles_quantize_to_the_cpu_modes_only(tiny_tokenizer_dir, tmp_pa
             quantize_bundle(bundle, str(tmp_path / "x"), mode, samples=8)
     with pytest.raises(ValueError, match="GroupQueryAttention.*decoder fused"):
         check_buildable(bundle)
+
+
+def test_int8_static_keeps_a_graph_float_when_the_recipe_excludes_every_matmul(tiny_tokenizer_dir, tmp_path):
+    """On a 2-block decoder the int8-static recipe keeps both edge blocks float: nothing is left to
+    quantize there, and onnxruntime's quantize_static reads an empty node list as "every node" -
+    the decoder must stay float (it used to come out fully int8), the vision encoder int8."""
+    _, bundle = export_lively("replace", tiny_tokenizer_dir, tmp_path, blocks=2)
+    quantize_bundle(bundle, str(tmp_path / "q"), "int8-static", samples=8)
+    count = {g: sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / "q" / f"{g}.onnx")).graph.node)
+             for g in ("vision_encoder", "decoder")}  # fmt: skip
+    assert count["decoder"] == 0 and count["vision_encoder"] > 0, count
