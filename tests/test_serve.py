@@ -327,6 +327,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(endless):
         )
         it = iter(stream)
         next(it), next(it)
+        deadline = time.monotonic() + 10  # the first token is sent just before its row joins the batch
+        while _running(s) != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert _running(s) == 1
         stream.close()
         closed = time.perf_counter()
