@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -56,7 +56,6 @@ class Ticket:
     request: GenerationRequest
     on_event: Callable[[Event], None]
     prompt_tokens: int = 0
-    submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     finished: float | None = None
     cancelled: bool = False
@@ -179,17 +178,11 @@ class ContinuousBatcher:
             return self._finish(ticket, "cancelled")
         try:
             batch, pipe = ticket.batch, self.pipe
-            hidden = pipe.cfg.lm_hidden_dim
-            if batch.pixel_values.shape[0]:
-                embeds = self.backend.encode_images(batch.pixel_values)
-            else:
-                embeds = np.zeros((0, 0, hidden), np.float32)
-            ids, mask, image_rows = pipe.decoder_inputs(batch, embeds)  # [1, S]
+            ids, mask, image_rows, pos = pipe.prompt_inputs(batch)  # [1, S]
             S = ids.shape[1]
             if self.scratch is None or not self.scratch.fits(1, S):
                 self.scratch = self.backend.new_cache(1, max(S, 256))
             self.scratch.batch, self.scratch.length, self.scratch.turn = 1, 0, 0
-            pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
             logits = self.backend.step(ids, image_rows, mask, pos, cache=self.scratch)
         except Exception as e:  # noqa: BLE001 - a request that cannot run fails alone
             log.exception("prefill failed")

@@ -108,18 +108,22 @@ class VLMPipeline:
             mask = np.concatenate([np.ones((mask.shape[0], n), np.int64), mask], axis=1)
         return ids, mask, rows
 
+    def prompt_inputs(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The prefill's (input_ids, attention_mask, image rows, position_ids): images encoded."""
+        if batch.pixel_values.shape[0]:
+            image_embeds = self.backend.encode_images(batch.pixel_values)
+        else:
+            image_embeds = np.zeros((0, 0, self.cfg.lm_hidden_dim), np.float32)
+        ids, mask, rows = self.decoder_inputs(batch, image_embeds)
+        return ids, mask, rows, np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+
     # ------------------------------------------------------------------ the generation loop
     def generate_ids(self, batch: Batch, request: GenerationRequest) -> Iterator[np.ndarray]:
         """Yield the next token of every row, [B] int64, until all rows hit EOS or the limit."""
         t = Timings()
         t0 = time.perf_counter()
-        hidden = self.cfg.lm_hidden_dim
-        if batch.pixel_values.shape[0]:
-            image_embeds = self.backend.encode_images(batch.pixel_values)
-        else:
-            image_embeds = np.zeros((0, 0, hidden), np.float32)
+        ids, mask, rows, pos = self.prompt_inputs(batch)
         t.image_encode_s = time.perf_counter() - t0
-        ids, mask, rows = self.decoder_inputs(batch, image_embeds)
         B, S = ids.shape
         total = S + request.max_new_tokens
         if total > self.backend.max_context:
@@ -130,14 +134,13 @@ class VLMPipeline:
         self.backend.reset(B, total)
         sampler = Sampler(request.sampling)
         eos = -1 if request.ignore_eos else self.tokenizer.eos_token_id
-        pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         seen = [list(r[m == 1]) for r, m in zip(batch.input_ids, batch.attention_mask, strict=True)]
         finished = np.zeros(B, dtype=bool)
         t1 = time.perf_counter()
         logits = self.backend.step(ids, rows, mask, pos)  # prefill
         t.prefill_s, t.prompt_tokens = time.perf_counter() - t1, S
         t2 = time.perf_counter()
-        empty = np.zeros((0, hidden), np.float32)
+        empty = np.zeros((0, self.cfg.lm_hidden_dim), np.float32)
         try:
             for step in range(request.max_new_tokens):
                 token = sampler(logits, seen if request.sampling.repetition_penalty != 1.0 else None)
@@ -163,16 +166,6 @@ class VLMPipeline:
         return prepare_batch(
             self.cfg, self.tokenizer, self.image_processor, images, prompts, histories, system
         )
-
-    def _text(self, ids: list[int], stop: list[str]) -> tuple[str, bool]:
-        eos = self.tokenizer.eos_token_id
-        if eos in ids:
-            ids = ids[: ids.index(eos)]
-        text = self.tokenizer.decode(ids)
-        for s in stop:
-            if s in text:
-                return text[: text.index(s)], True
-        return text, False
 
     def generate(self, images: Any, prompt: str, max_new_tokens: int = 64, stop: list[str] | None = None,
                  sampling: SamplingConfig | None = None) -> str:  # fmt: skip
@@ -201,7 +194,7 @@ class VLMPipeline:
         for token in self.generate_ids(batch, request):
             for r, tok in enumerate(token.tolist()):
                 rows[r].append(tok)
-        return [self._text(r, request.stop)[0] for r in rows]
+        return [answer_text(self.tokenizer, r, request.stop)[0] for r in rows]
 
     def _stream(self, batch: Batch, request: GenerationRequest) -> Iterator[str]:
         text = TextStream(self.tokenizer, request.stop)
@@ -226,19 +219,12 @@ class TextStream:
         self.ids: list[int] = []
         self.sent = ""
 
-    def _text(self) -> tuple[str, bool]:
-        text = self.tokenizer.decode(self.ids)
-        for s in self.stop:
-            if s in text:
-                return text[: text.index(s)], True
-        return text, False
-
     def push(self, token: int) -> tuple[str, bool]:
         """Add one token -> (new text to send, whether the answer ended here)."""
         if token == self.tokenizer.eos_token_id:
             return self.flush(), True
         self.ids.append(token)
-        text, stopped = self._text()
+        text, stopped = answer_text(self.tokenizer, self.ids, self.stop)
         if stopped:
             return self._send(text), True
         if text.endswith("\ufffd"):
@@ -247,13 +233,24 @@ class TextStream:
 
     def flush(self) -> str:
         """What is left to send once no more tokens come."""
-        return self._send(self._text()[0])
+        return self._send(answer_text(self.tokenizer, self.ids, self.stop)[0])
 
     def _send(self, upto: str) -> str:
         if len(upto) <= len(self.sent):
             return ""
         delta, self.sent = upto[len(self.sent) :], upto
         return delta
+
+
+def answer_text(tokenizer: Tokenizer, ids: list[int], stop: list[str]) -> tuple[str, bool]:
+    """(the text of `ids` up to EOS and before the first stop string, whether a stop string cut it)."""
+    if tokenizer.eos_token_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_token_id)]
+    text = tokenizer.decode(ids)
+    for s in stop:
+        if s in text:
+            return text[: text.index(s)], True
+    return text, False
 
 
 def _stop_overlap(text: str, stops: list[str]) -> int:
