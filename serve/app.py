@@ -129,12 +129,12 @@ class Service:
             batch = self.pipe.prepare([chat.images], [chat.question], [chat.history], chat.system)
         except ValueError as e:
             raise ApiError(400, str(e), "messages") from None
-        room = self.engine.max_context - self.engine.prompt_length(batch)
-        max_tokens = chat.max_tokens or min(self.limits.max_tokens, room)
+        n = self.engine.prompt_length(batch)
+        room = self.engine.max_context - n
         if room < 1:
-            raise ApiError(400, f"the prompt takes {self.engine.prompt_length(batch)} positions (image tokens "
-                                f"included): no room left in the model's context of {self.engine.max_context}",
-                           "messages")  # fmt: skip
+            raise ApiError(400, f"the prompt takes {n} positions (image tokens included): no room left in "
+                                f"the model's context of {self.engine.max_context}", "messages")  # fmt: skip
+        max_tokens = chat.max_tokens or min(self.limits.max_tokens, room)
         return chat, batch, GenerationRequest(max_tokens, chat.sampling, chat.stop)
 
 
@@ -252,8 +252,10 @@ def create_app(config: ServeConfig, load_in_background: bool = True) -> Starlett
     async def metrics(request: Request) -> Response:
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    page_html = resources.files("serve").joinpath("static/index.html").read_text()  # read once
+
     async def page(request: Request) -> Response:
-        return HTMLResponse(resources.files("serve").joinpath("static/index.html").read_text())
+        return HTMLResponse(page_html)
 
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
