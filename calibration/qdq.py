@@ -50,7 +50,7 @@ def quantize_qdq(
         if graph == "decoder":
             patterns += [
                 *INT8_STATIC_FLOAT,
-                *(f"*/blocks.{i}/*" for i in edge_blocks(bundle, INT8_STATIC_EDGE_BLOCKS)),
+                *(f"*/blocks.{i}/*" for i in edge_blocks(bundle.config.lm_n_blocks, INT8_STATIC_EDGE_BLOCKS)),
             ]
             plan["kept_float"] = patterns
         excluded = [n for n in names if matches(n, patterns)]

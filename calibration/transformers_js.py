@@ -18,7 +18,7 @@ import onnx
 from core.config import read_config_json
 
 from .nbits import quantize_nbits
-from .weight_only import INT4_EDGE_BLOCKS_8BIT, INT4_KEEP_8BIT
+from .weight_only import int4_keep_8bit
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +28,7 @@ SUFFIXES = {"q4": "_q4", "q8": "_quantized"}  # transformers.js's dtype -> file 
 def add_quantized_variants(layout: str, dtypes: tuple[str, ...] = ("q4", "q8")) -> list[str]:
     """Write the variants next to the fp32 graphs in `layout`/onnx; -> the files written."""
     n_blocks = read_config_json(os.path.join(layout, "config.json"))["text_config"]["num_hidden_layers"]
-    edge = [
-        f"/decoder/blocks.{i}/*"
-        for i in (*range(INT4_EDGE_BLOCKS_8BIT), *range(n_blocks - INT4_EDGE_BLOCKS_8BIT, n_blocks))
-    ]
-    keep_8bit = [*INT4_KEEP_8BIT, *edge, "/decoder/head/*"]
+    keep_8bit = [*int4_keep_8bit(n_blocks), "/decoder/head/*"]
     written = []
     for dtype in dtypes:
         for graph in ("vision_encoder", "embed_tokens", "decoder_model_merged"):

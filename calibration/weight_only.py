@@ -25,17 +25,19 @@ INT4_EDGE_BLOCKS_8BIT = 1
 INT4_HEAD_BITS = 8  # the tied embedding/head matrix in the int4 recipe
 
 
-def edge_blocks(bundle: Bundle, n: int) -> list[int]:
-    """The first n and last n decoder block indices."""
-    layers = bundle.config.lm_n_blocks
+def edge_blocks(layers: int, n: int) -> list[int]:
+    """The first n and last n of `layers` decoder block indices."""
     return sorted({*range(min(n, layers)), *range(max(layers - n, 0), layers)})
+
+
+def int4_keep_8bit(layers: int) -> list[str]:
+    """Decoder MatMul patterns the int4 recipe keeps at 8 bits, for a decoder of `layers` blocks."""
+    return [*INT4_KEEP_8BIT, *(f"*/blocks.{i}/*" for i in edge_blocks(layers, INT4_EDGE_BLOCKS_8BIT))]
 
 
 def keep_8bit(bundle: Bundle, recipe: Recipe) -> list[str]:
     """Decoder MatMul patterns kept at 8 bits (none unless the recipe's weights are 4-bit)."""
-    if recipe.weight_bits != 4:
-        return []
-    return [*INT4_KEEP_8BIT, *(f"*/blocks.{i}/*" for i in edge_blocks(bundle, INT4_EDGE_BLOCKS_8BIT))]
+    return int4_keep_8bit(bundle.config.lm_n_blocks) if recipe.weight_bits == 4 else []
 
 
 def gptq_statistics(

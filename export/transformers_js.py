@@ -79,6 +79,7 @@ def export_transformers_js(src: str, out: str, opset: int = 17, overwrite: bool 
                            extra: Callable[[str], object] | None = None) -> str:  # fmt: skip
     """Write the transformers.js layout of Idefics3 checkpoint `src` (directory or Hub id) to `out`;
     `extra(dir)` adds files (e.g. quantized variants) before the layout is renamed into place."""
+    from .graphs import decoder_io_names
     from .onnx_export import _onnx_export, check_graph
 
     directory = resolve_checkpoint(src)
@@ -111,18 +112,15 @@ def export_transformers_js(src: str, out: str, opset: int = 17, overwrite: bool 
         kv = (B, cfg.lm_n_kv_heads, P, cfg.lm_head_dim)
         args = (torch.rand(B, T, cfg.lm_hidden_dim), torch.ones(B, P + T, dtype=torch.long),
                 torch.arange(P, P + T)[None], *[torch.rand(kv) for _ in range(2 * cfg.lm_n_blocks)])  # fmt: skip
-        inputs = ["inputs_embeds", "attention_mask", "position_ids"]
-        outputs = ["logits"]
+        bundle_inputs, outputs = decoder_io_names(cfg.lm_n_blocks)  # the KV names are the bundle's
+        past = bundle_inputs[4:]
+        inputs = ["inputs_embeds", "attention_mask", "position_ids", *past]
         axes = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
                 "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
                 "position_ids": {0: "batch_size", 1: "sequence_length"},
                 "logits": {0: "batch_size", 1: "sequence_length"}}  # fmt: skip
-        for i in range(cfg.lm_n_blocks):
-            for part in ("key", "value"):
-                inputs.append(f"past_key_values.{i}.{part}")
-                outputs.append(f"present.{i}.{part}")
-                axes[inputs[-1]] = {0: "batch_size", 2: "past_sequence_length"}
-                axes[outputs[-1]] = {0: "batch_size", 2: "total_sequence_length"}
+        axes |= {name: {0: "batch_size", 2: "past_sequence_length"} for name in past}
+        axes |= {name: {0: "batch_size", 2: "total_sequence_length"} for name in outputs[1:]}
         _onnx_export(MergedDecoderGraph(model), args, graph(GRAPHS[2]), opset, input_names=inputs,
                      output_names=outputs, dynamic_axes=axes)  # fmt: skip
         for name in GRAPHS:

@@ -128,7 +128,7 @@ def load_checkpoint(
     directory = resolve_checkpoint(src, revision)
     raw = read_config_json(os.path.join(directory, "config.json"))
     if is_idefics3(raw):  # a transformers Idefics3 / SmolVLM checkpoint
-        return load_idefics3(cls, directory)
+        return load_idefics3(cls, directory, revision, hf=raw)
     cfg = VLMConfig.from_dict(raw, source=os.path.join(directory, "config.json"))
     weights = os.path.join(directory, "model.safetensors")
     if not os.path.exists(weights):

@@ -140,12 +140,14 @@ def idefics3_weight_table(cfg: VLMConfig) -> dict[str, str]:
     return table
 
 
-def load_idefics3(cls: type, directory: str, revision: str | None = None) -> torch.nn.Module:
+def load_idefics3(
+    cls: type, directory: str, revision: str | None = None, hf: dict | None = None
+) -> torch.nn.Module:
     """A VisionLanguageModel (cls) with the weights and tokenizer of an Idefics3 checkpoint directory
-    or Hub id."""
+    or Hub id (`hf`: its config.json, when already read)."""
     from .checkpoint import load_tokenizer
 
-    hf = read_hf_config(directory, revision)
+    hf = hf or read_hf_config(directory, revision)  # config.json, unless the caller has read it
     image, seq_len, template = read_processing(directory, revision)
     cfg = idefics3_config(hf, image, template, seq_len, os.path.join(directory, "config.json"))
     model = cls(cfg, load_backbone=False)
