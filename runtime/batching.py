@@ -182,7 +182,7 @@ class ContinuousBatcher:
             S = ids.shape[1]
             if self.scratch is None or not self.scratch.fits(1, S):
                 self.scratch = self.backend.new_cache(1, max(S, 256))
-            self.scratch.batch, self.scratch.length, self.scratch.turn = 1, 0, 0
+            self.scratch.start(1)
             logits = self.backend.step(ids, image_rows, mask, pos, cache=self.scratch)
         except Exception as e:  # noqa: BLE001 - a request that cannot run fails alone
             log.exception("prefill failed")
@@ -202,7 +202,7 @@ class ContinuousBatcher:
         if not self.rows:  # an empty batch starts a frame of the newcomer's length
             if self.cache is None or not self.cache.fits(self.max_batch, need):
                 self.cache = self._cache_for(need, None)
-            self.cache.batch, self.cache.length, self.cache.turn = 0, S, 0
+            self.cache.start(0, S)
             self.mask = np.zeros((0, S), np.int64)
         elif not self.cache.fits(self.max_batch, need):
             self.cache = self._cache_for(need, self.cache)

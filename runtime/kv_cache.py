@@ -45,6 +45,10 @@ class KVCache:
         self.length = 0  # positions in the frame (the past of the next step)
         self.turn = 0  # which set holds the current frame (ping-pong)
 
+    def start(self, rows: int, length: int = 0) -> None:
+        """Begin a frame of `rows` rows holding `length` positions (0: a new generation)."""
+        self.batch, self.length, self.turn = rows, length, 0
+
     def fits(self, rows: int, length: int) -> bool:
         return rows <= self.capacity[0] and length <= self.capacity[1]
 

@@ -160,7 +160,7 @@ class OrtBackend:
         c = self.cache
         if c is None or c.capacity[0] != batch or not c.fits(batch, max_total):
             self.cache = c = self.new_cache(batch, max_total)
-        c.batch, c.length, c.turn = batch, 0, 0
+        c.start(batch)
 
     @property
     def past_len(self) -> int:
