@@ -17,7 +17,6 @@ Needs the bundles and GGUF that quantization_report.py caches.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -104,10 +103,9 @@ def main() -> None:
     for k, s in report["ratios"].items():
         print(f"| {k} | {s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f}) |")
     if args.json:
-        from core.files import atomic_write
+        from core.files import write_json
 
-        with atomic_write(args.json) as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

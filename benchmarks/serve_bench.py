@@ -232,10 +232,9 @@ def main() -> None:
         plot(results, args.plot)
         print(f"\nchart: {args.plot}")
     if args.json:
-        from core.files import atomic_write
+        from core.files import write_json
 
-        with atomic_write(args.json) as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

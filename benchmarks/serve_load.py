@@ -253,10 +253,9 @@ def main() -> None:
     report["machine"] = f"{os.cpu_count()} CPU threads"
     print_report(report)
     if args.json:
-        from core.files import atomic_write
+        from core.files import write_json
 
-        with atomic_write(args.json) as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

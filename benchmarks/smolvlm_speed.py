@@ -17,7 +17,6 @@ attention) against the runtime's bundles.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -169,10 +168,9 @@ def main() -> None:
             print(f"| {label} | {name} | {r['prompt_positions']} | {r['ttft_s']:.3f} | {r['ttft_s'] / ref['ttft_s']:.2f}x | "
                   f"{r['decode_tokens_per_s']:.1f} | {r['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}x |")  # fmt: skip
     if args.json:
-        from core.files import atomic_write
+        from core.files import write_json
 
-        with atomic_write(args.json) as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -112,13 +112,6 @@ def sampling_config(kw: dict[str, Any]) -> Any:
     )
 
 
-def write_json(path: str, data: Any) -> None:
-    from core.files import atomic_write
-
-    with atomic_write(path) as f:
-        json.dump(data, f, indent=2)
-
-
 # ----------------------------------------------------------------------------- the root
 class OneLineErrors(click.Group):
     """Every error is one line on stderr: click's usage errors too (without the usage block)."""
@@ -548,6 +541,8 @@ def validate(bundle: str, reference: str | None, images: str, prompts: str | Non
     failures = metrics.gate(summary, limits)
     click.echo(metrics.table(summary, limits))
     if json_out:
+        from core.files import write_json
+
         write_json(json_out, {"bundle": bundle, "reference": reference or "stored", "thresholds": limits,
                               "failures": failures, "summary": summary})  # fmt: skip
     if failures:
@@ -596,6 +591,8 @@ def bench(bundle: str, reference: str | None, variants: tuple[str, ...], image: 
     b.plot(result, plot_path)
     click.echo(f"chart: {plot_path}")
     if json_out:
+        from core.files import write_json
+
         write_json(json_out, result)
 
 

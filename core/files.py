@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import shutil
 import sys
@@ -114,3 +115,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """`data` as indented JSON, written atomically (temp file, then rename)."""
+    with atomic_write(path) as f:
+        json.dump(data, f, indent=2)
