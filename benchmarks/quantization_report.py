@@ -2,6 +2,7 @@
 each mode of the standard bundle, then the fused-decoder bundle (`--decoder fused`) and its modes.
 
     python benchmarks/quantization_report.py [--models smollm2,tiny] [--json docs/quantization_report.json]
+    python benchmarks/quantization_report.py --models smollm2 --modes int8-static --skip-speed   # one mode
 
 smollm2  the nanoVLM-222M shape with the real SmolLM2-135M-Instruct decoder (built as in
          runtime_decode.py). Calibrated on 10 scikit-image photographs with varied prompts and 10 text-only prompts;
@@ -94,20 +95,29 @@ def photo_folder() -> str:
     return folder
 
 
-def variants(ckpt: str, fp32: str, name: str, calibration: str, samples: int) -> dict[str, str]:
-    """Every mode of the standard bundle `fp32`, then the fused-decoder export and its CPU modes."""
+def variants(
+    ckpt: str, fp32: str, name: str, calibration: str, samples: int, modes: list[str] | None = None
+) -> dict[str, str]:
+    """Every mode of the standard bundle `fp32`, then the fused-decoder export and its CPU modes
+    (or only the labels in `modes`, fp32 always included)."""
     from calibration.quantize import quantize_bundle
     from core.recipes import FUSED_MODES, QUANTIZE_MODES
     from export.onnx_export import export_onnx
 
     out = {"fp32": fp32}
     fused = os.path.join(CACHE, "bundles", f"{name}-fused-fp32")
-    if not os.path.exists(os.path.join(fused, "manifest.json")):
+    if any(m.startswith("fused") for m in modes or ["fused"]) and not os.path.exists(
+        os.path.join(fused, "manifest.json")
+    ):
         export_onnx(ckpt, fused, decoder="fused")
     jobs = [(mode, fp32, mode) for mode in QUANTIZE_MODES] + [("fused fp32", None, None)]
     jobs += [(f"fused {mode}", fused, mode) for mode in FUSED_MODES]
+    if modes:
+        jobs = [j for j in jobs if j[0] in modes]
     for label, src, mode in jobs:
         path = os.path.join(CACHE, "bundles", f"{name}-{label.replace(' ', '-')}")
+        if label == "fused fp32" and not os.path.exists(os.path.join(path, "manifest.json")):
+            export_onnx(ckpt, path, decoder="fused")
         if src and not os.path.exists(os.path.join(path, "manifest.json")):
             logging.info("quantizing %s -> %s", name, label)
             quantize_bundle(src, path, mode, calibration=calibration, samples=samples)
@@ -126,7 +136,9 @@ def accuracy(
     for mode, path in paths.items():
         pipe = VLMPipeline.from_bundle(path)
         s = metrics.compare(pipe, reference, cases, max_new_tokens, desc=mode + label)
-        out[mode] = s | {"bytes": pipe.bundle.total_bytes()}
+        decoder = pipe.bundle.graph_path("decoder")
+        decoder_bytes = sum(os.path.getsize(f) for f in (decoder, decoder + ".data") if os.path.exists(f))
+        out[mode] = s | {"bytes": pipe.bundle.total_bytes(), "decoder_bytes": decoder_bytes}
         logging.info("%s%s: KL %.4g top-1 %.3f exact %.2f", mode, label, s["kl_mean"], s["top1_agreement"],
                      s["exact_match"])  # fmt: skip
     return out
@@ -150,7 +162,7 @@ def smollm2(args) -> dict:
     from evaluation.bench import bench
 
     ckpt = build_checkpoint()
-    paths = variants(ckpt, build_bundle(ckpt), "nanovlm-222m-shape", photo_folder(), 20)
+    paths = variants(ckpt, build_bundle(ckpt), "nanovlm-222m-shape", photo_folder(), 20, args.modes)
     cases = [metrics.Case([Image.fromarray(getattr(skimage.data, k)())], p) for k, p in EVAL_PHOTOS.items()]
     cases += [metrics.Case([], t) for t in EVAL_TEXTS]
     folder = os.path.dirname(skimage.data.__file__)
@@ -159,9 +171,10 @@ def smollm2(args) -> dict:
     reference = parity.Reference(ckpt)  # one PyTorch run per case, shared by every comparison below
     summaries = accuracy(paths, reference, cases, 32)
     result = {"accuracy": without_rows(summaries)}
-    speed = bench(list(paths.values()), None, None, PROMPT, args.max_new_tokens, args.repeats, None, ())
-    result["speed"] = {mode: row for mode, row in zip(paths, speed["rows"], strict=True)}
-    result["llama_cpp"] = llama_cpp_speed(ckpt, speed["rows"][0]["prompt_positions"], args)
+    if not args.skip_speed:
+        speed = bench(list(paths.values()), None, None, PROMPT, args.max_new_tokens, args.repeats, None, ())
+        result["speed"] = {mode: row for mode, row in zip(paths, speed["rows"], strict=True)}
+        result["llama_cpp"] = llama_cpp_speed(ckpt, speed["rows"][0]["prompt_positions"], args)
     text = len(EVAL_PHOTOS)  # the text prompts' rows of the comparison above
     result["text_only"] = {
         mode: kl_top1(metrics.summarize(s["rows"][text:])) for mode, s in summaries.items()
@@ -237,7 +250,7 @@ def tiny(args) -> dict:
         raise SystemExit(
             "artifacts/tiny/bundle not found: run `make demo` first (trains and exports the default)"
         )
-    paths = variants(ckpt, fp32, "tiny", "builtin", 32)
+    paths = variants(ckpt, fp32, "tiny", "builtin", 32, args.modes)
     summaries = accuracy(paths, parity.Reference(ckpt), metrics.builtin_cases(args.tiny_cases), 4)
     return {"accuracy": without_rows(summaries)}
 
@@ -245,26 +258,29 @@ def tiny(args) -> dict:
 def print_tables(report: dict) -> None:
     if "smollm2" in report:
         r = report["smollm2"]
-        base = r["speed"]["fp32"]["decode_tokens_per_s"]["median"]
-        fused = r["speed"].get("fused fp32", r["speed"]["fp32"])["decode_tokens_per_s"]["median"]
-        fp32_bytes = r["accuracy"]["fp32"]["bytes"]
+        speed = r.get("speed")  # absent with --skip-speed
+        base = speed["fp32"]["decode_tokens_per_s"]["median"] if speed else None
+        fused = speed.get("fused fp32", speed["fp32"])["decode_tokens_per_s"]["median"] if speed else None
+        fp32 = r["accuracy"]["fp32"]
         print("\n### nanoVLM-222M shape, real SmolLM2-135M decoder (vs fp32 PyTorch)\n")
         print(
-            "| mode | KL (nats/token) | top-1 agree | greedy exact | common prefix | vision cosine min | size (MB) | size vs fp32 | decode tok/s | vs fp32 ORT | vs fused fp32 ORT |"
+            "| mode | KL (nats/token) | top-1 agree | greedy exact | common prefix | vision cosine min | size (MB) | size vs fp32 | decoder vs fp32 | decode tok/s | vs fp32 ORT | vs fused fp32 ORT |"
         )
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for mode, a in r["accuracy"].items():
-            d = r["speed"][mode]["decode_tokens_per_s"]["median"]
+            d = speed[mode]["decode_tokens_per_s"]["median"] if speed else None
+            rates = f"{d:.1f} | {d / base:.2f}x | {d / fused:.2f}x" if speed else "- | - | -"
             print(f"| {mode} | {a['kl_mean']:.4f} | {a['top1_agreement']:.3f} | {a['exact_match']:.2f} | "
                   f"{a['common_prefix_ratio']:.2f} | {a.get('vision_cosine_min', float('nan')):.4f} | "
-                  f"{a['bytes'] / 1e6:.1f} | {a['bytes'] / fp32_bytes:.0%} | {d:.1f} | {d / base:.2f}x | {d / fused:.2f}x |")  # fmt: skip
-        for name, s in r["llama_cpp"].items():
+                  f"{a['bytes'] / 1e6:.1f} | {a['bytes'] / fp32['bytes']:.0%} | "
+                  f"{a['decoder_bytes'] / fp32['decoder_bytes']:.1%} | {rates} |")  # fmt: skip
+        for name, s in r.get("llama_cpp", {}).items():
             if name == "skipped":
                 print(f"\nllama.cpp: {s}")
                 continue
             d = s["decode_tokens_per_s"]["median"]
             print(
-                f"| {name} (LM only) | - | - | - | - | - | {s['bytes'] / 1e6:.1f} | - | {d:.1f} | {d / base:.2f}x | {d / fused:.2f}x |"
+                f"| {name} (LM only) | - | - | - | - | - | {s['bytes'] / 1e6:.1f} | - | - | {d:.1f} | {d / base:.2f}x | {d / fused:.2f}x |"
             )
     if "smollm2" in report and "text_only" in report["smollm2"]:
         print("\n### the same, text prompts only (teacher-forced KL vs fp32 PyTorch, base vocabulary)\n")
@@ -294,6 +310,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tiny-cases", type=int, default=600)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--modes",
+        type=lambda v: v.split(","),
+        default=None,
+        help="comma-separated labels (e.g. int8-static,fused int4); default: every mode",
+    )
+    ap.add_argument("--skip-speed", action="store_true", help="accuracy and size only")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report = {

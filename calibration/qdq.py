@@ -1,100 +1,121 @@
-"""int8-static: Q/DQ int8 weights (per channel) and activations (per tensor, calibrated), the
-explicit-quantization input for TensorRT, plus a TensorRT calibration cache of the same ranges.
+"""int8-static: Q/DQ INT8 on an fp16 base, the explicit-quantization input for TensorRT.
 
-The decoder is smoothed first (SmoothQuant) and leaves `down_proj` and its edge blocks in float:
-per-tensor activation ranges cannot hold their inputs on SmolLM2 (docs/quantization.md).
+Both graphs become the fp16 recipe's graph (fp16.py: fp16 weights and products between Casts;
+norms, softmax, RoPE, residuals and the graph IO in fp32) in which every weight MatMul reads int8
+weights through DequantizeLinear: symmetric, one scale per output channel, [-127, 127], rounded by
+GPTQ on the calibration feeds (gptq.py). Where a per-tensor activation range holds the MatMul's
+input, that fp16 input passes QuantizeLinear -> DequantizeLinear with a calibrated scale: a
+strongly typed TensorRT build runs those MatMuls as INT8 GEMMs and every other op in the type the
+graph gives it. Elsewhere the weight alone is int8 (fp16 activations).
+
+On SmolLM2 (docs/quantization.md) per-tensor ranges hold the inputs of the attention output
+projection and of gate/up (after SmoothQuant), not those of q/k/v (+0.0045 KL), down_proj (+0.20)
+or the first and last block: those stay weight-only. The ranges live in the graph, so the bundle
+carries no TensorRT calibration cache.
+
+ONNX Runtime's CPU provider would fuse the weight-only DequantizeLinear -> MatMul pairs into
+MatMulNBits with int8 activations; the runtime turns its Q/DQ fusions off for these bundles
+(runtime/onnx_backend.py), so ONNX Runtime computes what the graph says, as TensorRT does, and
+the same on every CPU (no integer kernels, whose AVX2 variant saturates).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import tempfile
 
+import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import version_converter
 
 from core.bundle import Bundle
 
+from .fp16 import QDQ_MIN_OPSET, to_fp16
+from .gptq import DAMPING, gptq_channels
+from .importance import channel_stats
 from .nbits import matches, weight_matmuls
 from .weight_only import edge_blocks
 
+log = logging.getLogger(__name__)
+
 METHODS = ("minmax", "entropy", "percentile")
-# Weights use 7 bits ([-64, 64]). On x86 ONNX Runtime runs int8 Q/DQ MatMuls as uint8 x int8 (it
-# shifts int8 activations by 128); without AVX-512 VNNI / AVX-VNNI the kernel's VPMADDUBSW adds
-# two such products into int16, which saturates for |w| > 64 (2 * 255 * 127 > 32767). With 7-bit
-# weights no sum can saturate, so the bundle computes the same on AVX2, AVX-512 VNNI and ARM.
-WEIGHT_RANGE = (-64, 64)
-SMOOTH_ALPHA = 0.5  # SmoothQuant migration strength for the decoder (0 = off)
-INT8_STATIC_FLOAT = ("*/mlp/down_proj/*",)
+SMOOTH_ALPHA = 0.5  # SmoothQuant migration strength for the decoder's quantized activations
+# Decoder MatMuls whose activations stay fp16 (weight-only int8), and the blocks at each end that do.
+INT8_STATIC_WEIGHT_ONLY = ("*/attn/q_proj/*", "*/attn/k_proj/*", "*/attn/v_proj/*", "*/mlp/down_proj/*")
 INT8_STATIC_EDGE_BLOCKS = 1
+
+
+def weight_only_patterns(layers: int) -> list[str]:
+    """Decoder MatMul patterns the int8-static recipe keeps weight-only, for `layers` blocks."""
+    return [
+        *INT8_STATIC_WEIGHT_ONLY,
+        *(f"*/blocks.{i}/*" for i in edge_blocks(layers, INT8_STATIC_EDGE_BLOCKS)),
+    ]
 
 
 def quantize_qdq(
     bundle: Bundle, out: str, plan: dict, vision_feeds: list[dict], decoder_feeds: list[dict], method: str
 ) -> None:
-    """Write both graphs of `bundle` as Q/DQ graphs into `out`, and `out`/calibration.cache."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
-    from .recorder import FeedReader
-    from .trt_cache import write_trt_cache
-
+    """Write both graphs of `bundle` as fp16 Q/DQ graphs into `out`."""
     plan["method"] = method
-    calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-             "percentile": CalibrationMethod.Percentile}[method]  # fmt: skip
-    ranges: dict[str, float] = {}
+    plan["kept_weight_only"] = weight_only_patterns(bundle.config.lm_n_blocks)
+    plan["kept_float"] = list(plan["excluded"])
     for graph, feeds in (("vision_encoder", vision_feeds), ("decoder", decoder_feeds)):
-        src_path = bundle.graph_path(graph)
-        dst_path = os.path.join(out, bundle.graph_spec(graph)["file"])
-        model = onnx.load(src_path)
+        model = version_converter.convert_version(onnx.load(bundle.graph_path(graph)), QDQ_MIN_OPSET)
         names = [n.name for n in weight_matmuls(model)]
-        patterns = list(plan["excluded"])
-        if graph == "decoder":
-            patterns += [
-                *INT8_STATIC_FLOAT,
-                *(f"*/blocks.{i}/*" for i in edge_blocks(bundle.config.lm_n_blocks, INT8_STATIC_EDGE_BLOCKS)),
-            ]
-            plan["kept_float"] = patterns
-        excluded = [n for n in names if matches(n, patterns)]
-        targets = [n for n in names if n not in excluded]
-        if not targets:  # quantize_static reads an empty node list as "every node": keep the graph float
-            onnx.save(model, dst_path)
-            plan["notes"][f"{graph}_float"] = "every weight MatMul excluded: the graph stays float"
-            continue
+        int8 = [n for n in names if not matches(n, plan["excluded"])]
+        quantized = [n for n in int8 if graph != "decoder" or not matches(n, plan["kept_weight_only"])]
         if graph == "decoder" and SMOOTH_ALPHA:
             from .smoothquant import smooth
 
-            smoothed = smooth(model, feeds, SMOOTH_ALPHA)
-            plan["notes"]["smoothquant"] = (
-                f"alpha {SMOOTH_ALPHA}: {len(smoothed)} MatMul groups smoothed before calibration"
-            )
-            src_path = dst_path + ".smoothed.onnx"
-            onnx.save(model, src_path)
-        quantize_static(
-            src_path, dst_path, FeedReader(feeds, f"calibrating {graph}"),
-            quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"], per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-            nodes_to_quantize=targets, calibrate_method=calib,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                           "CalibTensorRangeSymmetric": True, "CalibStridedMinMax": 1},
-            reduce_range=True,  # 7-bit weights: see WEIGHT_RANGE
-            calibration_providers=["CPUExecutionProvider"],
-            use_external_data_format=False, calibration_cache_path=None,
+            smoothed = smooth(model, feeds, SMOOTH_ALPHA, only=set(quantized))
+            plan["notes"]["smoothquant"] = f"alpha {SMOOTH_ALPHA}: {len(smoothed)} MatMul groups smoothed"
+        inputs = {n.name: n.input[0] for n in weight_matmuls(model) if n.name in int8}
+        stats = channel_stats(model, sorted(set(inputs.values())), feeds, f"calibrating {graph}",
+                              grams=set(inputs.values()))  # fmt: skip
+        amax = activation_amax(model, {n: inputs[n] for n in quantized}, stats, feeds, method)
+        weights = {n.name: onnx.numpy_helper.to_array(i) for n in weight_matmuls(model)
+                   for i in model.graph.initializer if i.name == n.input[1] and n.name in int8}  # fmt: skip
+        int8_weights = {n: gptq_channels(w, stats[inputs[n]]["gram"]) for n, w in weights.items()}
+        del stats
+        model = to_fp16(model, int8_weights, amax)
+        onnx.save(model, os.path.join(out, bundle.graph_spec(graph)["file"]))
+        plan["notes"][f"{graph}_int8"] = (
+            f"{len(amax)} MatMuls int8 x int8, {len(int8) - len(amax)} int8 weights on fp16 activations, "
+            f"{len(names) - len(int8)} fp16; weights per output channel rounded by GPTQ (damping {DAMPING})"
+        )
+
+
+def activation_amax(
+    model: onnx.ModelProto, inputs: dict[str, str], stats: dict, feeds: list[dict], method: str
+) -> dict[str, float]:
+    """{MatMul name: symmetric range of its input}: the largest |x| seen (minmax), or onnxruntime's
+    histogram calibrators (entropy, percentile) over the same feeds, one feed at a time (prefill
+    and decode feeds differ in shape, which the histogram collectors cannot stack)."""
+    if method == "minmax":
+        return {n: float(stats[t]["max_abs"].max()) for n, t in inputs.items()}
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; expected one of {', '.join(METHODS)}")
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    from .recorder import FeedReader
+
+    calibrate = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method]
+    with tempfile.TemporaryDirectory(prefix="nanovlm-calibrate-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        onnx.save(model, path)
+        calibrator = create_calibrator(
+            path, ["MatMul"], os.path.join(tmp, "augmented.onnx"), calibrate_method=calibrate,
+            providers=["CPUExecutionProvider"], extra_options={"symmetric": True},
         )  # fmt: skip
-        ranges |= activation_ranges(onnx.load(dst_path))
-        if src_path.endswith(".smoothed.onnx"):
-            os.remove(src_path)
-    write_trt_cache(ranges, os.path.join(out, "calibration.cache"))
-    plan["notes"]["trt_calibration_cache"] = (
-        "calibration.cache (TensorRT EntropyCalibration2 text, from the QDQ ranges)"
-    )
-
-
-def activation_ranges(model: onnx.ModelProto) -> dict[str, float]:
-    """Symmetric int8 activation ranges of a QDQ graph: {tensor: amax = scale * 127}."""
-    inits = {i.name: i for i in model.graph.initializer}
+        reader = FeedReader(feeds, f"calibrating ({method})")
+        for i in range(len(feeds)):
+            reader.set_range(i, i + 1)
+            calibrator.collect_data(reader)
+        ranges = calibrator.compute_data()
     out = {}
-    for n in model.graph.node:
-        if n.op_type == "QuantizeLinear" and n.input[0] not in inits and n.input[1] in inits:
-            scale = numpy_helper.to_array(inits[n.input[1]])
-            if scale.size == 1:
-                out[n.input[0]] = float(scale.reshape(-1)[0]) * 127.0
+    for name, tensor in inputs.items():
+        low, high = (float(np.max(np.abs(v))) for v in ranges[tensor].range_value)
+        out[name] = max(low, high)
     return out

@@ -25,8 +25,12 @@ from .nbits import weight_matmuls
 log = logging.getLogger(__name__)
 
 
-def smooth(model: onnx.ModelProto, feeds: list[dict], alpha: float = 0.5) -> list[str]:
-    """In place; returns the names of the MatMul groups smoothed."""
+def smooth(
+    model: onnx.ModelProto, feeds: list[dict], alpha: float = 0.5, only: set[str] | None = None
+) -> list[str]:
+    """In place; returns the names of the MatMul groups smoothed. `only`: the MatMul node names
+    whose activations will be quantized; a group is smoothed only when all its MatMuls are among
+    them (smoothing a weight-only layer would only make its weights harder)."""
     inits = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
     weight_of = {n.output[0]: n for n in weight_matmuls(model)}
@@ -40,6 +44,8 @@ def smooth(model: onnx.ModelProto, feeds: list[dict], alpha: float = 0.5) -> lis
 
     folds: dict[str, tuple[str, str]] = {}  # activation -> ("norm", gain init) or ("columns", weight init)
     for x in groups:
+        if only is not None and not all(n.name in only for n in groups[x]):
+            continue
         p = producer.get(x)
         if p is None or p.op_type != "Mul":
             continue

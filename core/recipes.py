@@ -67,9 +67,11 @@ RECIPES: dict[str, Recipe] = {
             weight_bits=8, fused_decoder=True,
         ),
         Recipe(
-            "int8-static", "Q/DQ int8 weights and calibrated activations: the TensorRT INT8 input", "qdq",
+            "int8-static",
+            "Q/DQ int8 on an fp16 base: int8 weights throughout, calibrated int8 activations where they "
+            "hold: the TensorRT INT8 input", "qdq",
             Gates(vision_cosine_min=0.98, kl_mean_max=0.01, top1_min=0.93, exact_match_min=0.6),
-            weight_bits=8, calibrated=True, decode_steps=4, runs_on=("onnxruntime", "tensorrt"),
+            weight_bits=8, fp16=True, calibrated=True, decode_steps=4, runs_on=("onnxruntime", "tensorrt"),
         ),
         Recipe(
             "int4", "4-bit MatMulNBits decoder weights rounded by GPTQ, sensitive layers at 8 bits",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from typing import Any
 
 import numpy as np
@@ -34,7 +33,13 @@ FUSED_MIN_ORT = "1.22"  # GroupQueryAttention with attention_bias (docs/bundle.m
 PACKAGE_FOR = {"cuda": "onnxruntime-gpu", "tensorrt": "onnxruntime-gpu (built with TensorRT) and tensorrt"}
 
 
-def session_options(threads: int | None = None, optimized_model_path: str | None = None) -> Any:
+def session_options(
+    threads: int | None = None, optimized_model_path: str | None = None, literal_qdq: bool = False
+) -> Any:
+    """`literal_qdq`: run QuantizeLinear/DequantizeLinear as written (the int8-static bundles, made
+    for TensorRT). Otherwise the CPU provider fuses a weight's DequantizeLinear into MatMulNBits,
+    which quantizes the activations to int8 at run time: not what the graph says, nor what TensorRT
+    computes from it (calibration/qdq.py)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -48,6 +53,8 @@ def session_options(threads: int | None = None, optimized_model_path: str | None
     so.log_severity_level = 3
     if optimized_model_path:
         so.optimized_model_filepath = optimized_model_path
+    if literal_qdq:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
     return so
 
 
@@ -82,7 +89,6 @@ class OrtBackend:
         max_batch: int = 4,
         max_images: int = 16,
         save_optimized: bool = False,
-        calibration_table: str | None = None,
     ):
         import onnxruntime as ort
 
@@ -116,20 +122,15 @@ class OrtBackend:
                 opts = {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache, "trt_fp16_enable": fp16,
                         "trt_int8_enable": int8, "trt_timing_cache_enable": True}  # fmt: skip
                 opts |= trt_profile_shapes(bundle, max_batch, self.max_context, max_images)[graph]
-                if int8 and calibration_table:
-                    # implicit INT8 of a float bundle with the TensorRT-format table that
-                    # `quantize --mode int8-static` writes (QDQ bundles need none: TensorRT refuses both)
-                    os.makedirs(cache, exist_ok=True)
-                    shutil.copy2(calibration_table, os.path.join(cache, "calibration.cache"))
-                    opts |= {"trt_int8_calibration_table_name": "calibration.cache",
-                             "trt_int8_use_native_calibration_table": True}  # fmt: skip
             providers = [(name, opts)] + (
                 [("CPUExecutionProvider", {})] if name != "CPUExecutionProvider" else []
             )
             optimized = bundle.graph_path(graph) + ".optimized.ort" if save_optimized else None
             try:
                 self.sessions[graph] = ort.InferenceSession(
-                    bundle.graph_path(graph), session_options(threads, optimized), providers=providers
+                    bundle.graph_path(graph),
+                    session_options(threads, optimized, literal_qdq=bundle.recipe.scheme == "qdq"),
+                    providers=providers,
                 )
             except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
                 if not (fused and graph == "decoder"):

@@ -3,8 +3,9 @@ an emulated Haswell (AVX2, FMA; no AVX-512, no VNNI) under qemu-user, whose CPUI
 Runtime pick its AVX2 integer kernels, and the logits of both runs must agree.
 
 Without VNNI, ONNX Runtime's uint8 x int8 kernel adds pairs of products in int16 (VPMADDUBSW),
-which saturates for 8-bit weights; int8-static therefore stores 7-bit weights
-(calibration/qdq.py).
+which saturates for 8-bit weights. The weight-only modes quantize activations per block at run
+time (no saturation); int8-static runs its Q/DQ graph as written, in fp16, with no integer
+kernel (calibration/qdq.py).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def test_quantized_bundles_lose_the_same_on_avx2_as_on_this_cpu(tiny_tokenizer_d
     built-in questions) must be the same on the emulated AVX2 CPU as here: within 1.5x + 1e-5 of
     the native error (the kernels differ in float rounding and activation-quantization rounding,
     measured 0.97-1.09x), and within the recipe's KL gate. A saturating int16 sum multiplies
-    the error instead (8-bit Q/DQ weights: int8-static 0.00036 here, 0.020 on AVX2)."""
+    the error instead (the old fp32-based int8-static with 8-bit weights, fused by ONNX Runtime
+    into integer kernels: 0.00036 here, 0.020 on AVX2)."""
     _, fp32 = export_lively("replace", tiny_tokenizer_dir, tmp_path, blocks=4)
     modes = ("int8-static", "int8-dynamic", "int4")
     for mode in modes:
