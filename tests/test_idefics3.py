@@ -302,8 +302,11 @@ def test_cli_flow_quantize_validate_bench_check_run(bundles, tmp_path):
         "8",
         "--repeats",
         "1",
+        "--plot",
+        str(tmp_path / "bench.png"),
     )
     assert r.returncode == 0 and "decode" in r.stdout.lower(), r.stderr[-2000:]
+    assert (tmp_path / "bench.png").stat().st_size > 0
     picture = tmp_path / "wide.png"
     IMAGES["wide"]().save(picture)
     want = VLMPipeline.from_bundle(str(tmp_path / "int4")).generate(str(picture), "How many circles?", 10)
