@@ -22,6 +22,8 @@ import numpy as np
 
 from core.files import atomic_write
 
+from .power import PowerMonitor
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "Describe this image in detail."
@@ -57,11 +59,17 @@ def bundle_worker(path: str, image: str | None, prompt: str, max_new_tokens: int
     pipe = VLMPipeline.from_bundle(path, threads=threads)
     batch = pipe.prepare([[bench_image(image)]], [prompt])
     request = GenerationRequest(max_new_tokens=max_new_tokens, ignore_eos=True)
+    monitor = PowerMonitor.detect()
     runs = []
     for k in range(repeats + 1):
+        if k == 1:
+            monitor.start()  # power over the timed runs only
         tokens = [int(t[0]) for t in pipe.generate_ids(batch, request)]
         if k:  # the first run is the warm-up
             runs.append(pipe.last_timings)
+    power = monitor.stop()
+    if power["available"]:
+        power["tokens_per_joule"] = repeats * max_new_tokens / power["energy_j"]
     t = runs[0]
     return {
         "name": os.path.basename(os.path.normpath(path)),
@@ -75,6 +83,7 @@ def bundle_worker(path: str, image: str | None, prompt: str, max_new_tokens: int
         "max_new_tokens": max_new_tokens,
         "bytes": pipe.bundle.total_bytes(),
         "peak_rss_mb": _peak_rss_mb(),
+        "power": power,
         "tokens": tokens,
     }
 
@@ -196,16 +205,31 @@ def bench(
 
 def table(result: dict[str, Any]) -> str:
     lines = [
-        "| backend | precision | size (MB) | peak RSS (MB) | image encode (s) | TTFT (s) | prefill pos/s | decode tok/s (min-max) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| backend | precision | size (MB) | peak RSS (MB) | image encode (s) | TTFT (s) | prefill pos/s | decode tok/s (min-max) | power W | tokens/J | peak RAM in use (MB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    notes = set()
     for r in result["rows"]:
         d = r["decode_tokens_per_s"]
+        p = r.get("power") or {"available": False, "reason": "n/a: not measured for PyTorch"}
+        if p["available"]:
+            ram = f"{p['peak_ram_mb']:.0f}" if p["peak_ram_mb"] is not None else "n/a (no RAM in sysfs)"
+            energy = f"{p['total_w']:.2f} ({p['total_rail']}) | {p['tokens_per_joule']:.1f} | {ram}"
+        else:
+            energy = "n/a | n/a | n/a"
+            notes.add(p["reason"])
         lines.append(
             f"| {r['name']} | {r['precision']} | {r['bytes'] / 1e6:.1f} | {r['peak_rss_mb']:.0f} | "
             f"{r['image_encode_s']['median']:.3f} | {r['ttft_s']['median']:.3f} | "
-            f"{r['prefill_positions_per_s']['median']:.0f} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) |"
+            f"{r['prefill_positions_per_s']['median']:.0f} | {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) | "
+            f"{energy} |"
         )
+    lines += [f"\npower, tokens/J, RAM in use: {n}" for n in sorted(notes)]
+    rails = {
+        r["name"]: r["power"]["rails_w"] for r in result["rows"] if (r.get("power") or {}).get("available")
+    }
+    for name, watts in rails.items():
+        lines.append(f"\n{name} rails (W): " + ", ".join(f"{k} {v:.2f}" for k, v in watts.items()))
     if result["growth"]:
         lines += ["", "| new tokens | PyTorch KV cache (ms/token) | PyTorch no cache (ms/token) | runtime (ms/token) |",
                   "| --- | --- | --- | --- |"]  # fmt: skip

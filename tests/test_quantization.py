@@ -453,6 +453,18 @@ def test_bench_measures_pytorch_and_bundles_and_plots(lively, quantized, tmp_pat
     g = result["growth"][0]
     assert g["max_new_tokens"] == 4 and g["pytorch_no_cache_s_per_token"] > 0 and g["runtime_s_per_token"] > 0
     assert png.stat().st_size > 10_000 and "| pytorch | fp32 |" in res.output
+    # power, tokens/J and RAM in use: measured on a Jetson, and said to be absent elsewhere
+    from evaluation.power import NOT_A_JETSON, PowerMonitor
+
+    if PowerMonitor.detect().source is None:
+        assert all(r["power"] == {"source": None, "available": False, "reason": NOT_A_JETSON}
+                   for r in result["rows"][1:])  # fmt: skip
+        assert (
+            f"power, tokens/J, RAM in use: {NOT_A_JETSON}" in res.output
+            and "| n/a | n/a | n/a |" in res.output
+        )
+    else:
+        assert all(r["power"]["available"] and r["power"]["tokens_per_joule"] > 0 for r in result["rows"][1:])
 
 
 # ----------------------------------------------------------------------------- trained model (slow)
