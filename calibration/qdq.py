@@ -72,19 +72,24 @@ def quantize_qdq(
             smoothed = smooth(model, feeds, SMOOTH_ALPHA, only=set(quantized))
             plan["notes"]["smoothquant"] = f"alpha {SMOOTH_ALPHA}: {len(smoothed)} MatMul groups smoothed"
         inputs = {n.name: n.input[0] for n in weight_matmuls(model) if n.name in int8}
-        stats = channel_stats(model, sorted(set(inputs.values())), feeds, f"calibrating {graph}",
-                              grams=set(inputs.values()))  # fmt: skip
-        amax = activation_amax(model, {n: inputs[n] for n in quantized}, stats, feeds, method)
-        weights = {n.name: onnx.numpy_helper.to_array(i) for n in weight_matmuls(model)
-                   for i in model.graph.initializer if i.name == n.input[1] and n.name in int8}  # fmt: skip
-        int8_weights = {n: gptq_channels(w, stats[inputs[n]]["gram"]) for n, w in weights.items()}
-        del stats
+        amax, int8_weights = {}, {}
+        if inputs:  # (every MatMul excluded: the fp16 graph alone)
+            stats = channel_stats(model, sorted(set(inputs.values())), feeds, f"calibrating {graph}",
+                                  grams=set(inputs.values()))  # fmt: skip
+            amax = activation_amax(model, {n: inputs[n] for n in quantized}, stats, feeds, method)
+            inits = {i.name: i for i in model.graph.initializer}
+            for n in weight_matmuls(model):
+                if n.name in inputs:
+                    w = onnx.numpy_helper.to_array(inits[n.input[1]])
+                    int8_weights[n.name] = gptq_channels(w, stats[inputs[n.name]]["gram"])
+            del stats
         model = to_fp16(model, int8_weights, amax)
         onnx.save(model, os.path.join(out, bundle.graph_spec(graph)["file"]))
         plan["notes"][f"{graph}_int8"] = (
             f"{len(amax)} MatMuls int8 x int8, {len(int8) - len(amax)} int8 weights on fp16 activations, "
             f"{len(names) - len(int8)} fp16; weights per output channel rounded by GPTQ (damping {DAMPING})"
         )
+        log.info("int8-static %s: %s", graph, plan["notes"][f"{graph}_int8"])
 
 
 def activation_amax(
