@@ -21,6 +21,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -80,6 +81,9 @@ class Service:
         self.ready = threading.Event()
         self.failed: str | None = None
         self.created = int(time.time())
+        # Parsing and image preprocessing are CPU-bound: more threads than cores would only queue on
+        # them and hold memory (each thread that contends for malloc gets its own glibc arena).
+        self.prepare_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="prepare")
 
     # ------------------------------------------------------------------ lifecycle
     def load(self) -> None:
@@ -114,6 +118,7 @@ class Service:
     def stop(self) -> None:
         if self.engine:
             self.engine.stop(timeout=60)
+        self.prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     def check_ready(self) -> None:
         if not self.ready.is_set():
@@ -190,8 +195,8 @@ def create_app(config: ServeConfig, load_in_background: bool = True) -> Starlett
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ApiError(400, f"the request body is not valid JSON ({e})") from None
-            chat, batch, gen = await run_in_threadpool(service.prepare, body)
             loop = asyncio.get_running_loop()
+            chat, batch, gen = await loop.run_in_executor(service.prepare_pool, service.prepare, body)
             events: asyncio.Queue[Event] = asyncio.Queue()
             try:
                 ticket = service.engine.submit(
