@@ -13,13 +13,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import json
+import logging
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import IO, Any
+
+log = logging.getLogger(__name__)
 
 
 def check_target(
@@ -53,6 +57,13 @@ def staged_dir(final: str | os.PathLike, prefix: str = ".tmp-") -> Iterator[str]
     final = os.fspath(final)
     parent = os.path.dirname(os.path.abspath(final))
     os.makedirs(parent, exist_ok=True)
+    leftovers = sorted(p for p in glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*"))
+                       if os.path.isdir(p))  # fmt: skip
+    if leftovers:  # an interrupted run's unfinished output: never read, and not ours to delete
+        log.warning("%s: %d unfinished director%s from an interrupted run (%s); nothing uses %s, "
+                    "remove %s when no other run is writing there", parent, len(leftovers),
+                    "y" if len(leftovers) == 1 else "ies", os.path.basename(leftovers[0]),
+                    "it" if len(leftovers) == 1 else "them", "it" if len(leftovers) == 1 else "them")  # fmt: skip
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         yield tmp

@@ -85,6 +85,22 @@ def test_replacing_a_bundle_needs_overwrite(made, tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp or old copy left
 
 
+def test_an_interrupted_runs_leftover_is_named_and_kept(made, tmp_path):
+    """A kill leaves the unfinished new output beside the target; the next run says so and leaves
+    it alone (it cannot know no other run is still writing it)."""
+    _, _, bundle, _ = made
+    leftover = tmp_path / ".tmp-bundle-k9x2"
+    leftover.mkdir()
+    (leftover / "decoder.onnx").write_bytes(b"half")
+    res = cli("quantize", bundle, str(tmp_path / "q"), "--mode", "int8-dynamic")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "1 unfinished directory from an interrupted run (.tmp-bundle-k9x2)" in res.stderr, res.stderr[
+        -2000:
+    ]
+    assert (leftover / "decoder.onnx").read_bytes() == b"half"
+    load_bundle(str(tmp_path / "q"))
+
+
 def test_train_refuses_a_foreign_or_earlier_output_dir(tmp_path):
     (tmp_path / "keep.txt").write_text("x")
     one_line_error(cli("train", "-o", f"output_dir={tmp_path}", "-o", "max_training_steps=1"),
