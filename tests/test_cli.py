@@ -169,7 +169,8 @@ def test_validate_without_torch_against_the_stored_reference(made, tmp_path):
 @pytest.mark.slow
 def test_the_jetson_extra_runs_the_device_path_without_torch(made, tmp_path):
     """`pip install '.[jetson]'` in a fresh venv (TensorRT excepted: JetPack brings it) gives every
-    module the device path imports, and check / validate / trt --print-trtexec / run work there."""
+    module the device path imports, and check / validate / trt --print-trtexec / run / bench work
+    there (bench with its power columns, which say n/a off a Jetson)."""
     bundle, _, image = made
     venv = _install_in_fresh_venv(tmp_path, "[jetson]")
     py = str(venv / "bin" / "python")
@@ -184,7 +185,9 @@ def test_the_jetson_extra_runs_the_device_path_without_torch(made, tmp_path):
     exe = str(venv / "bin" / "nanovlm-export")
     for args, expect in ((["check", bundle], "trt-10.3: ok"), (["validate", bundle], "passed"),
                          (["trt", bundle, str(tmp_path / "e"), "--print-trtexec"], "trtexec --onnx=decoder.onnx"),
-                         (["run", bundle, "--image", image, "--prompt", "Hi?", "--max-new-tokens", "4"], "")):  # fmt: skip
+                         (["run", bundle, "--image", image, "--prompt", "Hi?", "--max-new-tokens", "4"], ""),
+                         (["bench", bundle, "--image", image, "--max-new-tokens", "2", "--repeats", "1", "--plot",
+                           str(tmp_path / "bench.png")], "tokens/J")):  # fmt: skip
         res = subprocess.run([exe, *args], capture_output=True, text=True, cwd=str(tmp_path), timeout=600)
         assert res.returncode == 0 and expect in res.stdout, (args, res.stderr[-2000:])
 
