@@ -63,7 +63,8 @@ def quantize_qdq(
     plan["kept_float"] = list(plan["excluded"])
     for graph, feeds in (("vision_encoder", vision_feeds), ("decoder", decoder_feeds)):
         model = version_converter.convert_version(onnx.load(bundle.graph_path(graph)), QDQ_MIN_OPSET)
-        names = [n.name for n in weight_matmuls(model)]
+        matmuls = weight_matmuls(model)  # smoothing below rescales their weights, not which nodes they are
+        names = [n.name for n in matmuls]
         int8 = [n for n in names if not matches(n, plan["excluded"])]
         quantized = [n for n in int8 if graph != "decoder" or not matches(n, plan["kept_weight_only"])]
         if graph == "decoder" and SMOOTH_ALPHA:
@@ -71,14 +72,14 @@ def quantize_qdq(
 
             smoothed = smooth(model, feeds, SMOOTH_ALPHA, only=set(quantized))
             plan["notes"]["smoothquant"] = f"alpha {SMOOTH_ALPHA}: {len(smoothed)} MatMul groups smoothed"
-        inputs = {n.name: n.input[0] for n in weight_matmuls(model) if n.name in int8}
+        inputs = {n.name: n.input[0] for n in matmuls if n.name in int8}
         amax, int8_weights = {}, {}
         if inputs:  # (every MatMul excluded: the fp16 graph alone)
             stats = channel_stats(model, sorted(set(inputs.values())), feeds, f"calibrating {graph}",
                                   grams=set(inputs.values()))  # fmt: skip
             amax = activation_amax(model, {n: inputs[n] for n in quantized}, stats, feeds, method)
             inits = {i.name: i for i in model.graph.initializer}
-            for n in weight_matmuls(model):
+            for n in matmuls:
                 if n.name in inputs:
                     w = onnx.numpy_helper.to_array(inits[n.input[1]])
                     int8_weights[n.name] = gptq_channels(w, stats[inputs[n.name]]["gram"])

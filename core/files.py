@@ -60,10 +60,10 @@ def staged_dir(final: str | os.PathLike, prefix: str = ".tmp-") -> Iterator[str]
     leftovers = sorted(p for p in glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*"))
                        if os.path.isdir(p))  # fmt: skip
     if leftovers:  # an interrupted run's unfinished output: never read, and not ours to delete
-        log.warning("%s: %d unfinished director%s from an interrupted run (%s); nothing uses %s, "
-                    "remove %s when no other run is writing there", parent, len(leftovers),
-                    "y" if len(leftovers) == 1 else "ies", os.path.basename(leftovers[0]),
-                    "it" if len(leftovers) == 1 else "them", "it" if len(leftovers) == 1 else "them")  # fmt: skip
+        n = len(leftovers)
+        log.warning("%s: %d unfinished %s from an interrupted run (%s); nothing reads them: remove them "
+                    "when no other run is writing there", parent, n, "directory" if n == 1 else "directories",
+                    os.path.basename(leftovers[0]))  # fmt: skip
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         yield tmp

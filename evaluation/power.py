@@ -20,7 +20,6 @@ other processes included) is the unified-memory figure; bench reports its peak d
 from __future__ import annotations
 
 import glob
-import logging
 import os
 import re
 import shutil
@@ -29,8 +28,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 INPUT_RAILS = ("VDD_IN", "VIN")  # a board's or module's input rail, when it reports one
 INA3221_GLOB = "/sys/bus/i2c/drivers/ina3221/*/hwmon/hwmon*"
