@@ -108,18 +108,18 @@ class KVCache:
             d[...] = s
         return new
 
-    def append_row(self, other: KVCache) -> int:
-        """Copy row 0 of `other` (a prefilled single generation) in as a new last row, right-aligned
-        in the frame, which grows on the left if the newcomer is longer. Returns its row index."""
+    def append_row(self, other: KVCache, src: int = 0) -> int:
+        """Copy row `src` of `other` (a prefill) in as a new last row, right-aligned in the frame,
+        which grows on the left if the newcomer is longer. Returns its row index."""
         rows = self.batch + 1
         if other.length > self.length:
             self.reframe(other.length - self.length)
         if not self.fits(rows, self.length):
             raise ValueError(f"row {rows} exceeds the cache's {self.capacity}")
         self.batch = rows
-        for s, d in zip(other.views(rows=1), self.views(), strict=True):
+        for s, d in zip(other.views(rows=src + 1), self.views(), strict=True):
             d[-1, :, : self.length - other.length] = 0
-            d[-1, :, self.length - other.length :] = s[0]
+            d[-1, :, self.length - other.length :] = s[src]
         return rows - 1
 
     def remove_row(self, row: int) -> None:
