@@ -108,12 +108,19 @@ class VLMPipeline:
             mask = np.concatenate([np.ones((mask.shape[0], n), np.int64), mask], axis=1)
         return ids, mask, rows
 
-    def prompt_inputs(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The prefill's (input_ids, attention_mask, image rows, position_ids): images encoded."""
-        if batch.pixel_values.shape[0]:
-            image_embeds = self.backend.encode_images(batch.pixel_values)
-        else:
-            image_embeds = np.zeros((0, 0, self.cfg.lm_hidden_dim), np.float32)
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        """[N_tiles, 3, S, S] -> [N_tiles, tokens, hidden]; no tiles -> [0, 0, hidden]."""
+        if pixel_values.shape[0]:
+            return self.backend.encode_images(pixel_values)
+        return np.zeros((0, 0, self.cfg.lm_hidden_dim), np.float32)
+
+    def prompt_inputs(
+        self, batch: Batch, image_embeds: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The prefill's (input_ids, attention_mask, image rows, position_ids); the images are
+        encoded here unless their embeddings (batch.pixel_values encoded, in order) are given."""
+        if image_embeds is None:
+            image_embeds = self.encode_images(batch.pixel_values)
         ids, mask, rows = self.decoder_inputs(batch, image_embeds)
         return ids, mask, rows, np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
 

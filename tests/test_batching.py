@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from core.bundle import KVLayout
+from core.processors import Batch
 from core.sampling import SamplingConfig
-from runtime.batching import ContinuousBatcher, Event, QueueFull
+from runtime.batching import ContinuousBatcher, Event, QueueFull, prefill_groups
 from runtime.kv_cache import KVCache
 from runtime.pipeline import GenerationRequest, VLMPipeline
 from tests.conftest import export_lively
@@ -92,7 +93,35 @@ def test_shared_steps_answer_as_alone(pipe):
     assert all(c.finish in ("stop", "length") for c in got)
     assert widest >= 3, "the requests never shared a step"
     assert engine.steps < sum(n for *_, n in items), "no decode step was shared"
+    assert engine.prefills < len(items), "no prefill was shared"
     assert any(a for a in alone)
+
+
+def test_prefill_groups():
+    assert prefill_groups([21] * 8) == [list(range(8))]  # a burst of equal prompts: one prefill
+    assert prefill_groups([30, 10, 100, 12]) == [[1, 3], [0], [2]]  # by length; padding at most 1/4
+    assert prefill_groups([300, 250]) == [[1], [0]]  # 2 x 300 positions exceed the budget
+    assert prefill_groups([]) == []
+
+
+def test_a_request_that_fails_its_prefill_fails_alone(pipe):
+    """A group whose prefill fails is retried one request at a time: the others still answer."""
+    p = pipe
+    items = _requests(p)[:3]
+    alone = [p.generate(imgs, q, max_new_tokens=n) for imgs, q, n in items]
+    engine = ContinuousBatcher(p, max_batch=4)
+    good = [p.prepare([imgs], [q]) for imgs, q, _ in items]
+    b = good[1]  # same prompt, but its image tiles cut to the wrong size: the encoder refuses them
+    bad = Batch(b.input_ids, b.attention_mask, b.pixel_values[:, :, :7, :7].copy(), b.prompts)
+    got = [_Collector() for _ in range(4)]
+    for batch, (_, _, n), c in zip([*good, bad], [*items, items[1]], got, strict=True):
+        engine.submit(batch, GenerationRequest(n), c)
+    engine.start()
+    for c in got:
+        assert c.done.wait(120)
+    engine.stop(10)
+    assert [c.text for c in got[:3]] == alone
+    assert got[3].finish == "error" and got[3].text == ""
 
 
 def test_seeded_sampling_does_not_depend_on_neighbours(pipe):
