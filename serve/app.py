@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from runtime.batching import ContinuousBatcher, Event, QueueFull
+from runtime.batching import PREFILL_POSITIONS, ContinuousBatcher, Event, QueueFull
 from runtime.pipeline import GenerationRequest, VLMPipeline
 
 from .metrics import Metrics
@@ -108,12 +108,19 @@ class Service:
             log.error("cannot serve %s: %s", self.config.bundle, self.failed)
 
     def _warm_up(self) -> None:
-        """One short request with an image through the engine: first-run allocations happen here."""
-        done = threading.Event()
-        batch = self.pipe.prepare([[Image.new("RGB", (64, 64), (128, 128, 128))]], ["Hello"])
-        self.engine.submit(batch, GenerationRequest(2), lambda e: done.set() if e.finish else None)
-        if not done.wait(600):
-            raise RuntimeError("the warm-up request did not finish in 600 s")
+        """A burst through the engine, with an image each, as wide and long as one prefill group
+        can be: first-run allocations and the largest prefill's buffers happen here, so resident
+        memory stays flat under load."""
+        rows, image = self.engine.max_batch, Image.new("RGB", (64, 64), (128, 128, 128))
+        short = self.pipe.prepare([[image]], ["Hello"])
+        n = self.engine.prompt_length(short)
+        fill = min(PREFILL_POSITIONS // rows, self.engine.max_context - 8) - n  # about one token a word
+        batch = self.pipe.prepare([[image]], ["Hello" + " hello" * max(fill, 0)])
+        events = [threading.Event() for _ in range(rows)]
+        for ev in events:
+            self.engine.submit(batch, GenerationRequest(2), lambda e, ev=ev: ev.set() if e.finish else None)
+        if not all(ev.wait(600) for ev in events):
+            raise RuntimeError("the warm-up requests did not finish in 600 s")
 
     def stop(self) -> None:
         if self.engine:
