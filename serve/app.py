@@ -112,10 +112,13 @@ class Service:
         can be: first-run allocations and the largest prefill's buffers happen here, so resident
         memory stays flat under load."""
         rows, image = self.engine.max_batch, Image.new("RGB", (64, 64), (128, 128, 128))
-        short = self.pipe.prepare([[image]], ["Hello"])
-        n = self.engine.prompt_length(short)
-        fill = min(PREFILL_POSITIONS // rows, self.engine.max_context - 8) - n  # about one token a word
-        batch = self.pipe.prepare([[image]], ["Hello" + " hello" * max(fill, 0)])
+        target = min(PREFILL_POSITIONS // rows, self.engine.max_context - 8)
+        words = max(0, target - self.engine.prompt_length(self.pipe.prepare([[image]], ["Hello"])))
+        while True:  # a word is a token or more, depending on the tokenizer
+            batch = self.pipe.prepare([[image]], ["Hello" + " hello" * words])
+            if words == 0 or self.engine.prompt_length(batch) <= target:
+                break
+            words = min(words - 1, words * 3 // 4)
         events = [threading.Event() for _ in range(rows)]
         for ev in events:
             self.engine.submit(batch, GenerationRequest(2), lambda e, ev=ev: ev.set() if e.finish else None)
