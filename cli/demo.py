@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # The demo stops training once validation accuracy reaches this (checked every EVAL_INTERVAL
 # steps); --full-schedule trains all TrainConfig.max_training_steps.
 TARGET_ACCURACY = 0.99
-EVAL_INTERVAL = 500
+EVAL_INTERVAL = 250
 
 
 def finished_run(tc: TrainConfig) -> bool:
