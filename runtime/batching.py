@@ -216,17 +216,17 @@ class ContinuousBatcher:
             else:
                 live.append(t)
         for group in prefill_groups([t.prompt_tokens for t in live]):
-            tickets = [live[i] for i in group]
+            members = [live[i] for i in group]
             try:
-                out = self._prefill(tickets)
+                out = self._prefill(members)
             except Exception as e:  # noqa: BLE001 - retried alone, so a bad request fails only itself
-                if len(tickets) == 1:
-                    self._fail(tickets[0], e)
+                if len(members) == 1:
+                    self._fail(members[0], e)
                     continue
                 log.warning(
-                    "prefill of %d requests together failed (%s); retrying one at a time", len(tickets), e
+                    "prefill of %d requests together failed (%s); retrying one at a time", len(members), e
                 )
-                for t in tickets:
+                for t in members:
                     try:
                         out = self._prefill([t])
                     except Exception as e:  # noqa: BLE001
@@ -234,7 +234,7 @@ class ContinuousBatcher:
                     else:
                         self._start([t], *out)
             else:
-                self._start(tickets, *out)
+                self._start(members, *out)
 
     def _fail(self, ticket: Ticket, e: Exception) -> None:
         log.error("prefill failed: %s: %s", type(e).__name__, e, exc_info=e)
@@ -254,8 +254,10 @@ class ContinuousBatcher:
                 batch, np.concatenate(embeds) if embeds else None
             )  # [n, S], padding masked
         S = ids.shape[1]
-        if self.scratch is None or not self.scratch.fits(n, S):
-            self.scratch = self.backend.new_cache(max(n, self.max_batch), max(S, 256))
+        if self.scratch is None or not self.scratch.fits(
+            n, S
+        ):  # sized to the group: a long prompt gets one row
+            self.scratch = self.backend.new_cache(n, -(-S // 64) * 64)
         self.scratch.start(n)
         logits = self.backend.step(ids, image_rows, mask, pos, cache=self.scratch)  # [n, V]
         self.prefills += 1
