@@ -86,6 +86,7 @@ class _Row:
 # 222M shape, 2 cores), so larger groups only raise the peak memory, and padding is pure waste.
 PREFILL_POSITIONS = 512
 PREFILL_PADDING = 0.25
+SCRATCH_POSITIONS = 2 * PREFILL_POSITIONS  # rows x length of the kept prefill cache, at most
 
 
 def prefill_groups(lengths: list[int], budget: int = PREFILL_POSITIONS) -> list[list[int]]:
@@ -240,9 +241,9 @@ class ContinuousBatcher:
         log.error("prefill failed: %s: %s", type(e).__name__, e, exc_info=e)
         self._finish(ticket, "error", f"{type(e).__name__}: {e}")
 
-    def _prefill(self, tickets: list[Ticket]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Prefill `tickets` as one batch into the scratch cache -> (logits [n, V], mask [n, S],
-        position_ids [n, S]). Touches nothing else, so a failed group can be retried."""
+    def _prefill(self, tickets: list[Ticket]) -> tuple[KVCache, np.ndarray, np.ndarray, np.ndarray]:
+        """Prefill `tickets` as one batch into a scratch cache -> (that cache, logits [n, V],
+        mask [n, S], position_ids [n, S]). Touches nothing else, so a failed group can be retried."""
         pipe, n = self.pipe, len(tickets)
         if n == 1:
             ids, mask, image_rows, pos = pipe.prompt_inputs(tickets[0].batch)  # [1, S]
@@ -254,16 +255,32 @@ class ContinuousBatcher:
                 batch, np.concatenate(embeds) if embeds else None
             )  # [n, S], padding masked
         S = ids.shape[1]
-        if self.scratch is None or not self.scratch.fits(
-            n, S
-        ):  # sized to the group: a long prompt gets one row
-            self.scratch = self.backend.new_cache(n, -(-S // 64) * 64)
-        self.scratch.start(n)
-        logits = self.backend.step(ids, image_rows, mask, pos, cache=self.scratch)  # [n, V]
+        cache = self._scratch_for(n, S)
+        cache.start(n)
+        logits = self.backend.step(ids, image_rows, mask, pos, cache=cache)  # [n, V]
         self.prefills += 1
-        return logits, mask, pos
+        return cache, logits, mask, pos
 
-    def _start(self, tickets: list[Ticket], logits: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> None:
+    def _scratch_for(self, rows: int, length: int) -> KVCache:
+        """A cache for one prefill. The kept one starts as max_batch rows sharing SCRATCH_POSITIONS,
+        grows (within that) to the widest and longest group seen, and is reused, so a steady load
+        allocates nothing: the fused decoder's first prefill into a buffer makes all of it
+        resident, at a page-fault cost as large as the prefill's. A group that does not fit, a
+        long prompt alone, gets a cache of its own."""
+        if self.scratch is not None and self.scratch.fits(rows, length):
+            return self.scratch
+        kept = (
+            self.scratch.capacity if self.scratch else (self.max_batch, SCRATCH_POSITIONS // self.max_batch)
+        )
+        grown = (max(kept[0], rows), max(kept[1], -(-length // 64) * 64))
+        if grown[0] * grown[1] > SCRATCH_POSITIONS:
+            return self.backend.new_cache(rows, length)
+        self.scratch = self.backend.new_cache(*grown)
+        return self.scratch
+
+    def _start(
+        self, tickets: list[Ticket], cache: KVCache, logits: np.ndarray, mask: np.ndarray, pos: np.ndarray
+    ) -> None:
         """Sample each prefilled request's first token; those not finished by it join the batch."""
         now = time.perf_counter()
         for i, t in enumerate(tickets):
@@ -273,11 +290,11 @@ class ContinuousBatcher:
                        last_token=-1)  # fmt: skip
             t.first_token = now
             if not self._emit(row, logits[i : i + 1]):
-                self._join(row, i, mask[i])
+                self._join(row, cache, i, mask[i])
 
-    def _join(self, row: _Row, src: int, mask: np.ndarray) -> None:
-        """Copy row `src` of the scratch cache into the batch, right-aligned in the frame; `mask`
-        [S] is that row's prefill mask (its padding stays masked)."""
+    def _join(self, row: _Row, scratch: KVCache, src: int, mask: np.ndarray) -> None:
+        """Copy row `src` of the prefill's cache into the batch, right-aligned in the frame;
+        `mask` [S] is that row's prefill mask (its padding stays masked)."""
         S = mask.shape[0]
         T = self.cache.length if self.cache and self.rows else 0
         need = max(T, S) + 1
@@ -290,7 +307,7 @@ class ContinuousBatcher:
             self.cache = self._cache_for(need, self.cache)
         if S > self.cache.length:
             self.mask = np.pad(self.mask, ((0, 0), (S - self.cache.length, 0)))
-        self.cache.append_row(self.scratch, src)
+        self.cache.append_row(scratch, src)
         new = np.zeros((1, self.cache.length), np.int64)
         new[0, self.cache.length - S :] = mask
         self.mask = np.concatenate([self.mask, new])

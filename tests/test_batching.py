@@ -9,7 +9,7 @@ from PIL import Image
 from core.bundle import KVLayout
 from core.processors import Batch
 from core.sampling import SamplingConfig
-from runtime.batching import ContinuousBatcher, Event, QueueFull, prefill_groups
+from runtime.batching import SCRATCH_POSITIONS, ContinuousBatcher, Event, QueueFull, prefill_groups
 from runtime.kv_cache import KVCache
 from runtime.pipeline import GenerationRequest, VLMPipeline
 from tests.conftest import export_lively
@@ -102,6 +102,23 @@ def test_prefill_groups():
     assert prefill_groups([30, 10, 100, 12]) == [[1, 3], [0], [2]]  # by length; padding at most 1/4
     assert prefill_groups([300, 250]) == [[1], [0]]  # 2 x 300 positions exceed the budget
     assert prefill_groups([]) == []
+
+
+def test_a_long_prompt_does_not_grow_the_kept_prefill_cache(pipe):
+    """The kept prefill cache stays within SCRATCH_POSITIONS (the fused decoder's prefill makes all
+    of it resident); a longer group gets a cache of its own and still answers as alone."""
+    p = pipe
+    image = [Image.fromarray(skimage_data.coffee()).resize((30, 20))]
+    long_q = "Describe every colour and every shape you can see. " * 6
+    items = [(image, "What colour is it?", 4)] * 6 + [(image, long_q, 4)]
+    alone = [p.generate(imgs, q, max_new_tokens=n) for imgs, q, n in items]
+    engine = ContinuousBatcher(p, max_batch=8)
+    lengths = [engine.prompt_length(p.prepare([imgs], [q])) for imgs, q, _ in items]
+    assert 6 * lengths[-1] > SCRATCH_POSITIONS, "the long prompt is not long enough to test this"
+    got, _ = _run(p, engine, items, {0: [0, 1, 2, 3, 4, 5], 3: [6]})
+    assert [c.text for c in got] == alone
+    rows, length = engine.scratch.capacity
+    assert rows >= 6 and rows * length <= SCRATCH_POSITIONS
 
 
 def test_a_request_that_fails_its_prefill_fails_alone(pipe):
