@@ -141,6 +141,7 @@ class OrtBackend:
                 ) from None
         self.io = self.sessions["decoder"].io_binding()
         self.cache: KVCache | None = None
+        self._bound: tuple[Any, ...] | None = None  # (cache, src, dst, shapes) the KV tensors are bound to
 
     # ------------------------------------------------------------------ vision
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -174,19 +175,25 @@ class OrtBackend:
         B, S = input_ids.shape
         cache = cache or self.cache
         io = self.io
-        io.clear_binding_inputs()
-        io.clear_binding_outputs()
+        # The KV tensors (2 per layer, in and out) are rebound only when their buffers or shapes
+        # change: on the fused decoder that is when the batch does, not every step (a rebinding
+        # costs ~0.6 ms on the 222M shape's 30 layers). Binding a name again replaces it.
+        bound = (cache, *cache.bindings(B, S))
+        if self._bound is None or bound[0] is not self._bound[0] or bound[1:] != self._bound[1:]:
+            io.clear_binding_inputs()
+            io.clear_binding_outputs()
+            _, src, dst, past_shape, present_shape = bound
+            for i in range(self.kv.layers):
+                for j, part in enumerate(("key", "value")):
+                    io.bind_input(f"past_key_values.{i}.{part}", self.device, 0, self.kv_dtype, past_shape,
+                                  cache.pointer(src, 2 * i + j))  # fmt: skip
+                    io.bind_output(f"present.{i}.{part}", self.device, 0, self.kv_dtype, present_shape,
+                                   cache.pointer(dst, 2 * i + j))  # fmt: skip
+            self._bound = bound  # holds the cache, so its buffers outlive the binding
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input("image_embeds", np.ascontiguousarray(image_rows, dtype=np.float32))
         io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
         io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
-        src, dst, past_shape, present_shape = cache.bindings(B, S)
-        for i in range(self.kv.layers):
-            for j, part in enumerate(("key", "value")):
-                io.bind_input(f"past_key_values.{i}.{part}", self.device, 0, self.kv_dtype, past_shape,
-                              cache.pointer(src, 2 * i + j))  # fmt: skip
-                io.bind_output(f"present.{i}.{part}", self.device, 0, self.kv_dtype, present_shape,
-                               cache.pointer(dst, 2 * i + j))  # fmt: skip
         logits = np.empty((B, self.vocab), dtype=np.float32)  # written in place by ONNX Runtime
         io.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         self.sessions["decoder"].run_with_iobinding(io)
