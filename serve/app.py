@@ -111,7 +111,8 @@ class Service:
         """A burst through the engine, with an image each, as wide and long as one prefill group
         can be: first-run allocations and the largest prefill's buffers happen here, so resident
         memory stays flat under load."""
-        rows, image = self.engine.max_batch, Image.new("RGB", (64, 64), (128, 128, 128))
+        rows = min(self.engine.max_batch, self.engine.max_queue)  # all submitted at once
+        image = Image.new("RGB", (64, 64), (128, 128, 128))
         target = min(PREFILL_POSITIONS // rows, self.engine.max_context - 8)
         words = max(0, target - self.engine.prompt_length(self.pipe.prepare([[image]], ["Hello"])))
         while True:  # a word is a token or more, depending on the tokenizer

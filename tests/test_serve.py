@@ -284,6 +284,13 @@ def test_full_queue_gets_429_with_retry_after(endless):
                 assert headers.get("retry-after") == "1" and reply["error"]["type"] == "rate_limit_error"
 
 
+def test_starts_with_a_queue_shorter_than_the_batch(bundle):
+    """The warm-up burst fits the queue: --max-queue below --max-batch still comes up and answers."""
+    with Server(bundle, "--max-batch", "4", "--max-queue", "1") as s:
+        code, _, reply = post(s, {"messages": [user("Cat?")], "max_tokens": 3})
+        assert code == 200 and reply["choices"][0]["message"]["content"]
+
+
 def _running(server) -> float:
     for line in urllib.request.urlopen(server.url + "/metrics").read().decode().splitlines():
         if line.startswith("nanovlm_running_batch_size "):
