@@ -116,8 +116,6 @@ def variants(
         jobs = [j for j in jobs if j[0] in modes]
     for label, src, mode in jobs:
         path = os.path.join(CACHE, "bundles", f"{name}-{label.replace(' ', '-')}")
-        if label == "fused fp32" and not os.path.exists(os.path.join(path, "manifest.json")):
-            export_onnx(ckpt, path, decoder="fused")
         if src and not os.path.exists(os.path.join(path, "manifest.json")):
             logging.info("quantizing %s -> %s", name, label)
             quantize_bundle(src, path, mode, calibration=calibration, samples=samples)
