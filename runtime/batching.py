@@ -218,24 +218,27 @@ class ContinuousBatcher:
                 live.append(t)
         for group in prefill_groups([t.prompt_tokens for t in live]):
             members = [live[i] for i in group]
-            try:
-                out = self._prefill(members)
-            except Exception as e:  # noqa: BLE001 - retried alone, so a bad request fails only itself
-                if len(members) == 1:
-                    self._fail(members[0], e)
-                    continue
-                log.warning(
-                    "prefill of %d requests together failed (%s); retrying one at a time", len(members), e
-                )
-                for t in members:
-                    try:
-                        out = self._prefill([t])
-                    except Exception as e:  # noqa: BLE001
-                        self._fail(t, e)
-                    else:
-                        self._start([t], *out)
-            else:
-                self._start(members, *out)
+            error = self._prefill_and_start(members)
+            if error is None:
+                continue
+            if len(members) == 1:
+                self._fail(members[0], error)
+                continue
+            log.warning(
+                "prefill of %d requests together failed (%s); retrying one at a time", len(members), error
+            )
+            for t in members:  # so a bad request fails only itself
+                if (error := self._prefill_and_start([t])) is not None:
+                    self._fail(t, error)
+
+    def _prefill_and_start(self, tickets: list[Ticket]) -> Exception | None:
+        """Prefill `tickets` together and start them; the prefill's exception, if it failed."""
+        try:
+            out = self._prefill(tickets)
+        except Exception as e:  # noqa: BLE001 - returned: the caller retries alone or fails the request
+            return e
+        self._start(tickets, *out)
+        return None
 
     def _fail(self, ticket: Ticket, e: Exception) -> None:
         log.error("prefill failed: %s: %s", type(e).__name__, e, exc_info=e)
@@ -245,15 +248,12 @@ class ContinuousBatcher:
         """Prefill `tickets` as one batch into a scratch cache -> (that cache, logits [n, V],
         mask [n, S], position_ids [n, S]). Touches nothing else, so a failed group can be retried."""
         pipe, n = self.pipe, len(tickets)
-        if n == 1:
-            ids, mask, image_rows, pos = pipe.prompt_inputs(tickets[0].batch)  # [1, S]
-        else:  # each request's images encoded alone: the encoder's peak memory stays that of one
-            embeds = [pipe.encode_images(t.batch.pixel_values) for t in tickets]
-            embeds = [e for e in embeds if e.shape[0]]
-            batch = merge([t.batch for t in tickets], pipe.tokenizer.pad_token_id)
-            ids, mask, image_rows, pos = pipe.prompt_inputs(
-                batch, np.concatenate(embeds) if embeds else None
-            )  # [n, S], padding masked
+        # each request's images encoded alone: the encoder's peak memory stays that of one
+        embeds = [e for e in (pipe.encode_images(t.batch.pixel_values) for t in tickets) if e.shape[0]]
+        batch = merge([t.batch for t in tickets], pipe.tokenizer.pad_token_id)
+        ids, mask, image_rows, pos = pipe.prompt_inputs(
+            batch, np.concatenate(embeds) if embeds else None
+        )  # [n, S], padding masked
         S = ids.shape[1]
         cache = self._scratch_for(n, S)
         cache.start(n)
