@@ -1,13 +1,18 @@
-"""Vision encoder at INT8: the bundles' 8-bit MatMulNBits against onnxruntime's dynamic quantization.
+"""The vision encoder at INT8: 8-bit MatMulNBits against DynamicQuantizeMatMul with three weight grids.
 
-    python benchmarks/vision_int8.py [--fp32 BUNDLE] [--int8 BUNDLE] [--repeats 7]
+    python benchmarks/vision_int8.py [--fp32 BUNDLE] [--repeats 9]
 
 Times one image encode (1 x 3 x 224 x 224, 2 threads, median of --repeats after a warm-up) of the
-nanoVLM-222M shape's SigLIP-B/16-shaped encoder, in one process: the fp32 bundle's graph, the
-int8-dynamic bundle's graph (8-bit MatMulNBits), and the fp32 graph through onnxruntime's
-`quantize_dynamic` (per-channel int8 weights; and 7-bit weights, which keep AVX2's u8 x s8 kernels
-from saturating), written to a temporary directory. Cosine per image token against fp32, on one
-random input. Bundles: built and cached by runtime_decode.py.
+nanoVLM-222M shape's SigLIP-B/16-shaped encoder, each variant made from the fp32 bundle's graph
+in a temporary directory and timed in this one process:
+
+- 8-bit MatMulNBits in blocks of 32 (int4-fp16's vision encoder; the CPU recipes' before);
+- DynamicQuantizeMatMul with pair-limited int8 weights (the CPU recipes': calibration/dynamic_int8.py);
+- DynamicQuantizeMatMul with 7-bit weights, [-63, 63] per column (portable, less accurate);
+- DynamicQuantizeMatMul with 8-bit weights, [-127, 127] per column (saturates without VNNI).
+
+Cosine per image token against fp32, on one random input. The fp32 bundle is built and cached
+by runtime_decode.py.
 """
 
 from __future__ import annotations
@@ -42,26 +47,40 @@ def encode_time(path: str, x: np.ndarray, repeats: int) -> tuple[float, np.ndarr
     return statistics.median(times), out
 
 
+def per_column(qmax: int):
+    """Symmetric round-to-nearest int8 weights on [-qmax, qmax], one scale per column."""
+
+    def quantize(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        amax = np.abs(w).max(0)
+        scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+        return np.clip(np.rint(w / scale), -qmax, qmax).astype(np.int8), scale
+
+    return quantize
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fp32", default=os.path.join(BUNDLES, "nanovlm-222m-shape-fused-fp32"))
-    ap.add_argument("--int8", default=os.path.join(BUNDLES, "nanovlm-222m-shape-fused-int8-dynamic"))
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=9)
     args = ap.parse_args()
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    import onnx
+
+    from calibration.dynamic_int8 import quantize_dynamic_int8, quantize_pairs
+    from calibration.nbits import quantize_nbits
 
     fp32 = os.path.join(args.fp32, "vision_encoder.onnx")
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    makers = {
+        "8-bit MatMulNBits, blocks of 32": lambda m: quantize_nbits(m, 8),
+        "DynamicQuantizeMatMul, pair-limited (the CPU recipes')": lambda m: quantize_dynamic_int8(m, weights=quantize_pairs),
+        "DynamicQuantizeMatMul, 7-bit [-63, 63]": lambda m: quantize_dynamic_int8(m, weights=per_column(63)),
+        "DynamicQuantizeMatMul, 8-bit [-127, 127], not portable": lambda m: quantize_dynamic_int8(m, weights=per_column(127)),
+    }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        variants = {
-            "fp32": fp32,
-            "MatMulNBits 8-bit (int8 bundles)": os.path.join(args.int8, "vision_encoder.onnx"),
-        }
-        for name, reduce in (("dynamic int8, per channel", False), ("dynamic int8, 7-bit weights", True)):
-            out = os.path.join(tmp, f"vision_{int(reduce)}.onnx")
-            quantize_dynamic(fp32, out, weight_type=QuantType.QInt8, per_channel=True, reduce_range=reduce,
-                             op_types_to_quantize=["MatMul"])  # fmt: skip
-            variants[name] = out
+        variants = {"fp32": fp32}
+        for i, (name, make) in enumerate(makers.items()):
+            variants[name] = os.path.join(tmp, f"vision_{i}.onnx")
+            onnx.save(make(onnx.load(fp32)), variants[name])
         print("| vision encoder | encode (ms) | cosine min vs fp32 | size (MB) |\n| --- | --- | --- | --- |")
         ref = None
         for name, path in variants.items():

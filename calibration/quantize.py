@@ -120,7 +120,10 @@ def quantize_bundle(
                 _save(model, os.path.join(tmp, bundle.graph_spec(graph)["file"]))
             if r.weight_bits:
                 plan["notes"]["vision_encoder"] = (
-                    "8-bit MatMulNBits (the vision encoder is kept at INT8 or better)"
+                    "DynamicQuantizeMatMul: int8 weights per column, neighbouring pairs within 128; "
+                    "uint8 activations per tensor at run time"
+                    if r.vision_dynamic_int8
+                    else "8-bit MatMulNBits (the vision encoder is kept at INT8 or better)"
                 )
                 plan["notes"]["embedding"] = (
                     "tied embedding/head quantized once, shared by GatherBlockQuantized and MatMulNBits"

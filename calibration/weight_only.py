@@ -1,6 +1,7 @@
 """Weight-only modes (int8-dynamic, int4, int4-fp16, and the fp16 rewrite): each graph's weight
 MatMuls become MatMulNBits; int4 keeps the layers measured to be sensitive at 8 bits and rounds
-the rest by GPTQ on the recorded decoder inputs. The vision encoder is 8-bit throughout."""
+the rest by GPTQ on the recorded decoder inputs. The vision encoder is 8-bit throughout:
+DynamicQuantizeMatMul for the CPU recipes (dynamic_int8.py), 8-bit MatMulNBits for int4-fp16."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import onnx
 from core.bundle import Bundle
 from core.recipes import Recipe
 
+from .dynamic_int8 import quantize_dynamic_int8
 from .fp16 import to_fp16
 from .gptq import DAMPING
 from .nbits import matches, quantize_nbits
@@ -67,8 +69,10 @@ def quantize_graph(
         model = to_fp16(model)
     if recipe.weight_bits is None:
         return model
-    bits = recipe.weight_bits if graph == "decoder" else 8
     decoder = graph == "decoder"
+    if not decoder and recipe.vision_dynamic_int8:
+        return quantize_dynamic_int8(model, exclude=plan["excluded"])
+    bits = recipe.weight_bits if decoder else 8
     return quantize_nbits(
         model, bits,
         keep_8bit=plan["kept_8bit"] if decoder else [], exclude=plan["excluded"],

@@ -44,6 +44,9 @@ class Recipe:
     calibrated: bool = False  # records real graph inputs before quantizing
     decode_steps: int = 0  # greedy decode steps recorded per calibration sample, after its prefill
     fused_decoder: bool = False  # applies to bundles with the fused CPU decoder graph
+    # the vision encoder through DynamicQuantizeMatMul (CPU kernels; ~2x 8-bit MatMulNBits over
+    # an image's tokens) rather than 8-bit MatMulNBits
+    vision_dynamic_int8: bool = False
     runs_on: tuple[str, ...] = ("onnxruntime",)
 
 
@@ -61,10 +64,11 @@ RECIPES: dict[str, Recipe] = {
             fp16=True, runs_on=("onnxruntime", "tensorrt"),
         ),
         Recipe(
-            "int8-dynamic", "8-bit MatMulNBits weights in blocks of 32, int8 activations at run time",
+            "int8-dynamic", "8-bit MatMulNBits weights in blocks of 32, int8 activations at run time; the vision "
+            "encoder in dynamic int8",
             "weight-only",
             Gates(vision_cosine_min=0.99, kl_mean_max=0.01, top1_min=0.93, exact_match_min=0.6),
-            weight_bits=8, fused_decoder=True,
+            weight_bits=8, fused_decoder=True, vision_dynamic_int8=True,
         ),
         Recipe(
             "int8-static",
@@ -77,7 +81,7 @@ RECIPES: dict[str, Recipe] = {
             "int4", "4-bit MatMulNBits decoder weights rounded by GPTQ, sensitive layers at 8 bits",
             "weight-only",
             Gates(vision_cosine_min=0.99, kl_mean_max=0.05, top1_min=0.85, exact_match_min=0.4),
-            weight_bits=4, calibrated=True, decode_steps=16, fused_decoder=True,
+            weight_bits=4, calibrated=True, decode_steps=16, fused_decoder=True, vision_dynamic_int8=True,
         ),
         Recipe(
             "int4-fp16", "int4 on an fp16 graph, for GPUs", "weight-only",

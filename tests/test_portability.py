@@ -3,9 +3,10 @@ an emulated Haswell (AVX2, FMA; no AVX-512, no VNNI) under qemu-user, whose CPUI
 Runtime pick its AVX2 integer kernels, and the logits of both runs must agree.
 
 Without VNNI, ONNX Runtime's uint8 x int8 kernel adds pairs of products in int16 (VPMADDUBSW),
-which saturates for 8-bit weights. The weight-only modes quantize activations per block at run
-time (no saturation); int8-static runs its Q/DQ graph as written, in fp16, with no integer
-kernel (calibration/qdq.py).
+which saturates for 8-bit weights. The decoders' MatMulNBits quantize activations per block at
+run time (no saturation); the CPU recipes' vision encoder (DynamicQuantizeMatMul) keeps each
+pair of neighbouring weights within 128 (calibration/dynamic_int8.py); int8-static runs its Q/DQ
+graph as written, in fp16, with no integer kernel (calibration/qdq.py).
 """
 
 from __future__ import annotations
@@ -51,20 +52,52 @@ json.dump(out, open(sys.argv[1], "w"))
 """
 
 
-def _prefill_logits(bundles: list[str], tmp_path, emulate: bool) -> dict:
-    script = tmp_path / "prefill.py"
-    script.write_text(textwrap.dedent(PREFILL_LOGITS))
-    result = tmp_path / ("emulated.json" if emulate else "native.json")
-    cmd = ([QEMU, "-cpu", "Haswell"] if emulate else []) + [
-        sys.executable,
-        str(script),
-        str(result),
-        *bundles,
-    ]
+PAIRED_WEIGHTS = """
+import json, sys
+import numpy as np, onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from numpy._core._multiarray_umath import __cpu_features__ as cpu
+from calibration.dynamic_int8 import quantize_pairs
+
+out = {"avx2": bool(cpu["AVX2"]), "avx512f": bool(cpu["AVX512F"]), "vnni": bool(cpu["AVX512VNNI"])}
+for K in (64, 768, 3072):
+    # columns that put a pair at the bound in every way (127 + 1, 1 + 127, 64 + 64, negative)
+    # and a spiky random one, quantized by the recipe; then a full 8-bit control (127 + 127)
+    big_small = np.tile(np.float32([1.0, 1 / 127]), K // 2)
+    spiky = np.random.default_rng(K).standard_normal(K).astype(np.float32) * np.where(np.arange(K) % 7, 1, 30)
+    w = np.stack([big_small, big_small[::-1], np.ones(K, np.float32), -big_small, spiky], 1)
+    q, scale = quantize_pairs(w)
+    q = np.hstack([q, np.full((K, 1), 127, np.int8)])
+    scale = np.append(scale, np.float32(1 / 127))
+    node = helper.make_node("DynamicQuantizeMatMul", ["A", "B", "S"], ["Y"], domain="com.microsoft")
+    graph = helper.make_graph(
+        [node], "paired", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", q.shape[1]])],
+        [numpy_helper.from_array(q, "B"), numpy_helper.from_array(scale, "S")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for M in (1, 196):  # ones: every activation quantizes to 255, the largest product there is
+        y = s.run(None, {"A": np.ones((M, K), np.float32)})[0]
+        exact = q.astype(np.float64).sum(0) * scale
+        out[f"K{K} M{M}"] = (np.abs(y - exact).max(0) / np.abs(exact)).tolist()
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+def _run_script(source: str, name: str, args: list[str], tmp_path, emulate: bool) -> dict:
+    script = tmp_path / f"{name}.py"
+    script.write_text(textwrap.dedent(source))
+    result = tmp_path / (f"{name}-emulated.json" if emulate else f"{name}-native.json")
+    cmd = ([QEMU, "-cpu", "Haswell"] if emulate else []) + [sys.executable, str(script), str(result), *args]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200,
                          env=dict(os.environ, PYTHONPATH=REPO, TQDM_DISABLE="1"))  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(result.read_text())
+
+
+def _prefill_logits(bundles: list[str], tmp_path, emulate: bool) -> dict:
+    return _run_script(PREFILL_LOGITS, "prefill", bundles, tmp_path, emulate)
 
 
 @pytest.mark.slow
@@ -93,3 +126,26 @@ def test_quantized_bundles_lose_the_same_on_avx2_as_on_this_cpu(tiny_tokenizer_d
         gate = RECIPES[mode].gates.kl_mean_max
         assert here < gate and avx2 < gate, (mode, here, avx2)
         assert avx2 <= 1.5 * here + 1e-5, (mode, here, avx2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    QEMU is None, reason="qemu-user is not installed (apt-get install qemu-user; .ci/run does)"
+)
+def test_pair_limited_weights_do_not_saturate_without_vnni(tmp_path):
+    """The vision encoder's DynamicQuantizeMatMul weights, at the worst case (every activation
+    255, every pair at its 128 bound in each arrangement), give the exact product on the emulated
+    AVX2 CPU and here, for one row and for an image's 196; this also pins the kernel's pairing to
+    neighbours along K, as 127 + 1 alternations would saturate under any other. The full 8-bit
+    control column (127 + 127) must come out wrong on the emulated CPU: that is what makes the
+    test able to fail."""
+    native = _run_script(PAIRED_WEIGHTS, "paired", [], tmp_path, emulate=False)
+    emulated = _run_script(PAIRED_WEIGHTS, "paired", [], tmp_path, emulate=True)
+    assert emulated["avx2"] and not emulated["avx512f"] and not emulated["vnni"], emulated
+    for run in (native, emulated):
+        for shape, errors in run.items():
+            if shape.startswith("K"):
+                assert max(errors[:-1]) < 1e-5, (shape, errors)
+    for shape, errors in emulated.items():
+        if shape.startswith("K"):
+            assert errors[-1] > 0.1, (shape, errors)  # the control saturated

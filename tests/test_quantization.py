@@ -367,6 +367,49 @@ def test_nbits_bits_per_layer_pattern(lively):
     assert [b for n, b in bits.items() if "Gather" in n or "head" in n] == [8, 8]
 
 
+def test_pair_limited_weights_stay_in_int16_and_close_to_the_weights():
+    """Every neighbouring pair along K sums to at most 128 in magnitude (the AVX2 kernel adds each
+    pair into int16: 255 x 128 fits), the largest weight of a column keeps at least 64 levels,
+    and each weight is within one step of its value (half a step from rounding; a pair whose
+    rounding overshot is trimmed on the weight rounded furthest, which ends under one step)."""
+    from calibration.dynamic_int8 import PAIR_MAX, quantize_pairs
+
+    rng = np.random.default_rng(0)
+    spiky = rng.standard_normal((65, 24)).astype(np.float32)  # odd K; a pair of outliers per column
+    spiky[10:12] *= 20
+    for w in (rng.standard_normal((768, 48)).astype(np.float32), spiky,
+              np.tile(np.float32([1.0, 1.0]), (32, 3)).reshape(64, 3)):  # fmt: skip
+        q, scale = quantize_pairs(w)
+        assert q.dtype == np.int8 and scale.shape == (w.shape[1],)
+        padded = np.vstack([q.astype(np.int32), np.zeros((w.shape[0] % 2, w.shape[1]), np.int32)])
+        assert np.abs(padded).reshape(-1, 2, w.shape[1]).sum(1).max() <= PAIR_MAX
+        assert np.abs(q).max(0).min() >= 64
+        assert (np.abs(q * scale - w) <= scale * 1.0 + 1e-7).all()
+
+
+def test_vision_encoder_goes_through_dynamic_int8_with_its_biases_folded(lively, quantized):
+    """The CPU recipes' vision encoder: every weight MatMul is a DynamicQuantizeMatMul that adds
+    its bias itself (the Add after it is gone); int4-fp16 keeps 8-bit MatMulNBits."""
+    _, bundle, _ = lively
+    fp32 = onnx.load(os.path.join(bundle, "vision_encoder.onnx"))
+    n_weights = sum(n.op_type == "MatMul" and n.input[1] in {i.name for i in fp32.graph.initializer}
+                    for n in fp32.graph.node)  # fmt: skip
+    for mode in ("int8-dynamic", "int4"):
+        m = onnx.load(os.path.join(quantized[mode][1], "vision_encoder.onnx"))
+        dq = [n for n in m.graph.node if n.op_type == "DynamicQuantizeMatMul"]
+        assert len(dq) == n_weights > 0 and not any(n.op_type == "MatMulNBits" for n in m.graph.node)
+        with_bias = [n for n in dq if len(n.input) == 5 and n.input[4]]
+        adds = sum(n.op_type == "Add" for n in fp32.graph.node) - sum(
+            n.op_type == "Add" for n in m.graph.node
+        )
+        assert len(with_bias) == adds > 0
+        assert "DynamicQuantizeMatMul" in quantized[mode][0].quantization["notes"]["vision_encoder"]
+    m = onnx.load(os.path.join(quantized["int4-fp16"][1], "vision_encoder.onnx"))
+    assert {"MatMulNBits"} <= {n.op_type for n in m.graph.node} and not any(
+        n.op_type == "DynamicQuantizeMatMul" for n in m.graph.node
+    )
+
+
 def test_quantize_refuses_bad_requests(lively, quantized, tmp_path):
     _, bundle, _ = lively
     with pytest.raises(ValueError, match="already quantized \\(mode int4\\)"):
