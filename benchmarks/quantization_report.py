@@ -100,25 +100,25 @@ def variants(
 ) -> dict[str, str]:
     """Every mode of the standard bundle `fp32`, then the fused-decoder export and its CPU modes
     (or only the labels in `modes`, fp32 always included)."""
+    from runtime_decode import cached
+
     from calibration.quantize import quantize_bundle
     from core.recipes import FUSED_MODES, QUANTIZE_MODES
     from export.onnx_export import export_onnx
 
     out = {"fp32": fp32}
     fused = os.path.join(CACHE, "bundles", f"{name}-fused-fp32")
-    if any(m.startswith("fused") for m in modes or ["fused"]) and not os.path.exists(
-        os.path.join(fused, "manifest.json")
-    ):
-        export_onnx(ckpt, fused, decoder="fused")
+    if any(m.startswith("fused") for m in modes or ["fused"]) and not cached(fused):
+        export_onnx(ckpt, fused, decoder="fused", overwrite=True)
     jobs = [(mode, fp32, mode) for mode in QUANTIZE_MODES] + [("fused fp32", None, None)]
     jobs += [(f"fused {mode}", fused, mode) for mode in FUSED_MODES]
     if modes:
         jobs = [j for j in jobs if j[0] in modes]
     for label, src, mode in jobs:
         path = os.path.join(CACHE, "bundles", f"{name}-{label.replace(' ', '-')}")
-        if src and not os.path.exists(os.path.join(path, "manifest.json")):
+        if src and not cached(path):
             logging.info("quantizing %s -> %s", name, label)
-            quantize_bundle(src, path, mode, calibration=calibration, samples=samples)
+            quantize_bundle(src, path, mode, calibration=calibration, samples=samples, overwrite=True)
         out[label] = path
     return out
 

@@ -64,12 +64,26 @@ def build_checkpoint() -> str:
     return ckpt
 
 
+BUNDLE_CODE = ("calibration", "core", "export", "nanovlm")  # the packages that write a bundle
+
+
+def cached(path: str) -> bool:
+    """Whether `path` holds a bundle written after the code that writes bundles last changed: a
+    stale one is rebuilt (overwrite=True), so a recipe change is never measured on old bundles."""
+    manifest = os.path.join(path, "manifest.json")
+    if not os.path.exists(manifest):
+        return False
+    code = [os.path.join(d, f) for pkg in BUNDLE_CODE for d, _, files in os.walk(os.path.join(REPO, pkg))
+            for f in files if f.endswith(".py")]  # fmt: skip
+    return os.path.getmtime(manifest) > max(map(os.path.getmtime, code))
+
+
 def build_bundle(ckpt: str) -> str:
     from export.onnx_export import export_onnx
 
     out = os.path.join(CACHE, "bundles", "nanovlm-222m-shape-fp32")
-    if not os.path.exists(os.path.join(out, "manifest.json")):
-        export_onnx(ckpt, out)
+    if not cached(out):
+        export_onnx(ckpt, out, overwrite=True)
     return out
 
 
@@ -79,10 +93,10 @@ def build_fused_int8(ckpt: str) -> str:
 
     fused = os.path.join(CACHE, "bundles", "nanovlm-222m-shape-fused-fp32")
     out = os.path.join(CACHE, "bundles", "nanovlm-222m-shape-fused-int8-dynamic")
-    if not os.path.exists(os.path.join(fused, "manifest.json")):
-        export_onnx(ckpt, fused, decoder="fused")
-    if not os.path.exists(os.path.join(out, "manifest.json")):
-        quantize_bundle(fused, out, "int8-dynamic")
+    if not cached(fused):
+        export_onnx(ckpt, fused, decoder="fused", overwrite=True)
+    if not cached(out):
+        quantize_bundle(fused, out, "int8-dynamic", overwrite=True)
     return out
 
 

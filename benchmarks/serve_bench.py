@@ -48,7 +48,7 @@ PROMPTS = [
 def bundle_paths() -> dict[str, str]:
     """The 222M-shape fused bundles, built once (quantization_report.py's recipe and calibration)."""
     from quantization_report import photo_folder
-    from runtime_decode import build_checkpoint, build_fused_int8
+    from runtime_decode import build_checkpoint, build_fused_int8, cached
 
     from calibration.quantize import quantize_bundle
 
@@ -56,8 +56,8 @@ def bundle_paths() -> dict[str, str]:
     int8 = build_fused_int8(ckpt)
     fused = os.path.join(CACHE, "bundles", "nanovlm-222m-shape-fused-fp32")
     int4 = os.path.join(CACHE, "bundles", "nanovlm-222m-shape-fused-int4")
-    if not os.path.exists(os.path.join(int4, "manifest.json")):
-        quantize_bundle(fused, int4, "int4", calibration=photo_folder(), samples=20)
+    if not cached(int4):
+        quantize_bundle(fused, int4, "int4", calibration=photo_folder(), samples=20, overwrite=True)
     return {"fused int8": int8, "fused int4": int4}
 
 

@@ -77,20 +77,21 @@ def build_checkpoint() -> str:
 
 
 def bundles(ckpt: str) -> dict[str, str]:
+    from runtime_decode import cached
+
     from calibration.quantize import quantize_bundle
     from export.onnx_export import export_onnx
 
     root = os.path.join(CACHE, "bundles")
     out = {name: os.path.join(root, f"smolvlm-256m-shape-{name.replace(' ', '-')}")
            for name in ("fp32", "fused fp32", "fused int8-dynamic", "fused int4")}  # fmt: skip
-    done = lambda p: os.path.exists(os.path.join(p, "manifest.json"))  # noqa: E731
-    if not done(out["fp32"]):
-        export_onnx(ckpt, out["fp32"])
-    if not done(out["fused fp32"]):
-        export_onnx(ckpt, out["fused fp32"], decoder="fused")
+    if not cached(out["fp32"]):
+        export_onnx(ckpt, out["fp32"], overwrite=True)
+    if not cached(out["fused fp32"]):
+        export_onnx(ckpt, out["fused fp32"], decoder="fused", overwrite=True)
     for mode in ("int8-dynamic", "int4"):
-        if not done(out[f"fused {mode}"]):
-            quantize_bundle(out["fused fp32"], out[f"fused {mode}"], mode, samples=8)
+        if not cached(out[f"fused {mode}"]):
+            quantize_bundle(out["fused fp32"], out[f"fused {mode}"], mode, samples=8, overwrite=True)
     return out
 
 
