@@ -11,8 +11,8 @@ then, in one process, times for one image + a ~40-token prompt and N greedy new 
   ort-naive    the same exported decoder graph driven with numpy caches through session.run
   runtime      runtime.VLMPipeline (IO binding, preallocated ping-pong KV buffers)
   runtime, fused int8-dynamic
-               the same on the fused-decoder graph quantized to int8-dynamic (vision encoder 8-bit
-               too): the fastest CPU bundle, for time to first token against PyTorch's
+               the same on the fused-decoder graph quantized to int8-dynamic (vision encoder in
+               dynamic int8 too): the fastest CPU bundle, for time to first token against PyTorch's
 
 and checks that the three fp32 backends produce identical tokens. Prints a markdown table; bandwidth achieved =
 decoder weight bytes x decode tokens/s.
