@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def contrib_ops(graph_path: str) -> list[str]:
-    """Ops outside the standard ONNX domain (MatMulNBits, GatherBlockQuantized: ONNX Runtime only)."""
+    """Ops outside the standard ONNX domain (MatMulNBits, GatherBlockQuantized, DynamicQuantizeMatMul:
+    ONNX Runtime only)."""
     import onnx
 
     m = onnx.load(graph_path, load_external_data=False)

@@ -193,7 +193,9 @@ def test_builder_refuses_contrib_op_bundles_and_explains_missing_tensorrt(lively
     q = str(tmp_path / "int8")
     quantize_bundle(lively_bundle, q, "int8-dynamic")
     with pytest.raises(
-        ValueError, match="contrib ops .*MatMulNBits.*TensorRT takes the fp32, fp16 or int8-static"
+        ValueError,
+        match="vision_encoder uses ONNX Runtime contrib ops .*DynamicQuantizeMatMul.*TensorRT takes the fp32, fp16 "
+        "or int8-static",
     ):
         check_buildable(q)
     res = CliRunner().invoke(export_cli, ["trt", lively_bundle, str(tmp_path / "engines")])
