@@ -61,6 +61,11 @@ def quantize_dynamic_int8(
     inits = {i.name: i for i in model.graph.initializer}
     targets = {n.name for n in weight_matmuls(model) if not matches(n.name, list(exclude))}
     nodes = list(model.graph.node)
+    readers: dict[str, list[int]] = {}  # tensor name -> indices of the nodes that read it
+    for i, x in enumerate(nodes):
+        for name in x.input:
+            readers.setdefault(name, []).append(i)
+    copies = {x.output[0]: x.input[0] for x in nodes if x.op_type == "Identity"}
     folded: set[int] = set()  # indices of bias Adds now inside their DynamicQuantizeMatMul
     for k, node in enumerate(nodes):
         if node.name not in targets:
@@ -73,7 +78,7 @@ def quantize_dynamic_int8(
         model.graph.initializer.extend([numpy_helper.from_array(q, base),
                                         numpy_helper.from_array(scale, base + "_scales")])  # fmt: skip
         inputs, outputs = [node.input[0], base, base + "_scales", "", ""], list(node.output)
-        add = _bias_add(nodes, node, inits, w.shape[1])
+        add = _bias_add(nodes, node, readers.get(node.output[0], []), copies, inits, w.shape[1])
         if add is not None:
             a, bias = add
             inputs[4], outputs = bias, list(nodes[a].output)
@@ -90,16 +95,16 @@ def quantize_dynamic_int8(
 
 
 def _bias_add(
-    nodes: list[onnx.NodeProto], matmul: onnx.NodeProto, inits: dict, n: int
-) -> tuple[int, str] | None:
-    """(index, bias name) of the Add that alone reads `matmul`'s output and adds a float [n] constant."""
+    nodes: list[onnx.NodeProto], matmul: onnx.NodeProto, readers: list[int], copies: dict[str, str],
+    inits: dict, n: int,
+) -> tuple[int, str] | None:  # fmt: skip
+    """(index, bias name) of the Add that alone reads `matmul`'s output (`readers`: the indices of
+    its readers) and adds a float [n] constant, found through `copies` (Identity output -> input)."""
     out = matmul.output[0]
-    readers = [i for i, x in enumerate(nodes) if out in x.input]
     if len(readers) != 1 or nodes[readers[0]].op_type != "Add":
         return None
     add = nodes[readers[0]]
     other = add.input[1] if add.input[0] == out else add.input[0]
-    copies = {x.output[0]: x.input[0] for x in nodes if x.op_type == "Identity"}
     while other in copies:  # the exporter reads some shared initializers through Identity nodes
         other = copies[other]
     if (
