@@ -34,12 +34,14 @@ PACKAGE_FOR = {"cuda": "onnxruntime-gpu", "tensorrt": "onnxruntime-gpu (built wi
 
 
 def session_options(
-    threads: int | None = None, optimized_model_path: str | None = None, literal_qdq: bool = False
-) -> Any:
+    threads: int | None = None, optimized_model_path: str | None = None, literal_qdq: bool = False,
+    profile_prefix: str | None = None,
+) -> Any:  # fmt: skip
     """`literal_qdq`: run QuantizeLinear/DequantizeLinear as written (the int8-static bundles, made
     for TensorRT). Otherwise the CPU provider fuses a weight's DequantizeLinear into MatMulNBits,
     which quantizes the activations to int8 at run time: not what the graph says, nor what TensorRT
-    computes from it (calibration/qdq.py)."""
+    computes from it (calibration/qdq.py). `profile_prefix`: onnxruntime's per-node profile, written
+    to PREFIX_<date>.json when the session ends profiling."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -55,6 +57,9 @@ def session_options(
         so.optimized_model_filepath = optimized_model_path
     if literal_qdq:
         so.add_session_config_entry("session.disable_quant_qdq", "1")
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     return so
 
 
@@ -89,6 +94,7 @@ class OrtBackend:
         max_batch: int = 4,
         max_images: int = 16,
         save_optimized: bool = False,
+        profile_dir: str | None = None,
     ):
         import onnxruntime as ort
 
@@ -129,7 +135,12 @@ class OrtBackend:
             try:
                 self.sessions[graph] = ort.InferenceSession(
                     bundle.graph_path(graph),
-                    session_options(threads, optimized, literal_qdq=bundle.recipe.scheme == "qdq"),
+                    session_options(
+                        threads,
+                        optimized,
+                        literal_qdq=bundle.recipe.scheme == "qdq",
+                        profile_prefix=os.path.join(profile_dir, graph) if profile_dir else None,
+                    ),
                     providers=providers,
                 )
             except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types

@@ -1,5 +1,6 @@
 """The torch-free runtime against the PyTorch reference, on exported random models."""
 
+import json
 import os
 import subprocess
 import sys
@@ -281,3 +282,24 @@ def test_text_only_prompt(pipe):
     out = m.generate(ids, None, max_new_tokens=10)[0].tolist()
     eos = m.tokenizer.eos_token_id
     assert got == m.tokenizer.decode(out[: out.index(eos)] if eos in out else out)
+
+
+def test_profile_dir_writes_a_node_profile_per_graph_and_keeps_answers(pipe, tmp_path):
+    """OrtBackend(profile_dir=...) (benchmarks/op_profile.py): one onnxruntime profile per graph
+    in that directory, with its runs and MatMul kernel times, and the same greedy answer."""
+    _, p, bundle = pipe
+    images, prompt = [_photos()[0]], "What is in the picture?"
+    profiled = VLMPipeline.from_bundle(bundle, profile_dir=str(tmp_path))
+    assert profiled.generate(images, prompt, max_new_tokens=6) == p.generate(images, prompt, max_new_tokens=6)
+    for graph, session in profiled.backend.sessions.items():
+        path = session.end_profiling()
+        assert os.path.dirname(path) == str(tmp_path) and os.path.basename(path).startswith(graph)
+        with open(path) as f:
+            events = json.load(f)
+        runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
+        kernels = {
+            e["args"]["op_name"]
+            for e in events
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+        }
+        assert runs and "MatMul" in "".join(kernels), (graph, len(runs), kernels)
