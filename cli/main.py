@@ -565,11 +565,13 @@ def validate(bundle: str, reference: str | None, images: str, prompts: str | Non
 )
 @click.option("--growth", default="16,32,64", show_default=True,
               help="Output lengths for the PyTorch cost-growth curve ('' to skip).")  # fmt: skip
-@click.option("--plot", "plot_path", default="bench.png", show_default=True, help="PNG chart.")
+@click.option(
+    "--plot", "plot_path", help="PNG chart (default: bench.png here, replaced only if bench wrote it)."
+)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
 @user_errors
 def bench(bundle: str, reference: str | None, variants: tuple[str, ...], image: str | None, prompt: str,
-          max_new_tokens: int, repeats: int, threads: int | None, growth: str, plot_path: str,
+          max_new_tokens: int, repeats: int, threads: int | None, growth: str, plot_path: str | None,
           json_out: str | None) -> None:  # fmt: skip
     """Image encode, TTFT, prefill and decode speed, peak memory and size: PyTorch and bundles."""
     if reference:
@@ -577,6 +579,13 @@ def bench(bundle: str, reference: str | None, variants: tuple[str, ...], image: 
     if image is None and not installed("skimage"):
         raise click.ClickException("pass --image FILE (the default photograph comes with scikit-image)")
     from evaluation import bench as b
+
+    if plot_path is None:
+        plot_path = "bench.png"
+        if os.path.exists(plot_path) and not b.is_bench_plot(plot_path):
+            raise click.ClickException(
+                f"{os.path.abspath(plot_path)} exists and bench did not write it: pass --plot PATH"
+            )
 
     try:
         lengths = tuple(int(x) for x in growth.split(",") if x.strip())

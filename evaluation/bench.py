@@ -240,6 +240,20 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PLOT_SOFTWARE = "nanovlm-export bench"  # the PNG's Software text: marks a chart as bench's own
+
+
+def is_bench_plot(path: str) -> bool:
+    """Whether `path` is a PNG that `plot` wrote (bench replaces only its own chart by default)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.info.get("Software") == PLOT_SOFTWARE
+    except (OSError, ValueError):
+        return False
+
+
 def plot(result: dict[str, Any], path: str) -> None:
     import matplotlib
 
@@ -273,5 +287,5 @@ def plot(result: dict[str, Any], path: str) -> None:
         axes[2].legend(fontsize="small", loc="upper left")
     fig.suptitle(f"{result['threads']} threads, median of {result['repeats']}")
     with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
+        fig.savefig(f, format="png", dpi=110, metadata={"Software": PLOT_SOFTWARE})
     plt.close(fig)

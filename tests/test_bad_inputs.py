@@ -112,6 +112,29 @@ def test_train_refuses_a_foreign_or_earlier_output_dir(tmp_path):
     one_line_error(cli("train", "-o", f"output_dir={run}"), "already holds a training run", "--overwrite")
 
 
+def test_bench_replaces_only_its_own_default_chart(made, tmp_path):
+    """Without --plot, bench writes bench.png in the current directory: again over its own chart,
+    never over another file of that name (refused before measuring, the file untouched)."""
+    _, _, bundle, image = made
+    args = ["bench", bundle, "--image", image, "--max-new-tokens", "2", "--repeats", "1", "--growth", ""]
+
+    def bench(cwd) -> subprocess.CompletedProcess:
+        exe = os.path.join(BIN, "nanovlm-export")
+        cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "cli.main"]
+        return subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, PYTHONPATH=REPO, TQDM_DISABLE="1"))  # fmt: skip
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir(), theirs.mkdir()
+    for _ in range(2):  # the second run replaces the first run's chart
+        res = bench(ours)
+        assert res.returncode == 0 and (ours / "bench.png").stat().st_size > 0, res.stderr[-2000:]
+    Image.new("RGB", (8, 8)).save(theirs / "bench.png")
+    before = _files(theirs)
+    one_line_error(bench(theirs), "bench.png exists and bench did not write it", "--plot")
+    assert _files(theirs) == before
+
+
 # ----------------------------------------------------------------------------- numbers
 @pytest.mark.parametrize(
     "option, value",
