@@ -13,7 +13,8 @@ This runs the command natively with every library held to its AVX2 code:
   AVX-VNNI (VEX) branch is never taken. The installed package is not touched; the copy comes
   first on PYTHONPATH for the command only. Needs objdump (binutils) to find the instructions.
 - PyTorch: its documented switches ATEN_CPU_CAPABILITY=avx2, DNNL_MAX_CPU_ISA=AVX2 and
-  MKL_ENABLE_INSTRUCTIONS=AVX2.
+  MKL_ENABLE_INSTRUCTIONS=AVX2 (MKL ignores the last on AMD CPUs, where its sgemm already runs
+  AVX2-class code: docs/quantization.md).
 - llama.cpp: --llama-lib names a directory with a build of libllama/libggml without AVX-512
   (e.g. CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
   -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF" pip install --target DIR llama-cpp-python), passed as
