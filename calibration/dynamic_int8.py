@@ -12,6 +12,11 @@ scale is set so that every neighbouring pair has |q[2i]| + |q[2i+1]| <= 128: a p
 at most 255 x 128 = 32640, and a lone large weight still gets up to 127 levels.
 tests/test_portability.py checks both the bound and the pairing on an emulated AVX2 CPU.
 
+One scale per activation tensor is what makes it fast, and what a model with outlier channels
+or tokens can lose to (SmolLM2's decoder does: KL 0.17 with every MatMul here, docs/quantization.md).
+So `lowest_cosine` compares the rewritten encoder with its source on real pixels, and the
+quantizer keeps the rewrite only when it stays close (calibration/quantize.py).
+
 Layout (com.microsoft.DynamicQuantizeMatMul):
     A        float [..., K]    quantized at run time
     B        int8  [K, N]      w ~= B * b_scale
@@ -114,3 +119,19 @@ def _bias_add(
     ):
         return None
     return readers[0], other
+
+
+def lowest_cosine(source_path: str, quantized: onnx.ModelProto, pixels: np.ndarray) -> float:
+    """Lowest cosine similarity, over every output token, between the vision encoder at
+    `source_path` and `quantized` on `pixels` [N, 3, S, S]."""
+    import onnxruntime as ort
+
+    from runtime.onnx_backend import session_options
+
+    outs = []
+    for model in (source_path, quantized.SerializeToString()):
+        session = ort.InferenceSession(model, session_options(), providers=["CPUExecutionProvider"])
+        outs.append(session.run(None, {session.get_inputs()[0].name: pixels})[0])
+    a, b = (o.reshape(-1, o.shape[-1]).astype(np.float64) for o in outs)
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30)
+    return float(cos.min())

@@ -28,6 +28,7 @@ from .weight_only import gptq_statistics, keep_8bit, quantize_graph
 log = logging.getLogger(__name__)
 
 MIN_CALIBRATION_SAMPLES = 8
+VISION_CHECK_IMAGES = 4  # built-in images the dynamic-int8 vision encoder is checked on
 MIN_ORT_WEIGHT_ONLY = (1, 20)  # MatMulNBits 8-bit, GatherBlockQuantized
 
 
@@ -115,14 +116,19 @@ def quantize_bundle(
             quantize_qdq(bundle, tmp, plan, vision_feeds, decoder_feeds, method)
         else:
             importance, grams = gptq_statistics(bundle, r, plan, decoder_feeds)
+            dynamic_vision = r.vision_dynamic_int8
             for graph in GRAPHS:
                 model = quantize_graph(onnx.load(bundle.graph_path(graph)), graph, r, plan, importance, grams)
+                if graph == "vision_encoder" and dynamic_vision and not _vision_holds(bundle, model, r, plan):
+                    dynamic_vision = False
+                    model = quantize_graph(onnx.load(bundle.graph_path(graph)), graph,
+                                           dataclasses.replace(r, vision_dynamic_int8=False), plan)  # fmt: skip
                 _save(model, os.path.join(tmp, bundle.graph_spec(graph)["file"]))
             if r.weight_bits:
                 plan["notes"]["vision_encoder"] = (
                     "DynamicQuantizeMatMul: int8 weights per column, neighbouring pairs within 128; "
                     "uint8 activations per tensor at run time"
-                    if r.vision_dynamic_int8
+                    if dynamic_vision
                     else "8-bit MatMulNBits (the vision encoder is kept at INT8 or better)"
                 )
                 plan["notes"]["embedding"] = (
@@ -136,6 +142,31 @@ def quantize_bundle(
         ).write(tmp)
     log.info("%s bundle written to %s in %.1f s", mode, out, time.time() - t0)
     return manifest
+
+
+def _vision_holds(bundle: Bundle, model: onnx.ModelProto, r: Recipe, plan: dict) -> bool:
+    """Whether the vision encoder in DynamicQuantizeMatMul stays within half the recipe's allowed
+    cosine loss of the source encoder on the first tile of VISION_CHECK_IMAGES built-in images
+    (half: the gate is applied later on other images). A ViT with outlier activations may not:
+    it then gets 8-bit MatMulNBits, whose activation scales are per block of 32."""
+    import numpy as np
+
+    from core.processors import ImageProcessor
+
+    from .data import load_calibration
+    from .dynamic_int8 import lowest_cosine
+
+    proc = ImageProcessor.from_config(bundle.config)
+    samples = load_calibration("builtin", VISION_CHECK_IMAGES).samples
+    pixels = np.concatenate([proc(s.images[0])[0][:1] for s in samples]).astype(np.float32)
+    cosine = lowest_cosine(bundle.graph_path("vision_encoder"), model, pixels)
+    bar = 1 - (1 - r.gates.vision_cosine_min) / 2
+    plan["vision_check"] = {"images": len(samples), "cosine_min": cosine, "bar": bar,
+                            "kept": "DynamicQuantizeMatMul" if cosine >= bar else "MatMulNBits"}  # fmt: skip
+    if cosine < bar:
+        log.warning("vision encoder in DynamicQuantizeMatMul: cosine %.5f < %.5f against the source on %d "
+                    "built-in images; using 8-bit MatMulNBits there instead", cosine, bar, len(samples))  # fmt: skip
+    return cosine >= bar
 
 
 def _save(model: onnx.ModelProto, path: str) -> None:

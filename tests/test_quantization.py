@@ -410,6 +410,42 @@ def test_vision_encoder_goes_through_dynamic_int8_with_its_biases_folded(lively,
     )
 
 
+def test_a_vit_with_outlier_channels_falls_back_to_matmulnbits(tiny_tokenizer_dir, tmp_path):
+    """Real ViTs have outlier channels after LayerNorm, which one activation scale per tensor
+    (DynamicQuantizeMatMul) cannot hold. Made here by scaling one channel of every LayerNorm's
+    gain and shift 100x (cosine 0.947 in DynamicQuantizeMatMul on the built-in images). The
+    quantizer measures that loss and gives the encoder 8-bit MatMulNBits (activation scales per
+    block of 32) instead, and the recipe's vision gate then holds (0.996 measured)."""
+    import torch
+
+    from export.onnx_export import export_onnx
+    from runtime.pipeline import VLMPipeline
+    from tests.conftest import lively_model
+
+    model = lively_model("replace", tiny_tokenizer_dir, seed=1)
+    with torch.no_grad():
+        for block in model.vision_encoder.blocks:
+            for ln in (block.ln1, block.ln2):
+                ln.weight[5] *= 100.0
+                ln.bias[5] *= 100.0
+    model.save_pretrained(tmp_path / "ckpt")
+    export_onnx(str(tmp_path / "ckpt"), str(tmp_path / "fp32"))
+    manifest = quantize_bundle(str(tmp_path / "fp32"), str(tmp_path / "int8"), "int8-dynamic")
+    check = manifest.quantization["vision_check"]
+    assert check["kept"] == "MatMulNBits" and check["cosine_min"] < check["bar"], check
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "int8" / "vision_encoder.onnx")).graph.node}
+    assert "MatMulNBits" in ops and "DynamicQuantizeMatMul" not in ops
+    assert "MatMulNBits" in manifest.quantization["notes"]["vision_encoder"]
+    size = model.cfg.vit_img_size
+    pixels = np.random.default_rng(0).uniform(-1, 1, (2, 3, size, size)).astype(np.float32)
+    a, b = (
+        VLMPipeline.from_bundle(str(tmp_path / d)).backend.encode_images(pixels) for d in ("fp32", "int8")
+    )
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    assert cos.min() >= RECIPES["int8-dynamic"].gates.vision_cosine_min, cos.min()
+
+
 def test_quantize_refuses_bad_requests(lively, quantized, tmp_path):
     _, bundle, _ = lively
     with pytest.raises(ValueError, match="already quantized \\(mode int4\\)"):
