@@ -141,7 +141,10 @@ def build_proxy() -> Path:
 
 
 def proxy_env(llama_lib: str | None) -> dict[str, str]:
-    env = dict(os.environ) | TORCH_ENV
+    sys.path.insert(0, str(REPO))
+    from evaluation.bench import AVX2_PROXY_ENV  # benchmarks name the CPU kind by it
+
+    env = dict(os.environ) | TORCH_ENV | {AVX2_PROXY_ENV: "1"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(build_proxy()), env.get("PYTHONPATH")) if p)
     if llama_lib:
         env["LLAMA_CPP_LIB_PATH"] = llama_lib

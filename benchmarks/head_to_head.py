@@ -53,7 +53,7 @@ def main() -> None:
     from runtime_decode import PROMPT
     from tqdm import tqdm
 
-    from evaluation.bench import bench_image, in_fresh_process, spread
+    from evaluation.bench import bench_image, in_fresh_process, machine, spread
     from runtime.pipeline import GenerationRequest, VLMPipeline
 
     threads = os.cpu_count() or 1
@@ -86,7 +86,7 @@ def main() -> None:
     rounds = rounds[1:]  # the first round warms llama.cpp up
 
     report = {
-        "machine": f"{threads} CPU threads",
+        "machine": machine(threads),
         "prompt_positions": positions,
         "new_tokens": args.max_new_tokens,
         "rounds": rounds,

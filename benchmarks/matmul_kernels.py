@@ -87,8 +87,9 @@ def main() -> None:
     args = ap.parse_args()
     if min(args.rows) < 1 or args.rounds < 1:
         ap.error("--rows and --rounds must be at least 1")
-    print(f"SmolLM2-135M layer MatMuls x {LAYERS} layers, ms (median of {args.rounds}), "
-          f"{os.cpu_count()} threads\n")  # fmt: skip
+    from evaluation.bench import machine
+
+    print(f"SmolLM2-135M layer MatMuls x {LAYERS} layers, ms (median of {args.rounds}), {machine()}\n")
     print("| rows | " + " | ".join(KERNELS) + " |\n| --- |" + " --- |" * len(KERNELS))
     for rows in args.rows:
         cells = [f"{1e3 * time_kernel(k, rows, args.rounds):.1f}" for k in KERNELS]

@@ -75,7 +75,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.max_new_tokens < 2:
         ap.error("--max-new-tokens must be at least 2 (one prefill, one decode step)")
+    from evaluation.bench import machine
+
     report = {}
+    print(f"{machine()}, one image + runtime_decode.py's prompt, {args.max_new_tokens} new tokens\n")
     print("| bundle | phase | wall (ms) | op types by share of node time |\n| --- | --- | --- | --- |")
     for path in args.bundles:
         report[path] = profile(path, args.max_new_tokens)

@@ -302,6 +302,8 @@ def print_tables(report: dict) -> None:
 
 
 def main() -> None:
+    from evaluation.bench import machine
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="smollm2,tiny")
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -318,7 +320,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report = {
-        "machine": f"{os.cpu_count()} CPU threads",
+        "machine": machine(),
         "new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
     }

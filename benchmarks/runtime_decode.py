@@ -111,6 +111,9 @@ def timed(fn, repeats: int) -> tuple[list, list[dict]]:
 
 
 def main() -> None:
+    from core.files import atomic_write
+    from evaluation.bench import machine
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
@@ -240,7 +243,7 @@ def main() -> None:
     prompt_positions = run_torch()[1]["prompt_positions"]
     print(f"\nnanoVLM-222M shape (SigLIP-B/16-224 random + SmolLM2-135M real), fp32 unless named, batch 1, "
           f"{prompt_positions} prompt positions (49 image + {prompt_positions - 49} text), {n} new tokens, "
-          f"{os.cpu_count()} CPU threads, median of {args.repeats}\n")  # fmt: skip
+          f"{machine()}, median of {args.repeats}\n")  # fmt: skip
     print("| backend | decode tok/s | spread | time to first token (s) | bandwidth achieved (GB/s) |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
@@ -256,8 +259,12 @@ def main() -> None:
           f"fp32 {rows[2]['ttft_s'] / ttft:.2f}, fused int8-dynamic {rows[3]['ttft_s'] / ttft:.2f}; "
           f"tokens identical across the fp32 backends: {identical}")  # fmt: skip
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "identical_tokens": identical, "new_tokens": n}, f, indent=2)
+        with atomic_write(args.json) as f:
+            json.dump(
+                {"machine": machine(), "rows": rows, "identical_tokens": identical, "new_tokens": n},
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -175,6 +175,8 @@ def plot(results: dict[str, list[dict]], path: str) -> None:
 
 
 def main() -> None:
+    from evaluation.bench import machine
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16])
     ap.add_argument("--requests", type=int, default=16, help="requests per level (at least the concurrency)")
@@ -200,7 +202,7 @@ def main() -> None:
                 results[name] = sweep(s.port, args.levels, args.requests, args.max_tokens)
 
     print(
-        f"\n{threads} CPU threads, {args.max_tokens} new tokens, text prompts, {args.requests}+ requests per level\n"
+        f"\n{machine(threads)}, {args.max_tokens} new tokens, text prompts, {args.requests}+ requests per level\n"
     )
     print(
         "| server | concurrency | aggregate tok/s | TTFT p50 (s) | TTFT p95 (s) |\n| --- | --- | --- | --- | --- |"
@@ -227,7 +229,7 @@ def main() -> None:
         print(
             f"| {name}: p95 TTFT at 8 / lone TTFT (bar <= 3) | {eight['ttft_p95_s'] / one['ttft_p50_s']:.2f}x |"
         )
-    report = {"machine": f"{threads} CPU threads", "max_tokens": args.max_tokens, "results": results}
+    report = {"machine": machine(threads), "max_tokens": args.max_tokens, "results": results}
     if args.plot:
         plot(results, args.plot)
         print(f"\nchart: {args.plot}")

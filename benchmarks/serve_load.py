@@ -231,6 +231,8 @@ def print_report(r: dict) -> None:
 
 
 def main() -> None:
+    from evaluation.bench import machine
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("bundle")
     ap.add_argument("--requests", type=int, default=300)
@@ -250,7 +252,7 @@ def main() -> None:
         report = run_load(
             server, cases, args.requests, args.concurrency, args.malformed, args.disconnect, args.seed
         )
-    report["machine"] = f"{os.cpu_count()} CPU threads"
+    report["machine"] = machine()
     print_report(report)
     if args.json:
         from core.files import write_json

@@ -140,6 +140,8 @@ def time_runtime(path: str, picture, n: int, repeats: int) -> dict:
 
 
 def main() -> None:
+    from evaluation.bench import machine
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
@@ -150,7 +152,7 @@ def main() -> None:
 
     ckpt = build_checkpoint()
     paths = bundles(ckpt)
-    report = {"machine": f"{os.cpu_count()} CPU threads", "new_tokens": args.max_new_tokens, "rows": {}}
+    report = {"machine": machine(), "new_tokens": args.max_new_tokens, "rows": {}}
     for label, picture in (("photo", Image.fromarray(data.astronaut())), ("text only", None)):
         rows = {"transformers": time_transformers(ckpt, picture, args.max_new_tokens, args.repeats)}
         for name, path in paths.items():

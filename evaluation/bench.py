@@ -29,6 +29,33 @@ log = logging.getLogger(__name__)
 DEFAULT_PROMPT = "Describe this image in detail."
 
 
+AVX2_PROXY_ENV = "NANOVLM_AVX2_PROXY"  # set by benchmarks/avx2_proxy.py for the command it runs
+
+
+def cpu_kind() -> str:
+    """The CPU kind that decides which integer kernels run (and how fast), from /proc/cpuinfo."""
+    import platform
+
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((x for x in f if x.startswith(("flags", "Features"))), "")
+        flags = set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    kinds = (("avx512_vnni", "AVX-512 VNNI"), ("avx512f", "AVX-512 without VNNI"),
+             ("avx_vnni", "AVX2 with AVX-VNNI"), ("avx2", "AVX2 only"), ("asimddp", "ARM64 with dot product"))  # fmt: skip
+    kind = next((name for flag, name in kinds if flag in flags), platform.machine() or "unknown CPU")
+    if os.environ.get(AVX2_PROXY_ENV):
+        kind = f"AVX2 kernels on an {kind} CPU (benchmarks/avx2_proxy.py)"
+    return kind
+
+
+def machine(threads: int | None = None) -> str:
+    """What every speed figure should say it came from: threads and CPU kind."""
+    return f"{threads or os.cpu_count()} CPU threads, {cpu_kind()}"
+
+
 def spread(values: list[float]) -> dict[str, float]:
     """Median, min and max of repeated measurements."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
@@ -200,11 +227,12 @@ def bench(
     for r in rows:
         r["same_tokens_as_first"] = r.pop("tokens") == first
     return {"rows": rows, "growth": curve, "max_new_tokens": max_new_tokens, "repeats": repeats,
-            "threads": threads or os.cpu_count()}  # fmt: skip
+            "threads": threads or os.cpu_count(), "machine": machine(threads)}  # fmt: skip
 
 
 def table(result: dict[str, Any]) -> str:
     lines = [
+        f"{result['machine']}\n" if "machine" in result else "",
         "| backend | precision | size (MB) | peak RSS (MB) | image encode (s) | TTFT (s) | prefill pos/s | decode tok/s (min-max) | power W | tokens/J | peak RAM in use (MB) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -285,7 +313,9 @@ def plot(result: dict[str, Any], path: str) -> None:
         axes[2].set_ylabel("ms per token")
         axes[2].set_ylim(bottom=0)
         axes[2].legend(fontsize="small", loc="upper left")
-    fig.suptitle(f"{result['threads']} threads, median of {result['repeats']}")
+    fig.suptitle(
+        f"{result.get('machine', str(result['threads']) + ' threads')}, median of {result['repeats']}"
+    )
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", dpi=110, metadata={"Software": PLOT_SOFTWARE})
     plt.close(fig)
