@@ -53,7 +53,8 @@ def cpu_kind() -> str:
 
 def machine(threads: int | None = None) -> str:
     """What every speed figure should say it came from: threads and CPU kind."""
-    return f"{threads or os.cpu_count()} CPU threads, {cpu_kind()}"
+    n = threads or os.cpu_count() or 1
+    return f"{n} CPU thread{'s' if n != 1 else ''}, {cpu_kind()}"
 
 
 def spread(values: list[float]) -> dict[str, float]:
