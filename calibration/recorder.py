@@ -15,7 +15,7 @@ import numpy as np
 from onnxruntime.quantization.calibrate import CalibrationDataReader
 from tqdm import tqdm
 
-from core.bundle import Bundle
+from core.bundle import Bundle, KVLayout
 from runtime.onnx_backend import session_options
 from runtime.pipeline import GenerationRequest, VLMPipeline
 
@@ -24,8 +24,21 @@ from .data import CalibrationSet
 log = logging.getLogger(__name__)
 
 
+class ArrayCache:
+    """The past as the arrays the last step returned (the graph's present outputs)."""
+
+    def __init__(self, kv: KVLayout, rows: int, length: int):
+        self.kv, self.capacity, self.length, self.past = kv, (rows, length), 0, []
+
+    def start(self, rows: int, length: int = 0) -> None:
+        if length:
+            raise ValueError("an ArrayCache starts empty")
+        empty = np.zeros((rows, self.kv.heads, 0, self.kv.head_dim), self.kv.dtype)
+        self.past, self.length = [empty] * (2 * self.kv.layers), 0
+
+
 class RecordingBackend:
-    """The runtime backend interface (encode_images / reset / step) over plain session.run."""
+    """runtime/backend.py's contract (encode_images / new_cache / step) over plain session.run."""
 
     def __init__(self, bundle: Bundle, threads: int | None = None):
         import onnxruntime as ort
@@ -37,6 +50,7 @@ class RecordingBackend:
         kv = bundle.kv
         self.kv, self.kv_dtype = kv, np.dtype(kv.dtype)
         self.max_context = bundle.config.lm_max_position_embeddings
+        self.device = "cpu"
         self.vision_feeds: list[dict[str, np.ndarray]] = []
         self.decoder_feeds: list[dict[str, np.ndarray]] = []
 
@@ -45,12 +59,11 @@ class RecordingBackend:
         self.vision_feeds.append(feed)
         return self.sessions["vision_encoder"].run(None, feed)[0]
 
-    def reset(self, batch: int, max_total: int) -> None:
-        empty = np.zeros((batch, self.kv.heads, 0, self.kv.head_dim), self.kv_dtype)
-        self.past = [empty] * (2 * self.kv.layers)
+    def new_cache(self, rows: int, length: int) -> ArrayCache:
+        return ArrayCache(self.kv, rows, length)
 
     def step(self, input_ids: np.ndarray, image_rows: np.ndarray, attention_mask: np.ndarray,
-             position_ids: np.ndarray) -> np.ndarray:  # fmt: skip
+             position_ids: np.ndarray, cache: ArrayCache) -> np.ndarray:  # fmt: skip
         feed: dict[str, np.ndarray] = {
             "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
             "image_embeds": np.ascontiguousarray(image_rows, dtype=np.float32),
@@ -58,11 +71,12 @@ class RecordingBackend:
             "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
         }
         for i in range(self.kv.layers):
-            feed[f"past_key_values.{i}.key"] = self.past[2 * i]
-            feed[f"past_key_values.{i}.value"] = self.past[2 * i + 1]
+            feed[f"past_key_values.{i}.key"] = cache.past[2 * i]
+            feed[f"past_key_values.{i}.value"] = cache.past[2 * i + 1]
         self.decoder_feeds.append(feed)
         out = self.sessions["decoder"].run(None, feed)
-        self.past = out[1:]
+        cache.past = out[1:]
+        cache.length += input_ids.shape[1]
         return out[0]
 
 

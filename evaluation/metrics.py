@@ -27,6 +27,7 @@ from core.bundle import Bundle, BundleError
 from core.processors import prepare_batch
 from core.recipes import GATE_METRICS
 from runtime.pipeline import GenerationRequest, VLMPipeline
+from runtime.sequence import next_frame, prompt_frame
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +118,13 @@ def bundle_run(pipe: VLMPipeline, batch: Any, forced: list[int], max_new_tokens:
     has_images = batch.pixel_values.shape[0] > 0
     hidden = pipe.cfg.lm_hidden_dim
     vision = backend.encode_images(batch.pixel_values) if has_images else np.zeros((0, 0, hidden), np.float32)
-    ids, mask, rows = pipe.decoder_inputs(batch, vision)
-    backend.reset(1, ids.shape[1] + len(forced) + 1)
-    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-    steps = [backend.step(ids, rows, mask, pos)[0].copy()]
-    empty = np.zeros((0, hidden), np.float32)
+    frame = prompt_frame(pipe.cfg, batch, vision)
+    cache = backend.new_cache(1, frame.shape[1] + len(forced) + 1)
+    cache.start(1)
+    steps = [pipe.step(frame, cache)[0].copy()]
     for token in forced[:-1]:
-        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-        pos = pos[:, -1:] + 1
-        steps.append(backend.step(np.array([[token]], np.int64), empty, mask, pos)[0].copy())
+        frame = next_frame(frame, np.array([token], np.int64))
+        steps.append(pipe.step(frame, cache)[0].copy())
     request = GenerationRequest(max_new_tokens=max_new_tokens)
     eos = pipe.tokenizer.eos_token_id
     own: list[int] = []

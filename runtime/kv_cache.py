@@ -46,7 +46,10 @@ class KVCache:
         self.turn = 0  # which set holds the current frame (ping-pong)
 
     def start(self, rows: int, length: int = 0) -> None:
-        """Begin a frame of `rows` rows holding `length` positions (0: a new generation)."""
+        """Begin a frame of `rows` rows holding `length` positions (0: a new generation; otherwise
+        the caller fills them, with `write` or a row copy)."""
+        if not self.fits(rows, length):
+            raise ValueError(f"frame {rows}x{length} exceeds the cache's {self.capacity}")
         self.batch, self.length, self.turn = rows, length, 0
 
     def fits(self, rows: int, length: int) -> bool:
@@ -121,6 +124,18 @@ class KVCache:
             d[-1, :, : self.length - other.length] = 0
             d[-1, :, self.length - other.length :] = s[src]
         return rows - 1
+
+    def read(self, row: int, start: int, end: int) -> np.ndarray:
+        """Positions [start, end) of `row` in the frame as one copy, [2 * layers, H, end - start, D]."""
+        return np.stack([v[row, :, start:end] for v in self.views()])
+
+    def write(self, row: int, start: int, kv: np.ndarray) -> None:
+        """Put `kv` [2 * layers, H, n, D] (what `read` gives) at positions [start, start + n) of `row`."""
+        end = start + kv.shape[2]
+        if end > self.length:
+            raise ValueError(f"positions up to {end} are past the frame's {self.length}")
+        for v, part in zip(self.views(), kv, strict=True):
+            v[row, :, start:end] = part
 
     def remove_row(self, row: int) -> None:
         """Drop a row; the last row moves into its place (callers move their per-row state alike)."""

@@ -35,13 +35,16 @@ PACKAGE_FOR = {"cuda": "onnxruntime-gpu", "tensorrt": "onnxruntime-gpu (built wi
 
 def session_options(
     threads: int | None = None, optimized_model_path: str | None = None, literal_qdq: bool = False,
-    profile_prefix: str | None = None,
+    profile_prefix: str | None = None, spinning: bool = True,
 ) -> Any:  # fmt: skip
     """`literal_qdq`: run QuantizeLinear/DequantizeLinear as written (the int8-static bundles, made
     for TensorRT). Otherwise the CPU provider fuses a weight's DequantizeLinear into MatMulNBits,
     which quantizes the activations to int8 at run time: not what the graph says, nor what TensorRT
     computes from it (calibration/qdq.py). `profile_prefix`: onnxruntime's per-node profile, written
-    to PREFIX_<date>.json when the session ends profiling."""
+    to PREFIX_<date>.json when the session ends profiling. `spinning=False`: idle intra-op threads
+    sleep instead of spinning, for sessions that run at the same time (the serving engine's encoder
+    beside its decoder: spinning, each steals the other's cores; on 2 cores a decode step next to a
+    running vision encoder takes 30 ms spinning, 17 ms not, against 11 ms alone; docs/serving.md)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -57,6 +60,8 @@ def session_options(
         so.optimized_model_filepath = optimized_model_path
     if literal_qdq:
         so.add_session_config_entry("session.disable_quant_qdq", "1")
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
@@ -95,6 +100,7 @@ class OrtBackend:
         max_images: int = 16,
         save_optimized: bool = False,
         profile_dir: str | None = None,
+        spinning: bool = True,
     ):
         import onnxruntime as ort
 
@@ -140,6 +146,7 @@ class OrtBackend:
                         optimized,
                         literal_qdq=bundle.recipe.scheme == "qdq",
                         profile_prefix=os.path.join(profile_dir, graph) if profile_dir else None,
+                        spinning=spinning,
                     ),
                     providers=providers,
                 )
@@ -151,7 +158,6 @@ class OrtBackend:
                     f"(it needs onnxruntime >= {FUSED_MIN_ORT}): {e}"
                 ) from None
         self.io = self.sessions["decoder"].io_binding()
-        self.cache: KVCache | None = None
         self._bound: tuple[Any, ...] | None = None  # (cache, src, dst, shapes) the KV tensors are bound to
 
     # ------------------------------------------------------------------ vision
@@ -166,25 +172,10 @@ class OrtBackend:
     def new_cache(self, rows: int, length: int) -> KVCache:
         return KVCache(self.kv, rows, length, self.kv_in_place, self.device)
 
-    def reset(self, batch: int, max_total: int) -> None:
-        """Start a generation: (re)allocate the cache buffers if this one needs more room."""
-        if max_total > self.max_context:
-            raise ValueError(f"{max_total} positions exceed the model's context of {self.max_context}")
-        c = self.cache
-        if c is None or c.capacity[0] != batch or not c.fits(batch, max_total):
-            self.cache = c = self.new_cache(batch, max_total)
-        c.start(batch)
-
-    @property
-    def past_len(self) -> int:
-        return self.cache.length if self.cache else 0
-
     def step(self, input_ids: np.ndarray, image_rows: np.ndarray, attention_mask: np.ndarray,
-             position_ids: np.ndarray, cache: KVCache | None = None) -> np.ndarray:  # fmt: skip
-        """One decoder call over S new positions on `cache` (the one `reset` made by default);
-        returns logits [B, V] for the last one."""
+             position_ids: np.ndarray, cache: KVCache) -> np.ndarray:  # fmt: skip
+        """One decoder call over S new positions on `cache` (runtime/backend.py); logits [B, V]."""
         B, S = input_ids.shape
-        cache = cache or self.cache
         io = self.io
         # The KV tensors (2 per layer, in and out) are rebound only when their buffers or shapes
         # change: on the fused decoder that is when the batch does, not every step (a rebinding

@@ -19,6 +19,9 @@ from core.bundle import Bundle, load_bundle
 from core.processors import Batch, ImageProcessor, Tokenizer, prepare_batch
 from core.sampling import Sampler, SamplingConfig
 
+from .backend import Backend, Cache
+from .sequence import Frame, check_context, next_frame, prompt_frame
+
 log = logging.getLogger(__name__)
 
 
@@ -66,12 +69,13 @@ class GenerationRequest:
 
 class VLMPipeline:
     # ------------------------------------------------------------------ model
-    def __init__(self, bundle: Bundle, backend: Any):
+    def __init__(self, bundle: Bundle, backend: Backend):
         self.bundle, self.backend = bundle, backend
         self.cfg = bundle.config
         self.tokenizer = Tokenizer.from_dir(bundle.path, self.cfg)
         self.image_processor = ImageProcessor.from_config(self.cfg)
         self.last_timings = Timings()
+        self._cache: Any = None
 
     @classmethod
     def from_bundle(
@@ -95,76 +99,61 @@ class VLMPipeline:
 
         return cls(bundle, OrtBackend(bundle, provider, **backend_options))
 
-    # ------------------------------------------------------------------ inputs
-    def decoder_inputs(
-        self, batch: Batch, image_embeds: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(input_ids, attention_mask, image rows) for the decoder; prefix models get -1 image slots."""
-        ids, mask = batch.input_ids, batch.attention_mask
-        rows = image_embeds.reshape(-1, image_embeds.shape[-1])  # [tiles * tokens, hidden]; may be empty
-        if self.cfg.image_placement == "prefix":
-            n = image_embeds.shape[1]
-            ids = np.concatenate([np.full((ids.shape[0], n), -1, np.int64), ids], axis=1)
-            mask = np.concatenate([np.ones((mask.shape[0], n), np.int64), mask], axis=1)
-        return ids, mask, rows
-
+    # ------------------------------------------------------------------ the generation loop
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         """[N_tiles, 3, S, S] -> [N_tiles, tokens, hidden]; no tiles -> [0, 0, hidden]."""
         if pixel_values.shape[0]:
             return self.backend.encode_images(pixel_values)
         return np.zeros((0, 0, self.cfg.lm_hidden_dim), np.float32)
 
-    def prompt_inputs(
-        self, batch: Batch, image_embeds: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The prefill's (input_ids, attention_mask, image rows, position_ids); the images are
-        encoded here unless their embeddings (batch.pixel_values encoded, in order) are given."""
-        if image_embeds is None:
-            image_embeds = self.encode_images(batch.pixel_values)
-        ids, mask, rows = self.decoder_inputs(batch, image_embeds)
-        return ids, mask, rows, np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-
-    # ------------------------------------------------------------------ the generation loop
     def generate_ids(self, batch: Batch, request: GenerationRequest) -> Iterator[np.ndarray]:
         """Yield the next token of every row, [B] int64, until all rows hit EOS or the limit."""
         t = Timings()
         t0 = time.perf_counter()
-        ids, mask, rows, pos = self.prompt_inputs(batch)
+        frame = prompt_frame(self.cfg, batch, self.encode_images(batch.pixel_values))  # [B, S]
         t.image_encode_s = time.perf_counter() - t0
-        B, S = ids.shape
-        total = S + request.max_new_tokens
-        if total > self.backend.max_context:
-            raise ValueError(
-                f"prompt ({S} positions incl. image tokens) + max_new_tokens ({request.max_new_tokens}) = {total} "
-                f"exceeds the model's context of {self.backend.max_context}"
-            )
-        self.backend.reset(B, total)
+        B, S = frame.shape
+        check_context(S, request.max_new_tokens, self.backend.max_context)
+        cache = self._cache_for(B, S + request.max_new_tokens)
+        cache.start(B)
         sampler = Sampler(request.sampling)
         eos = -1 if request.ignore_eos else self.tokenizer.eos_token_id
         seen = [list(r[m == 1]) for r, m in zip(batch.input_ids, batch.attention_mask, strict=True)]
         finished = np.zeros(B, dtype=bool)
         t1 = time.perf_counter()
-        logits = self.backend.step(ids, rows, mask, pos)  # prefill
+        logits = self.step(frame, cache)  # prefill
         t.prefill_s, t.prompt_tokens = time.perf_counter() - t1, S
         t2 = time.perf_counter()
-        empty = np.zeros((0, self.cfg.lm_hidden_dim), np.float32)
         try:
-            for step in range(request.max_new_tokens):
+            for n in range(request.max_new_tokens):
                 token = sampler(logits, seen if request.sampling.repetition_penalty != 1.0 else None)
                 token = np.where(finished, eos, token)
                 finished |= token == eos
                 for r in range(B):
                     seen[r].append(int(token[r]))
-                t.new_tokens = step + 1
+                t.new_tokens = n + 1
                 yield token
-                if finished.all() or step == request.max_new_tokens - 1:
+                if finished.all() or n == request.max_new_tokens - 1:
                     break
-                mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
-                pos = pos[:, -1:] + 1
-                logits = self.backend.step(token[:, None], empty, mask, pos)
+                frame = next_frame(frame, token)
+                logits = self.step(frame, cache)  # decode one token per row
         finally:
             t.decode_s = time.perf_counter() - t2
             self.last_timings = t
+
+    def _cache_for(self, rows: int, length: int) -> Cache:
+        """The pipeline's own cache, kept between generations while it fits: a new buffer costs page
+        faults on first use, as much as a short prefill."""
+        c = self._cache
+        if c is None or c.capacity[0] != rows or c.capacity[1] < length:
+            self._cache = c = self.backend.new_cache(rows, length)
+        return c
+
+    def step(self, frame: Frame, cache: Cache) -> np.ndarray:
+        """One decoder call on `frame` -> logits [B, V]."""
+        return self.backend.step(
+            frame.input_ids, frame.image_rows, frame.attention_mask, frame.position_ids, cache
+        )
 
     # ------------------------------------------------------------------ user calls
     def prepare(self, images: list[list[Any]], prompts: list[str], histories: list[list[tuple[str, str]]] | None = None,

@@ -1,9 +1,10 @@
-"""TensorRT backend: the same interface as OrtBackend (encode_images / reset / step), no torch.
+"""TensorRT backend: runtime/backend.py's contract (encode_images / new_cache / step), no torch.
 
 Engines come from `nanovlm-export trt` (their manifest entry names the TensorRT version and GPU
 they were built for; anything else is refused with "rebuild"), and their IO tensors must have the
 names and dtypes the bundle's graphs record. Device memory is allocated once, at the engines'
-limits: the KV cache as two ping-pong sets (each step reads its past from one set and TensorRT
+limits: the KV cache as two ping-pong sets (so there is one cache at a time: `new_cache` hands
+out a frame over them, and a newer one takes them over) (each step reads its past from one set and TensorRT
 writes the present into the other), the inputs, the logits, and one activation block that every
 execution context shares (they run one at a time on one stream; on an 8 GB Orin a block per
 context would double the engines' working memory). One context per decoder profile (decode,
@@ -73,6 +74,21 @@ class DeviceBuffer:
         if self.ptr:
             self.cudart.cudaFree(self.ptr)
             self.ptr = 0
+
+
+class TrtCache:
+    """A frame over the backend's KV buffers: `length` positions filled, set `turn` holds them."""
+
+    def __init__(self, rows: int, length: int):
+        self.capacity = (rows, length)
+        self.rows, self.length, self.turn = rows, 0, 0
+
+    def start(self, rows: int, length: int = 0) -> None:
+        if length:
+            raise ValueError("the TensorRT cache starts empty (its buffers are the engines' own)")
+        if rows > self.capacity[0]:
+            raise ValueError(f"{rows} rows exceed the cache's {self.capacity[0]}")
+        self.rows, self.length, self.turn = rows, 0, 0
 
 
 class TrtBackend:
@@ -151,7 +167,7 @@ class TrtBackend:
             "pixel_values": DeviceBuffer(cudart, L.max_images * 3 * tile * tile * 4),
             "vision_out": DeviceBuffer(cudart, L.max_images * self.tokens * self.hidden * 4),
         }
-        self.past_len, self.turn = 0, 0
+        self.device = "cuda"
 
     # ------------------------------------------------------------------ copies
     def _upload(self, name: str, array: np.ndarray) -> None:
@@ -191,18 +207,18 @@ class TrtBackend:
         return np.concatenate(out) if out else np.zeros((0, self.tokens, self.hidden), np.float32)
 
     # ------------------------------------------------------------------ decoder
-    def reset(self, batch: int, max_total: int) -> None:
-        if batch > self.limits.max_batch:
-            raise ValueError(f"batch {batch} exceeds the engines' max_batch {self.limits.max_batch}")
-        if max_total > self.max_context:
-            raise ValueError(f"{max_total} positions exceed the engines' max_context of {self.max_context}")
-        self.past_len, self.turn = 0, 0
+    def new_cache(self, rows: int, length: int) -> TrtCache:
+        if rows > self.limits.max_batch:
+            raise ValueError(f"batch {rows} exceeds the engines' max_batch {self.limits.max_batch}")
+        if length > self.max_context:
+            raise ValueError(f"{length} positions exceed the engines' max_context of {self.max_context}")
+        return TrtCache(rows, length)
 
     def step(self, input_ids: np.ndarray, image_rows: np.ndarray, attention_mask: np.ndarray,
-             position_ids: np.ndarray) -> np.ndarray:  # fmt: skip
+             position_ids: np.ndarray, cache: TrtCache) -> np.ndarray:  # fmt: skip
         B, S = input_ids.shape
-        past = (B, self.kv.heads, self.past_len, self.kv.head_dim)
-        present = (B, self.kv.heads, self.past_len + S, self.kv.head_dim)
+        past = (B, self.kv.heads, cache.length, self.kv.head_dim)
+        present = (B, self.kv.heads, cache.length + S, self.kv.head_dim)
         shapes = {"input_ids": (B, S), "image_embeds": (image_rows.shape[0], self.hidden),
                   "attention_mask": attention_mask.shape, "position_ids": (B, S)}  # fmt: skip
         for i in range(self.kv.layers):
@@ -216,7 +232,7 @@ class TrtBackend:
             self._upload(name, array.astype(dtypes[name]))
             _ok(ctx.set_input_shape(name, shapes[name]), f"{name} shape {shapes[name]}")
             _ok(ctx.set_tensor_address(name, self.buf[name].ptr), f"the {name} address")
-        src, dst = self.kv_buffers[self.turn], self.kv_buffers[1 - self.turn]
+        src, dst = self.kv_buffers[cache.turn], self.kv_buffers[1 - cache.turn]
         for i in range(self.kv.layers):
             for j, part in enumerate(("key", "value")):
                 name = f"past_key_values.{i}.{part}"
@@ -229,8 +245,8 @@ class TrtBackend:
         _ok(ctx.set_tensor_address("logits", self.buf["logits"].ptr), "the logits address")
         if not ctx.execute_async_v3(self.handle):
             raise RuntimeError(f"TensorRT decoder execution failed (profile {k}, shapes {present})")
-        self.past_len += S
-        self.turn = 1 - self.turn
+        cache.length += S
+        cache.turn = 1 - cache.turn
         return self._download("logits", (B, self.vocab))
 
     def close(self) -> None:

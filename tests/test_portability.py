@@ -35,6 +35,7 @@ import numpy as np
 from numpy._core._multiarray_umath import __cpu_features__ as cpu
 from core.shapes_dataset import ShapesDataset
 from runtime.pipeline import VLMPipeline
+from runtime.sequence import prompt_frame
 
 out = {"avx2": bool(cpu["AVX2"]), "avx512f": bool(cpu["AVX512F"]), "vnni": bool(cpu["AVX512VNNI"])}
 ds = ShapesDataset("test", seed=0)
@@ -44,10 +45,10 @@ for path in sys.argv[2:]:
     for i in range(6):  # the prefill of each case: every MatMul over the whole prompt and its image
         s = ds[i]
         batch = pipe.prepare([[s.image]], [s.question])
-        ids, mask, image_rows = pipe.decoder_inputs(batch, pipe.backend.encode_images(batch.pixel_values))
-        pipe.backend.reset(1, ids.shape[1] + 1)
-        pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        rows.append(pipe.backend.step(ids, image_rows, mask, pos)[0].tolist())
+        frame = prompt_frame(pipe.cfg, batch, pipe.backend.encode_images(batch.pixel_values))
+        cache = pipe.backend.new_cache(1, frame.shape[1] + 1)
+        cache.start(1)
+        rows.append(pipe.step(frame, cache)[0].tolist())
     out[path] = rows
 json.dump(out, open(sys.argv[1], "w"))
 """
