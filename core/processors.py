@@ -8,10 +8,11 @@ reference sees. It needs only numpy, pillow, tokenizers and jinja2.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -365,6 +366,17 @@ class Batch:
     attention_mask: np.ndarray  # int64 [B, T]
     pixel_values: np.ndarray  # float32 [N_tiles, 3, S, S], all samples' tiles in order
     prompts: list[str]
+    image_tiles: list[int] = field(default_factory=list)  # tiles of each image, in order
+    image_keys: list[str] = field(default_factory=list)  # image_key of each image's tiles, in order
+
+
+def image_key(pixels: np.ndarray) -> str:
+    """A hash of one image's preprocessed tiles [N, 3, S, S]: what the vision encoder sees, so it
+    covers the decoded pixels and every processor setting (size, tiling, normalisation)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((pixels.shape, pixels.dtype.str)).encode())
+    h.update(np.ascontiguousarray(pixels).data)
+    return h.hexdigest()
 
 
 def prepare_batch(
@@ -380,7 +392,7 @@ def prepare_batch(
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
     histories = histories or [[] for _ in prompts]
-    rows, tiles, texts = [], [], []
+    rows, tiles, texts, keys = [], [], [], []
     for sample_images, prompt, history in zip(images, prompts, histories, strict=True):
         if cfg.image_placement == "prefix" and len(sample_images) != 1:
             raise ValueError(
@@ -390,6 +402,7 @@ def prepare_batch(
         for image in sample_images:
             pixels, grid = image_processor(image)
             tiles.append(pixels)
+            keys.append(image_key(pixels))
             grids.append(grid)
         text = format_prompt(cfg, prompt, grids, history, system)
         texts.append(text)
@@ -397,4 +410,4 @@ def prepare_batch(
     ids, mask = left_pad(rows, tokenizer.pad_token_id)
     size = cfg.vit_img_size
     pixel_values = np.concatenate(tiles) if tiles else np.zeros((0, 3, size, size), np.float32)
-    return Batch(ids, mask, pixel_values, texts)
+    return Batch(ids, mask, pixel_values, texts, [t.shape[0] for t in tiles], keys)

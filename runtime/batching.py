@@ -1,21 +1,25 @@
-"""Continuous batching: concurrent requests share the decoder's steps.
+"""The serving engine: concurrent requests share the decoder's steps, and what was computed once
+(an image's embeddings, a prompt's KV) is reused across requests and turns.
 
-One engine thread owns the backend and runs this loop:
+One engine thread owns the decoder and runs this loop; one encoder thread runs the vision encoder:
 
-    admit     the waiting requests (while batch rows are free), in groups of similar prompt length:
-              encode their images, prefill the group as one left-padded batch into a scratch
-              cache, sample each first token, copy each KV row into the batch
+    admit     waiting requests take free batch rows: each looks its prompt up in the prefix cache
+              (runtime/prefix_cache.py) and its images in the image cache (runtime/image_cache.py);
+              images still needed go to the encoder thread, so running streams never wait for them
+    prefill   at most `prefill_chunk` positions per loop while streams decode: the oldest ready
+              request's next piece, prefilled after its reused KV in a cache of its own, or a group
+              of short fresh prompts as one left-padded batch; a finished prompt's blocks go into
+              the prefix cache, its first token is sampled and its KV row joins the batch
     decode    one decoder step over every running row: [B, 1] tokens, one shared frame of T
               positions, each row left-padded and masked (runtime/kv_cache.py)
     sample    each row with its own sampler (own seed, own settings), text through its TextStream
     retire    rows that hit EOS, a stop string, max_tokens or were cancelled leave the batch
 
-A burst of requests costs one prefill per group rather than one per request (eight 21-token
-prompts: 86 ms together, 8 x 16.5 ms apart, docs/serving.md), so the last of a burst gets its
-first token sooner. A prefill row sees only its own positions (padding is masked) and so does a
-decode row, so under greedy decoding every request's answer equals the answer it gets alone (tests
-check it). A group whose prefill fails is retried one request at a time: a request fails alone.
-Consumers get `Event`s through a callback called on the engine thread; it must not block.
+A prefill row sees only its own positions (padding is masked), a decode row too, and a reused
+position holds what the prompt's own prefill computes there, so under greedy decoding every
+request's answer equals the answer it gets alone (tests check it, caches on and off). A group whose
+prefill fails is retried one request at a time: a request fails alone. Consumers get `Event`s
+through a callback called on the engine thread; it must not block.
 """
 
 from __future__ import annotations
@@ -25,15 +29,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from core.processors import Batch, left_pad
 from core.sampling import Sampler
 
+from .image_cache import ImageCache
 from .kv_cache import KVCache
 from .pipeline import GenerationRequest, TextStream, VLMPipeline
+from .prefix_cache import PrefixCache, block_keys
+from .sequence import Frame, Prompt, check_context, prompt_positions
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +67,32 @@ class Ticket:
     request: GenerationRequest
     on_event: Callable[[Event], None]
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt positions whose KV came from the prefix cache
     first_token: float | None = None
     finished: float | None = None
     cancelled: bool = False
 
     def cancel(self) -> None:
         self.cancelled = True
+
+
+@dataclass(eq=False)  # compared by identity
+class _Admission:
+    """A request between the queue and the batch: its images, then its prefill in pieces."""
+
+    ticket: Ticket
+    prompt: Prompt
+    keys: list[bytes]  # its prefix-cache block keys
+    reused: list[np.ndarray]  # KV blocks the prefix cache had for it
+    encoded: bool = False  # image rows ready (or none needed)
+    error: Exception | None = None
+    alone: bool = False  # prefill it by itself (its group failed)
+    done: int = 0  # positions prefilled so far (reused ones included)
+    cache: KVCache | None = None  # its own, while it prefills in pieces
+
+    @property
+    def fresh(self) -> bool:
+        return self.done == 0 and not self.reused and not self.alone
 
 
 @dataclass
@@ -79,6 +106,19 @@ class _Row:
     next_position: int
     last_token: int
     new_tokens: int = 1
+
+
+@dataclass
+class EngineStats:
+    """Counters for tests and /metrics."""
+
+    steps: int = 0  # decode steps run
+    prefills: int = 0  # prefill calls run
+    prefill_positions: int = 0  # positions they computed
+    last_prefill: int = 0  # positions prefilled in the latest loop (0: none)
+    encoded_tiles: int = 0
+    # (rows decoded, positions prefilled) of each loop, the latest 4,096
+    history: list[tuple[int, int]] = field(default_factory=list)
 
 
 # A prefill group holds at most this many positions, padding included, and pads at most a quarter
@@ -105,55 +145,82 @@ def prefill_groups(lengths: list[int], budget: int = PREFILL_POSITIONS) -> list[
     return groups
 
 
-def merge(batches: list[Batch], pad_id: int) -> Batch:
-    """One-row batches -> one left-padded batch, tiles in row order (as prepare_batch lays them out)."""
-    rows = [b.input_ids[0][b.attention_mask[0] == 1].tolist() for b in batches]
-    ids, mask = left_pad(rows, pad_id)
-    pixels = np.concatenate([b.pixel_values for b in batches])
-    return Batch(ids, mask, pixels, [p for b in batches for p in b.prompts])
+def merge(prompts: list[Prompt], pad_id: int) -> Frame:
+    """Whole prompts -> one left-padded prefill Frame, image rows in row order."""
+    ids, mask = left_pad([p.ids.tolist() for p in prompts], pad_id)  # [n, S]
+    rows = [p.rows for p in prompts if p.rows is not None and p.rows.shape[0]]
+    hidden = prompts[0].hidden
+    image_rows = np.concatenate(rows) if rows else np.zeros((0, hidden), np.float32)
+    return Frame(ids, image_rows, mask, np.clip(np.cumsum(mask, axis=1) - 1, 0, None))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 8  # rows decoding at once
+    max_queue: int = 64  # requests waiting for a row
+    # prefill positions per loop while streams decode: 128 take ~0.2 s on the SmolVLM-256M shape
+    # (int8, 2 cores), so a running stream's longest gap stays under a quarter second
+    prefill_chunk: int = 128
+    image_cache_mb: float = 256.0  # image embeddings kept (0: off)
+    prefix_cache_mb: float = 512.0  # prompt KV kept (0: off)
+    encode_tiles: int = 1  # tiles per vision-encoder call (the encoder thread checks cancellation between)
+    prefix_block: int = 32  # positions per prefix-cache block
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "prefill_chunk", "encode_tiles", "prefix_block"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("image_cache_mb", "prefix_cache_mb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be 0 or more")
 
 
 class ContinuousBatcher:
-    def __init__(self, pipeline: VLMPipeline, max_batch: int = 8, max_queue: int = 64):
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError(f"max_batch={max_batch} and max_queue={max_queue} must be at least 1")
-        if pipeline.backend.device != "cpu" or not hasattr(pipeline.backend, "new_cache"):
+    def __init__(self, pipeline: VLMPipeline, max_batch: int = 8, max_queue: int = 64,
+                 config: EngineConfig | None = None):  # fmt: skip
+        c = config or EngineConfig(max_batch=max_batch, max_queue=max_queue)
+        if pipeline.backend.device != "cpu" or not isinstance(pipeline.backend.new_cache(1, 1), KVCache):
             raise ValueError(
                 "continuous batching runs on the ONNX Runtime CPU backend (it moves KV rows on the host)"
             )
-        self.pipe, self.backend = pipeline, pipeline.backend
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.pipe, self.backend, self.config = pipeline, pipeline.backend, c
+        self.max_batch, self.max_queue = c.max_batch, c.max_queue
         self.max_context = self.backend.max_context
+        self.image_cache = ImageCache(int(c.image_cache_mb * 2**20))
+        self.prefix_cache = PrefixCache(pipeline.bundle.kv, int(c.prefix_cache_mb * 2**20), c.prefix_block)
         self.waiting: deque[Ticket] = deque()
+        self.admitting: list[_Admission] = []  # FIFO: rows taken, not yet in the batch
+        self.to_encode: deque[_Admission] = deque()
         self.rows: list[_Row] = []
         self.mask = np.zeros((0, 0), np.int64)  # [B, T] the frame's attention mask
         self.cache: KVCache | None = None
         self.scratch: KVCache | None = None
         self.cond = threading.Condition()
         self.stopping = False
-        self.thread: threading.Thread | None = None
-        self.steps = 0  # decode steps run (for tests and metrics)
-        self.prefills = 0  # prefill batches run
-        self.on_step: Callable[[int, int], None] | None = None  # (running rows, waiting) after each step
+        self.threads: list[threading.Thread] = []
+        self.engine_done = False  # the encoder thread ends after the engine thread
+        self.stats = EngineStats()
+        self.on_step: Callable[[int, int], None] | None = None  # (running rows, waiting) after each loop
+
+    @property
+    def steps(self) -> int:
+        return self.stats.steps
+
+    @property
+    def prefills(self) -> int:
+        return self.stats.prefills
 
     # ------------------------------------------------------------------ the consumer side
     def prompt_length(self, batch: Batch) -> int:
         """Positions the prompt takes, image tokens included (prefix models put them in front)."""
-        n = batch.input_ids.shape[1]
-        if self.pipe.cfg.image_placement == "prefix" and batch.pixel_values.shape[0]:
-            n += self.pipe.cfg.mp_image_token_length
-        return n
+        return prompt_positions(self.pipe.cfg, batch)
 
     def submit(self, batch: Batch, request: GenerationRequest, on_event: Callable[[Event], None]) -> Ticket:
         """Queue a one-row batch; raises QueueFull or ValueError (too long for the context)."""
         if batch.input_ids.shape[0] != 1:
             raise ValueError(f"submit takes one request at a time, got a batch of {batch.input_ids.shape[0]}")
         n = self.prompt_length(batch)
-        if n + request.max_new_tokens > self.max_context:
-            raise ValueError(
-                f"prompt ({n} positions incl. image tokens) + max_tokens ({request.max_new_tokens}) = "
-                f"{n + request.max_new_tokens} exceeds the model's context of {self.max_context}"
-            )
+        check_context(n, request.max_new_tokens, self.max_context, "max_tokens")
         ticket = Ticket(batch, request, on_event, prompt_tokens=n)
         with self.cond:
             if self.stopping:
@@ -161,7 +228,7 @@ class ContinuousBatcher:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (the limit is {self.max_queue})")
             self.waiting.append(ticket)
-            self.cond.notify()
+            self.cond.notify_all()
         return ticket
 
     @property
@@ -173,100 +240,209 @@ class ContinuousBatcher:
         return len(self.rows)
 
     def start(self) -> None:
-        self.thread = threading.Thread(target=self.run, name="nanovlm-batcher", daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self.run, name="nanovlm-engine", daemon=True),
+                        threading.Thread(target=self.run_encoder, name="nanovlm-encoder", daemon=True)]  # fmt: skip
+        for t in self.threads:
+            t.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Finish what was submitted, take nothing new, end the thread."""
+        """Finish what was submitted, take nothing new, end the threads."""
         with self.cond:
             self.stopping = True
-            self.cond.notify()
-        if self.thread:
-            self.thread.join(timeout)
+            self.cond.notify_all()
+        for t in self.threads:
+            t.join(timeout)
 
     # ------------------------------------------------------------------ the loop
+    def _has_work(self) -> bool:
+        free = len(self.rows) + len(self.admitting) < self.max_batch
+        ready = any(a.encoded or a.ticket.cancelled for a in self.admitting)
+        return bool(self.rows) or ready or (bool(self.waiting) and free)
+
     def run(self) -> None:
         while True:
             with self.cond:
-                while not self.waiting and not self.rows and not self.stopping:
+                while not self._has_work() and not (self.stopping and not self.admitting):
                     self.cond.wait()
-                if self.stopping and not self.waiting and not self.rows:
+                if self.stopping and not self.waiting and not self.rows and not self.admitting:
+                    self.engine_done = True
+                    self.cond.notify_all()  # the encoder thread ends too
                     return
-                admit = [
-                    self.waiting.popleft()
-                    for _ in range(min(len(self.waiting), self.max_batch - len(self.rows)))
-                ]
+                take = max(0, min(len(self.waiting), self.max_batch - len(self.rows) - len(self.admitting)))
+                tickets = [self.waiting.popleft() for _ in range(take)]
+            self.stats.last_prefill = 0
             try:
-                self._admit(admit)
-                self._retire([r for r, row in enumerate(self.rows) if row.ticket.cancelled], "cancelled")
+                for t in tickets:
+                    self._admit(t)
+                self._drop_cancelled()
+                self._prefill_step()
+                decoded = len(self.rows)
                 if self.rows:
                     self._decode()
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests, never the engine
                 log.exception("batch step failed")
+                decoded = 0
                 self._retire(list(range(len(self.rows))), "error", f"{type(e).__name__}: {e}")
                 self.cache = None
+            self.stats.history.append((decoded, self.stats.last_prefill))
+            del self.stats.history[:-4096]
             if self.on_step:
                 self.on_step(len(self.rows), len(self.waiting))
 
-    # ------------------------------------------------------------------ admit: prefill in groups, then join
-    def _admit(self, tickets: list[Ticket]) -> None:
-        live = []
-        for t in tickets:
-            if t.cancelled:
-                self._finish(t, "cancelled")
-            else:
-                live.append(t)
-        for group in prefill_groups([t.prompt_tokens for t in live]):
-            members = [live[i] for i in group]
-            error = self._prefill_and_start(members)
-            if error is None:
-                continue
-            if len(members) == 1:
-                self._fail(members[0], error)
-                continue
-            log.warning(
-                "prefill of %d requests together failed (%s); retrying one at a time", len(members), error
-            )
-            for t in members:  # so a bad request fails only itself
-                if (error := self._prefill_and_start([t])) is not None:
-                    self._fail(t, error)
+    # ------------------------------------------------------------------ admit: caches, then images
+    def _admit(self, ticket: Ticket) -> None:
+        if ticket.cancelled:
+            self._finish(ticket, "cancelled")
+            return
+        prompt = Prompt.from_batch(self.pipe.cfg, ticket.batch)
+        keys = block_keys(prompt, self.prefix_cache.block) if self.prefix_cache.max_bytes else []
+        reused = self.prefix_cache.lookup(keys, len(prompt)) if keys else []
+        a = _Admission(ticket, prompt, keys, reused)
+        ticket.cached_tokens = len(reused) * self.prefix_cache.block
+        # image rows are needed only for slots after the reused positions
+        needed = int((prompt.ids[ticket.cached_tokens :] == prompt.slot_id).sum())
+        embeds = [self.image_cache.get(k) for k in prompt.image_keys] if needed else []
+        if all(e is not None for e in embeds):
+            if embeds:
+                prompt.rows = np.concatenate([e.reshape(-1, prompt.hidden) for e in embeds])
+            a.encoded = True
+        self.admitting.append(a)
+        if not a.encoded:
+            with self.cond:
+                self.to_encode.append(a)
+                self.cond.notify_all()
 
-    def _prefill_and_start(self, tickets: list[Ticket]) -> Exception | None:
-        """Prefill `tickets` together and start them; the prefill's exception, if it failed."""
+    def _drop_cancelled(self) -> None:
+        self._retire([r for r, row in enumerate(self.rows) if row.ticket.cancelled], "cancelled")
+        for a in [a for a in self.admitting if a.ticket.cancelled or a.error is not None]:
+            self.admitting.remove(a)
+            if a.error is not None:
+                self._fail(a.ticket, a.error)
+            else:
+                self._finish(a.ticket, "cancelled")
+
+    # ------------------------------------------------------------------ the encoder thread
+    def run_encoder(self) -> None:
+        """Encode queued requests' images, `encode_tiles` tiles per call, into the image cache."""
+        while True:
+            with self.cond:
+                while not self.to_encode and not self.engine_done:
+                    self.cond.wait()
+                if not self.to_encode:
+                    return
+                a = self.to_encode.popleft()
+            try:
+                rows = self._encode(a)
+                error = None
+            except Exception as e:  # noqa: BLE001 - the request fails, the engine goes on
+                rows, error = None, e
+            with self.cond:
+                a.prompt.rows, a.error = rows, error
+                a.encoded = True
+                self.cond.notify_all()
+
+    def _encode(self, a: _Admission) -> np.ndarray | None:
+        """[slots, hidden] rows of every image of `a`'s prompt, cached ones taken from the cache."""
+        pixels, p, step = a.ticket.batch.pixel_values, a.prompt, self.config.encode_tiles
+        out, first = [], 0
+        for key, n in zip(p.image_keys, p.image_tiles, strict=True):
+            embeds = self.image_cache.get(key)
+            if embeds is None:
+                pieces = []
+                for i in range(first, first + n, step):
+                    if a.ticket.cancelled:
+                        return None
+                    pieces.append(self.backend.encode_images(pixels[i : min(i + step, first + n)]))
+                    self.stats.encoded_tiles += pieces[-1].shape[0]
+                embeds = np.concatenate(pieces)
+                self.image_cache.put(key, embeds)
+            out.append(embeds.reshape(-1, p.hidden))
+            first += n
+        return np.concatenate(out) if out else np.zeros((0, p.hidden), np.float32)
+
+    # ------------------------------------------------------------------ prefill: a piece or a group per loop
+    def _prefill_step(self) -> None:
+        ready = [a for a in self.admitting if a.encoded and a.error is None]
+        if not ready:
+            return
+        budget = self.config.prefill_chunk if self.rows else self.max_context
+        group_budget = min(budget, PREFILL_POSITIONS)
+        head = ready[0]
+        if head.fresh and len(head.prompt) <= group_budget:
+            fresh = [a for a in ready if a.fresh and len(a.prompt) <= group_budget]
+            group = next(g for g in prefill_groups([len(a.prompt) for a in fresh], group_budget) if 0 in g)
+            members = [fresh[i] for i in group]
+            try:
+                self._prefill_group(members)
+            except Exception as e:  # noqa: BLE001 - retried one at a time, so a bad request fails alone
+                if len(members) == 1:
+                    self._drop(head, e)
+                else:
+                    log.warning("prefill of %d requests together failed (%s); retrying one at a time",
+                                len(members), e, exc_info=e)  # fmt: skip
+                    for a in members:
+                        a.alone = True
+            return
         try:
-            out = self._prefill(tickets)
-        except Exception as e:  # noqa: BLE001 - returned: the caller retries alone or fails the request
-            return e
-        self._start(tickets, *out)
-        return None
+            self._prefill_piece(head, budget)
+        except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+            self._drop(head, e)
+
+    def _drop(self, a: _Admission, e: Exception) -> None:
+        self.admitting.remove(a)
+        self._fail(a.ticket, e)
+
+    def _prefill_group(self, members: list[_Admission]) -> None:
+        """Whole fresh prompts as one left-padded batch in the kept scratch cache; each joins."""
+        frame = merge([a.prompt for a in members], self.pipe.tokenizer.pad_token_id)  # [n, S]
+        n, S = frame.shape
+        cache = self._scratch_for(n, S)
+        cache.start(n)
+        logits = self.pipe.step(frame, cache)  # [n, V]
+        self._count_prefill(n * S)
+        for i, a in enumerate(members):
+            self.admitting.remove(a)
+            offset = S - len(a.prompt)  # its left padding
+            if a.keys:
+                self.prefix_cache.insert(a.keys, cache, i, offset)
+            self._start(a.ticket, logits[i : i + 1], len(a.prompt), cache, i, frame.attention_mask[i])
+
+    def _prefill_piece(self, a: _Admission, budget: int) -> None:
+        """The next `budget` positions of `a`'s prompt after its past, in its own cache."""
+        n = len(a.prompt)
+        if a.cache is None:
+            a.cache = self.backend.new_cache(1, n)
+            a.done = len(a.reused) * self.prefix_cache.block
+            a.cache.start(1, a.done)
+            self.prefix_cache.fill(a.cache, 0, a.reused)
+            a.reused = []
+        end = min(n, a.done + budget)
+        logits = self.pipe.step(a.prompt.chunk(a.done, end), a.cache)  # [1, V]
+        self._count_prefill(end - a.done)
+        a.done = end
+        if end < n:
+            return
+        self.admitting.remove(a)
+        if a.keys:
+            self.prefix_cache.insert(a.keys, a.cache, 0)
+        self._start(a.ticket, logits, n, a.cache, 0, np.ones(n, np.int64))
+        a.cache = None
+
+    def _count_prefill(self, positions: int) -> None:
+        self.stats.prefills += 1
+        self.stats.prefill_positions += positions
+        self.stats.last_prefill += positions
 
     def _fail(self, ticket: Ticket, e: Exception) -> None:
         log.error("prefill failed: %s: %s", type(e).__name__, e, exc_info=e)
         self._finish(ticket, "error", f"{type(e).__name__}: {e}")
 
-    def _prefill(self, tickets: list[Ticket]) -> tuple[KVCache, np.ndarray, np.ndarray, np.ndarray]:
-        """Prefill `tickets` as one batch into a scratch cache -> (that cache, logits [n, V],
-        mask [n, S], position_ids [n, S]). Touches nothing else, so a failed group can be retried."""
-        pipe, n = self.pipe, len(tickets)
-        # each request's images encoded alone: the encoder's peak memory stays that of one
-        embeds = [e for e in (pipe.encode_images(t.batch.pixel_values) for t in tickets) if e.shape[0]]
-        batch = merge([t.batch for t in tickets], pipe.tokenizer.pad_token_id)
-        ids, mask, image_rows, pos = pipe.prompt_inputs(
-            batch, np.concatenate(embeds) if embeds else None
-        )  # [n, S], padding masked
-        S = ids.shape[1]
-        cache = self._scratch_for(n, S)
-        cache.start(n)
-        logits = self.backend.step(ids, image_rows, mask, pos, cache=cache)  # [n, V]
-        self.prefills += 1
-        return cache, logits, mask, pos
-
     def _scratch_for(self, rows: int, length: int) -> KVCache:
-        """A cache for one prefill. The kept one starts as max_batch rows sharing SCRATCH_POSITIONS,
-        grows (within that) to the widest and longest group seen, and is reused, so a steady load
-        allocates nothing: the fused decoder's first prefill into a buffer makes all of it
-        resident, at a page-fault cost as large as the prefill's. A group that does not fit, a
-        long prompt alone, gets a cache of its own."""
+        """A cache for one group prefill. The kept one starts as max_batch rows sharing
+        SCRATCH_POSITIONS, grows (within that) to the widest and longest group seen, and is reused,
+        so a steady load allocates nothing: the fused decoder's first prefill into a buffer makes
+        all of it resident, at a page-fault cost as large as the prefill's. A group that does not
+        fit gets a cache of its own."""
         if self.scratch is not None and self.scratch.fits(rows, length):
             return self.scratch
         kept = (
@@ -279,18 +455,15 @@ class ContinuousBatcher:
         return self.scratch
 
     def _start(
-        self, tickets: list[Ticket], cache: KVCache, logits: np.ndarray, mask: np.ndarray, pos: np.ndarray
+        self, ticket: Ticket, logits: np.ndarray, n: int, cache: KVCache, src: int, mask: np.ndarray
     ) -> None:
-        """Sample each prefilled request's first token; those not finished by it join the batch."""
-        now = time.perf_counter()
-        for i, t in enumerate(tickets):
-            b = t.batch
-            row = _Row(t, Sampler(t.request.sampling), TextStream(self.pipe.tokenizer, t.request.stop),
-                       seen=list(b.input_ids[0][b.attention_mask[0] == 1]), next_position=int(pos[i, -1]) + 1,
-                       last_token=-1)  # fmt: skip
-            t.first_token = now
-            if not self._emit(row, logits[i : i + 1]):
-                self._join(row, cache, i, mask[i])
+        """Sample a prefilled request's first token; unless that ends it, its KV row joins the batch."""
+        b = ticket.batch
+        row = _Row(ticket, Sampler(ticket.request.sampling), TextStream(self.pipe.tokenizer, ticket.request.stop),
+                   seen=list(b.input_ids[0][b.attention_mask[0] == 1]), next_position=n, last_token=-1)  # fmt: skip
+        ticket.first_token = time.perf_counter()
+        if not self._emit(row, logits):
+            self._join(row, cache, src, mask)
 
     def _join(self, row: _Row, scratch: KVCache, src: int, mask: np.ndarray) -> None:
         """Copy row `src` of the prefill's cache into the batch, right-aligned in the frame;
@@ -334,8 +507,8 @@ class ContinuousBatcher:
         pos = np.array([[r.next_position] for r in self.rows], np.int64)  # [B, 1]
         self.mask = np.concatenate([self.mask, np.ones((B, 1), np.int64)], axis=1)  # [B, T + 1]
         empty = np.zeros((0, self.pipe.cfg.lm_hidden_dim), np.float32)
-        logits = self.backend.step(tokens, empty, self.mask, pos, cache=cache)  # [B, V]
-        self.steps += 1
+        logits = self.pipe.step(Frame(tokens, empty, self.mask, pos), cache)  # [B, V]
+        self.stats.steps += 1
         done = []
         for r, row in enumerate(self.rows):
             row.next_position += 1
