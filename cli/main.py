@@ -285,6 +285,28 @@ def run(bundle: str, images: tuple[str, ...], prompt: str, provider: str, backen
     default=None,
     help="Allow file:// image URLs under this directory (off by default).",
 )
+@click.option(
+    "--prefill-chunk",
+    type=click.IntRange(1, 1_000_000),
+    default=128,
+    show_default=True,
+    help="Prompt positions prefilled per engine step while other streams decode.",
+)
+@click.option(
+    "--image-cache-mb",
+    type=click.FloatRange(0, 1_000_000),
+    default=256.0,
+    show_default=True,
+    help="Image embeddings kept for reuse (0: off).",
+)
+@click.option(
+    "--prefix-cache-mb",
+    type=click.FloatRange(0, 1_000_000),
+    default=512.0,
+    show_default=True,
+    help="Prompt KV kept for reuse across requests and turns.",
+)
+@click.option("--no-prefix-cache", is_flag=True, help="Recompute every prompt (same as --prefix-cache-mb 0).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime intra-op threads.")
 @click.option(
     "--ray",
@@ -300,6 +322,7 @@ def run(bundle: str, images: tuple[str, ...], prompt: str, provider: str, backen
 @user_errors
 def serve(bundle: str, host: str, port: int, name: str | None, max_batch: int, max_queue: int, max_tokens: int,
           max_images: int, max_image_mb: float, max_image_pixels: int, max_body_mb: float, image_dir: str | None,
+          prefill_chunk: int, image_cache_mb: float, prefix_cache_mb: float, no_prefix_cache: bool,
           threads: int | None, use_ray: bool, replicas: int, cpus_per_replica: float,
           gpus_per_replica: float) -> None:  # fmt: skip
     """Serve BUNDLE over an OpenAI-compatible HTTP API (/v1/chat/completions, /health, /metrics, a page at /)."""
@@ -309,6 +332,7 @@ def serve(bundle: str, host: str, port: int, name: str | None, max_batch: int, m
             f"`serve` needs the serve extra ({', '.join(missing)} not installed): pip install 'nanovlm-edge[serve]'"
         )
     from core.bundle import load_bundle
+    from runtime.batching import EngineConfig
     from serve.app import ServeConfig
     from serve.app import serve as run_server
     from serve.openai_api import Limits
@@ -318,7 +342,10 @@ def serve(bundle: str, host: str, port: int, name: str | None, max_batch: int, m
     limits = Limits(max_body_bytes=int(max_body_mb * mb), max_image_bytes=int(max_image_mb * mb),
                     max_image_pixels=max_image_pixels, max_images=max_images, max_tokens=max_tokens,
                     image_dir=image_dir)  # fmt: skip
-    config = ServeConfig(bundle, name, max_batch, max_queue, threads, limits)
+    engine = EngineConfig(
+        max_batch, max_queue, prefill_chunk, image_cache_mb, 0.0 if no_prefix_cache else prefix_cache_mb
+    )
+    config = ServeConfig(bundle, name, engine, threads, limits)
     if use_ray:
         if not installed("ray"):
             raise click.ClickException("`serve --ray` needs the cluster extra (ray not installed): "

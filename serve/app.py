@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from runtime.batching import PREFILL_POSITIONS, ContinuousBatcher, Event, QueueFull
+from runtime.batching import PREFILL_POSITIONS, ContinuousBatcher, EngineConfig, Event, QueueFull
 from runtime.pipeline import GenerationRequest, VLMPipeline
 
 from .metrics import Metrics
@@ -56,14 +56,9 @@ log = logging.getLogger(__name__)
 class ServeConfig:
     bundle: str
     name: str | None = None  # the model id clients see; the bundle's folder name by default
-    max_batch: int = 8
-    max_queue: int = 64
+    engine: EngineConfig = EngineConfig()  # batch and queue sizes, prefill chunk, cache sizes
     threads: int | None = None
     limits: Limits = Limits()
-
-    def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_queue < 1:
-            raise ValueError(f"max_batch={self.max_batch} and max_queue={self.max_queue} must be at least 1")
 
     @property
     def model_name(self) -> str:
@@ -89,10 +84,10 @@ class Service:
     def load(self) -> None:
         try:
             c = self.config
-            self.pipe = VLMPipeline.from_bundle(c.bundle, threads=c.threads)
-            self.engine = ContinuousBatcher(self.pipe, c.max_batch, c.max_queue)
-            self.metrics.queue_depth.set_function(lambda: self.engine.queue_depth)
-            self.metrics.running.set_function(lambda: self.engine.running)
+            # the engine's encoder thread runs beside its decoder: idle threads sleep, not spin
+            self.pipe = VLMPipeline.from_bundle(c.bundle, threads=c.threads, spinning=False)
+            self.engine = ContinuousBatcher(self.pipe, config=c.engine)
+            self.metrics.watch(self.engine)
             self.engine.start()
             if self.pipe.bundle.mode != "fp32":
                 log.warning(
@@ -102,7 +97,9 @@ class Service:
                 )  # fmt: skip
             self._warm_up()
             self.ready.set()
-            log.info("serving %s (%s) with up to %d requests per batch", c.model_name, c.bundle, c.max_batch)
+            log.info(
+                "serving %s (%s) with up to %d requests per batch", c.model_name, c.bundle, c.engine.max_batch
+            )
         except Exception as e:  # noqa: BLE001 - reported by /health and the log; the process stays up
             self.failed = f"{type(e).__name__}: {e}"
             log.error("cannot serve %s: %s", self.config.bundle, self.failed)
@@ -226,6 +223,7 @@ def create_app(config: ServeConfig, load_in_background: bool = True) -> Starlett
             status = {"error": "500", "cancelled": "499"}.get(last.finish, "200")  # 499: the client left
             m.requests.labels(status).inc()
             m.prompt_tokens.inc(ticket.prompt_tokens)
+            m.cached_tokens.inc(ticket.cached_tokens)
             m.completion_tokens.inc(last.completion_tokens)
             if ticket.first_token is not None:
                 m.ttft.observe(ticket.first_token - arrived)
@@ -254,7 +252,11 @@ def create_app(config: ServeConfig, load_in_background: bool = True) -> Starlett
         account(e)
         if e.finish == "error":
             return JSONResponse(ApiError(500, f"generation failed: {e.error}").body(), status_code=500)
-        return JSONResponse(completion(cid, name, text, e.finish, ticket.prompt_tokens, e.completion_tokens))
+        return JSONResponse(
+            completion(
+                cid, name, text, e.finish, ticket.prompt_tokens, e.completion_tokens, ticket.cached_tokens
+            )
+        )
 
     async def list_models(request: Request) -> Response:
         return JSONResponse(models(name, service.created))
@@ -308,7 +310,9 @@ async def _sse(
         else:
             yield data(chunk(cid, name, {}, e.finish))
             if chat.include_usage:
-                yield data(usage_chunk(cid, name, ticket.prompt_tokens, e.completion_tokens))
+                yield data(
+                    usage_chunk(cid, name, ticket.prompt_tokens, e.completion_tokens, ticket.cached_tokens)
+                )
         yield "data: [DONE]\n\n"
     finally:
         if e is None or not e.finish:  # the client went away mid-stream: free the row at the next step

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -21,8 +23,25 @@ class Metrics:
                               "encode and prefill)", buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.per_token = Histogram("nanovlm_time_per_output_token_seconds", "Mean time between a request's "
                                    "tokens after the first", buckets=TOKEN_BUCKETS, registry=r)  # fmt: skip
+        self.cached_tokens = Counter("nanovlm_prompt_tokens_cached", "Prompt positions whose KV came from the "
+                                     "prefix cache", registry=r)  # fmt: skip
         self.queue_depth = Gauge("nanovlm_queue_depth", "Requests waiting for a batch row", registry=r)
         self.running = Gauge("nanovlm_running_batch_size", "Requests in the running batch", registry=r)
+        g = lambda name, doc: Gauge(name, doc, registry=r)  # noqa: E731
+        self.prefix_hit_rate = g("nanovlm_prefix_cache_hit_rate", "Share of looked-up prompt positions found")
+        self.prefix_bytes = g("nanovlm_prefix_cache_bytes", "Bytes of prompt KV held by the prefix cache")
+        self.image_hit_rate = g("nanovlm_image_cache_hit_rate", "Share of image look-ups found")
+        self.image_bytes = g("nanovlm_image_cache_bytes", "Bytes of image embeddings held by the image cache")
+
+    def watch(self, engine: Any) -> None:
+        """Read the gauges from a running engine (runtime/batching.py) at each scrape."""
+        p, i = engine.prefix_cache, engine.image_cache
+        self.queue_depth.set_function(lambda: engine.queue_depth)
+        self.running.set_function(lambda: engine.running)
+        self.prefix_hit_rate.set_function(lambda: p.hit / p.queried if p.queried else 0.0)
+        self.prefix_bytes.set_function(lambda: p.bytes)
+        self.image_hit_rate.set_function(lambda: i.hits / (i.hits + i.misses) if i.hits + i.misses else 0.0)
+        self.image_bytes.set_function(lambda: i.bytes)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

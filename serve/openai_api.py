@@ -232,12 +232,18 @@ def completion_id() -> str:
 
 
 def completion(
-    cid: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int
+    cid: str,
+    model: str,
+    text: str,
+    finish: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int = 0,
 ) -> dict:
     return {
         "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }  # fmt: skip
 
 
@@ -248,16 +254,20 @@ def chunk(cid: str, model: str, delta: dict, finish: str | None = None) -> dict:
     }  # fmt: skip
 
 
-def usage_chunk(cid: str, model: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def usage_chunk(
+    cid: str, model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+) -> dict:
     return {
         "id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-        "choices": [], "usage": usage(prompt_tokens, completion_tokens),
+        "choices": [], "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }  # fmt: skip
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; cached_tokens: prompt positions whose KV came from the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}  # fmt: skip
 
 
 def models(name: str, created: int) -> dict:

@@ -16,6 +16,8 @@ import logging
 from dataclasses import replace
 from typing import Any
 
+from runtime.batching import EngineConfig
+
 from .app import ServeConfig, create_app
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ def application(
         name="nanovlm",
         num_replicas=replicas,
         ray_actor_options={"num_cpus": cpus_per_replica, "num_gpus": gpus_per_replica},
-        max_ongoing_requests=config.max_batch + config.max_queue,
+        max_ongoing_requests=config.engine.max_batch + config.engine.max_queue,
         health_check_period_s=5,
         health_check_timeout_s=30,
     )
@@ -54,9 +56,8 @@ def build(args: dict[str, str]) -> Any:
     """Application builder for `serve run serve.ray_app:build bundle=DIR [replicas=N] [cpus=C]`."""
     if "bundle" not in args:
         raise ValueError("serve run serve.ray_app:build needs bundle=DIR")
-    config = ServeConfig(
-        args["bundle"], args.get("name"), int(args.get("max_batch", 8)), int(args.get("max_queue", 64))
-    )
+    engine = EngineConfig(int(args.get("max_batch", 8)), int(args.get("max_queue", 64)))
+    config = ServeConfig(args["bundle"], args.get("name"), engine)
     return application(
         config, int(args.get("replicas", 1)), float(args.get("cpus", 1)), float(args.get("gpus", 0))
     )

@@ -80,6 +80,48 @@ def test_openai_client_answers_like_the_runtime(server, pipe):
     assert [m.id for m in c.models.list().data] == [os.path.basename(pipe.bundle.path)]
 
 
+def test_a_chats_second_turn_reuses_the_first_and_says_so(server, pipe):
+    """The client re-sends the photo and the history; turn 2 reuses turn 1's prompt KV, reports it in
+    usage.prompt_tokens_details.cached_tokens (streamed too) and still answers like the runtime."""
+    img = photos()["astronaut"]
+    c = client(server)
+    q1, q2 = "What is it?", "What colour is the square?"
+    first = c.chat.completions.create(model="x", messages=[user(q1, img)], max_tokens=8)
+    a1 = first.choices[0].message.content
+    history = [user(q1, img), {"role": "assistant", "content": a1}, user(q2)]
+    second = c.chat.completions.create(model="x", messages=history, max_tokens=8)
+    assert second.choices[0].message.content == pipe.chat([img], [(q1, a1)], q2, max_new_tokens=8)
+    assert second.usage.prompt_tokens_details.cached_tokens >= 32, "turn 2 reused nothing"
+    assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    chunks = list(c.chat.completions.create(model="x", messages=history, max_tokens=8, stream=True,
+                                            stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= 32
+    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
+        metrics = dict(
+            line.rsplit(" ", 1) for line in r.read().decode().splitlines() if line.startswith("nanovlm_")
+        )
+    assert float(metrics["nanovlm_prefix_cache_hit_rate"]) > 0
+    assert float(metrics["nanovlm_prefix_cache_bytes"]) > 0
+    assert float(metrics["nanovlm_image_cache_bytes"]) > 0
+    assert float(metrics["nanovlm_prompt_tokens_cached_total"]) >= 64
+
+
+def test_no_prefix_cache_reuses_nothing(bundle, pipe):
+    img = photos()["coffee"]
+    q1, q2 = "What is it?", "Describe the colours of everything you can see in this picture, please."
+    with Server(bundle, "--no-prefix-cache") as s:
+        c = client(s)
+        a1 = (
+            c.chat.completions.create(model="x", messages=[user(q1, img)], max_tokens=8)
+            .choices[0]
+            .message.content
+        )
+        history = [user(q1, img), {"role": "assistant", "content": a1}, user(q2)]
+        second = c.chat.completions.create(model="x", messages=history, max_tokens=8)
+    assert second.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.choices[0].message.content == pipe.chat([img], [(q1, a1)], q2, max_new_tokens=8)
+
+
 def test_streaming_equals_non_streaming(server):
     img = photos()["coffee"]
     c = client(server)
