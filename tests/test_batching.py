@@ -1,7 +1,5 @@
 """Continuous batching: requests that share decode steps answer exactly as they do alone."""
 
-import threading
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -9,21 +7,18 @@ from PIL import Image
 from core.bundle import KVLayout
 from core.processors import Batch
 from core.sampling import SamplingConfig
-from runtime.batching import SCRATCH_POSITIONS, ContinuousBatcher, Event, QueueFull, prefill_groups
+from runtime.batching import SCRATCH_POSITIONS, ContinuousBatcher, EngineConfig, QueueFull, prefill_groups
 from runtime.kv_cache import KVCache
-from runtime.pipeline import GenerationRequest, VLMPipeline
-from tests.conftest import export_lively
+from runtime.pipeline import GenerationRequest
+from tests.engine_helpers import Collector as _Collector
+from tests.engine_helpers import run as _run
 
 skimage_data = pytest.importorskip("skimage.data")
 
 
-@pytest.fixture(scope="module", params=["replace", "prefix", "replace-fused"])
-def pipe(request, tiny_tokenizer_dir, tmp_path_factory):
-    placement, _, fused = request.param.partition("-")
-    _, bundle = export_lively(
-        placement, tiny_tokenizer_dir, tmp_path_factory.mktemp("cb"), fused or "standard"
-    )
-    return VLMPipeline.from_bundle(bundle)
+@pytest.fixture(scope="module")
+def pipe(lively_pipe):
+    return lively_pipe
 
 
 def _requests(p):
@@ -44,57 +39,39 @@ def _requests(p):
     return out
 
 
-class _Collector:
-    def __init__(self) -> None:
-        self.text, self.finish, self.done = "", None, threading.Event()
-        self.tokens = 0
-
-    def __call__(self, e: Event) -> None:
-        self.text += e.text
-        if e.finish:
-            self.finish, self.tokens = e.finish, e.completion_tokens
-            self.done.set()
-
-
-def _run(p, engine, items, join_at: dict[int, list[int]], sampling=None):
-    """Submit items[i] for i in join_at[0] now and the others when the engine has run that many steps."""
-    got = [_Collector() for _ in items]
-    widest = []
-
-    def submit(i):
-        imgs, q, n = items[i]
-        batch = p.prepare([imgs], [q])
-        engine.submit(batch, GenerationRequest(n, sampling or SamplingConfig()), got[i])
-
-    def on_step(running, waiting):
-        widest.append(running)
-        for i in join_at.get(engine.steps, []) if engine.steps else []:
-            submit(i)
-            join_at[engine.steps] = []
-
-    engine.on_step = on_step
-    for i in join_at.pop(0):
-        submit(i)
-    engine.start()
-    for c in got:
-        assert c.done.wait(120)
-    engine.stop(10)
-    return got, max(widest)
-
-
 def test_shared_steps_answer_as_alone(pipe):
     p = pipe
     items = _requests(p)
     alone = [p.generate(imgs, q, max_new_tokens=n) for imgs, q, n in items]
     engine = ContinuousBatcher(p, max_batch=4)
     # three at once, then joins at a step boundary while others decode (one waits for a free row)
-    got, widest = _run(p, engine, items, {0: [0, 1, 2], 2: [3], 4: [4, 5]})
+    got, widest, _ = _run(p, engine, items, {0: [0, 1, 2], 2: [3], 4: [4, 5]})
     assert [c.text for c in got] == alone
     assert all(c.finish in ("stop", "length") for c in got)
     assert widest >= 3, "the requests never shared a step"
     assert engine.steps < sum(n for *_, n in items), "no decode step was shared"
-    assert engine.prefills < len(items), "no prefill was shared"
     assert any(a for a in alone)
+
+
+def test_a_burst_is_prefilled_together(pipe):
+    """Requests that are ready together (their image already in the image cache) are prefilled as
+    one left-padded batch, and still answer as alone."""
+    p = pipe
+    image = Image.fromarray(skimage_data.coffee()).resize((30, 20))
+    questions = ["What is it?", "Cat?", "How many red circles are there?", "What colour is the square?"]
+    alone = [p.generate([image], q, max_new_tokens=6) for q in questions]
+    engine = ContinuousBatcher(p, config=EngineConfig(max_batch=4, prefix_cache_mb=0))
+    batches = [p.prepare([[image]], [q]) for q in questions]
+    engine.image_cache.put(batches[0].image_keys[0], p.encode_images(batches[0].pixel_values))
+    got = [_Collector() for _ in questions]
+    for b, c in zip(batches, got, strict=True):
+        engine.submit(b, GenerationRequest(6), c)
+    engine.start()  # after the submits: the first loop admits all four
+    for c in got:
+        assert c.done.wait(120)
+    engine.stop(10)
+    assert [c.text for c in got] == alone
+    assert engine.prefills == 1 and engine.stats.encoded_tiles == 0
 
 
 def test_prefill_groups():
@@ -115,7 +92,7 @@ def test_a_long_prompt_does_not_grow_the_kept_prefill_cache(pipe):
     engine = ContinuousBatcher(p, max_batch=8)
     lengths = [engine.prompt_length(p.prepare([imgs], [q])) for imgs, q, _ in items]
     assert 6 * lengths[-1] > SCRATCH_POSITIONS, "the long prompt is not long enough to test this"
-    got, _ = _run(p, engine, items, {0: [0, 1, 2, 3, 4, 5], 3: [6]})
+    got, *_ = _run(p, engine, items, {0: [0, 1, 2, 3, 4, 5], 3: [6]})
     assert [c.text for c in got] == alone
     rows, length = engine.scratch.capacity
     assert rows >= 6 and rows * length <= SCRATCH_POSITIONS
@@ -147,7 +124,7 @@ def test_seeded_sampling_does_not_depend_on_neighbours(pipe):
     items = _requests(p)[:4]
     s = SamplingConfig(temperature=0.9, top_p=0.9, seed=7)
     alone = [p.generate(imgs, q, max_new_tokens=n, sampling=s) for imgs, q, n in items]
-    got, _ = _run(p, ContinuousBatcher(p, max_batch=3), items, {0: [0, 1], 1: [2, 3]}, sampling=s)
+    got, *_ = _run(p, ContinuousBatcher(p, max_batch=3), items, {0: [0, 1], 1: [2, 3]}, sampling=s)
     assert [c.text for c in got] == alone
 
 

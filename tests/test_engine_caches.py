@@ -1,33 +1,27 @@
 """The serving engine's reuse and interleaving: image and prefix caches change no answer, never
 match across images, stay within their limits, and a long prompt comes in while streams decode."""
 
-import threading
-
 import numpy as np
 import pytest
 from PIL import Image
 
 from core.bundle import KVLayout
 from core.processors import image_key
-from runtime.batching import ContinuousBatcher, EngineConfig, Event
+from runtime.batching import ContinuousBatcher, EngineConfig
 from runtime.kv_cache import KVCache
-from runtime.pipeline import GenerationRequest, VLMPipeline
+from runtime.pipeline import GenerationRequest
 from runtime.prefix_cache import PrefixCache, block_keys
 from runtime.sequence import Prompt, prompt_frame
-from tests.conftest import export_lively
+from tests.engine_helpers import Collector, run
 
 skimage_data = pytest.importorskip("skimage.data")
 
 BLOCK = 8  # small blocks, so the tiny model's short prompts share some
 
 
-@pytest.fixture(scope="module", params=["replace", "prefix", "replace-fused"])
-def pipe(request, tiny_tokenizer_dir, tmp_path_factory):
-    placement, _, fused = request.param.partition("-")
-    _, bundle = export_lively(
-        placement, tiny_tokenizer_dir, tmp_path_factory.mktemp("ec"), fused or "standard"
-    )
-    return VLMPipeline.from_bundle(bundle)
+@pytest.fixture(scope="module")
+def pipe(lively_pipe):
+    return lively_pipe
 
 
 def _images():
@@ -36,24 +30,13 @@ def _images():
     return astronaut, cat
 
 
-class _Collector:
-    def __init__(self) -> None:
-        self.text, self.finish, self.tokens, self.done = "", None, 0, threading.Event()
-
-    def __call__(self, e: Event) -> None:
-        self.text += e.text
-        if e.finish:
-            self.finish, self.tokens = e.finish, e.completion_tokens
-            self.done.set()
-
-
 def _engine(p, **kw) -> ContinuousBatcher:
     kw = {"max_batch": 4, "prefix_block": BLOCK} | kw
     return ContinuousBatcher(p, config=EngineConfig(**kw))
 
 
 def _ask(engine, p, images, question, history=(), n=10, **req):
-    c = _Collector()
+    c = Collector()
     t = engine.submit(p.prepare([images], [question], [list(history)]), GenerationRequest(n, **req), c)
     assert c.done.wait(120), "no answer in 120 s"
     assert c.finish in ("stop", "length"), c.finish
@@ -116,25 +99,7 @@ def test_mixed_joins_answer_as_alone_with_caches_on(pipe):
         items = [(imgs or [cat], q) for imgs, q in items]
     alone = [p.generate(imgs, q, max_new_tokens=8) for imgs, q in items]
     engine = _engine(p, max_batch=3)
-    got = [_Collector() for _ in items]
-    tickets = {}
-    joins = {0: [0, 1], 2: [2], 3: [3, 4]}
-
-    def submit(i):
-        imgs, q = items[i]
-        tickets[i] = engine.submit(p.prepare([imgs], [q]), GenerationRequest(8), got[i])
-
-    def on_step(running, waiting):
-        for i in joins.pop(engine.steps, []) if engine.steps else []:
-            submit(i)
-
-    engine.on_step = on_step
-    for i in joins.pop(0):
-        submit(i)
-    engine.start()
-    for c in got:
-        assert c.done.wait(120)
-    engine.stop(10)
+    got, _, tickets = run(p, engine, [(imgs, q, 8) for imgs, q in items], {0: [0, 1], 2: [2], 3: [3, 4]})
     assert [c.text for c in got] == alone
     assert tickets[4].cached_tokens > 0, "the repeated request reused nothing"
 
@@ -145,7 +110,7 @@ def test_a_long_prompt_comes_in_while_a_stream_decodes(pipe):
     p = pipe
     astronaut, cat = _images()
     engine = _engine(p, prefill_chunk=8)
-    stream, image = _Collector(), _Collector()
+    stream, image = Collector(), Collector()
     text = p.prepare([[cat] if p.cfg.image_placement == "prefix" else []], ["user assistant"])
     engine.submit(text, GenerationRequest(120, ignore_eos=True), stream)
     long_q = "Describe every colour and every shape you can see. " * 2
