@@ -147,14 +147,12 @@ def main() -> None:
         with torch.inference_mode():
             t0 = time.perf_counter()
             emb, mask = model.embed(ids, px)
-            logits, cache, pos = model.prefill(emb, mask)
+            logits, state = model.prefill(emb, mask)
             ttft = time.perf_counter() - t0
             out = [int(logits.argmax(-1))]
             t1 = time.perf_counter()
             for _ in range(n - 1):
-                mask = torch.cat((mask, torch.ones_like(mask[:, :1])), 1)
-                pos = pos + 1
-                logits, cache = model.decode_one_token(logits.argmax(-1), mask, cache, pos)
+                logits, state = model.decode_one_token(logits.argmax(-1), state)
                 out.append(int(logits.argmax(-1)))
             dec = time.perf_counter() - t1
         return out, {"ttft_s": ttft, "decode_tok_s": (n - 1) / dec, "prompt_positions": emb.shape[1]}

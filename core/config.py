@@ -312,3 +312,16 @@ V02_ONLY_KEYS = (
     "resize_to_max_side_len",
     "vlm_extra_tokens",
 )
+
+
+def check_context(
+    positions: int, max_new_tokens: int, max_context: int, name: str = "max_new_tokens"
+) -> None:
+    """The one context-length check (PyTorch, runtime and server): refuse a prompt of `positions`
+    (image tokens included) that leaves no room for its new tokens."""
+    total = positions + max_new_tokens
+    if total > max_context:
+        raise ValueError(
+            f"prompt ({positions} positions incl. image tokens) + {name} ({max_new_tokens}) = {total} "
+            f"exceeds the model's context of {max_context}"
+        )

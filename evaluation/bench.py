@@ -139,7 +139,7 @@ def pytorch_worker(checkpoint: str, image: str | None, prompt: str, max_new_toke
         t_img = time.perf_counter() - t0
         merged, mask = model.merge_image_embeds(ids, embeds, mask0)
         if kv_cache:
-            logits, cache, pos = model.prefill(merged, mask)
+            logits, state = model.prefill(merged, mask)
         else:
             hidden, _ = model.decoder(merged, mask)
             logits = model.decoder.head(hidden[:, -1])
@@ -149,11 +149,10 @@ def pytorch_worker(checkpoint: str, image: str | None, prompt: str, max_new_toke
         seq = merged
         for _ in range(max_new_tokens - 1):
             token = logits.argmax(-1)
-            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), 1)
             if kv_cache:
-                pos = pos + 1
-                logits, cache = model.decode_one_token(token, mask, cache, pos)
+                logits, state = model.decode_one_token(token, state)
             else:  # the seed's way: the whole sequence again, every step
+                mask = torch.cat((mask, torch.ones_like(mask[:, :1])), 1)
                 seq = torch.cat((seq, model.decoder.token_embedding(token[:, None])), 1)
                 hidden, _ = model.decoder(seq, mask)
                 logits = model.decoder.head(hidden[:, -1])

@@ -25,7 +25,7 @@ def greedy_reference(
     pixels = torch.from_numpy(batch.pixel_values)
     embeds = m.encode_images(pixels) if pixels.shape[0] else None
     merged, mask = m.merge_image_embeds(ids, embeds, mask)
-    logits, cache, pos = m.prefill(merged, mask)
+    logits, state = m.prefill(merged, mask)
     tokens, steps = [], []
     for _ in range(max_new_tokens):
         steps.append(logits[0].float().numpy())
@@ -33,8 +33,6 @@ def greedy_reference(
         tokens.append(token)
         if token == eos_token_id or len(tokens) == max_new_tokens:
             break
-        mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
-        pos = pos + 1
-        logits, cache = m.decode_one_token(torch.tensor([token]), mask, cache, pos)
+        logits, state = m.decode_one_token(torch.tensor([token]), state)
     vision = embeds.float().numpy() if embeds is not None else np.zeros((0, 0, 0), np.float32)
     return {"vision": vision, "tokens": tokens, "logits": np.stack(steps)}

@@ -6,13 +6,14 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.config import VLMConfig
+from core.config import VLMConfig, check_context
 from core.processors import Tokenizer
 from core.sampling import SamplingConfig
 
@@ -20,6 +21,16 @@ from .generation import sample
 from .language_model import KV, LanguageModel, positions_from_mask
 from .modality_projector import ModalityProjector
 from .vision_transformer import ViT
+
+
+@dataclass
+class DecodeState:
+    """What the next decode step continues from (gpt-fast's input_pos, kept with its cache)."""
+
+    cache: list[KV]  # per layer (k, v) [B, H_kv, P, D]
+    attention_mask: torch.Tensor  # [B, P], 0 = left padding
+    position_ids: torch.Tensor  # [B, 1] the last position of each row
+
 
 log = logging.getLogger(__name__)
 
@@ -137,20 +148,20 @@ class VisionLanguageModel(nn.Module):
         return logits, loss
 
     # ------------------------------------------------------------------ generation
-    def prefill(
-        self, embeds: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, list[KV], torch.Tensor]:
-        """Run the prompt: embeds [B, S, D] -> (last logits [B, V], cache, last position_ids [B, 1])."""
-        pos = positions_from_mask(attention_mask, embeds.shape[1])
+    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
+        """Run the prompt: embeds [B, S, D], attention_mask [B, S] -> (last logits [B, V], its state)."""
+        pos = positions_from_mask(attention_mask, embeds.shape[1])  # [B, S]
         hidden, cache = self.decoder(embeds, attention_mask, None, pos)
-        return self.decoder.head(hidden[:, -1]), cache, pos[:, -1:]
+        return self.decoder.head(hidden[:, -1]), DecodeState(cache, attention_mask, pos[:, -1:])
 
-    def decode_one_token(
-        self, token: torch.Tensor, attention_mask: torch.Tensor, cache: list[KV], pos: torch.Tensor
-    ) -> tuple[torch.Tensor, list[KV]]:
-        """token [B], attention_mask [B, P+1], pos [B, 1] -> (logits [B, V], cache with P+1 positions)."""
-        hidden, cache = self.decoder(self.decoder.token_embedding(token[:, None]), attention_mask, cache, pos)
-        return self.decoder.head(hidden[:, -1]), cache
+    def decode_one_token(self, token: torch.Tensor, state: DecodeState) -> tuple[torch.Tensor, DecodeState]:
+        """token [B] at the next position of each row -> (logits [B, V], the state one position on)."""
+        mask = torch.cat(
+            (state.attention_mask, torch.ones_like(state.attention_mask[:, :1])), dim=1
+        )  # [B, P+1]
+        pos = state.position_ids + 1  # [B, 1]
+        hidden, cache = self.decoder(self.decoder.token_embedding(token[:, None]), mask, state.cache, pos)
+        return self.decoder.head(hidden[:, -1]), DecodeState(cache, mask, pos)
 
     @torch.inference_mode()
     def generate(
@@ -174,13 +185,8 @@ class VisionLanguageModel(nn.Module):
             generator = torch.Generator(device=input_ids.device).manual_seed(sampling.seed)
         embeds, mask = self.embed(input_ids, images, attention_mask)
         B, S = embeds.shape[:2]
-        limit = self.cfg.lm_max_position_embeddings
-        if S + max_new_tokens > limit:
-            raise ValueError(
-                f"prompt ({S} positions incl. image tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                f"model's context of {limit}"
-            )
-        logits, cache, pos = self.prefill(embeds, mask)
+        check_context(S, max_new_tokens, self.cfg.lm_max_position_embeddings)
+        logits, state = self.prefill(embeds, mask)
         # tokens the repetition penalty sees: the prompt (padding replaced by a real token of the row)
         seen = input_ids
         if attention_mask is not None:
@@ -196,13 +202,12 @@ class VisionLanguageModel(nn.Module):
             seen = torch.cat((seen, token[:, None]), dim=1)
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
-            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
-            pos = pos + 1
             if use_kv_cache:
-                logits, cache = self.decode_one_token(token, mask, cache, pos)
+                logits, state = self.decode_one_token(token, state)
             else:  # the seed's loop: recompute the whole sequence every step
                 embeds = torch.cat((embeds, self.decoder.token_embedding(token[:, None])), dim=1)
-                logits, _, _ = self.prefill(embeds, mask)
+                mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+                logits, _ = self.prefill(embeds, mask)
         if not out:
             return torch.empty(B, 0, dtype=torch.long, device=input_ids.device)
         return torch.stack(out, dim=1)

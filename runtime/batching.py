@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from core.config import check_context
 from core.processors import Batch, left_pad
 from core.sampling import Sampler
 
@@ -40,7 +41,7 @@ from .image_cache import ImageCache
 from .kv_cache import KVCache
 from .pipeline import GenerationRequest, TextStream, VLMPipeline
 from .prefix_cache import PrefixCache, block_keys
-from .sequence import Frame, Prompt, check_context, prompt_positions
+from .sequence import Frame, Prompt, prompt_positions
 
 log = logging.getLogger(__name__)
 

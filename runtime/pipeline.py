@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 
 from core.bundle import Bundle, load_bundle
+from core.config import check_context
 from core.processors import Batch, ImageProcessor, Tokenizer, prepare_batch
 from core.sampling import Sampler, SamplingConfig
 
 from .backend import Backend, Cache
-from .sequence import Frame, check_context, next_frame, prompt_frame
+from .sequence import Frame, next_frame, prompt_frame
 
 log = logging.getLogger(__name__)
 

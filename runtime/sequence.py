@@ -5,7 +5,8 @@ prompt_frame   a left-padded batch of prompts -> the prefill's Frame (prefix mod
 next_frame     the Frame of one decode step after it: one more mask column, positions + 1
 Prompt         one request's prompt as unpadded positions, prefilled whole or in pieces
                (`chunk`), with the image slot layout the prefix cache keys on
-check_context  the one context-length check
+
+The one context-length check is core.config.check_context, shared with the PyTorch side.
 """
 
 from __future__ import annotations
@@ -28,18 +29,6 @@ class Frame:
     @property
     def shape(self) -> tuple[int, int]:
         return self.input_ids.shape  # (B, S)
-
-
-def check_context(
-    positions: int, max_new_tokens: int, max_context: int, name: str = "max_new_tokens"
-) -> None:
-    """Refuse a prompt of `positions` (image tokens included) that cannot get its new tokens."""
-    total = positions + max_new_tokens
-    if total > max_context:
-        raise ValueError(
-            f"prompt ({positions} positions incl. image tokens) + {name} ({max_new_tokens}) = {total} "
-            f"exceeds the model's context of {max_context}"
-        )
 
 
 def prompt_positions(cfg: VLMConfig, batch: Batch) -> int:
