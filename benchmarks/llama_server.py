@@ -1,0 +1,130 @@
+"""llama.cpp's C++ `llama-server`, built from the llama-cpp-python sdist, on the SmolVLM-256M shape.
+
+    python benchmarks/llama_server.py      # builds (once, ~30 min on 2 cores) and converts; prints paths
+
+The sdist on PyPI vendors llama.cpp: `pip download --no-binary :all: llama-cpp-python`, then cmake
+with the web UI, curl and OpenSSL off builds `llama-server` (parallel slots, continuous batching,
+a prompt cache) and `llama-mtmd-cli`. Its own `convert_hf_to_gguf.py` writes the text model (Q8_0,
+the int8 bundle's counterpart) and the vision projector (`--mmproj`, f32) from the same random
+SmolVLM-256M-shaped checkpoint our bundles come from (benchmarks/smolvlm_speed.py). The
+converter does not take Idefics3's text half as it is, so it reads a folder holding the same
+safetensors and tokenizer with the text config flattened to a Llama config (the
+`text_model.` prefix is its own rule). Everything lands in .cache/llamacpp/. The converter needs `pip install sentencepiece` (and torch,
+safetensors, numpy, which the dev install has).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.join(REPO, ".cache", "llamacpp")
+VERSION = "0.3.36"
+
+
+def source() -> str:
+    """The vendored llama.cpp of the llama-cpp-python sdist, downloaded and unpacked once."""
+    src = os.path.join(ROOT, f"llama_cpp_python-{VERSION}", "vendor", "llama.cpp")
+    if os.path.isdir(src):
+        return src
+    os.makedirs(ROOT, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                    f"llama-cpp-python=={VERSION}", "-d", ROOT], check=True)  # fmt: skip
+    subprocess.run(
+        ["tar", "xzf", os.path.join(ROOT, f"llama_cpp_python-{VERSION}.tar.gz"), "-C", ROOT], check=True
+    )
+    return src
+
+
+def server_binary() -> str:
+    src = source()
+    binary = os.path.join(src, "build", "bin", "llama-server")
+    if os.path.exists(binary):
+        return binary
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_CURL=OFF",
+             "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DGGML_NATIVE=ON"]  # fmt: skip
+    subprocess.run(["cmake", "-S", src, "-B", os.path.join(src, "build"), *flags], check=True)
+    subprocess.run(["cmake", "--build", os.path.join(src, "build"), "-j", str(os.cpu_count() or 1),
+                    "--target", "llama-server", "llama-mtmd-cli"], check=True)  # fmt: skip
+    return binary
+
+
+def ggufs(ckpt: str) -> tuple[str, str]:
+    """(text model Q8_0, mmproj f32) of the Idefics3 checkpoint `ckpt`, converted once."""
+    src = source()
+    text, mmproj = os.path.join(ROOT, "smolvlm-256m-shape-q8_0.gguf"), os.path.join(ROOT, "mmproj-f32.gguf")
+    convert = [sys.executable, os.path.join(src, "convert_hf_to_gguf.py")]
+    env = dict(os.environ, PYTHONPATH=os.path.join(src, "gguf-py"))
+    if not os.path.exists(mmproj):
+        subprocess.run(
+            [*convert, ckpt, "--mmproj", "--outtype", "f32", "--outfile", mmproj], check=True, env=env
+        )
+    if not os.path.exists(text):
+        flat = os.path.join(ROOT, "smolvlm-256m-shape-text")
+        os.makedirs(flat, exist_ok=True)
+        for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if os.path.exists(os.path.join(ckpt, name)) and not os.path.lexists(os.path.join(flat, name)):
+                os.symlink(os.path.join(os.path.abspath(ckpt), name), os.path.join(flat, name))
+        with open(os.path.join(ckpt, "config.json")) as f:
+            cfg = json.load(f)
+        llama = cfg["text_config"] | {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+        with open(os.path.join(flat, "config.json"), "w") as f:
+            json.dump(llama, f)
+        subprocess.run([*convert, flat, "--outtype", "q8_0", "--outfile", text], check=True, env=env)
+    return text, mmproj
+
+
+class LlamaServer:
+    """`llama-server` on 127.0.0.1 with `slots` parallel slots of `ctx_per_slot` positions each."""
+
+    def __init__(self, text: str, mmproj: str, port: int, slots: int = 8, ctx_per_slot: int = 2048):
+        cmd = [server_binary(), "-m", text, "--mmproj", mmproj, "--host", "127.0.0.1", "--port", str(port),
+               "-np", str(slots), "-c", str(slots * ctx_per_slot), "-t", str(os.cpu_count() or 1),
+               "--no-webui"]  # fmt: skip
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
+        self.log = open(os.path.join(ROOT, "llama-server.log"), "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {self.proc.returncode} (log: {self.log.name})")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("llama-server not healthy after 300 s")
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def __enter__(self) -> LlamaServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from smolvlm_speed import build_checkpoint
+
+    print(server_binary(), *ggufs(build_checkpoint()), *glob.glob(os.path.join(ROOT, "*.gguf")), sep="\n")

@@ -1,0 +1,263 @@
+"""Serving under traffic, as `vllm bench serve` and AIPerf measure it: ours vs llama.cpp's llama-server.
+
+    python benchmarks/serve_traffic.py [--rates 0.5 1 2 4] [--requests 32] [--json OUT] [--plot PNG]
+
+Both servers hold the same weights, the random SmolVLM-256M-shaped checkpoint of
+benchmarks/smolvlm_speed.py: ours its fused int8-dynamic bundle (`nanovlm serve --max-batch 8`),
+llama-server (benchmarks/llama_server.py: built from the llama-cpp-python sdist) its Q8_0 text
+GGUF and f32 mmproj, 8 parallel slots of 2,048 positions. Each server runs alone on the machine.
+
+    burst     16 streamed text requests of 64 tokens from 8 client threads (closed loop): TTFT p50
+              and aggregate tokens/s
+    traffic   per rate, --requests arrivals as a Poisson process (seeded per rate, the same for
+              both servers), each drawn from the mix: 75% text prompts (64 tokens), 19% chats whose
+              second turn re-sends turn 1 and its real answer 1 s after it (32 tokens each), 6%
+              photo prompts (scikit-image's coffee, 16 tokens); so a rate may draw no photo.
+              Per request: TTFT, inter-token latency (ITL, between content chunks), time per
+              output token (TPOT, (end - first) / (tokens - 1)); p50 and p99; goodput = requests
+              per second that met the SLO (TTFT <= 1 s for text and chat turns, <= 40 s with a
+              photo; TPOT <= 0.1 s).
+
+Prints tables, writes a chart (PNG) and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import io
+import json
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+BUNDLE = os.path.join(REPO, ".cache", "bundles", "smolvlm-256m-shape-fused-int8-dynamic")
+PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a rainbow forms, step by step.",
+    "Describe a busy market in a small town on a Saturday morning.",
+    "What should I pack for a week of hiking in the mountains?",
+    "Tell me about the history of bicycles.",
+    "Give me a recipe for a simple vegetable soup.",
+    "Why is the sky blue? Explain it to a child.",
+    "Write a letter to a friend about your holiday by the sea.",
+]
+SLO = {"ttft_s": 1.0, "ttft_photo_s": 40.0, "tpot_s": 0.1}
+
+
+# ----------------------------------------------------------------------------- one request
+def stream(port: int, messages: list[dict], max_tokens: int) -> dict:
+    """A streamed chat request -> {ttft_s, tokens, times (of content chunks, from send), text}."""
+    body = {"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
+    times, text, usage = [], "", None
+    for raw in r:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        msg = json.loads(line[6:])
+        if msg.get("usage"):
+            usage = msg["usage"]["completion_tokens"]
+        if msg.get("choices") and msg["choices"][0]["delta"].get("content"):
+            times.append(time.perf_counter() - t0)
+            text += msg["choices"][0]["delta"]["content"]
+    conn.close()
+    end = time.perf_counter() - t0
+    tokens = usage or len(times)
+    return {"ttft_s": times[0] if times else float("nan"), "tokens": tokens, "times": times, "text": text,
+            "tpot_s": (end - times[0]) / (tokens - 1) if times and tokens > 1 else 0.0}  # fmt: skip
+
+
+def photo_message(text: str) -> dict:
+    from PIL import Image
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.coffee()).save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return {
+        "role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}],
+    }
+
+
+# ----------------------------------------------------------------------------- workloads
+def burst(port: int, requests: int = 16, clients: int = 8, max_tokens: int = 64) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        runs = list(pool.map(lambda i: stream(port, [{"role": "user", "content": PROMPTS[i % 8]}], max_tokens),
+                             range(requests)))  # fmt: skip
+    wall = time.perf_counter() - t0
+    return {"ttft_p50_s": statistics.median(r["ttft_s"] for r in runs),
+            "aggregate_tokens_per_s": sum(r["tokens"] for r in runs) / wall}  # fmt: skip
+
+
+def schedule(rate: float, requests: int, seed: int = 0) -> list[tuple[float, str, int]]:
+    """(arrival s, kind, prompt index): Poisson arrivals, the mix above; the same for every server."""
+    rng = random.Random(seed * 1000 + int(rate * 100))
+    t, out = 0.0, []
+    for i in range(requests):
+        t += rng.expovariate(rate)
+        u = rng.random()
+        out.append((t, "photo" if u < 0.06 else "chat" if u < 0.25 else "text", i))
+    return out
+
+
+def traffic(port: int, rate: float, requests: int, photo: dict) -> dict:
+    rows: list[dict] = []
+    lock = threading.Lock()
+
+    def record(kind: str, r: dict) -> None:
+        limit = SLO["ttft_photo_s"] if kind == "photo" else SLO["ttft_s"]
+        r = {"kind": kind, **r, "ok": r["ttft_s"] <= limit and r["tpot_s"] <= SLO["tpot_s"]}
+        with lock:
+            rows.append(r)
+
+    def job(kind: str, i: int) -> None:
+        try:
+            if kind == "photo":
+                record(kind, stream(port, [photo], 16))
+            elif kind == "text":
+                record(kind, stream(port, [{"role": "user", "content": PROMPTS[i % 8]}], 64))
+            else:  # a chat: turn 1, then turn 2 with the whole history 1 s after the answer
+                q1 = {"role": "user", "content": PROMPTS[i % 8]}
+                first = stream(port, [q1], 32)
+                record("chat", first)
+                time.sleep(1.0)
+                history = [q1, {"role": "assistant", "content": first["text"]},
+                           {"role": "user", "content": "Now say it again in fewer words."}]  # fmt: skip
+                record("chat", stream(port, history, 32))
+        except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal
+            with lock:
+                rows.append({"kind": kind, "error": str(e), "ok": False})
+
+    t0 = time.perf_counter()
+    threads = []
+    for at, kind, i in schedule(rate, requests):
+        time.sleep(max(0.0, at - (time.perf_counter() - t0)))
+        threads.append(threading.Thread(target=job, args=(kind, i)))
+        threads[-1].start()
+    for t in threads:
+        t.join(1800)
+    wall = time.perf_counter() - t0
+    good = [r for r in rows if "error" not in r]
+    itl = [b - a for r in good for a, b in zip(r["times"], r["times"][1:], strict=False)]
+    pct = lambda xs, q: sorted(xs)[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")  # noqa: E731
+    ttft = [r["ttft_s"] for r in good]
+    tpot = [r["tpot_s"] for r in good if r["tokens"] > 1]
+    return {"rate": rate, "requests": len(rows), "errors": len(rows) - len(good), "wall_s": wall,
+            "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99), "itl_p50_s": pct(itl, 0.5),
+            "itl_p99_s": pct(itl, 0.99), "tpot_p50_s": pct(tpot, 0.5), "tpot_p99_s": pct(tpot, 0.99),
+            "goodput_rps": sum(r["ok"] for r in rows) / wall, "slo_met": sum(r["ok"] for r in rows),
+            "output_tokens_per_s": sum(r["tokens"] for r in good) / wall}  # fmt: skip
+
+
+def run(port: int, rates: list[float], requests: int) -> dict:
+    photo = photo_message("What is in this picture?")
+    stream(port, [{"role": "user", "content": "Hi"}], 4)  # warm-up
+    out = {"burst": burst(port)}
+    out["traffic"] = [traffic(port, r, requests, photo) for r in rates]
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+def plot(results: dict[str, dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for name, r in results.items():
+        rates = [t["rate"] for t in r["traffic"]]
+        axes[0].plot(rates, [t["goodput_rps"] for t in r["traffic"]], "o-", label=name)
+        axes[1].plot(rates, [t["ttft_p99_s"] for t in r["traffic"]], "o-", label=name)
+        axes[2].plot(rates, [1000 * t["itl_p99_s"] for t in r["traffic"]], "o-", label=name)
+    axes[0].set(xlabel="arrival rate (requests/s)", ylabel="goodput (requests/s within SLO)", title="Goodput")
+    axes[1].set(
+        xlabel="arrival rate (requests/s)", ylabel="p99 TTFT (s)", title="Time to first token", yscale="log"
+    )
+    axes[2].set(xlabel="arrival rate (requests/s)", ylabel="p99 inter-token latency (ms)", title="Streams")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)
+
+
+def main() -> None:
+    from llama_server import LlamaServer, ggufs
+    from smolvlm_speed import build_checkpoint
+
+    from evaluation.bench import machine
+    from serve.process import ServerProcess, free_port
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
+    ap.add_argument("--requests", type=int, default=32, help="arrivals per rate (a chat counts once)")
+    ap.add_argument("--servers", nargs="+", default=["ours", "llama-server"])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=os.path.join(REPO, "docs", "serve_traffic.png"))
+    a = ap.parse_args()
+    if not os.path.isdir(BUNDLE):
+        sys.exit(f"{BUNDLE}: no bundle; build it with benchmarks/smolvlm_speed.py")
+    results, rss = {}, {}
+    for name in a.servers:
+        print(f"... {name}", file=sys.stderr, flush=True)
+        if name == "ours":
+            with ServerProcess(
+                BUNDLE, "--max-batch", "8", "--max-queue", "1024", "--max-tokens", "64", timeout=900
+            ) as s:
+                results[name] = run(s.port, a.rates, a.requests)
+                rss[name] = s.rss_bytes()
+        else:
+            with LlamaServer(*ggufs(build_checkpoint()), free_port()) as s:
+                results[name] = run(s.port, a.rates, a.requests)
+                rss[name] = s.rss_bytes()
+    print(f"\n{machine(os.cpu_count() or 1)}; SLO: TTFT <= {SLO['ttft_s']} s (photo {SLO['ttft_photo_s']} s), "
+          f"TPOT <= {SLO['tpot_s']} s\n")  # fmt: skip
+    print(
+        "| server | burst of 16 from 8 clients: TTFT p50 s | aggregate tok/s | RSS at end MiB |\n|---|---|---|---|"
+    )
+    for name, r in results.items():
+        b = r["burst"]
+        print(
+            f"| {name} | {b['ttft_p50_s']:.3f} | {b['aggregate_tokens_per_s']:.1f} | {rss[name] / 2**20:.0f} |"
+        )
+    print("\n| server | rate req/s | requests (errors) | TTFT p50 / p99 s | ITL p50 / p99 ms | TPOT p50 / p99 ms | "
+          "SLO met | goodput req/s | output tok/s |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    for name, r in results.items():
+        for t in r["traffic"]:
+            print(f"| {name} | {t['rate']:g} | {t['requests']} ({t['errors']}) | {t['ttft_p50_s']:.3f} / "
+                  f"{t['ttft_p99_s']:.2f} | {1000 * t['itl_p50_s']:.0f} / {1000 * t['itl_p99_s']:.0f} | "
+                  f"{1000 * t['tpot_p50_s']:.0f} / {1000 * t['tpot_p99_s']:.0f} | {t['slo_met']} | "
+                  f"{t['goodput_rps']:.3f} | {t['output_tokens_per_s']:.1f} |")  # fmt: skip
+    if a.plot:
+        plot(results, a.plot)
+        print(f"\nchart: {a.plot}")
+    if a.json:
+        from core.files import write_json
+
+        write_json(
+            a.json, {"machine": machine(os.cpu_count() or 1), "slo": SLO, "results": results, "rss": rss}
+        )
+
+
+if __name__ == "__main__":
+    main()
