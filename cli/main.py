@@ -188,14 +188,14 @@ def demo(output_dir: str, retrain: bool, test_samples: int, steps: int | None, f
 
 @main.command()
 @click.argument("checkpoint")
-@click.option("--image", "images", multiple=True, required=True, help="Image file (repeat for several).")
-@click.option("--prompt", required=True, help="Question about the image(s).")
+@click.option("--image", "images", multiple=True, help="Image file (repeat for several; none: text only).")
+@click.option("--prompt", required=True, help="The question (about the images, if any).")
 @sampling_options
 @click.option("--revision", default=None, help="Hub revision when CHECKPOINT is a Hub id.")
 @user_errors
 def generate(checkpoint: str, images: tuple[str, ...], prompt: str, max_new_tokens: int, revision: str | None,
              **kw: Any) -> None:  # fmt: skip
-    """Answer PROMPT about --image with the PyTorch model at CHECKPOINT (a directory or Hub id)."""
+    """Answer PROMPT (about --image, if given) with the PyTorch model at CHECKPOINT (a directory or Hub id)."""
     needs_torch("generate")
     import torch
 
@@ -212,7 +212,7 @@ def generate(checkpoint: str, images: tuple[str, ...], prompt: str, max_new_toke
         model.cfg, model.tokenizer, ImageProcessor.from_config(model.cfg), [list(images)], [prompt]
     )
     out = model.generate(
-        torch.from_numpy(batch.input_ids), torch.from_numpy(batch.pixel_values),
+        torch.from_numpy(batch.input_ids), torch.from_numpy(batch.pixel_values) if images else None,
         attention_mask=torch.from_numpy(batch.attention_mask), max_new_tokens=max_new_tokens, sampling=sampling,
     )  # fmt: skip
     click.echo(model.tokenizer.decode(out[0].tolist()))
@@ -221,8 +221,8 @@ def generate(checkpoint: str, images: tuple[str, ...], prompt: str, max_new_toke
 # ----------------------------------------------------------------------------- runtime (no torch)
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--image", "images", multiple=True, required=True, help="Image file (repeat for several).")
-@click.option("--prompt", required=True)
+@click.option("--image", "images", multiple=True, help="Image file (repeat for several; none: text only).")
+@click.option("--prompt", required=True, help="The question (about the images, if any).")
 @pipeline_options
 @click.option("--stream", is_flag=True, help="Print text as tokens arrive.")
 @sampling_options
@@ -230,7 +230,7 @@ def generate(checkpoint: str, images: tuple[str, ...], prompt: str, max_new_toke
 @user_errors
 def run(bundle: str, images: tuple[str, ...], prompt: str, provider: str, backend: str, stream: bool,
         max_new_tokens: int, as_json: bool, **kw: Any) -> None:  # fmt: skip
-    """Answer PROMPT about --image with an exported BUNDLE on ONNX Runtime or TensorRT (no torch needed)."""
+    """Answer PROMPT (about --image, if given) with an exported BUNDLE on ONNX Runtime or TensorRT (no torch)."""
     from runtime.pipeline import VLMPipeline
 
     sampling = sampling_config(kw)

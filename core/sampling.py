@@ -34,6 +34,26 @@ class SamplingConfig:
         return self.temperature == 0
 
 
+# nanoVLM's generate(..., top_k=50, top_p=0.9, temperature=0.5, greedy=False): its defaults
+NANOVLM_DEFAULTS = {"greedy": False, "top_k": 50, "top_p": 0.9, "temperature": 0.5}
+
+
+def from_nanovlm(
+    greedy: bool | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    temperature: float | None = None,
+    seed: int | None = None,
+) -> SamplingConfig:
+    """The SamplingConfig nanoVLM's keyword arguments mean: the ones not given take nanoVLM's
+    defaults (it samples unless greedy=True), greedy=True picks the arg-max whatever the rest."""
+    given = {"greedy": greedy, "top_k": top_k, "top_p": top_p, "temperature": temperature}
+    kw = {k: NANOVLM_DEFAULTS[k] if v is None else v for k, v in given.items()}
+    if kw["greedy"]:
+        return SamplingConfig(seed=seed)
+    return SamplingConfig(temperature=kw["temperature"], top_k=kw["top_k"], top_p=kw["top_p"], seed=seed)
+
+
 def penalize(logits: np.ndarray, seen: list[list[int]], penalty: float) -> np.ndarray:
     """The CTRL / transformers rule on each row's seen tokens: shrink positive logits, push
     negative ones further. logits float32 [B, V], changed in place and returned."""

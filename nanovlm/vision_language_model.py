@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from core.config import VLMConfig, check_context
 from core.processors import Tokenizer
-from core.sampling import SamplingConfig
+from core.sampling import SamplingConfig, from_nanovlm
 
 from .generation import sample
 from .language_model import KV, LanguageModel, positions_from_mask
@@ -173,10 +173,22 @@ class VisionLanguageModel(nn.Module):
         sampling: SamplingConfig | None = None,
         eos_token_id: int | None = None,
         use_kv_cache: bool = True,
+        *,
+        greedy: bool | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float | None = None,
     ) -> torch.Tensor:
         """-> new token ids [B, n] (n <= max_new_tokens). Rows that hit EOS are padded with EOS;
         generation stops once every row has finished. eos_token_id defaults to the tokenizer's;
-        `sampling` defaults to greedy."""
+        `sampling` defaults to greedy. nanoVLM's own keywords (greedy, top_k, top_p, temperature)
+        are accepted instead of `sampling`, with nanoVLM's defaults for the ones left out."""
+        nanovlm_kw = {"greedy": greedy, "top_k": top_k, "top_p": top_p, "temperature": temperature}
+        if any(v is not None for v in nanovlm_kw.values()):
+            if sampling is not None:
+                given = ", ".join(k for k, v in nanovlm_kw.items() if v is not None)
+                raise ValueError(f"pass either sampling= or nanoVLM's keywords ({given}), not both")
+            sampling = from_nanovlm(**nanovlm_kw)
         sampling = sampling or SamplingConfig()
         if eos_token_id is None and self.tokenizer is not None:
             eos_token_id = self.tokenizer.eos_token_id

@@ -52,6 +52,30 @@ def test_run_works_without_torch(made):
     assert res.stdout == expected + "\n"
 
 
+def test_run_and_generate_answer_text_only_prompts_as_the_library(made):
+    """No --image: the same answer as VLMPipeline.generate([], ...) and model.generate(ids, None)."""
+    import torch
+
+    from nanovlm.vision_language_model import VisionLanguageModel
+
+    bundle, ckpt, _ = made
+    pipe = VLMPipeline.from_bundle(bundle)
+    library = pipe.generate([], "Hello there?", max_new_tokens=10)
+    res = _without_torch("run", bundle, "--prompt", "Hello there?", "--max-new-tokens", "10")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout == library + "\n"
+
+    model = VisionLanguageModel.from_pretrained(ckpt)
+    ids = torch.from_numpy(pipe.prepare([[]], ["Hello there?"]).input_ids)
+    out = model.generate(ids, None, max_new_tokens=10)[0].tolist()
+    eos = model.tokenizer.eos_token_id
+    expected = model.tokenizer.decode(out[: out.index(eos)] if eos in out else out)
+    res = subprocess.run([sys.executable, "-m", "cli.main", "generate", ckpt, "--prompt", "Hello there?",
+                          "--max-new-tokens", "10"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout == expected + "\n"
+
+
 @pytest.mark.parametrize("command", ["generate", "validate", "onnx", "bench", "train", "demo"])
 def test_torch_commands_name_the_extra_on_a_torch_free_install(made, command, tmp_path):
     bundle, ckpt, image = made
