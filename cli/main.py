@@ -335,11 +335,11 @@ def serve(bundle: str, host: str, port: int, name: str | None, max_batch: int, m
     from runtime.batching import EngineConfig
     from serve.app import ServeConfig
     from serve.app import serve as run_server
-    from serve.openai_api import Limits
+    from serve.openai_api import RequestLimits
 
     load_bundle(bundle)  # a bad bundle fails here, in one line, before the server starts
     mb = 1024 * 1024
-    limits = Limits(max_body_bytes=int(max_body_mb * mb), max_image_bytes=int(max_image_mb * mb),
+    limits = RequestLimits(max_body_bytes=int(max_body_mb * mb), max_image_bytes=int(max_image_mb * mb),
                     max_image_pixels=max_image_pixels, max_images=max_images, max_tokens=max_tokens,
                     image_dir=image_dir)  # fmt: skip
     engine = EngineConfig(
@@ -383,15 +383,13 @@ def onnx(src: str, out: str, precision: str, opset: int, decoder: str, layout: s
     from export.onnx_export import export_onnx
 
     if layout == "transformers.js":
-        from export.transformers_js import export_transformers_js
+        from transformers_js.layout import export_transformers_js
 
         if precision != "fp32" or decoder != "standard":
             raise click.UsageError(
                 "--layout transformers.js writes fp32 standard graphs (no --precision/--decoder)"
             )
-        from calibration.transformers_js import add_quantized_variants
-
-        path = export_transformers_js(src, out, opset, overwrite, extra=add_quantized_variants)
+        path = export_transformers_js(src, out, opset, overwrite)
         files = sorted(os.listdir(os.path.join(path, "onnx")))
         click.echo(json.dumps({"transformers.js": os.path.abspath(path), "onnx": files}, indent=2))
         return
@@ -462,13 +460,13 @@ def trt(bundle: str, out: str, max_batch: int, max_seq: int | None, max_context:
         workspace: int, timing_cache: str | None, print_trtexec: bool, tf32: bool, overwrite: bool) -> None:  # fmt: skip
     """Build TensorRT engines for BUNDLE (fp32, fp16 or int8-static) into OUT."""
     from core.bundle import load_bundle
-    from export.trt_build import build_engines, check_buildable, describe
-    from runtime.trt_plan import Limits, trtexec_commands
+    from trt.build import build_engines, check_buildable, describe
+    from trt.plan import ProfileLimits, trtexec_commands
 
     max_context = max_context or min(
         1024, load_bundle(bundle, verify=False).config.lm_max_position_embeddings
     )
-    limits = Limits(max_batch, max_seq or min(512, max_context), max_context, max_images)
+    limits = ProfileLimits(max_batch, max_seq or min(512, max_context), max_context, max_images)
     if print_trtexec:
         for graph, cmd in trtexec_commands(check_buildable(bundle), limits, workspace, tf32=tf32).items():
             click.echo(f"# {graph}\n{cmd}\n")
@@ -493,7 +491,7 @@ def check(bundle: str, targets: tuple[str, ...]) -> None:
     """Will TensorRT parse BUNDLE's graphs? Every node against onnx-tensorrt's support matrix; exit 1 if not."""
     if not installed("onnx"):
         raise click.ClickException("`check` needs onnx: pip install onnx (or the 'torch' extra)")
-    from export.trt_check import check_bundle
+    from trt.check import check_bundle
 
     failed = False
     for name in targets or ("trt-10.3", "trt-10.13"):

@@ -24,9 +24,9 @@ from nanovlm.checkpoint import resolve_checkpoint
 from nanovlm.idefics3 import is_idefics3
 from nanovlm.vision_language_model import VisionLanguageModel
 from runtime.onnx_backend import FUSED_MIN_ORT
+from trt.support import STANDARD_DOMAINS
 
 from .graphs import DecoderGraph, VisionEncoderGraph, decoder_io_names
-from .trt_support import STANDARD_DOMAINS
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def check_graph(path: str, opset: int) -> None:
 
 def warn_tensorrt(path: str) -> None:
     """Log what TensorRT 10.3 (JetPack 6) would not parse in a graph meant for it."""
-    from .trt_check import check_model, target
+    from trt.check import check_model, target
 
     model = onnx.load(path, load_external_data=False)
     for problem in check_model(model, target("trt-10.3"), os.path.basename(path)):

@@ -1,6 +1,6 @@
 """The contract every decoder backend keeps: encode images, make a KV cache, run one step.
 
-Three implement it: OrtBackend (runtime/onnx_backend.py), TrtBackend (runtime/trt_backend.py)
+Three implement it: OrtBackend (runtime/onnx_backend.py), TrtBackend (trt/backend.py)
 and calibration's RecordingBackend. The cache belongs to whoever asked for it (a generation, a
 prefill, the continuous batch): the backend holds none of its own, so several sequences can be
 in flight on one backend and a cache can be filled from somewhere else (the prefix cache).

@@ -68,25 +68,6 @@ def session_options(
     return so
 
 
-def trt_profile_shapes(
-    bundle: Bundle, max_batch: int, max_context: int, max_images: int
-) -> dict[str, dict[str, str]]:
-    """TensorRT EP profile options for each graph, from the same plan as `nanovlm-export trt`
-    (runtime/trt_plan.py). The EP takes one profile per graph here: the decode profile's min and
-    opt (decode is what runs per token) with a max that also covers prefills of up to max_context."""
-    from .trt_plan import Limits, profiles, shape_spec
-
-    plan = profiles(bundle, Limits(max_batch, max_context, max_context, max_images))
-    out = {}
-    for graph, plist in plan.items():
-        top = {name: tuple(max(p["max"][name][d] for p in plist) for d in range(len(shape)))
-               for name, shape in plist[0]["max"].items()}  # fmt: skip
-        out[graph] = {"trt_profile_min_shapes": shape_spec(plist[0]["min"]),
-                      "trt_profile_opt_shapes": shape_spec(plist[0]["opt"]),
-                      "trt_profile_max_shapes": shape_spec(top)}  # fmt: skip
-    return out
-
-
 class OrtBackend:
     def __init__(
         self,
@@ -130,6 +111,8 @@ class OrtBackend:
         for graph in ("vision_encoder", "decoder"):
             opts: dict[str, Any] = {}
             if provider == "tensorrt":
+                from trt.plan import trt_profile_shapes
+
                 cache = engine_cache or os.path.join(bundle.path, "trt_cache")
                 opts = {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache, "trt_fp16_enable": fp16,
                         "trt_int8_enable": int8, "trt_timing_cache_enable": True}  # fmt: skip

@@ -91,7 +91,7 @@ class VLMPipeline:
         with backend="trt", on the TensorRT engines that `nanovlm-export trt` added to it."""
         bundle = load_bundle(path, verify=verify)
         if backend == "trt":
-            from .trt_backend import TrtBackend
+            from trt.backend import TrtBackend
 
             return cls(bundle, TrtBackend(bundle, **backend_options))
         if backend != "ort":

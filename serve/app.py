@@ -40,7 +40,7 @@ from .metrics import Metrics
 from .openai_api import (
     ApiError,
     ChatRequest,
-    Limits,
+    RequestLimits,
     chunk,
     completion,
     completion_id,
@@ -58,7 +58,7 @@ class ServeConfig:
     name: str | None = None  # the model id clients see; the bundle's folder name by default
     engine: EngineConfig = EngineConfig()  # batch and queue sizes, prefill chunk, cache sizes
     threads: int | None = None
-    limits: Limits = Limits()
+    limits: RequestLimits = RequestLimits()
 
     @property
     def model_name(self) -> str:

@@ -35,7 +35,7 @@ class ApiError(Exception):
 
 
 @dataclass(frozen=True)
-class Limits:
+class RequestLimits:
     """What one request may ask for; the server's flags set these."""
 
     max_body_bytes: int = 16 * 1024 * 1024
@@ -67,7 +67,7 @@ class ChatRequest:
 # ----------------------------------------------------------------------------- requests
 
 
-def parse_chat(body: Any, limits: Limits) -> ChatRequest:
+def parse_chat(body: Any, limits: RequestLimits) -> ChatRequest:
     """Validate an OpenAI chat-completions body; images are opened (and size-checked) here."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
@@ -162,7 +162,7 @@ def _number(value: Any, name: str, low: float, high: float) -> float:
     return float(value)
 
 
-def _content(content: Any, where: str, limits: Limits) -> tuple[str, list[Image.Image]]:
+def _content(content: Any, where: str, limits: RequestLimits) -> tuple[str, list[Image.Image]]:
     """A message's text (parts joined with newlines) and images, in order."""
     if isinstance(content, str):
         return content, []
@@ -187,7 +187,7 @@ def _content(content: Any, where: str, limits: Limits) -> tuple[str, list[Image.
     return "\n".join(texts), images
 
 
-def open_image_url(url: str, where: str, limits: Limits) -> Image.Image:
+def open_image_url(url: str, where: str, limits: RequestLimits) -> Image.Image:
     """A data: URL (base64) or, when the operator allows a directory, a file:// path inside it.
     Nothing is fetched from the network."""
     if url.startswith("data:"):

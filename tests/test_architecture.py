@@ -3,11 +3,14 @@
 Floors, lowest first; each may import only the floors listed for it:
 
     core         torch-free shared code: config, processing, sampling, bundle, recipes, files
+    trt          TensorRT: parser support, plan, engines, backend, torch-free  -> core
     nanovlm      the PyTorch reference                      -> core
-    runtime      torch-free generation from a bundle        -> core
+    runtime      torch-free generation from a bundle        -> core, trt
     calibration  quantization, torch-free                   -> core, runtime
-    export       checkpoint -> bundle, TensorRT engines     -> core, nanovlm, runtime
+    export       checkpoint -> bundle                       -> core, nanovlm, runtime, trt
     evaluation   parity and speed against PyTorch           -> core, nanovlm, runtime, calibration
+    transformers_js  the layout transformers.js loads + q4/q8 -> core, nanovlm, calibration, export
+    serve        the OpenAI server, torch-free              -> core, runtime
     cli          the command line and the demo              -> everything above
 
 core, runtime and calibration (and every project module they reach) import neither torch nor
@@ -25,15 +28,17 @@ REPO = Path(__file__).resolve().parent.parent
 
 ALLOWED: dict[str, set[str]] = {
     "core": set(),
+    "trt": {"core"},
     "nanovlm": {"core"},
-    "runtime": {"core"},
+    "runtime": {"core", "trt"},
     "calibration": {"core", "runtime"},
-    "export": {"core", "nanovlm", "runtime"},
+    "export": {"core", "nanovlm", "runtime", "trt"},
     "evaluation": {"core", "nanovlm", "runtime", "calibration"},
+    "transformers_js": {"core", "nanovlm", "calibration", "export"},
     "serve": {"core", "runtime"},
-    "cli": {"core", "nanovlm", "runtime", "calibration", "export", "evaluation", "serve"},
+    "cli": {"core", "trt", "nanovlm", "runtime", "calibration", "export", "evaluation", "transformers_js", "serve"},
 }
-TORCH_FREE = ("core", "runtime", "calibration", "serve")
+TORCH_FREE = ("core", "trt", "runtime", "calibration", "serve")
 FORBIDDEN_THERE = ("torch", "transformers", "torchvision")
 
 

@@ -607,7 +607,7 @@ def test_quantize_runs_without_torch(lively, tmp_path):
 def test_fused_bundles_quantize_to_the_cpu_modes_only(tiny_tokenizer_dir, tmp_path):
     """A fused-decoder bundle takes int8-dynamic and int4 (same KL bars as the standard graph)
     and refuses the GPU/TensorRT modes; TensorRT refuses the fused graph itself."""
-    from export.trt_build import check_buildable
+    from trt.build import check_buildable
 
     _, bundle = export_lively("replace", tiny_tokenizer_dir, tmp_path, decoder="fused")
     ref, cases = parity.Reference(str(tmp_path / "ckpt")), metrics.builtin_cases(8)

@@ -13,9 +13,9 @@ from PIL import Image
 
 from core.processors import ImageProcessor, prepare_batch
 from core.sampling import Sampler, SamplingConfig
-from runtime.onnx_backend import trt_profile_shapes
 from runtime.pipeline import VLMPipeline
 from tests.conftest import REPO, export_lively
+from trt.plan import trt_profile_shapes
 
 skimage_data = pytest.importorskip("skimage.data")
 

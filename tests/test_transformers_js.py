@@ -44,15 +44,13 @@ def node_modules() -> str:
 
 def test_transformers_js_answers_like_our_runtime(node_modules, tmp_path):
     from export.onnx_export import export_onnx
-    from export.transformers_js import export_transformers_js
     from tests.test_idefics3 import write_idefics3
+    from transformers_js.layout import export_transformers_js
 
     ckpt, bundle, layout = tmp_path / "ckpt", tmp_path / "bundle", tmp_path / "smolvlm-tiny"
     write_idefics3(ckpt, tie=False, layers=4)  # blocks 1 and 2 get 4-bit layers in the q4 variant
     export_onnx(str(ckpt), str(bundle))
-    from calibration.transformers_js import add_quantized_variants
-
-    export_transformers_js(str(ckpt), str(layout), extra=add_quantized_variants)
+    export_transformers_js(str(ckpt), str(layout))
     pipe = VLMPipeline.from_bundle(str(bundle))
     question = "How many circles?"
     pictures = [Image.fromarray(skimage_data.chelsea()).resize((100, 40)),  # split into 4 x 2 tiles + global
@@ -87,7 +85,7 @@ def test_transformers_js_answers_like_our_runtime(node_modules, tmp_path):
     import onnx
     from onnx import helper
 
-    from calibration.transformers_js import SUFFIXES
+    from transformers_js.variants import SUFFIXES
 
     q4 = onnx.load(str(layout / "onnx" / "decoder_model_merged_q4.onnx"))
     bits = [helper.get_attribute_value(a) for n in q4.graph.node if n.op_type == "MatMulNBits"

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 
 from cli.main import main as export_cli
 from core.bundle import load_bundle
-from export.trt_build import check_buildable
-from runtime.trt_plan import (
-    Limits,
+from trt.build import check_buildable
+from trt.plan import (
+    ProfileLimits,
     check_engine_compatible,
     check_io_dtypes,
     io_dtypes,
@@ -40,7 +40,7 @@ def lively_bundle(tiny_tokenizer_dir, tmp_path_factory):
 
 def test_profiles_from_the_manifest(lively_bundle):
     m = load_bundle(lively_bundle)
-    limits = Limits(max_batch=2, max_seq=64, max_context=128, max_images=3)
+    limits = ProfileLimits(max_batch=2, max_seq=64, max_context=128, max_images=3)
     p = profiles(m, limits)
     decode, prefill = p["decoder"]
     assert decode["name"] == "decode" and prefill["name"] == "prefill"
@@ -75,7 +75,7 @@ def test_profiles_from_the_manifest(lively_bundle):
 
 def test_pick_profile_and_limits(lively_bundle):
     m = load_bundle(lively_bundle)
-    limits = Limits(max_batch=1, max_seq=32, max_context=64, max_images=2)
+    limits = ProfileLimits(max_batch=1, max_seq=32, max_context=64, max_images=2)
     dec = profiles(m, limits)["decoder"]
 
     def shapes(seq, past, rows=0):
@@ -95,9 +95,9 @@ def test_pick_profile_and_limits(lively_bundle):
     with pytest.raises(ValueError, match="rebuild the engines with larger"):
         pick_profile(dec, shapes(40, 0))
     with pytest.raises(ValueError, match="max_seq=80 exceeds max_context=64"):
-        profiles(m, Limits(max_seq=80, max_context=64))
+        profiles(m, ProfileLimits(max_seq=80, max_context=64))
     with pytest.raises(ValueError, match="exceeds the model's context of 512"):
-        profiles(m, Limits(max_seq=8, max_context=4096))
+        profiles(m, ProfileLimits(max_seq=8, max_context=4096))
     # two ping-pong sets x layers x (key, value) x batch x heads x context x dim x 4 bytes
     assert kv_buffer_bytes(m, limits) == 2 * 2 * m.kv.layers * 1 * m.kv.heads * 64 * m.kv.head_dim * 4
 
@@ -120,21 +120,21 @@ def test_a_2x2_tiled_image_picks_the_prefill_profile(lively_bundle):
     for i in range(m.kv.layers):
         for part in ("key", "value"):
             shapes[f"past_key_values.{i}.{part}"] = (1, m.kv.heads, 0, m.kv.head_dim)
-    assert pick_profile(profiles(m, Limits(max_seq=128, max_context=256))["decoder"], shapes) == 1
+    assert pick_profile(profiles(m, ProfileLimits(max_seq=128, max_context=256))["decoder"], shapes) == 1
 
 
 def test_trtexec_and_polygraphy_text(lively_bundle):
     m = load_bundle(lively_bundle)
-    cmds = trtexec_commands(m, Limits(max_seq=16, max_context=32), workspace_mb=512, timing_cache="t.cache")
+    cmds = trtexec_commands(m, ProfileLimits(max_seq=16, max_context=32), workspace_mb=512, timing_cache="t.cache")
     dec = cmds["decoder"]
     assert dec.startswith("trtexec --onnx=decoder.onnx --saveEngine=decoder.engine --stronglyTyped")
     assert "--memPoolSize=workspace:512M" in dec and "--timingCacheFile=t.cache" in dec
     assert dec.count("--minShapes=") == 2 and dec.count("--maxShapes=") == 2  # decode + prefill profiles
     assert "input_ids:1x16" in dec and "past_key_values.1.value:1x2x31x16" in dec
     assert "--noTF32" in dec  # fp32 stays fp32 unless asked
-    assert "--noTF32" not in trtexec_commands(m, Limits(max_seq=16, max_context=32), tf32=True)["decoder"]
+    assert "--noTF32" not in trtexec_commands(m, ProfileLimits(max_seq=16, max_context=32), tf32=True)["decoder"]
     assert cmds["vision_encoder"].count("--minShapes=pixel_values:1x3x32x32") == 1
-    limits = Limits(max_seq=16, max_context=32)
+    limits = ProfileLimits(max_seq=16, max_context=32)
     poly = polygraphy_command(m, limits)
     assert poly.startswith("polygraphy run decoder.onnx --onnxrt --trt")
     # parse each shape option back the way polygraphy reads it (name:[d0,d1,...], space-separated)
@@ -231,12 +231,12 @@ gpu = pytest.mark.skipif(_gpu_reason() is not None, reason=f"TensorRT GPU test: 
 def test_trt_engines_give_the_onnx_runtime_tokens(lively_bundle, tmp_path):
     """Build the tiny model's engines (fp32), then greedy tokens on TensorRT == on ONNX Runtime."""
     from evaluation.metrics import builtin_cases
-    from export.trt_build import build_engines
     from runtime.pipeline import GenerationRequest, VLMPipeline
+    from trt.build import build_engines
 
     out = str(tmp_path / "engines")
     manifest = build_engines(
-        lively_bundle, out, Limits(max_batch=1, max_seq=128, max_context=256, max_images=8)
+        lively_bundle, out, ProfileLimits(max_batch=1, max_seq=128, max_context=256, max_images=8)
     )
     assert set(manifest.tensorrt["engines"]) == {"decoder", "vision_encoder"}
     assert os.path.exists(os.path.join(out, "trtexec.txt"))
@@ -258,10 +258,10 @@ def test_trt_engines_give_the_onnx_runtime_tokens(lively_bundle, tmp_path):
 def test_validate_on_tensorrt_and_stale_engine_refused(lively_bundle, tmp_path):
     import json
 
-    from export.trt_build import build_engines
+    from trt.build import build_engines
 
     out = str(tmp_path / "engines")
-    build_engines(lively_bundle, out, Limits(max_batch=1, max_seq=128, max_context=256, max_images=8))
+    build_engines(lively_bundle, out, ProfileLimits(max_batch=1, max_seq=128, max_context=256, max_images=8))
     ckpt = os.path.join(os.path.dirname(lively_bundle), "ckpt")
     res = CliRunner().invoke(
         export_cli, ["validate", out, "--reference", ckpt, "--backend", "trt", "--samples", "4"]
@@ -325,7 +325,7 @@ def trt_bundles(tiny_tokenizer_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("target", ["trt-10.3", "trt-10.13"])
 def test_every_bundle_meant_for_tensorrt_passes_the_check(trt_bundles, target):
-    from export.trt_check import check_bundle
+    from trt.check import check_bundle
 
     for name in ("replace fp32", "replace fp16", "replace int8-static", "prefix fp32", "prefix fp16",
                  "prefix int8-static"):  # fmt: skip
@@ -336,7 +336,7 @@ def test_the_check_names_what_tensorrt_would_not_parse(trt_bundles, tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from export.trt_check import check_bundle, check_model, target
+    from trt.check import check_bundle, check_model, target
 
     problems = check_bundle(trt_bundles["int8-dynamic"], "trt-10.3")
     assert any("com.microsoft.MatMulNBits is not a standard ONNX operator" in p for p in problems["decoder"])
@@ -387,10 +387,10 @@ def test_check_command(trt_bundles):
 def test_trt_engines_of_each_precision_pass_the_bundles_gates(trt_bundles, precision, tmp_path):
     """fp32, fp16 and int8 (Q/DQ) engines, validated on TensorRT against the PyTorch results the
     bundle stores, under the bundle's own recipe gates."""
-    from export.trt_build import build_engines
+    from trt.build import build_engines
 
     out = str(tmp_path / "engines")
-    build_engines(trt_bundles[f"replace {precision}"], out, Limits(max_batch=2, max_seq=128, max_context=256))
+    build_engines(trt_bundles[f"replace {precision}"], out, ProfileLimits(max_batch=2, max_seq=128, max_context=256))
     res = CliRunner().invoke(export_cli, ["validate", out, "--backend", "trt"])
     assert res.exit_code == 0, res.output
 
@@ -402,11 +402,11 @@ def test_trt_batch_of_two_with_a_2x2_tiled_image_gives_the_onnx_runtime_tokens(l
     from PIL import Image
 
     from core.shapes_dataset import ShapesDataset
-    from export.trt_build import build_engines
     from runtime.pipeline import VLMPipeline
+    from trt.build import build_engines
 
     out = str(tmp_path / "engines")
-    build_engines(lively_bundle, out, Limits(max_batch=2, max_seq=128, max_context=256))
+    build_engines(lively_bundle, out, ProfileLimits(max_batch=2, max_seq=128, max_context=256))
     s = ShapesDataset("test", seed=0)[0]
     items = [(Image.new("RGB", (64, 64), (200, 40, 40)), "What is it?"), (s.image, s.question)]
     trt_pipe, ort_pipe = VLMPipeline.from_bundle(out, backend="trt"), VLMPipeline.from_bundle(lively_bundle)

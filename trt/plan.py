@@ -1,7 +1,7 @@
 """TensorRT planning from the bundle: profiles, buffer sizes, compatibility, command lines.
 
-Plain functions with no TensorRT import, shared by the engine builder (export/trt_build.py) and
-the TensorRT backend (runtime/trt_backend.py), and tested without a GPU.
+Plain functions with no TensorRT import, shared by the engine builder (trt/build.py) and
+the TensorRT backend (trt/backend.py), and tested without a GPU.
 
 Profiles. The decoder gets two: "decode" (seq 1, past 0..max_context-1), which runs for every
 generated token and so is tuned at its own shape, and "prefill" (seq 1..max_seq, past
@@ -20,7 +20,7 @@ Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
-class Limits:
+class ProfileLimits:
     max_batch: int = 1
     max_seq: int = 512  # longest prefill (prompt positions incl. image tokens)
     max_context: int = 1024  # prompt + generated positions
@@ -59,14 +59,14 @@ def views_per_image(cfg: Any) -> int:
     return tiles + 1 if tiles > 1 else 1
 
 
-def prefill_image_rows(bundle: Bundle, limits: Limits) -> int:
+def prefill_image_rows(bundle: Bundle, limits: ProfileLimits) -> int:
     """Image rows one prefill can carry: each prompt of the batch with max_images vision inputs,
     or one image at its largest split if that is more."""
     cfg = bundle.config
     return limits.max_batch * max(limits.max_images, views_per_image(cfg)) * cfg.image_token_count
 
 
-def profiles(bundle: Bundle, limits: Limits) -> dict[str, list[dict[str, Any]]]:
+def profiles(bundle: Bundle, limits: ProfileLimits) -> dict[str, list[dict[str, Any]]]:
     """{graph: [{"name", "min": {input: shape}, "opt": ..., "max": ...}, ...]} in profile-index order."""
     cfg = bundle.config
     limits.check(cfg.lm_max_position_embeddings)
@@ -108,7 +108,7 @@ def pick_profile(graph_profiles: list[dict[str, Any]], shapes: dict[str, Shape])
     )
 
 
-def kv_buffer_bytes(bundle: Bundle, limits: Limits) -> int:
+def kv_buffer_bytes(bundle: Bundle, limits: ProfileLimits) -> int:
     """Device memory for the KV cache: two ping-pong sets, every layer's key and value, at max context."""
     kv = bundle.kv
     item = 2 if kv.dtype == "float16" else 4
@@ -126,7 +126,7 @@ def polygraphy_shapes(shapes: dict[str, Shape]) -> str:
     return " ".join(f"{name}:[{','.join(str(d) for d in shape)}]" for name, shape in shapes.items())
 
 
-def trtexec_commands(bundle: Bundle, limits: Limits, workspace_mb: int = 2048, timing_cache: str = "timing.cache",
+def trtexec_commands(bundle: Bundle, limits: ProfileLimits, workspace_mb: int = 2048, timing_cache: str = "timing.cache",
                      tf32: bool = False) -> dict[str, str]:  # fmt: skip
     """The trtexec command line building each graph's engine with the same profiles (one set of
     --minShapes/--optShapes/--maxShapes per profile, in profile order); fp32 products stay fp32
@@ -149,7 +149,7 @@ def trtexec_commands(bundle: Bundle, limits: Limits, workspace_mb: int = 2048, t
     return out
 
 
-def polygraphy_command(bundle: Bundle, limits: Limits, graph: str = "decoder") -> str:
+def polygraphy_command(bundle: Bundle, limits: ProfileLimits, graph: str = "decoder") -> str:
     """polygraphy run comparing ONNX Runtime and TensorRT on one graph, at the decode profile's opt shapes."""
     p = profiles(bundle, limits)[graph][0]
     file = bundle.graph_spec(graph)["file"]
@@ -194,3 +194,20 @@ def check_engine_compatible(engine_meta: dict, trt_version: str, device: dict[st
             f"engine {engine_meta.get('file')} was built for GPU compute capability {tuple(want)} "
             f"({engine_meta.get('device_name')}); this GPU is {tuple(have)} ({device.get('name')}). Rebuild on this device."
         )
+
+
+def trt_profile_shapes(
+    bundle: Bundle, max_batch: int, max_context: int, max_images: int
+) -> dict[str, dict[str, str]]:
+    """ONNX Runtime's TensorRT EP profile options for each graph, from the same plan as
+    `nanovlm-export trt`. The EP takes one profile per graph here: the decode profile's min and
+    opt (decode is what runs per token) with a max that also covers prefills of up to max_context."""
+    plan = profiles(bundle, ProfileLimits(max_batch, max_context, max_context, max_images))
+    out = {}
+    for graph, plist in plan.items():
+        top = {name: tuple(max(p["max"][name][d] for p in plist) for d in range(len(shape)))
+               for name, shape in plist[0]["max"].items()}  # fmt: skip
+        out[graph] = {"trt_profile_min_shapes": shape_spec(plist[0]["min"]),
+                      "trt_profile_opt_shapes": shape_spec(plist[0]["opt"]),
+                      "trt_profile_max_shapes": shape_spec(top)}  # fmt: skip
+    return out

@@ -2,7 +2,7 @@
 
 Strongly typed networks (the only mode TensorRT 11 has): precision comes from the ONNX, so the
 fp16 bundle gives FP16 engines and an int8-static (Q/DQ) bundle INT8 ones. Profiles come from the
-manifest (runtime/trt_plan.py). OUT is a copy of the bundle plus `<graph>.engine` files, a timing
+manifest (trt/plan.py). OUT is a copy of the bundle plus `<graph>.engine` files, a timing
 cache and `trtexec.txt` (the equivalent command lines, for building on a Jetson with trtexec);
 its manifest records the engines, their profiles, the TensorRT version and the GPU.
 
@@ -21,10 +21,10 @@ import time
 
 from core.bundle import MANIFEST, Bundle, Manifest, is_bundle, load_bundle
 from core.files import atomic_write, check_target, staged_dir
-from runtime.trt_backend import device_info
-from runtime.trt_plan import Limits, polygraphy_command, profiles, trtexec_commands
 
-from .trt_support import STANDARD_DOMAINS
+from .backend import device_info
+from .plan import ProfileLimits, polygraphy_command, profiles, trtexec_commands
+from .support import STANDARD_DOMAINS
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def check_buildable(bundle_path: str) -> Bundle:
     return bundle
 
 
-def build_engines(bundle_path: str, out: str, limits: Limits, workspace_mb: int = 2048,
+def build_engines(bundle_path: str, out: str, limits: ProfileLimits, workspace_mb: int = 2048,
                   timing_cache: str | None = None, overwrite: bool = False, tf32: bool = False) -> Manifest:  # fmt: skip
     """Build one engine per graph into a copy of the bundle at `out`; returns the new manifest."""
     bundle = check_buildable(bundle_path)

@@ -25,8 +25,8 @@ import numpy as np
 
 from core.bundle import Bundle, BundleError
 
-from .trt_plan import (
-    Limits,
+from .plan import (
+    ProfileLimits,
     check_engine_compatible,
     check_io_dtypes,
     io_dtypes,
@@ -106,7 +106,7 @@ class TrtBackend:
             ) from None
         self.trt, self.cudart = trt, cudart
         device = device_info()
-        self.limits = Limits(**meta["limits"])
+        self.limits = ProfileLimits(**meta["limits"])
         self.stream = _check(cudart.cudaStreamCreate())
         self.handle = stream_handle(self.stream)
         self.logger = trt.Logger(trt.Logger.WARNING)

@@ -1,6 +1,6 @@
 """`nanovlm-export check BUNDLE --target trt-10.3`: will TensorRT's ONNX parser take these graphs?
 
-Every node of each graph against the support table of the target (export/trt_support.py): the
+Every node of each graph against the support table of the target (trt/support.py): the
 operator is a standard ONNX one the target parses, its main tensor has an element type the target
 supports for it (types from ONNX shape inference), inputs TensorRT needs as build-time constants
 are initializers or Constant nodes, Q/DQ zero points are zero, and the opset is in range. A
@@ -15,7 +15,7 @@ import onnx
 
 from core.bundle import GRAPHS, load_bundle
 
-from .trt_support import CONSTANT_INPUTS, STANDARD_DOMAINS, TARGETS, TYPED_TENSOR, TYPES, ZERO_POINTS, Target
+from .support import CONSTANT_INPUTS, STANDARD_DOMAINS, TARGETS, TYPED_TENSOR, TYPES, ZERO_POINTS, Target
 
 TYPE_NAMES = {
     onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16", onnx.TensorProto.BFLOAT16: "BF16",

@@ -15,10 +15,9 @@ import os
 
 import onnx
 
+from calibration.nbits import quantize_nbits
+from calibration.weight_only import int4_keep_8bit
 from core.config import read_config_json
-
-from .nbits import quantize_nbits
-from .weight_only import int4_keep_8bit
 
 log = logging.getLogger(__name__)
 

@@ -24,17 +24,20 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
 from core.config import read_config_json
 from core.files import check_target, staged_dir
+from export.graphs import decoder_io_names
+from export.onnx_export import _onnx_export, check_graph
 from nanovlm.checkpoint import resolve_checkpoint
 from nanovlm.hf_weights import read_hf_config
 from nanovlm.idefics3 import is_idefics3, read_processing
 from nanovlm.vision_language_model import VisionLanguageModel
+
+from .variants import add_quantized_variants
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +78,11 @@ class MergedDecoderGraph(nn.Module):
         return (self.decoder.head(hidden), *[t for kv in presents for t in kv])  # logits [B, S, V]
 
 
-def export_transformers_js(src: str, out: str, opset: int = 17, overwrite: bool = False,
-                           extra: Callable[[str], object] | None = None) -> str:  # fmt: skip
-    """Write the transformers.js layout of Idefics3 checkpoint `src` (directory or Hub id) to `out`;
-    `extra(dir)` adds files (e.g. quantized variants) before the layout is renamed into place."""
-    from .graphs import decoder_io_names
-    from .onnx_export import _onnx_export, check_graph
-
+def export_transformers_js(
+    src: str, out: str, opset: int = 17, overwrite: bool = False, dtypes: tuple[str, ...] = ("q4", "q8")
+) -> str:
+    """Write the transformers.js layout of Idefics3 checkpoint `src` (directory or Hub id) to `out`,
+    with the quantized variants of `dtypes` (variants.py), renamed into place when complete."""
     directory = resolve_checkpoint(src)
     hf = read_hf_config(directory)
     if not is_idefics3(hf):
@@ -142,7 +143,6 @@ def export_transformers_js(src: str, out: str, opset: int = 17, overwrite: bool 
         pre.setdefault("image_processor_type", "Idefics3ImageProcessor")
         with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
             json.dump(pre, f, indent=2)
-        if extra is not None:
-            extra(tmp)
+        add_quantized_variants(tmp, dtypes)
     log.info("transformers.js layout written to %s", out)
     return out
