@@ -28,7 +28,7 @@ from typing import Any
 
 import click
 
-from core.recipes import QUANTIZE_MODES
+from core.recipes import QUANTIZE_MODES, RECIPES
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +403,10 @@ def onnx(src: str, out: str, precision: str, opset: int, decoder: str, layout: s
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--mode", required=True, type=click.Choice(QUANTIZE_MODES))
+@click.option(
+    "--mode", required=True, type=click.Choice(QUANTIZE_MODES),
+    help="; ".join(f"{m}: {RECIPES[m].summary}" for m in QUANTIZE_MODES) + " (docs/quantization.md).",
+)
 @click.option(
     "--calibration",
     help="Calibrated modes: 'builtin' (default), a folder of images (+ prompts.txt, + texts.txt of "

@@ -79,7 +79,6 @@ class OrtBackend:
         int8: bool = False,
         max_batch: int = 4,
         max_images: int = 16,
-        save_optimized: bool = False,
         profile_dir: str | None = None,
         spinning: bool = True,
     ):
@@ -120,13 +119,11 @@ class OrtBackend:
             providers = [(name, opts)] + (
                 [("CPUExecutionProvider", {})] if name != "CPUExecutionProvider" else []
             )
-            optimized = bundle.graph_path(graph) + ".optimized.ort" if save_optimized else None
             try:
                 self.sessions[graph] = ort.InferenceSession(
                     bundle.graph_path(graph),
                     session_options(
                         threads,
-                        optimized,
                         literal_qdq=bundle.recipe.scheme == "qdq",
                         profile_prefix=os.path.join(profile_dir, graph) if profile_dir else None,
                         spinning=spinning,

@@ -12,7 +12,7 @@ import io
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
@@ -61,7 +61,6 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     model: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- requests

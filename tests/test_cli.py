@@ -107,6 +107,18 @@ def test_both_console_scripts_share_one_root():
     assert 'nanovlm = "cli.main:main"' in scripts and 'nanovlm-export = "cli.main:main"' in scripts
 
 
+def test_quantize_help_says_what_each_mode_is():
+    """Each --mode is explained by its recipe's summary (core/recipes.py), not only named."""
+    from click.testing import CliRunner
+
+    from cli.main import main
+    from core.recipes import QUANTIZE_MODES, RECIPES
+
+    out = " ".join(CliRunner().invoke(main, ["quantize", "--help"], terminal_width=400).output.split())
+    for mode in QUANTIZE_MODES:
+        assert f"{mode}: {RECIPES[mode].summary}" in out, mode
+
+
 def _install_in_fresh_venv(tmp_path, extras: str):
     """pip install a copy of the package (so the build leaves nothing in the checkout), with
     `extras` such as "[jetson]", into a fresh venv; -> the venv's path."""
