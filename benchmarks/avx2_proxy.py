@@ -94,8 +94,9 @@ def _xgetbv_offsets(path: Path, so: bytes) -> list[int]:
     """File offsets of the XGETBV instructions objdump finds in `path`."""
     if shutil.which("objdump") is None:
         raise SystemExit("avx2_proxy: objdump not found (apt-get install binutils)")
-    listing = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(path)], capture_output=True,
-                             text=True, check=True).stdout  # fmt: skip
+    listing = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", str(path)], capture_output=True, text=True, check=True
+    ).stdout
     addresses = [int(m.group(1), 16) for m in re.finditer(r"^\s*([0-9a-f]+):\s+xgetbv\b", listing, re.M)]
     offsets, segments = [], _load_segments(so)
     for va in addresses:
@@ -120,8 +121,10 @@ def build_proxy() -> Path:
     sites = _xgetbv_offsets(ext, bytes(so))
     vnni = [m.start() for m in re.finditer(re.escape(AVX_VNNI_TEST), so)]
     if not sites or len(vnni) != 1:
-        raise SystemExit(f"avx2_proxy: {ext.name}: found {len(sites)} xgetbv and {len(vnni)} AVX-VNNI "
-                         "tests (need >= 1 and exactly 1): this onnxruntime build is not one this tool knows")  # fmt: skip
+        raise SystemExit(
+            f"avx2_proxy: {ext.name}: found {len(sites)} xgetbv and {len(vnni)} AVX-VNNI "
+            "tests (need >= 1 and exactly 1): this onnxruntime build is not one this tool knows"
+        )
     for off in sites:
         so[off : off + 3] = REPORT_XCR0
     so[vnni[0] + len(AVX_VNNI_TEST) - 1] = 0xEB  # je -> jmp: skip the AVX-VNNI kernels

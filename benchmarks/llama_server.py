@@ -35,8 +35,21 @@ def source() -> str:
     if os.path.isdir(src):
         return src
     os.makedirs(ROOT, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-                    f"llama-cpp-python=={VERSION}", "-d", ROOT], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-binary",
+            ":all:",
+            "--no-deps",
+            f"llama-cpp-python=={VERSION}",
+            "-d",
+            ROOT,
+        ],
+        check=True,
+    )
     subprocess.run(
         ["tar", "xzf", os.path.join(ROOT, f"llama_cpp_python-{VERSION}.tar.gz"), "-C", ROOT], check=True
     )
@@ -48,11 +61,29 @@ def server_binary() -> str:
     binary = os.path.join(src, "build", "bin", "llama-server")
     if os.path.exists(binary):
         return binary
-    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_CURL=OFF",
-             "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DGGML_NATIVE=ON"]  # fmt: skip
+    flags = [
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DLLAMA_BUILD_UI=OFF",
+        "-DLLAMA_USE_PREBUILT_UI=OFF",
+        "-DLLAMA_CURL=OFF",
+        "-DLLAMA_OPENSSL=OFF",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DGGML_NATIVE=ON",
+    ]
     subprocess.run(["cmake", "-S", src, "-B", os.path.join(src, "build"), *flags], check=True)
-    subprocess.run(["cmake", "--build", os.path.join(src, "build"), "-j", str(os.cpu_count() or 1),
-                    "--target", "llama-server", "llama-mtmd-cli"], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            "cmake",
+            "--build",
+            os.path.join(src, "build"),
+            "-j",
+            str(os.cpu_count() or 1),
+            "--target",
+            "llama-server",
+            "llama-mtmd-cli",
+        ],
+        check=True,
+    )
     return binary
 
 
@@ -85,9 +116,24 @@ class LlamaServer:
     """`llama-server` on 127.0.0.1 with `slots` parallel slots of `ctx_per_slot` positions each."""
 
     def __init__(self, text: str, mmproj: str, port: int, slots: int = 8, ctx_per_slot: int = 2048):
-        cmd = [server_binary(), "-m", text, "--mmproj", mmproj, "--host", "127.0.0.1", "--port", str(port),
-               "-np", str(slots), "-c", str(slots * ctx_per_slot), "-t", str(os.cpu_count() or 1),
-               "--no-webui"]  # fmt: skip
+        cmd = [
+            server_binary(),
+            "-m",
+            text,
+            "--mmproj",
+            mmproj,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-np",
+            str(slots),
+            "-c",
+            str(slots * ctx_per_slot),
+            "-t",
+            str(os.cpu_count() or 1),
+            "--no-webui",
+        ]
         self.port, self.url = port, f"http://127.0.0.1:{port}"
         self.log = open(os.path.join(ROOT, "llama-server.log"), "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)

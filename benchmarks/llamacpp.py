@@ -113,8 +113,15 @@ def decode_speed(gguf_path: str, prompt_ids: list[int], new_tokens: int, threads
     Python binding reads logits from its score buffer; it only costs prefill time, not decode.)"""
     import llama_cpp
 
-    llm = llama_cpp.Llama(gguf_path, n_ctx=len(prompt_ids) + new_tokens + 8, n_threads=threads,
-                          n_threads_batch=threads, n_batch=512, logits_all=True, verbose=False)  # fmt: skip
+    llm = llama_cpp.Llama(
+        gguf_path,
+        n_ctx=len(prompt_ids) + new_tokens + 8,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=512,
+        logits_all=True,
+        verbose=False,
+    )
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(prompt_ids)
@@ -134,8 +141,15 @@ def forced_logits(gguf_path: str, prompt_ids: list[int], forced: list[int], thre
     import llama_cpp
 
     ids = list(prompt_ids) + list(forced)
-    llm = llama_cpp.Llama(gguf_path, n_ctx=len(ids) + 8, n_threads=threads, n_threads_batch=threads,
-                          n_batch=512, logits_all=True, verbose=False)  # fmt: skip
+    llm = llama_cpp.Llama(
+        gguf_path,
+        n_ctx=len(ids) + 8,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=512,
+        logits_all=True,
+        verbose=False,
+    )
     llm.reset()
     llm.eval(ids)
     out = np.array(llm.scores[len(prompt_ids) - 1 : len(ids) - 1], dtype=np.float32)

@@ -23,8 +23,15 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 HIDDEN, INTER = 576, 1536
-SHAPES = [(HIDDEN, HIDDEN), (HIDDEN, 192), (HIDDEN, 192), (HIDDEN, HIDDEN),
-          (HIDDEN, INTER), (HIDDEN, INTER), (INTER, HIDDEN)]  # fmt: skip
+SHAPES = [
+    (HIDDEN, HIDDEN),
+    (HIDDEN, 192),
+    (HIDDEN, 192),
+    (HIDDEN, HIDDEN),
+    (HIDDEN, INTER),
+    (HIDDEN, INTER),
+    (INTER, HIDDEN),
+]
 LAYERS = 30
 KERNELS = ("fp32 MatMul", "MatMulNBits 8-bit", "MatMulNBits 4-bit", "DynamicQuantizeMatMul")
 
@@ -44,19 +51,37 @@ def layer_graph(kernel: str, rows: int, rng: np.random.Generator):
         elif kernel == "DynamicQuantizeMatMul":
             q, scale = quantize_pairs(w)
             inits += [numpy_helper.from_array(q, f"w{i}"), numpy_helper.from_array(scale, f"s{i}")]
-            nodes.append(helper.make_node("DynamicQuantizeMatMul", [x, f"w{i}", f"s{i}"], [f"y{i}"],
-                                          domain="com.microsoft"))  # fmt: skip
+            nodes.append(
+                helper.make_node(
+                    "DynamicQuantizeMatMul", [x, f"w{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft"
+                )
+            )
         else:  # random packed codes: the kernel's speed does not depend on them
             bits, block = (8 if "8-bit" in kernel else 4), 32
             packed = rng.integers(0, 256, (n, k // block, block * bits // 8), dtype=np.uint8)
-            inits += [numpy_helper.from_array(packed, f"w{i}"),
-                      numpy_helper.from_array(np.full(n * k // block, 0.01, np.float32), f"s{i}")]  # fmt: skip
-            nodes.append(helper.make_node("MatMulNBits", [x, f"w{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft",
-                                          K=k, N=n, bits=bits, block_size=block, accuracy_level=4))  # fmt: skip
+            inits += [
+                numpy_helper.from_array(packed, f"w{i}"),
+                numpy_helper.from_array(np.full(n * k // block, 0.01, np.float32), f"s{i}"),
+            ]
+            nodes.append(
+                helper.make_node(
+                    "MatMulNBits",
+                    [x, f"w{i}", f"s{i}"],
+                    [f"y{i}"],
+                    domain="com.microsoft",
+                    K=k,
+                    N=n,
+                    bits=bits,
+                    block_size=block,
+                    accuracy_level=4,
+                )
+            )
     inputs = [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [rows, k]) for k in (HIDDEN, INTER)]
     outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(len(SHAPES))]
-    return helper.make_model(helper.make_graph(nodes, "layer", inputs, outputs, inits),
-                             opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])  # fmt: skip
+    return helper.make_model(
+        helper.make_graph(nodes, "layer", inputs, outputs, inits),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+    )
 
 
 def time_kernel(kernel: str, rows: int, rounds: int) -> float:
@@ -66,8 +91,11 @@ def time_kernel(kernel: str, rows: int, rounds: int) -> float:
     from runtime.onnx_backend import session_options
 
     rng = np.random.default_rng(0)
-    session = ort.InferenceSession(layer_graph(kernel, rows, rng).SerializeToString(), session_options(),
-                                   providers=["CPUExecutionProvider"])  # fmt: skip
+    session = ort.InferenceSession(
+        layer_graph(kernel, rows, rng).SerializeToString(),
+        session_options(),
+        providers=["CPUExecutionProvider"],
+    )
     feed = {f"x{k}": rng.standard_normal((rows, k)).astype(np.float32) for k in (HIDDEN, INTER)}
     for _ in range(3):
         session.run(None, feed)

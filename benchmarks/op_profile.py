@@ -25,8 +25,9 @@ WARMUP = 2
 
 def phases(events: list[dict], runs_per_generation: int) -> list[dict]:
     """The last generation's runs of one session: [{wall_us, ops: {op type: node µs}}], in order."""
-    runs = sorted((e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"),
-                  key=lambda e: e["ts"])[-runs_per_generation:]  # fmt: skip
+    runs = sorted(
+        (e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"), key=lambda e: e["ts"]
+    )[-runs_per_generation:]
     out = [{"wall_us": r["dur"], "ops": collections.Counter()} for r in runs]
     for e in events:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
@@ -56,13 +57,17 @@ def profile(path: str, new_tokens: int) -> dict[str, dict]:
     decoder_runs = sum(e["name"] == "model_run" for e in loaded["decoder"]) // (WARMUP + 1)
     encode = phases(loaded["vision_encoder"], 1)
     prefill, *decode = phases(loaded["decoder"], decoder_runs)
-    steps = {"wall_us": sum(d["wall_us"] for d in decode) / max(1, len(decode)),
-             "ops": sum((d["ops"] for d in decode), collections.Counter())}  # fmt: skip
+    steps = {
+        "wall_us": sum(d["wall_us"] for d in decode) / max(1, len(decode)),
+        "ops": sum((d["ops"] for d in decode), collections.Counter()),
+    }
     out = {}
     for name, phase in (("image encode", encode[0]), ("prefill", prefill), ("decode step", steps)):
         total = sum(phase["ops"].values()) or 1
-        out[name] = {"wall_ms": phase["wall_us"] / 1e3,
-                     "ops": {op: t / total for op, t in phase["ops"].most_common()}}  # fmt: skip
+        out[name] = {
+            "wall_ms": phase["wall_us"] / 1e3,
+            "ops": {op: t / total for op, t in phase["ops"].most_common()},
+        }
     return out
 
 

@@ -30,14 +30,28 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(REPO, ".cache")
 
-CALIBRATION_PHOTOS = ("brick", "camera", "cell", "clock", "coins", "grass", "gravel", "moon", "page",
-                      "hubble_deep_field")  # fmt: skip
+CALIBRATION_PHOTOS = (
+    "brick",
+    "camera",
+    "cell",
+    "clock",
+    "coins",
+    "grass",
+    "gravel",
+    "moon",
+    "page",
+    "hubble_deep_field",
+)
 CALIBRATION_PROMPTS = [
-    "Describe this image.", "What is shown in this picture?", "Write a short caption for this photo.",
-    "What colours and textures do you see?", "Is there any text in the image? What does it say?",
-    "Describe the lighting and the background.", "What might this image be used for?",
+    "Describe this image.",
+    "What is shown in this picture?",
+    "Write a short caption for this photo.",
+    "What colours and textures do you see?",
+    "Is there any text in the image? What does it say?",
+    "Describe the lighting and the background.",
+    "What might this image be used for?",
     "List the objects you can see.",
-]  # fmt: skip
+]
 CALIBRATION_TEXTS = [  # text-only calibration prompts (texts.txt), none of them an evaluation prompt
     "A long time ago, in a small village by the river, there lived a carpenter who built boats.",
     "The stock market fell sharply on Monday as investors worried about rising interest rates.",
@@ -61,15 +75,21 @@ EVAL_PHOTOS = {
 # A check set that no recipe was chosen on (the int4 recipe was tuned on the evaluation set above,
 # so its margin there is optimistic): other skimage pictures, other prompts. KL and top-1 only.
 CHECK_PICTURES = {
-    "motorcycle_left.png": "What vehicle is this?", "color.png": "Describe the colours in this image.",
-    "logo.png": "What does this logo show?", "chessboard_RGB.png": "What pattern is this?",
-    "microaneurysms.png": "What kind of medical image is this?", "text.png": "What does the text say?",
-}  # fmt: skip
+    "motorcycle_left.png": "What vehicle is this?",
+    "color.png": "Describe the colours in this image.",
+    "logo.png": "What does this logo show?",
+    "chessboard_RGB.png": "What pattern is this?",
+    "microaneurysms.png": "What kind of medical image is this?",
+    "text.png": "What does the text say?",
+}
 CHECK_TEXTS = [
-    "What is the capital of Australia, and why was it chosen?", "Write a haiku about autumn leaves.",
-    "How does a refrigerator keep food cold?", "List three differences between Python lists and tuples.",
-    "Give advice to someone starting to learn the guitar.", "What happened during the French Revolution?",
-]  # fmt: skip
+    "What is the capital of Australia, and why was it chosen?",
+    "Write a haiku about autumn leaves.",
+    "How does a refrigerator keep food cold?",
+    "List three differences between Python lists and tuples.",
+    "Give advice to someone starting to learn the guitar.",
+    "What happened during the French Revolution?",
+]
 EVAL_TEXTS = [
     "Explain in simple words why the sky is blue.",
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -137,8 +157,14 @@ def accuracy(
         decoder = pipe.bundle.graph_path("decoder")
         decoder_bytes = sum(os.path.getsize(f) for f in (decoder, decoder + ".data") if os.path.exists(f))
         out[mode] = s | {"bytes": pipe.bundle.total_bytes(), "decoder_bytes": decoder_bytes}
-        logging.info("%s%s: KL %.4g top-1 %.3f exact %.2f", mode, label, s["kl_mean"], s["top1_agreement"],
-                     s["exact_match"])  # fmt: skip
+        logging.info(
+            "%s%s: KL %.4g top-1 %.3f exact %.2f",
+            mode,
+            label,
+            s["kl_mean"],
+            s["top1_agreement"],
+            s["exact_match"],
+        )
     return out
 
 
@@ -196,8 +222,13 @@ def llama_cpp_text_kl(reference, fp32: str, cases: list) -> dict[str, dict]:
     except ImportError:
         return {}
     pipe = VLMPipeline.from_bundle(fp32)  # the tokenizer and image processor PyTorch's runs use
-    ggufs = {name: os.path.join(CACHE, f) for name, f in (("llama.cpp f32", "smollm2-135m-f32.gguf"),
-                                                          ("llama.cpp Q4_1", "smollm2-135m-q4_1.gguf"))}  # fmt: skip
+    ggufs = {
+        name: os.path.join(CACHE, f)
+        for name, f in (
+            ("llama.cpp f32", "smollm2-135m-f32.gguf"),
+            ("llama.cpp Q4_1", "smollm2-135m-q4_1.gguf"),
+        )
+    }
     out = {}
     for name, gguf_path in ggufs.items():
         if not os.path.exists(gguf_path):
@@ -268,10 +299,12 @@ def print_tables(report: dict) -> None:
         for mode, a in r["accuracy"].items():
             d = speed[mode]["decode_tokens_per_s"]["median"] if speed else None
             rates = f"{d:.1f} | {d / base:.2f}x | {d / fused:.2f}x" if speed else "- | - | -"
-            print(f"| {mode} | {a['kl_mean']:.4f} | {a['top1_agreement']:.3f} | {a['exact_match']:.2f} | "
-                  f"{a['common_prefix_ratio']:.2f} | {a.get('vision_cosine_min', float('nan')):.4f} | "
-                  f"{a['bytes'] / 1e6:.1f} | {a['bytes'] / fp32['bytes']:.0%} | "
-                  f"{a['decoder_bytes'] / fp32['decoder_bytes']:.1%} | {rates} |")  # fmt: skip
+            print(
+                f"| {mode} | {a['kl_mean']:.4f} | {a['top1_agreement']:.3f} | {a['exact_match']:.2f} | "
+                f"{a['common_prefix_ratio']:.2f} | {a.get('vision_cosine_min', float('nan')):.4f} | "
+                f"{a['bytes'] / 1e6:.1f} | {a['bytes'] / fp32['bytes']:.0%} | "
+                f"{a['decoder_bytes'] / fp32['decoder_bytes']:.1%} | {rates} |"
+            )
         for name, s in r.get("llama_cpp", {}).items():
             if name == "skipped":
                 print(f"\nllama.cpp: {s}")
@@ -297,8 +330,10 @@ def print_tables(report: dict) -> None:
         )
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for mode, a in report["tiny"]["accuracy"].items():
-            print(f"| {mode} | {a['task_accuracy']:.3f} | {a['reference_task_accuracy']:.3f} | {a['kl_mean']:.5f} | "
-                  f"{a['top1_agreement']:.3f} | {a['exact_match']:.3f} | {a['bytes'] / 1e6:.2f} |")  # fmt: skip
+            print(
+                f"| {mode} | {a['task_accuracy']:.3f} | {a['reference_task_accuracy']:.3f} | {a['kl_mean']:.5f} | "
+                f"{a['top1_agreement']:.3f} | {a['exact_match']:.3f} | {a['bytes'] / 1e6:.2f} |"
+            )
 
 
 def main() -> None:

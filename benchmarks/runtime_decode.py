@@ -32,8 +32,10 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 CACHE = os.path.join(REPO, ".cache")
-PROMPT = ("Look carefully at this photograph and describe the person, their clothing, the objects around "
-          "them and the background in a few detailed sentences.")  # fmt: skip
+PROMPT = (
+    "Look carefully at this photograph and describe the person, their clothing, the objects around "
+    "them and the background in a few detailed sentences."
+)
 
 
 def build_checkpoint() -> str:
@@ -51,10 +53,20 @@ def build_checkpoint() -> str:
 
         build(lm)
     cfg = VLMConfig(
-        vit_hidden_dim=768, vit_inter_dim=3072, vit_patch_size=16, vit_img_size=224, vit_n_heads=12, vit_n_blocks=12,
-        vit_model_type="", lm_model_type=lm, lm_tokenizer=lm, mp_pixel_shuffle_factor=2, mp_image_token_length=49,
-        max_img_size=224, lm_max_position_embeddings=2048,
-    )  # fmt: skip
+        vit_hidden_dim=768,
+        vit_inter_dim=3072,
+        vit_patch_size=16,
+        vit_img_size=224,
+        vit_n_heads=12,
+        vit_n_blocks=12,
+        vit_model_type="",
+        lm_model_type=lm,
+        lm_tokenizer=lm,
+        mp_pixel_shuffle_factor=2,
+        mp_image_token_length=49,
+        max_img_size=224,
+        lm_max_position_embeddings=2048,
+    )
     torch.manual_seed(0)
     model = VisionLanguageModel(cfg, load_backbone=True)
     from core.processors import Tokenizer
@@ -73,8 +85,13 @@ def cached(path: str) -> bool:
     manifest = os.path.join(path, "manifest.json")
     if not os.path.exists(manifest):
         return False
-    code = [os.path.join(d, f) for pkg in BUNDLE_CODE for d, _, files in os.walk(os.path.join(REPO, pkg))
-            for f in files if f.endswith(".py")]  # fmt: skip
+    code = [
+        os.path.join(d, f)
+        for pkg in BUNDLE_CODE
+        for d, _, files in os.walk(os.path.join(REPO, pkg))
+        for f in files
+        if f.endswith(".py")
+    ]
     return os.path.getmtime(manifest) > max(map(os.path.getmtime, code))
 
 
@@ -175,8 +192,16 @@ def main() -> None:
         names = [f"past_key_values.{i}.{p}" for i in range(b.kv.layers) for p in ("key", "value")]
         out, ttft, t1 = [], 0.0, 0.0
         for step in range(n):
-            res = dec_s.run(None, {"input_ids": feed_ids, "image_embeds": rows, "attention_mask": mask,
-                                   "position_ids": pos, **dict(zip(names, past, strict=True))})  # fmt: skip
+            res = dec_s.run(
+                None,
+                {
+                    "input_ids": feed_ids,
+                    "image_embeds": rows,
+                    "attention_mask": mask,
+                    "position_ids": pos,
+                    **dict(zip(names, past, strict=True)),
+                },
+            )
             tok = int(res[0].argmax(-1)[0])
             out.append(tok)
             if step == 0:
@@ -197,8 +222,12 @@ def main() -> None:
             b = p.prepare([[image]], [PROMPT])
             out = [int(t[0]) for t in p.generate_ids(b, request)]
             t = p.last_timings
-            return out, {"ttft_s": t.time_to_first_token_s, "decode_tok_s": t.decode_tokens_per_s,
-                         "image_encode_s": t.image_encode_s, "prefill_s": t.prefill_s}  # fmt: skip
+            return out, {
+                "ttft_s": t.time_to_first_token_s,
+                "decode_tok_s": t.decode_tokens_per_s,
+                "image_encode_s": t.image_encode_s,
+                "prefill_s": t.prefill_s,
+            }
 
         return run
 
@@ -212,8 +241,12 @@ def main() -> None:
         for _ in range(args.repeats + 1):
             pipe.backend.reset(1, n_ids + 1)
             t0 = time.perf_counter()
-            pipe.backend.step(ids, np.zeros((0, model.cfg.lm_hidden_dim), np.float32), np.ones_like(ids),
-                              np.arange(n_ids)[None])  # fmt: skip
+            pipe.backend.step(
+                ids,
+                np.zeros((0, model.cfg.lm_hidden_dim), np.float32),
+                np.ones_like(ids),
+                np.arange(n_ids)[None],
+            )
             times.append(time.perf_counter() - t0)
         return statistics.median(times[1:])
 
@@ -222,16 +255,29 @@ def main() -> None:
     int8_bytes = int8.bundle.manifest.files[int8.bundle.graph_spec("decoder")["file"]]["bytes"]
     rows, tokens = [], {}
     stages = {}
-    for name, fn in (("pytorch (KV cache)", run_torch), ("ort-naive (session.run, numpy KV)", run_naive),
-                     ("runtime (IO binding)", run_runtime), ("runtime, fused int8-dynamic", runtime_on(int8))):  # fmt: skip
+    for name, fn in (
+        ("pytorch (KV cache)", run_torch),
+        ("ort-naive (session.run, numpy KV)", run_naive),
+        ("runtime (IO binding)", run_runtime),
+        ("runtime, fused int8-dynamic", runtime_on(int8)),
+    ):
         outs, ts = timed(fn, args.repeats)
         tokens[name] = outs[0]
         if "image_encode_s" in ts[0]:
             stages[name] = {k: statistics.median(t[k] for t in ts) for k in ("image_encode_s", "prefill_s")}
         tps = [t["decode_tok_s"] for t in ts]
         ttft = [t["ttft_s"] for t in ts]
-        rows.append({"backend": name, "decode_tok_s": statistics.median(tps), "decode_spread": max(tps) - min(tps),
-                     "ttft_s": statistics.median(ttft), "bandwidth_gb_s": (int8_bytes if "int8" in name else fp32_bytes) * statistics.median(tps) / 1e9})  # fmt: skip
+        rows.append(
+            {
+                "backend": name,
+                "decode_tok_s": statistics.median(tps),
+                "decode_spread": max(tps) - min(tps),
+                "ttft_s": statistics.median(ttft),
+                "bandwidth_gb_s": (int8_bytes if "int8" in name else fp32_bytes)
+                * statistics.median(tps)
+                / 1e9,
+            }
+        )
         print(
             f"  {name}: {statistics.median(tps):.1f} tok/s, TTFT {statistics.median(ttft):.3f} s",
             file=sys.stderr,
@@ -239,9 +285,11 @@ def main() -> None:
     names = [k for k in tokens if "int8" not in k]  # the fp32 backends
     identical = all(tokens[k] == tokens[names[0]] for k in names)
     prompt_positions = run_torch()[1]["prompt_positions"]
-    print(f"\nnanoVLM-222M shape (SigLIP-B/16-224 random + SmolLM2-135M real), fp32 unless named, batch 1, "
-          f"{prompt_positions} prompt positions (49 image + {prompt_positions - 49} text), {n} new tokens, "
-          f"{machine()}, median of {args.repeats}\n")  # fmt: skip
+    print(
+        f"\nnanoVLM-222M shape (SigLIP-B/16-224 random + SmolLM2-135M real), fp32 unless named, batch 1, "
+        f"{prompt_positions} prompt positions (49 image + {prompt_positions - 49} text), {n} new tokens, "
+        f"{machine()}, median of {args.repeats}\n"
+    )
     print("| backend | decode tok/s | spread | time to first token (s) | bandwidth achieved (GB/s) |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
@@ -249,13 +297,17 @@ def main() -> None:
             f"| {r['backend']} | {r['decode_tok_s']:.1f} | {r['decode_spread']:.1f} | {r['ttft_s']:.3f} | {r['bandwidth_gb_s']:.1f} |"
         )
     for name, st in stages.items():
-        print(f"\n{name}: time to first token = image encode {st['image_encode_s']:.3f} s + prefill of "
-              f"{prompt_positions} positions {st['prefill_s']:.3f} s")  # fmt: skip
+        print(
+            f"\n{name}: time to first token = image encode {st['image_encode_s']:.3f} s + prefill of "
+            f"{prompt_positions} positions {st['prefill_s']:.3f} s"
+        )
     print(f"a 104-token text-only prefill (runtime, fp32): {text_prefill():.3f} s")
     base, ttft = rows[0]["decode_tok_s"], rows[0]["ttft_s"]
-    print(f"\nruntime / pytorch decode: {rows[2]['decode_tok_s'] / base:.2f}x; time to first token / pytorch's: "
-          f"fp32 {rows[2]['ttft_s'] / ttft:.2f}, fused int8-dynamic {rows[3]['ttft_s'] / ttft:.2f}; "
-          f"tokens identical across the fp32 backends: {identical}")  # fmt: skip
+    print(
+        f"\nruntime / pytorch decode: {rows[2]['decode_tok_s'] / base:.2f}x; time to first token / pytorch's: "
+        f"fp32 {rows[2]['ttft_s'] / ttft:.2f}, fused int8-dynamic {rows[3]['ttft_s'] / ttft:.2f}; "
+        f"tokens identical across the fp32 backends: {identical}"
+    )
     if args.json:
         with atomic_write(args.json) as f:
             json.dump(

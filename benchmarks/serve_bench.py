@@ -75,9 +75,27 @@ class LlamaCppServer:
 
         self.port = free_port()
         self.log = open(os.devnull, "w")
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
-               "--port", str(self.port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-               "--n_ctx", "2048", "--chat_format", "chatml", "--interrupt_requests", "false"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            gguf,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--n_threads",
+            str(threads),
+            "--n_threads_batch",
+            str(threads),
+            "--n_ctx",
+            "2048",
+            "--chat_format",
+            "chatml",
+            "--interrupt_requests",
+            "false",
+        ]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -108,8 +126,14 @@ class LlamaCppServer:
 # ----------------------------------------------------------------------------- the client
 def one_request(port: int, prompt: str, max_tokens: int) -> dict:
     """A streamed chat request: -> {ttft_s, tokens, total_s}."""
-    body = {"model": "x", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": "x",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
@@ -129,8 +153,11 @@ def one_request(port: int, prompt: str, max_tokens: int) -> dict:
             if ttft is None:
                 ttft = time.perf_counter() - t0
     conn.close()
-    return {"ttft_s": ttft if ttft is not None else float("nan"), "tokens": usage or chunks,
-            "total_s": time.perf_counter() - t0}  # fmt: skip
+    return {
+        "ttft_s": ttft if ttft is not None else float("nan"),
+        "tokens": usage or chunks,
+        "total_s": time.perf_counter() - t0,
+    }
 
 
 def level(port: int, concurrency: int, requests: int, max_tokens: int) -> dict:
@@ -141,9 +168,15 @@ def level(port: int, concurrency: int, requests: int, max_tokens: int) -> dict:
     wall = time.perf_counter() - t0
     ttft = sorted(r["ttft_s"] for r in runs)
     tokens = sum(r["tokens"] for r in runs)
-    return {"concurrency": concurrency, "requests": requests, "wall_s": wall, "tokens": tokens,
-            "aggregate_tokens_per_s": tokens / wall, "ttft_p50_s": statistics.median(ttft),
-            "ttft_p95_s": ttft[min(len(ttft) - 1, int(round(0.95 * (len(ttft) - 1))))]}  # fmt: skip
+    return {
+        "concurrency": concurrency,
+        "requests": requests,
+        "wall_s": wall,
+        "tokens": tokens,
+        "aggregate_tokens_per_s": tokens / wall,
+        "ttft_p50_s": statistics.median(ttft),
+        "ttft_p95_s": ttft[min(len(ttft) - 1, int(round(0.95 * (len(ttft) - 1))))],
+    }
 
 
 def sweep(port: int, levels: list[int], requests: int, max_tokens: int) -> list[dict]:
@@ -209,8 +242,10 @@ def main() -> None:
     )
     for name, rows in results.items():
         for r in rows:
-            print(f"| {name} | {r['concurrency']} | {r['aggregate_tokens_per_s']:.1f} | {r['ttft_p50_s']:.3f} | "
-                  f"{r['ttft_p95_s']:.3f} |")  # fmt: skip
+            print(
+                f"| {name} | {r['concurrency']} | {r['aggregate_tokens_per_s']:.1f} | {r['ttft_p50_s']:.3f} | "
+                f"{r['ttft_p95_s']:.3f} |"
+            )
     by = {name: {r["concurrency"]: r for r in rows} for name, rows in results.items()}
     print("\n| bar | value |\n| --- | --- |")
     for name in by:

@@ -100,12 +100,30 @@ MALFORMED = [
     json.dumps({"messages": [{"role": "robot", "content": "hi"}]}).encode(),
     json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}).encode(),
     json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}).encode(),
-    json.dumps({"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!notbase64"}}]}]}).encode(),
-    json.dumps({"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}]}]}).encode(),
+    json.dumps(
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!notbase64"}}
+                    ],
+                }
+            ]
+        }
+    ).encode(),
+    json.dumps(
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}],
+                }
+            ]
+        }
+    ).encode(),
     b"\xff\xfe not json at all",
-]  # fmt: skip
+]
 
 
 def _post(port: int, body: bytes, timeout: float = 300) -> tuple[int, bytes]:
@@ -135,8 +153,12 @@ def one_job(port: int, kind: str, case: Case | None, malformed: bytes | None) ->
         return {"kind": kind, "status": status, "ok": 400 <= status < 500, "s": time.perf_counter() - t0}
     if kind == "disconnect":
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-        conn.request("POST", "/v1/chat/completions", json.dumps({**case.body, "stream": True}).encode(),
-                     {"Content-Type": "application/json"})  # fmt: skip
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            json.dumps({**case.body, "stream": True}).encode(),
+            {"Content-Type": "application/json"},
+        )
         r = conn.getresponse()
         r.fp.readline()  # the first event, then hang up
         conn.close()
@@ -146,12 +168,23 @@ def one_job(port: int, kind: str, case: Case | None, malformed: bytes | None) ->
     text = None
     if status == 200:
         text = _stream_text(raw) if stream else json.loads(raw)["choices"][0]["message"]["content"]
-    return {"kind": kind, "status": status, "ok": status == 200 and text == case.expected,
-            "s": time.perf_counter() - t0}  # fmt: skip
+    return {
+        "kind": kind,
+        "status": status,
+        "ok": status == 200 and text == case.expected,
+        "s": time.perf_counter() - t0,
+    }
 
 
-def run_load(server, cases: list[Case], requests: int, concurrency: int, malformed: float, disconnect: float,
-             seed: int = 0) -> dict:  # fmt: skip
+def run_load(
+    server,
+    cases: list[Case],
+    requests: int,
+    concurrency: int,
+    malformed: float,
+    disconnect: float,
+    seed: int = 0,
+) -> dict:
     """Warm up at full concurrency, then send the mix; -> the report."""
     rng = random.Random(seed)
     port = server.port
@@ -200,15 +233,20 @@ def run_load(server, cases: list[Case], requests: int, concurrency: int, malform
     valid = [r for r in results if r["kind"] in ("plain", "stream")]
     lat = sorted(r["s"] for r in valid)
     return {
-        "requests": requests, "concurrency": concurrency, "wall_s": wall,
-        "kinds": {k: sum(r["kind"] == k for r in results) for k in ("plain", "stream", "malformed", "disconnect")},
+        "requests": requests,
+        "concurrency": concurrency,
+        "wall_s": wall,
+        "kinds": {
+            k: sum(r["kind"] == k for r in results) for k in ("plain", "stream", "malformed", "disconnect")
+        },
         "statuses": statuses,
-        "valid_correct": sum(r["ok"] for r in valid), "valid": len(valid),
+        "valid_correct": sum(r["ok"] for r in valid),
+        "valid": len(valid),
         "malformed_4xx": sum(r["ok"] for r in results if r["kind"] == "malformed"),
         "server_errors_5xx": sum(r["status"] >= 500 for r in results),
         "latency_s": {"p50": lat[len(lat) // 2], "p95": lat[int(len(lat) * 0.95)], "max": lat[-1]},
         "rss_mb": {"after_warm_up": rss_warm / 2**20, "peak": max(peak) / 2**20, "end": rss_end / 2**20},
-    }  # fmt: skip
+    }
 
 
 def print_report(r: dict) -> None:

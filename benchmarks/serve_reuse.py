@@ -34,8 +34,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 CACHE = os.path.join(REPO, ".cache")
 DEFAULT_BUNDLE = os.path.join(CACHE, "bundles", "smolvlm-256m-shape-fused-int8-dynamic")
-QUESTIONS = ["Describe this picture.", "What is the person wearing?", "What is in the background?",
-             "Which colours stand out?"]  # fmt: skip
+QUESTIONS = [
+    "Describe this picture.",
+    "What is the person wearing?",
+    "What is in the background?",
+    "Which colours stand out?",
+]
 
 
 def cpu_kind() -> str:
@@ -61,8 +65,14 @@ def user(text: str, image: str | None) -> dict:
 def stream(client, messages: list[dict], max_tokens: int, on_chunk=None) -> dict:
     """One streamed request: -> {ttft_s, text, cached_tokens, times (of content chunks)}."""
     t0 = time.perf_counter()
-    out = client.chat.completions.create(model="m", messages=messages, max_tokens=max_tokens, temperature=0,
-                                         stream=True, stream_options={"include_usage": True})  # fmt: skip
+    out = client.chat.completions.create(
+        model="m",
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     text, times, cached = "", [], 0
     for c in out:
         if c.usage is not None:
@@ -73,8 +83,12 @@ def stream(client, messages: list[dict], max_tokens: int, on_chunk=None) -> dict
             text += c.choices[0].delta.content
             if on_chunk:
                 on_chunk()
-    return {"ttft_s": times[0] - t0 if times else float("nan"), "text": text, "cached_tokens": cached,
-            "times": times}  # fmt: skip
+    return {
+        "ttft_s": times[0] - t0 if times else float("nan"),
+        "text": text,
+        "cached_tokens": cached,
+        "times": times,
+    }
 
 
 def chat(client, image: str, turns: int) -> list[dict]:
@@ -100,8 +114,12 @@ def admit(client, image: str, after_s: float = 2.0) -> dict:
 
     t = threading.Thread(target=send_photo)
     t.start()
-    text = stream(client, [user("Tell me a very long story about a lighthouse keeper.", None)], 600,
-                  on_chunk=lambda: None)  # fmt: skip
+    text = stream(
+        client,
+        [user("Tell me a very long story about a lighthouse keeper.", None)],
+        600,
+        on_chunk=lambda: None,
+    )
     t.join()
     times = text["times"]
     first = photo["sent"] + photo["ttft_s"]
@@ -109,8 +127,13 @@ def admit(client, image: str, after_s: float = 2.0) -> dict:
     before = [b - a for a, b in zip(times, times[1:], strict=False) if b < photo["sent"]]
     if not during:
         raise RuntimeError("the text stream ended before the photo was admitted: ask for more tokens")
-    return {"photo_ttft_s": photo["ttft_s"], "gaps_during": len(during), "longest_gap_s": max(during),
-            "median_gap_during_s": statistics.median(during), "median_gap_before_s": statistics.median(before)}  # fmt: skip
+    return {
+        "photo_ttft_s": photo["ttft_s"],
+        "gaps_during": len(during),
+        "longest_gap_s": max(during),
+        "median_gap_during_s": statistics.median(during),
+        "median_gap_before_s": statistics.median(before),
+    }
 
 
 def run(bundle: str, args: list[str], turns: int) -> dict:
@@ -160,8 +183,10 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, r in report["systems"].items():
         d = r["admit"]
-        print(f"| {name} | {d['photo_ttft_s']:.2f} | {d['gaps_during']} | {d['longest_gap_s']:.3f} | "
-              f"{1000 * d['median_gap_during_s']:.1f} / {1000 * d['median_gap_before_s']:.1f} |")  # fmt: skip
+        print(
+            f"| {name} | {d['photo_ttft_s']:.2f} | {d['gaps_during']} | {d['longest_gap_s']:.3f} | "
+            f"{1000 * d['median_gap_during_s']:.1f} / {1000 * d['median_gap_before_s']:.1f} |"
+        )
     if a.json:
         with open(a.json + ".tmp", "w") as f:
             json.dump(report, f, indent=2)

@@ -55,8 +55,14 @@ SLO = {"ttft_s": 1.0, "ttft_photo_s": 40.0, "tpot_s": 0.1}
 # ----------------------------------------------------------------------------- one request
 def stream(port: int, messages: list[dict], max_tokens: int) -> dict:
     """A streamed chat request -> {ttft_s, tokens, times (of content chunks, from send), text}."""
-    body = {"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": "m",
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
@@ -77,8 +83,13 @@ def stream(port: int, messages: list[dict], max_tokens: int) -> dict:
     conn.close()
     end = time.perf_counter() - t0
     tokens = usage or len(times)
-    return {"ttft_s": times[0] if times else float("nan"), "tokens": tokens, "times": times, "text": text,
-            "tpot_s": (end - times[0]) / (tokens - 1) if times and tokens > 1 else 0.0}  # fmt: skip
+    return {
+        "ttft_s": times[0] if times else float("nan"),
+        "tokens": tokens,
+        "times": times,
+        "text": text,
+        "tpot_s": (end - times[0]) / (tokens - 1) if times and tokens > 1 else 0.0,
+    }
 
 
 def photo_message(text: str) -> dict:
@@ -100,11 +111,17 @@ def burst(port: int, requests: int = 16, clients: int = 8, max_tokens: int = 64)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        runs = list(pool.map(lambda i: stream(port, [{"role": "user", "content": PROMPTS[i % 8]}], max_tokens),
-                             range(requests)))  # fmt: skip
+        runs = list(
+            pool.map(
+                lambda i: stream(port, [{"role": "user", "content": PROMPTS[i % 8]}], max_tokens),
+                range(requests),
+            )
+        )
     wall = time.perf_counter() - t0
-    return {"ttft_p50_s": statistics.median(r["ttft_s"] for r in runs),
-            "aggregate_tokens_per_s": sum(r["tokens"] for r in runs) / wall}  # fmt: skip
+    return {
+        "ttft_p50_s": statistics.median(r["ttft_s"] for r in runs),
+        "aggregate_tokens_per_s": sum(r["tokens"] for r in runs) / wall,
+    }
 
 
 def schedule(rate: float, requests: int, seed: int = 0) -> list[tuple[float, str, int]]:
@@ -139,8 +156,11 @@ def traffic(port: int, rate: float, requests: int, photo: dict) -> dict:
                 first = stream(port, [q1], 32)
                 record("chat", first)
                 time.sleep(1.0)
-                history = [q1, {"role": "assistant", "content": first["text"]},
-                           {"role": "user", "content": "Now say it again in fewer words."}]  # fmt: skip
+                history = [
+                    q1,
+                    {"role": "assistant", "content": first["text"]},
+                    {"role": "user", "content": "Now say it again in fewer words."},
+                ]
                 record("chat", stream(port, history, 32))
         except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal
             with lock:
@@ -160,11 +180,21 @@ def traffic(port: int, rate: float, requests: int, photo: dict) -> dict:
     pct = lambda xs, q: sorted(xs)[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")  # noqa: E731
     ttft = [r["ttft_s"] for r in good]
     tpot = [r["tpot_s"] for r in good if r["tokens"] > 1]
-    return {"rate": rate, "requests": len(rows), "errors": len(rows) - len(good), "wall_s": wall,
-            "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99), "itl_p50_s": pct(itl, 0.5),
-            "itl_p99_s": pct(itl, 0.99), "tpot_p50_s": pct(tpot, 0.5), "tpot_p99_s": pct(tpot, 0.99),
-            "goodput_rps": sum(r["ok"] for r in rows) / wall, "slo_met": sum(r["ok"] for r in rows),
-            "output_tokens_per_s": sum(r["tokens"] for r in good) / wall}  # fmt: skip
+    return {
+        "rate": rate,
+        "requests": len(rows),
+        "errors": len(rows) - len(good),
+        "wall_s": wall,
+        "ttft_p50_s": pct(ttft, 0.5),
+        "ttft_p99_s": pct(ttft, 0.99),
+        "itl_p50_s": pct(itl, 0.5),
+        "itl_p99_s": pct(itl, 0.99),
+        "tpot_p50_s": pct(tpot, 0.5),
+        "tpot_p99_s": pct(tpot, 0.99),
+        "goodput_rps": sum(r["ok"] for r in rows) / wall,
+        "slo_met": sum(r["ok"] for r in rows),
+        "output_tokens_per_s": sum(r["tokens"] for r in good) / wall,
+    }
 
 
 def run(port: int, rates: list[float], requests: int) -> dict:
@@ -230,8 +260,10 @@ def main() -> None:
             with LlamaServer(*ggufs(build_checkpoint()), free_port()) as s:
                 results[name] = run(s.port, a.rates, a.requests)
                 rss[name] = s.rss_bytes()
-    print(f"\n{machine(os.cpu_count() or 1)}; SLO: TTFT <= {SLO['ttft_s']} s (photo {SLO['ttft_photo_s']} s), "
-          f"TPOT <= {SLO['tpot_s']} s\n")  # fmt: skip
+    print(
+        f"\n{machine(os.cpu_count() or 1)}; SLO: TTFT <= {SLO['ttft_s']} s (photo {SLO['ttft_photo_s']} s), "
+        f"TPOT <= {SLO['tpot_s']} s\n"
+    )
     print(
         "| server | burst of 16 from 8 clients: TTFT p50 s | aggregate tok/s | RSS at end MiB |\n|---|---|---|---|"
     )
@@ -240,14 +272,18 @@ def main() -> None:
         print(
             f"| {name} | {b['ttft_p50_s']:.3f} | {b['aggregate_tokens_per_s']:.1f} | {rss[name] / 2**20:.0f} |"
         )
-    print("\n| server | rate req/s | requests (errors) | TTFT p50 / p99 s | ITL p50 / p99 ms | TPOT p50 / p99 ms | "
-          "SLO met | goodput req/s | output tok/s |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    print(
+        "\n| server | rate req/s | requests (errors) | TTFT p50 / p99 s | ITL p50 / p99 ms | TPOT p50 / p99 ms | "
+        "SLO met | goodput req/s | output tok/s |\n|---|---|---|---|---|---|---|---|---|"
+    )
     for name, r in results.items():
         for t in r["traffic"]:
-            print(f"| {name} | {t['rate']:g} | {t['requests']} ({t['errors']}) | {t['ttft_p50_s']:.3f} / "
-                  f"{t['ttft_p99_s']:.2f} | {1000 * t['itl_p50_s']:.0f} / {1000 * t['itl_p99_s']:.0f} | "
-                  f"{1000 * t['tpot_p50_s']:.0f} / {1000 * t['tpot_p99_s']:.0f} | {t['slo_met']} | "
-                  f"{t['goodput_rps']:.3f} | {t['output_tokens_per_s']:.1f} |")  # fmt: skip
+            print(
+                f"| {name} | {t['rate']:g} | {t['requests']} ({t['errors']}) | {t['ttft_p50_s']:.3f} / "
+                f"{t['ttft_p99_s']:.2f} | {1000 * t['itl_p50_s']:.0f} / {1000 * t['itl_p99_s']:.0f} | "
+                f"{1000 * t['tpot_p50_s']:.0f} / {1000 * t['tpot_p99_s']:.0f} | {t['slo_met']} | "
+                f"{t['goodput_rps']:.3f} | {t['output_tokens_per_s']:.1f} |"
+            )
     if a.plot:
         plot(results, a.plot)
         print(f"\nchart: {a.plot}")

@@ -47,20 +47,42 @@ def build_checkpoint() -> str:
         from nanovlm.tools.smollm2 import build
 
         build(lm)
-    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(lm, "tokenizer.json"), eos_token="<end_of_utterance>",
-                                  pad_token="<|endoftext|>", bos_token="<|im_start|>")  # fmt: skip
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=os.path.join(lm, "tokenizer.json"),
+        eos_token="<end_of_utterance>",
+        pad_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+    )
     extra = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
     extra += [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
     tok.add_special_tokens({"additional_special_tokens": extra})
     cfg = Idefics3Config(
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=512, patch_size=16),
-        text_config=dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, vocab_size=len(tok), rms_norm_eps=1e-5,
-                         max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=False,
-                         pad_token_id=tok.pad_token_id),
-        scale_factor=4, image_token_id=tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=False,
-    )  # fmt: skip
+        vision_config=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=512,
+            patch_size=16,
+        ),
+        text_config=dict(
+            model_type="llama",
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            vocab_size=len(tok),
+            rms_norm_eps=1e-5,
+            max_position_embeddings=8192,
+            rope_theta=100000.0,
+            tie_word_embeddings=False,
+            pad_token_id=tok.pad_token_id,
+        ),
+        scale_factor=4,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     Idefics3ForConditionalGeneration(cfg).eval().save_pretrained(out)
     images = Idefics3ImageProcessorPil(size={"longest_edge": 2048}, max_image_size={"longest_edge": 512})
@@ -83,8 +105,10 @@ def bundles(ckpt: str) -> dict[str, str]:
     from export.onnx_export import export_onnx
 
     root = os.path.join(CACHE, "bundles")
-    out = {name: os.path.join(root, f"smolvlm-256m-shape-{name.replace(' ', '-')}")
-           for name in ("fp32", "fused fp32", "fused int8-dynamic", "fused int4")}  # fmt: skip
+    out = {
+        name: os.path.join(root, f"smolvlm-256m-shape-{name.replace(' ', '-')}")
+        for name in ("fp32", "fused fp32", "fused int8-dynamic", "fused int4")
+    }
     if not cached(out["fp32"]):
         export_onnx(ckpt, out["fp32"], overwrite=True)
     if not cached(out["fused fp32"]):
@@ -134,9 +158,11 @@ def time_runtime(path: str, picture, n: int, repeats: int) -> dict:
             pass
         runs.append(pipe.last_timings)
     runs = runs[1:]  # the first is warm-up
-    return {"ttft_s": min(t.time_to_first_token_s for t in runs),
-            "decode_tokens_per_s": statistics.median(t.decode_tokens_per_s for t in runs),
-            "prompt_positions": runs[0].prompt_tokens}  # fmt: skip
+    return {
+        "ttft_s": min(t.time_to_first_token_s for t in runs),
+        "decode_tokens_per_s": statistics.median(t.decode_tokens_per_s for t in runs),
+        "prompt_positions": runs[0].prompt_tokens,
+    }
 
 
 def main() -> None:
@@ -168,8 +194,10 @@ def main() -> None:
     for label, rows in report["rows"].items():
         ref = rows["transformers"]
         for name, r in rows.items():
-            print(f"| {label} | {name} | {r['prompt_positions']} | {r['ttft_s']:.3f} | {r['ttft_s'] / ref['ttft_s']:.2f}x | "
-                  f"{r['decode_tokens_per_s']:.1f} | {r['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}x |")  # fmt: skip
+            print(
+                f"| {label} | {name} | {r['prompt_positions']} | {r['ttft_s']:.3f} | {r['ttft_s'] / ref['ttft_s']:.2f}x | "
+                f"{r['decode_tokens_per_s']:.1f} | {r['decode_tokens_per_s'] / ref['decode_tokens_per_s']:.2f}x |"
+            )
     if args.json:
         from core.files import write_json
 

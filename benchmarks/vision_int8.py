@@ -72,10 +72,14 @@ def main() -> None:
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     makers = {
         "8-bit MatMulNBits, blocks of 32": lambda m: quantize_nbits(m, 8),
-        "DynamicQuantizeMatMul, pair-limited (the CPU recipes')": lambda m: quantize_dynamic_int8(m, weights=quantize_pairs),
+        "DynamicQuantizeMatMul, pair-limited (the CPU recipes')": lambda m: quantize_dynamic_int8(
+            m, weights=quantize_pairs
+        ),
         "DynamicQuantizeMatMul, 7-bit [-63, 63]": lambda m: quantize_dynamic_int8(m, weights=per_column(63)),
-        "DynamicQuantizeMatMul, 8-bit [-127, 127], not portable": lambda m: quantize_dynamic_int8(m, weights=per_column(127)),
-    }  # fmt: skip
+        "DynamicQuantizeMatMul, 8-bit [-127, 127], not portable": lambda m: quantize_dynamic_int8(
+            m, weights=per_column(127)
+        ),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         variants = {"fp32": fp32}
         for i, (name, make) in enumerate(makers.items()):

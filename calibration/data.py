@@ -59,8 +59,12 @@ class CalibrationSet:
         return h.hexdigest()
 
     def describe(self) -> dict[str, Any]:
-        return {"source": self.source, "samples": len(self.samples), "sha256": self.sha256(),
-                "skipped": self.skipped}  # fmt: skip
+        return {
+            "source": self.source,
+            "samples": len(self.samples),
+            "sha256": self.sha256(),
+            "skipped": self.skipped,
+        }
 
 
 def load_calibration(

@@ -58,9 +58,10 @@ def quantize_pairs(w_kn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def quantize_dynamic_int8(
-    model: onnx.ModelProto, exclude: list[str] | tuple[str, ...] = (),
+    model: onnx.ModelProto,
+    exclude: list[str] | tuple[str, ...] = (),
     weights: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] = quantize_pairs,
-) -> onnx.ModelProto:  # fmt: skip
+) -> onnx.ModelProto:
     """In place: every float32 weight MatMul not matching `exclude` -> DynamicQuantizeMatMul, its
     weights quantized by `weights` (other quantizers: benchmarks/vision_int8.py)."""
     inits = {i.name: i for i in model.graph.initializer}
@@ -80,8 +81,9 @@ def quantize_dynamic_int8(
             continue  # DynamicQuantizeMatMul takes float32 only
         q, scale = weights(w)
         base = f"{node.input[1]}_Qdyn"
-        model.graph.initializer.extend([numpy_helper.from_array(q, base),
-                                        numpy_helper.from_array(scale, base + "_scales")])  # fmt: skip
+        model.graph.initializer.extend(
+            [numpy_helper.from_array(q, base), numpy_helper.from_array(scale, base + "_scales")]
+        )
         inputs, outputs = [node.input[0], base, base + "_scales", "", ""], list(node.output)
         add = _bias_add(nodes, node, readers.get(node.output[0], []), copies, inits, w.shape[1])
         if add is not None:
@@ -100,9 +102,13 @@ def quantize_dynamic_int8(
 
 
 def _bias_add(
-    nodes: list[onnx.NodeProto], matmul: onnx.NodeProto, readers: list[int], copies: dict[str, str],
-    inits: dict, n: int,
-) -> tuple[int, str] | None:  # fmt: skip
+    nodes: list[onnx.NodeProto],
+    matmul: onnx.NodeProto,
+    readers: list[int],
+    copies: dict[str, str],
+    inits: dict,
+    n: int,
+) -> tuple[int, str] | None:
     """(index, bias name) of the Add that alone reads `matmul`'s output (`readers`: the indices of
     its readers) and adds a float [n] constant, found through `copies` (Identity output -> input)."""
     out = matmul.output[0]

@@ -51,13 +51,22 @@ def to_fp16(
         if node.name in int8_weights:
             q, scale = int8_weights[node.name]
             model.graph.initializer.remove(inits.pop(weight))
-            model.graph.initializer.extend([
-                numpy_helper.from_array(q.astype(np.int8), weight + "_int8"),
-                numpy_helper.from_array(scale.astype(np.float16), weight + "_scale"),
-                numpy_helper.from_array(np.zeros(scale.shape, np.int8), weight + "_zero"),
-            ])  # fmt: skip
-            nodes.append(helper.make_node("DequantizeLinear", [weight + "_int8", weight + "_scale", weight + "_zero"],
-                                          [weight + "_fp16"], name=node.name + "_weight_dq", axis=1))  # fmt: skip
+            model.graph.initializer.extend(
+                [
+                    numpy_helper.from_array(q.astype(np.int8), weight + "_int8"),
+                    numpy_helper.from_array(scale.astype(np.float16), weight + "_scale"),
+                    numpy_helper.from_array(np.zeros(scale.shape, np.int8), weight + "_zero"),
+                ]
+            )
+            nodes.append(
+                helper.make_node(
+                    "DequantizeLinear",
+                    [weight + "_int8", weight + "_scale", weight + "_zero"],
+                    [weight + "_fp16"],
+                    name=node.name + "_weight_dq",
+                    axis=1,
+                )
+            )
             weight_in = weight + "_fp16"
         else:
             if weight not in converted:
@@ -74,16 +83,23 @@ def to_fp16(
             x = out + "_in16"
             nodes.append(helper.make_node("Cast", [node.input[0]], [x], name=node.name + "_in16", to=f16))
             if node.name in activation_amax:
-                model.graph.initializer.extend([
-                    numpy_helper.from_array(np.array(activation_amax[node.name] / 127.0, np.float16), out + "_scale"),
-                    numpy_helper.from_array(np.array(0, np.int8), out + "_zero"),
-                ])  # fmt: skip
+                model.graph.initializer.extend(
+                    [
+                        numpy_helper.from_array(
+                            np.array(activation_amax[node.name] / 127.0, np.float16), out + "_scale"
+                        ),
+                        numpy_helper.from_array(np.array(0, np.int8), out + "_zero"),
+                    ]
+                )
                 qdq = [out + "_scale", out + "_zero"]
                 nodes.append(
                     helper.make_node("QuantizeLinear", [x, *qdq], [out + "_q"], name=node.name + "_q")
                 )
-                nodes.append(helper.make_node("DequantizeLinear", [out + "_q", *qdq], [out + "_dq"],
-                                              name=node.name + "_dq"))  # fmt: skip
+                nodes.append(
+                    helper.make_node(
+                        "DequantizeLinear", [out + "_q", *qdq], [out + "_dq"], name=node.name + "_dq"
+                    )
+                )
                 x = out + "_dq"
             inputs = [x, weight_in, *node.input[2:]]
             nodes.append(helper.make_node(node.op_type, inputs, [out + "_fp16"], name=node.name, **attrs))

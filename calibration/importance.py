@@ -50,8 +50,10 @@ def channel_stats(
             rows[name] = rows.get(name, 0) + x.shape[0]
             if name in grams:
                 products[name] = products.get(name, 0) + x.T @ x
-    out = {t: {"mean_sq": (sums[t] / max(rows[t], 1)).astype(np.float32), "max_abs": peaks[t].astype(np.float32)}
-           for t in sums}  # fmt: skip
+    out = {
+        t: {"mean_sq": (sums[t] / max(rows[t], 1)).astype(np.float32), "max_abs": peaks[t].astype(np.float32)}
+        for t in sums
+    }
     for t, product in products.items():
         out[t]["gram"] = product / max(rows[t], 1)
     return out

@@ -26,9 +26,10 @@ def weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """MatMul nodes whose second input is a 2-D initializer (the layers' weights)."""
     inits = {i.name: i for i in model.graph.initializer}
     return [
-        n for n in model.graph.node
+        n
+        for n in model.graph.node
         if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2
-    ]  # fmt: skip
+    ]
 
 
 def quantize_nbits(
@@ -47,8 +48,14 @@ def quantize_nbits(
     entry in `grams` (X^T X / rows of their input) are rounded by GPTQ (gptq.py)."""
     exclude, keep_8bit, importance, grams = list(exclude), list(keep_8bit), importance or {}, grams or {}
     head = tied_head(model)
-    share_tied_embedding(model, head_bits, block_size, accuracy_level, skip=lambda n: matches(n, exclude),
-                         importance=importance.get(head[0].name) if head else None)  # fmt: skip
+    share_tied_embedding(
+        model,
+        head_bits,
+        block_size,
+        accuracy_level,
+        skip=lambda n: matches(n, exclude),
+        importance=importance.get(head[0].name) if head else None,
+    )
     inits = {i.name: i for i in model.graph.initializer}
     targets = {n.name for n in weight_matmuls(model) if not matches(n.name, exclude)}
     nodes = list(model.graph.node)
@@ -64,13 +71,24 @@ def quantize_nbits(
                 w.astype(np.float32), node_bits, block_size, importance.get(node.name)
             )
         base = f"{node.input[1]}_Q{node_bits}"
-        model.graph.initializer.extend([numpy_helper.from_array(packed, base),
-                                        numpy_helper.from_array(scales.astype(w.dtype), base + "_scales")])  # fmt: skip
+        model.graph.initializer.extend(
+            [
+                numpy_helper.from_array(packed, base),
+                numpy_helper.from_array(scales.astype(w.dtype), base + "_scales"),
+            ]
+        )
         nodes[k] = helper.make_node(
-            "MatMulNBits", [node.input[0], base, base + "_scales"], list(node.output), name=node.name + f"_Q{node_bits}",
-            domain="com.microsoft", K=w.shape[0], N=w.shape[1], bits=node_bits, block_size=block_size,
+            "MatMulNBits",
+            [node.input[0], base, base + "_scales"],
+            list(node.output),
+            name=node.name + f"_Q{node_bits}",
+            domain="com.microsoft",
+            K=w.shape[0],
+            N=w.shape[1],
+            bits=node_bits,
+            block_size=block_size,
             accuracy_level=accuracy_level,
-        )  # fmt: skip
+        )
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     _drop_unused_initializers(model)
@@ -105,9 +123,13 @@ def tied_head(model: onnx.ModelProto) -> tuple[onnx.NodeProto, onnx.NodeProto, s
 
 
 def share_tied_embedding(
-    model: onnx.ModelProto, bits: int, block_size: int, accuracy_level: int, skip: Callable[[str], bool],
+    model: onnx.ModelProto,
+    bits: int,
+    block_size: int,
+    accuracy_level: int,
+    skip: Callable[[str], bool],
     importance: np.ndarray | None = None,
-) -> bool:  # fmt: skip
+) -> bool:
     """Quantize the tied [vocab, hidden] matrix once: the head becomes MatMulNBits and the
     embedding lookup GatherBlockQuantized, both reading the same packed initializer."""
     found = tied_head(model)
@@ -126,28 +148,50 @@ def share_tied_embedding(
     )
     scales = scales.astype(w.dtype)
     q_name, s_name = f"{name}_Q{bits}", f"{name}_scales"
-    model.graph.initializer.extend([
-        numpy_helper.from_array(packed, q_name),
-        numpy_helper.from_array(scales, s_name),
-        numpy_helper.from_array(np.array([V, kb, 1], np.int64), f"{s_name}_shape3"),
-        numpy_helper.from_array(np.array([0, 0, D], np.int64), f"{name}_rows_shape"),
-    ])  # fmt: skip
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(packed, q_name),
+            numpy_helper.from_array(scales, s_name),
+            numpy_helper.from_array(np.array([V, kb, 1], np.int64), f"{s_name}_shape3"),
+            numpy_helper.from_array(np.array([0, 0, D], np.int64), f"{name}_rows_shape"),
+        ]
+    )
     head = helper.make_node(
-        "MatMulNBits", [gemm.input[0], q_name, s_name], list(gemm.output), name=gemm.name + f"_Q{bits}",
-        domain="com.microsoft", K=D, N=V, bits=bits, block_size=block_size, accuracy_level=accuracy_level,
-    )  # fmt: skip
+        "MatMulNBits",
+        [gemm.input[0], q_name, s_name],
+        list(gemm.output),
+        name=gemm.name + f"_Q{bits}",
+        domain="com.microsoft",
+        K=D,
+        N=V,
+        bits=bits,
+        block_size=block_size,
+        accuracy_level=accuracy_level,
+    )
     # GatherBlockQuantized wants scales of the data's rank ([V, kb, 1] for data [V, kb, blob]) and
     # gives [..., kb, block]; two Reshapes (constant-folded at load) adapt the shared tensors.
     lookup = [
-        helper.make_node("Reshape", [s_name, f"{s_name}_shape3"], [f"{s_name}_3d"], name=gather.name + "_scales3d"),
         helper.make_node(
-            "GatherBlockQuantized", [q_name, gather.input[1], f"{s_name}_3d"], [gather.output[0] + "_blocks"],
-            name=gather.name + f"_Q{bits}", domain="com.microsoft", gather_axis=0, quantize_axis=2,
-            block_size=block_size, bits=bits,
+            "Reshape", [s_name, f"{s_name}_shape3"], [f"{s_name}_3d"], name=gather.name + "_scales3d"
         ),
-        helper.make_node("Reshape", [gather.output[0] + "_blocks", f"{name}_rows_shape"], list(gather.output),
-                         name=gather.name + "_rows"),
-    ]  # fmt: skip
+        helper.make_node(
+            "GatherBlockQuantized",
+            [q_name, gather.input[1], f"{s_name}_3d"],
+            [gather.output[0] + "_blocks"],
+            name=gather.name + f"_Q{bits}",
+            domain="com.microsoft",
+            gather_axis=0,
+            quantize_axis=2,
+            block_size=block_size,
+            bits=bits,
+        ),
+        helper.make_node(
+            "Reshape",
+            [gather.output[0] + "_blocks", f"{name}_rows_shape"],
+            list(gather.output),
+            name=gather.name + "_rows",
+        ),
+    ]
     nodes = list(model.graph.node)
     k_gemm, k_gather = nodes.index(gemm), nodes.index(gather)
     nodes[k_gemm] = head

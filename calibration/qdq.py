@@ -75,8 +75,9 @@ def quantize_qdq(
         inputs = {n.name: n.input[0] for n in matmuls if n.name in int8}
         amax, int8_weights = {}, {}
         if inputs:  # (every MatMul excluded: the fp16 graph alone)
-            stats = channel_stats(model, sorted(set(inputs.values())), feeds, f"calibrating {graph}",
-                                  grams=set(inputs.values()))  # fmt: skip
+            stats = channel_stats(
+                model, sorted(set(inputs.values())), feeds, f"calibrating {graph}", grams=set(inputs.values())
+            )
             amax = activation_amax(model, {n: inputs[n] for n in quantized}, stats, feeds, method)
             inits = {i.name: i for i in model.graph.initializer}
             for n in matmuls:
@@ -112,9 +113,13 @@ def activation_amax(
         path = os.path.join(tmp, "model.onnx")
         onnx.save(model, path)
         calibrator = create_calibrator(
-            path, ["MatMul"], os.path.join(tmp, "augmented.onnx"), calibrate_method=calibrate,
-            providers=["CPUExecutionProvider"], extra_options={"symmetric": True},
-        )  # fmt: skip
+            path,
+            ["MatMul"],
+            os.path.join(tmp, "augmented.onnx"),
+            calibrate_method=calibrate,
+            providers=["CPUExecutionProvider"],
+            extra_options={"symmetric": True},
+        )
         reader = FeedReader(feeds, f"calibrating ({method})")
         for i in range(len(feeds)):
             reader.set_range(i, i + 1)

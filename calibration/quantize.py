@@ -89,8 +89,15 @@ def quantize_bundle(
     check_target(out, is_bundle, "bundle", overwrite, source=src)
     t0 = time.time()
     # what the recipe did, recorded in the manifest so a bundle says how it was made
-    plan = {"mode": mode, "method": None, "calibration": None, "excluded": list(exclude),
-            "kept_8bit": keep_8bit(bundle, r), "kept_float": [], "notes": {}}  # fmt: skip
+    plan = {
+        "mode": mode,
+        "method": None,
+        "calibration": None,
+        "excluded": list(exclude),
+        "kept_8bit": keep_8bit(bundle, r),
+        "kept_float": [],
+        "notes": {},
+    }
     with staged_dir(out, prefix=".tmp-bundle-") as tmp:
         for name in os.listdir(bundle.path):  # tokenizer, config: everything but the graphs
             path = bundle.file(name)
@@ -108,8 +115,11 @@ def quantize_bundle(
             steps = r.decode_steps if decode_steps is None else decode_steps
             cal = load_calibration(calibration or "builtin", samples, minimum=MIN_CALIBRATION_SAMPLES)
             vision_feeds, decoder_feeds = record_feeds(bundle, cal, steps)
-            plan["calibration"] = cal.describe() | {"decode_steps": steps, "vision_feeds": len(vision_feeds),
-                                                    "decoder_feeds": len(decoder_feeds)}  # fmt: skip
+            plan["calibration"] = cal.describe() | {
+                "decode_steps": steps,
+                "vision_feeds": len(vision_feeds),
+                "decoder_feeds": len(decoder_feeds),
+            }
         elif calibration:
             log.warning("mode %s needs no calibration data; --calibration %s is ignored", mode, calibration)
         if r.scheme == "qdq":
@@ -121,8 +131,12 @@ def quantize_bundle(
                 model = quantize_graph(onnx.load(bundle.graph_path(graph)), graph, r, plan, importance, grams)
                 if graph == "vision_encoder" and dynamic_vision and not _vision_holds(bundle, model, r, plan):
                     dynamic_vision = False
-                    model = quantize_graph(onnx.load(bundle.graph_path(graph)), graph,
-                                           dataclasses.replace(r, vision_dynamic_int8=False), plan)  # fmt: skip
+                    model = quantize_graph(
+                        onnx.load(bundle.graph_path(graph)),
+                        graph,
+                        dataclasses.replace(r, vision_dynamic_int8=False),
+                        plan,
+                    )
                 _save(model, os.path.join(tmp, bundle.graph_spec(graph)["file"]))
             if r.weight_bits:
                 plan["notes"]["vision_encoder"] = (
@@ -135,8 +149,10 @@ def quantize_bundle(
                     "tied embedding/head quantized once, shared by GatherBlockQuantized and MatMulNBits"
                 )
         plan["source_bundle_sha256"] = {k: v["sha256"] for k, v in bundle.manifest.files.items()}
-        graphs = {g: {"file": s["file"]} | graph_io(os.path.join(tmp, s["file"]))
-                  for g, s in bundle.manifest.graphs.items()}  # fmt: skip
+        graphs = {
+            g: {"file": s["file"]} | graph_io(os.path.join(tmp, s["file"]))
+            for g, s in bundle.manifest.graphs.items()
+        }
         manifest = dataclasses.replace(
             bundle.manifest, graphs=graphs, quantization=plan, tensorrt=None
         ).write(tmp)
@@ -161,15 +177,29 @@ def _vision_holds(bundle: Bundle, model: onnx.ModelProto, r: Recipe, plan: dict)
     pixels = np.concatenate([proc(s.images[0])[0][:1] for s in samples]).astype(np.float32)
     cosine = lowest_cosine(bundle.graph_path("vision_encoder"), model, pixels)
     bar = 1 - (1 - r.gates.vision_cosine_min) / 2
-    plan["vision_check"] = {"images": len(samples), "cosine_min": cosine, "bar": bar,
-                            "kept": "DynamicQuantizeMatMul" if cosine >= bar else "MatMulNBits"}  # fmt: skip
+    plan["vision_check"] = {
+        "images": len(samples),
+        "cosine_min": cosine,
+        "bar": bar,
+        "kept": "DynamicQuantizeMatMul" if cosine >= bar else "MatMulNBits",
+    }
     if cosine < bar:
-        log.warning("vision encoder in DynamicQuantizeMatMul: cosine %.5f < %.5f against the source on %d "
-                    "built-in images; using 8-bit MatMulNBits there instead", cosine, bar, len(samples))  # fmt: skip
+        log.warning(
+            "vision encoder in DynamicQuantizeMatMul: cosine %.5f < %.5f against the source on %d "
+            "built-in images; using 8-bit MatMulNBits there instead",
+            cosine,
+            bar,
+            len(samples),
+        )
     return cosine >= bar
 
 
 def _save(model: onnx.ModelProto, path: str) -> None:
     large = model.ByteSize() > 2**31 - 2**26
-    onnx.save_model(model, path, save_as_external_data=large, all_tensors_to_one_file=True,
-                    location=os.path.basename(path) + ".data")  # fmt: skip
+    onnx.save_model(
+        model,
+        path,
+        save_as_external_data=large,
+        all_tensors_to_one_file=True,
+        location=os.path.basename(path) + ".data",
+    )

@@ -44,9 +44,11 @@ class RecordingBackend:
         import onnxruntime as ort
 
         self.sessions = {
-            g: ort.InferenceSession(bundle.graph_path(g), session_options(threads), providers=["CPUExecutionProvider"])
+            g: ort.InferenceSession(
+                bundle.graph_path(g), session_options(threads), providers=["CPUExecutionProvider"]
+            )
             for g in ("vision_encoder", "decoder")
-        }  # fmt: skip
+        }
         kv = bundle.kv
         self.kv, self.kv_dtype = kv, np.dtype(kv.dtype)
         self.max_context = bundle.config.lm_max_position_embeddings
@@ -62,8 +64,14 @@ class RecordingBackend:
     def new_cache(self, rows: int, length: int) -> ArrayCache:
         return ArrayCache(self.kv, rows, length)
 
-    def step(self, input_ids: np.ndarray, image_rows: np.ndarray, attention_mask: np.ndarray,
-             position_ids: np.ndarray, cache: ArrayCache) -> np.ndarray:  # fmt: skip
+    def step(
+        self,
+        input_ids: np.ndarray,
+        image_rows: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        cache: ArrayCache,
+    ) -> np.ndarray:
         feed: dict[str, np.ndarray] = {
             "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
             "image_embeds": np.ascontiguousarray(image_rows, dtype=np.float32),

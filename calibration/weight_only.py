@@ -61,9 +61,13 @@ def gptq_statistics(
 
 
 def quantize_graph(
-    model: onnx.ModelProto, graph: str, recipe: Recipe, plan: dict,
-    importance: dict | None = None, grams: dict | None = None,
-) -> onnx.ModelProto:  # fmt: skip
+    model: onnx.ModelProto,
+    graph: str,
+    recipe: Recipe,
+    plan: dict,
+    importance: dict | None = None,
+    grams: dict | None = None,
+) -> onnx.ModelProto:
     """One graph of the bundle under a float or weight-only recipe."""
     if recipe.fp16:
         model = to_fp16(model)
@@ -74,8 +78,11 @@ def quantize_graph(
         return quantize_dynamic_int8(model, exclude=plan["excluded"])
     bits = recipe.weight_bits if decoder else 8
     return quantize_nbits(
-        model, bits,
-        keep_8bit=plan["kept_8bit"] if decoder else [], exclude=plan["excluded"],
+        model,
+        bits,
+        keep_8bit=plan["kept_8bit"] if decoder else [],
+        exclude=plan["excluded"],
         head_bits=INT4_HEAD_BITS if bits == 4 else 8,
-        importance=importance if decoder else None, grams=grams if decoder else None,
-    )  # fmt: skip
+        importance=importance if decoder else None,
+        grams=grams if decoder else None,
+    )

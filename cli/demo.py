@@ -50,22 +50,31 @@ def finished_run(tc: TrainConfig) -> bool:
 
 
 def run_demo(
-    output_dir: str, retrain: bool = False, test_samples: int = 600, steps: int | None = None,
+    output_dir: str,
+    retrain: bool = False,
+    test_samples: int = 600,
+    steps: int | None = None,
     full_schedule: bool = False,
-) -> dict:  # fmt: skip
+) -> dict:
     """The demo's output directory is its own: an earlier demo or training run there is reused or
     replaced; a directory holding anything else is refused."""
     check_target(output_dir, is_training_run, "training run", overwrite=True)
-    tc = TrainConfig(output_dir=output_dir, overwrite=True, eval_interval=EVAL_INTERVAL,
-                     target_accuracy=0.0 if full_schedule else TARGET_ACCURACY)  # fmt: skip
+    tc = TrainConfig(
+        output_dir=output_dir,
+        overwrite=True,
+        eval_interval=EVAL_INTERVAL,
+        target_accuracy=0.0 if full_schedule else TARGET_ACCURACY,
+    )
     if steps:
         tc.max_training_steps = steps
     t0 = time.time()
     if retrain or not finished_run(tc):
         click.echo(f"Training the default tiny model on the built-in shapes data -> {output_dir}")
         if tc.target_accuracy:
-            click.echo(f"(stops once validation accuracy reaches {tc.target_accuracy:.0%}; --full-schedule "
-                       f"trains all {tc.max_training_steps} steps)")  # fmt: skip
+            click.echo(
+                f"(stops once validation accuracy reaches {tc.target_accuracy:.0%}; --full-schedule "
+                f"trains all {tc.max_training_steps} steps)"
+            )
         train(tc)
     else:
         click.echo(f"Reusing the finished model in {output_dir} (--retrain to train again)")
@@ -103,7 +112,7 @@ def run_demo(
             name: checks[name]
             | {k: rows[os.path.basename(path)][k] for k in ("bytes", "decode_tokens_per_s", "ttft_s")}
             for name, path in bundles.items()
-        },  # fmt: skip
+        },
         "pytorch": {k: rows["pytorch"][k] for k in ("bytes", "decode_tokens_per_s", "ttft_s")},
         "demo_seconds": round(time.time() - t0, 1),
     }
@@ -120,12 +129,16 @@ def run_demo(
     )
     click.echo("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     pt = result["pytorch"]
-    click.echo(f"| PyTorch fp32 | {100 * test['accuracy']:.1f}% | - | - | - | - | {pt['bytes'] / 1e6:.2f} | "
-               f"{pt['decode_tokens_per_s']['median']:.0f} | {1e3 * pt['ttft_s']['median']:.1f} |")  # fmt: skip
+    click.echo(
+        f"| PyTorch fp32 | {100 * test['accuracy']:.1f}% | - | - | - | - | {pt['bytes'] / 1e6:.2f} | "
+        f"{pt['decode_tokens_per_s']['median']:.0f} | {1e3 * pt['ttft_s']['median']:.1f} |"
+    )
     for name, b in result["bundles"].items():
-        click.echo(f"| runtime {name} | {100 * b['task_accuracy']:.1f}% | {100 * b['exact_match']:.1f}% | "
-                   f"{b['kl_mean']:.2g} | {100 * b['top1_agreement']:.1f}% | {'pass' if not b['failures'] else 'FAIL'} | "
-                   f"{b['bytes'] / 1e6:.2f} | {b['decode_tokens_per_s']['median']:.0f} | {1e3 * b['ttft_s']['median']:.1f} |")  # fmt: skip
+        click.echo(
+            f"| runtime {name} | {100 * b['task_accuracy']:.1f}% | {100 * b['exact_match']:.1f}% | "
+            f"{b['kl_mean']:.2g} | {100 * b['top1_agreement']:.1f}% | {'pass' if not b['failures'] else 'FAIL'} | "
+            f"{b['bytes'] / 1e6:.2f} | {b['decode_tokens_per_s']['median']:.0f} | {1e3 * b['ttft_s']['median']:.1f} |"
+        )
     click.echo(
         f"\nCurves: {os.path.join(output_dir, 'training_curves.png')}; demo took {result['demo_seconds']:.0f} s"
     )
@@ -141,8 +154,10 @@ def export_and_quantize(ckpt: str, output_dir: str) -> dict[str, str]:
     from calibration.quantize import quantize_bundle
     from export.onnx_export import export_onnx
 
-    out = {name: os.path.join(output_dir, d) for name, d in
-           (("fp32", "bundle"), ("int8", "bundle-int8"), ("int8 fused", "bundle-int8-fused"))}  # fmt: skip
+    out = {
+        name: os.path.join(output_dir, d)
+        for name, d in (("fp32", "bundle"), ("int8", "bundle-int8"), ("int8 fused", "bundle-int8-fused"))
+    }
     fused_fp32 = os.path.join(output_dir, "bundle-fused")
     export_onnx(ckpt, out["fp32"], overwrite=True)  # the demo's own bundles: replaced on every run
     quantize_bundle(out["fp32"], out["int8"], "int8-dynamic", overwrite=True)

@@ -71,35 +71,63 @@ def needs_torch(command: str) -> None:
 def pipeline_options(command: Callable) -> Callable:
     """--backend/--provider: how a command runs a bundle."""
     command = click.option(
-        "--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+        "--provider",
+        type=click.Choice(["cpu", "cuda", "tensorrt"]),
+        default="cpu",
+        show_default=True,
         help="ONNX Runtime execution provider (--backend ort).",
-    )(command)  # fmt: skip
+    )(command)
     return click.option(
-        "--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
+        "--backend",
+        type=click.Choice(["ort", "trt"]),
+        default="ort",
+        show_default=True,
         help="ort: ONNX Runtime; trt: the TensorRT engines `nanovlm-export trt` added to the bundle.",
-    )(command)  # fmt: skip
+    )(command)
 
 
 def overwrite_option(command: Callable) -> Callable:
     return click.option(
-        "--overwrite", is_flag=True,
+        "--overwrite",
+        is_flag=True,
         help="Replace OUT when it holds this command's earlier output (anything else is refused).",
-    )(command)  # fmt: skip
+    )(command)
 
 
 def sampling_options(command: Callable) -> Callable:
     """The generation options of `run` and `generate`: the same names, defaults and meaning."""
-    for option in reversed([
-        click.option("--max-new-tokens", type=click.IntRange(1, 1_000_000), default=64, show_default=True),
-        click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True,
-                     help="0 means greedy. Applied before top-k and top-p."),
-        click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 means off."),
-        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
-                     help="1 means off."),
-        click.option("--repetition-penalty", type=click.FloatRange(0, min_open=True), default=1.0,
-                     show_default=True, help="1 means off."),
-        click.option("--seed", type=int, default=None),
-    ]):  # fmt: skip
+    for option in reversed(
+        [
+            click.option(
+                "--max-new-tokens", type=click.IntRange(1, 1_000_000), default=64, show_default=True
+            ),
+            click.option(
+                "--temperature",
+                type=click.FloatRange(0),
+                default=0.0,
+                show_default=True,
+                help="0 means greedy. Applied before top-k and top-p.",
+            ),
+            click.option(
+                "--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 means off."
+            ),
+            click.option(
+                "--top-p",
+                type=click.FloatRange(0, 1, min_open=True),
+                default=1.0,
+                show_default=True,
+                help="1 means off.",
+            ),
+            click.option(
+                "--repetition-penalty",
+                type=click.FloatRange(0, min_open=True),
+                default=1.0,
+                show_default=True,
+                help="1 means off.",
+            ),
+            click.option("--seed", type=int, default=None),
+        ]
+    ):
         command = option(command)
     return command
 
@@ -169,8 +197,13 @@ def train(config_path: str | None, overrides: tuple[str, ...], resume: bool, ove
     "--output-dir", default="artifacts/tiny", show_default=True, help="Where the default model lives."
 )
 @click.option("--retrain", is_flag=True, help="Train again even if a finished model exists.")
-@click.option("--test-samples", type=click.IntRange(1), default=600, show_default=True,
-              help="Built-in test questions to score.")  # fmt: skip
+@click.option(
+    "--test-samples",
+    type=click.IntRange(1),
+    default=600,
+    show_default=True,
+    help="Built-in test questions to score.",
+)
 @click.option(
     "--steps", type=click.IntRange(1), default=None, help="Training steps (default: TrainConfig's)."
 )
@@ -193,8 +226,14 @@ def demo(output_dir: str, retrain: bool, test_samples: int, steps: int | None, f
 @sampling_options
 @click.option("--revision", default=None, help="Hub revision when CHECKPOINT is a Hub id.")
 @user_errors
-def generate(checkpoint: str, images: tuple[str, ...], prompt: str, max_new_tokens: int, revision: str | None,
-             **kw: Any) -> None:  # fmt: skip
+def generate(
+    checkpoint: str,
+    images: tuple[str, ...],
+    prompt: str,
+    max_new_tokens: int,
+    revision: str | None,
+    **kw: Any,
+) -> None:
     """Answer PROMPT (about --image, if given) with the PyTorch model at CHECKPOINT (a directory or Hub id)."""
     needs_torch("generate")
     import torch
@@ -212,9 +251,12 @@ def generate(checkpoint: str, images: tuple[str, ...], prompt: str, max_new_toke
         model.cfg, model.tokenizer, ImageProcessor.from_config(model.cfg), [list(images)], [prompt]
     )
     out = model.generate(
-        torch.from_numpy(batch.input_ids), torch.from_numpy(batch.pixel_values) if images else None,
-        attention_mask=torch.from_numpy(batch.attention_mask), max_new_tokens=max_new_tokens, sampling=sampling,
-    )  # fmt: skip
+        torch.from_numpy(batch.input_ids),
+        torch.from_numpy(batch.pixel_values) if images else None,
+        attention_mask=torch.from_numpy(batch.attention_mask),
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+    )
     click.echo(model.tokenizer.decode(out[0].tolist()))
 
 
@@ -228,8 +270,17 @@ def generate(checkpoint: str, images: tuple[str, ...], prompt: str, max_new_toke
 @sampling_options
 @click.option("--json", "as_json", is_flag=True, help="Print the answer with timings as JSON.")
 @user_errors
-def run(bundle: str, images: tuple[str, ...], prompt: str, provider: str, backend: str, stream: bool,
-        max_new_tokens: int, as_json: bool, **kw: Any) -> None:  # fmt: skip
+def run(
+    bundle: str,
+    images: tuple[str, ...],
+    prompt: str,
+    provider: str,
+    backend: str,
+    stream: bool,
+    max_new_tokens: int,
+    as_json: bool,
+    **kw: Any,
+) -> None:
     """Answer PROMPT (about --image, if given) with an exported BUNDLE on ONNX Runtime or TensorRT (no torch)."""
     from runtime.pipeline import VLMPipeline
 
@@ -320,11 +371,29 @@ def run(bundle: str, images: tuple[str, ...], prompt: str, provider: str, backen
 @click.option("--cpus-per-replica", type=click.FloatRange(0.1, 1024), default=1.0, show_default=True)
 @click.option("--gpus-per-replica", type=click.FloatRange(0, 64), default=0.0, show_default=True)
 @user_errors
-def serve(bundle: str, host: str, port: int, name: str | None, max_batch: int, max_queue: int, max_tokens: int,
-          max_images: int, max_image_mb: float, max_image_pixels: int, max_body_mb: float, image_dir: str | None,
-          prefill_chunk: int, image_cache_mb: float, prefix_cache_mb: float, no_prefix_cache: bool,
-          threads: int | None, use_ray: bool, replicas: int, cpus_per_replica: float,
-          gpus_per_replica: float) -> None:  # fmt: skip
+def serve(
+    bundle: str,
+    host: str,
+    port: int,
+    name: str | None,
+    max_batch: int,
+    max_queue: int,
+    max_tokens: int,
+    max_images: int,
+    max_image_mb: float,
+    max_image_pixels: int,
+    max_body_mb: float,
+    image_dir: str | None,
+    prefill_chunk: int,
+    image_cache_mb: float,
+    prefix_cache_mb: float,
+    no_prefix_cache: bool,
+    threads: int | None,
+    use_ray: bool,
+    replicas: int,
+    cpus_per_replica: float,
+    gpus_per_replica: float,
+) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API (/v1/chat/completions, /health, /metrics, a page at /)."""
     missing = [m for m in ("starlette", "uvicorn", "prometheus_client") if not installed(m)]
     if missing:
@@ -339,17 +408,24 @@ def serve(bundle: str, host: str, port: int, name: str | None, max_batch: int, m
 
     load_bundle(bundle)  # a bad bundle fails here, in one line, before the server starts
     mb = 1024 * 1024
-    limits = RequestLimits(max_body_bytes=int(max_body_mb * mb), max_image_bytes=int(max_image_mb * mb),
-                    max_image_pixels=max_image_pixels, max_images=max_images, max_tokens=max_tokens,
-                    image_dir=image_dir)  # fmt: skip
+    limits = RequestLimits(
+        max_body_bytes=int(max_body_mb * mb),
+        max_image_bytes=int(max_image_mb * mb),
+        max_image_pixels=max_image_pixels,
+        max_images=max_images,
+        max_tokens=max_tokens,
+        image_dir=image_dir,
+    )
     engine = EngineConfig(
         max_batch, max_queue, prefill_chunk, image_cache_mb, 0.0 if no_prefix_cache else prefix_cache_mb
     )
     config = ServeConfig(bundle, name, engine, threads, limits)
     if use_ray:
         if not installed("ray"):
-            raise click.ClickException("`serve --ray` needs the cluster extra (ray not installed): "
-                                       "pip install 'nanovlm-edge[cluster]'")  # fmt: skip
+            raise click.ClickException(
+                "`serve --ray` needs the cluster extra (ray not installed): "
+                "pip install 'nanovlm-edge[cluster]'"
+            )
         from serve.ray_app import run as run_ray
 
         run_ray(config, replicas, host, port, cpus_per_replica, gpus_per_replica)
@@ -366,15 +442,21 @@ def serve(bundle: str, host: str, port: int, name: str | None, max_batch: int, m
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--opset", type=click.IntRange(17, 21), default=17, show_default=True, help="ONNX opset.")
 @click.option(
-    "--decoder", type=click.Choice(["standard", "fused"]), default="standard", show_default=True,
+    "--decoder",
+    type=click.Choice(["standard", "fused"]),
+    default="standard",
+    show_default=True,
     help="standard: plain ONNX ops, runs everywhere incl. TensorRT. fused: ONNX Runtime contrib ops "
     "(GroupQueryAttention, SkipSimplifiedLayerNormalization), fp32, much faster decode on CPU.",
-)  # fmt: skip
+)
 @click.option(
-    "--layout", type=click.Choice(["bundle", "transformers.js"]), default="bundle", show_default=True,
+    "--layout",
+    type=click.Choice(["bundle", "transformers.js"]),
+    default="bundle",
+    show_default=True,
     help="bundle: this toolkit's bundle. transformers.js: onnx/ graphs and files transformers.js loads "
     "(Idefics3 / SmolVLM checkpoints).",
-)  # fmt: skip
+)
 @overwrite_option
 @user_errors
 def onnx(src: str, out: str, precision: str, opset: int, decoder: str, layout: str, overwrite: bool) -> None:
@@ -396,15 +478,21 @@ def onnx(src: str, out: str, precision: str, opset: int, decoder: str, layout: s
 
     manifest = export_onnx(src, out, precision=precision, opset=opset, decoder=decoder, overwrite=overwrite)
     sizes = {name: meta["bytes"] for name, meta in manifest.files.items()}
-    click.echo(json.dumps({"bundle": os.path.abspath(out), "precision": precision, "decoder": decoder,
-                           "bytes": sizes}, indent=2))  # fmt: skip
+    click.echo(
+        json.dumps(
+            {"bundle": os.path.abspath(out), "precision": precision, "decoder": decoder, "bytes": sizes},
+            indent=2,
+        )
+    )
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option(
-    "--mode", required=True, type=click.Choice(QUANTIZE_MODES),
+    "--mode",
+    required=True,
+    type=click.Choice(QUANTIZE_MODES),
     help="; ".join(f"{m}: {RECIPES[m].summary}" for m in QUANTIZE_MODES) + " (docs/quantization.md).",
 )
 @click.option(
@@ -423,8 +511,16 @@ def onnx(src: str, out: str, precision: str, opset: int, decoder: str, layout: s
 )
 @overwrite_option
 @user_errors
-def quantize(bundle: str, out: str, mode: str, calibration: str | None, samples: int, method: str,
-             exclude: tuple[str, ...], overwrite: bool) -> None:  # fmt: skip
+def quantize(
+    bundle: str,
+    out: str,
+    mode: str,
+    calibration: str | None,
+    samples: int,
+    method: str,
+    exclude: tuple[str, ...],
+    overwrite: bool,
+) -> None:
     """Quantize the fp32 bundle BUNDLE into the bundle directory OUT."""
     if not installed("onnx"):
         raise click.ClickException("`quantize` needs onnx: pip install onnx (or the 'torch' extra)")
@@ -432,18 +528,35 @@ def quantize(bundle: str, out: str, mode: str, calibration: str | None, samples:
 
     manifest = quantize_bundle(bundle, out, mode, calibration, samples, method, exclude, overwrite=overwrite)
     sizes = {name: meta["bytes"] for name, meta in manifest.files.items()}
-    click.echo(json.dumps({"bundle": os.path.abspath(out), "mode": mode, "bytes": sizes,
-                           "total_bytes": sum(sizes.values())}, indent=2))  # fmt: skip
+    click.echo(
+        json.dumps(
+            {
+                "bundle": os.path.abspath(out),
+                "mode": mode,
+                "bytes": sizes,
+                "total_bytes": sum(sizes.values()),
+            },
+            indent=2,
+        )
+    )
 
 
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--max-batch", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--max-seq", type=click.IntRange(1), default=None,
-              help="Longest prefill incl. image tokens [min(512, context)].")  # fmt: skip
-@click.option("--max-context", type=click.IntRange(1), default=None,
-              help="Prompt + generated positions [min(1024, the model's)].")  # fmt: skip
+@click.option(
+    "--max-seq",
+    type=click.IntRange(1),
+    default=None,
+    help="Longest prefill incl. image tokens [min(512, context)].",
+)
+@click.option(
+    "--max-context",
+    type=click.IntRange(1),
+    default=None,
+    help="Prompt + generated positions [min(1024, the model's)].",
+)
 @click.option(
     "--max-images",
     type=click.IntRange(1),
@@ -459,8 +572,19 @@ def quantize(bundle: str, out: str, mode: str, calibration: str | None, samples:
 @click.option("--tf32", is_flag=True, help="Let fp32 products run in TF32 (faster on Ampere+, less precise).")
 @overwrite_option
 @user_errors
-def trt(bundle: str, out: str, max_batch: int, max_seq: int | None, max_context: int | None, max_images: int,
-        workspace: int, timing_cache: str | None, print_trtexec: bool, tf32: bool, overwrite: bool) -> None:  # fmt: skip
+def trt(
+    bundle: str,
+    out: str,
+    max_batch: int,
+    max_seq: int | None,
+    max_context: int | None,
+    max_images: int,
+    workspace: int,
+    timing_cache: str | None,
+    print_trtexec: bool,
+    tf32: bool,
+    overwrite: bool,
+) -> None:
     """Build TensorRT engines for BUNDLE (fp32, fp16 or int8-static) into OUT."""
     from core.bundle import load_bundle
     from trt.build import build_engines, check_buildable, describe
@@ -487,8 +611,13 @@ def trt(bundle: str, out: str, max_batch: int, max_seq: int | None, max_context:
 
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--target", "targets", multiple=True, type=click.Choice(["trt-10.3", "trt-10.13"]),
-              help="TensorRT version to check for (repeatable; default: both).")  # fmt: skip
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    type=click.Choice(["trt-10.3", "trt-10.13"]),
+    help="TensorRT version to check for (repeatable; default: both).",
+)
 @user_errors
 def check(bundle: str, targets: tuple[str, ...]) -> None:
     """Will TensorRT parse BUNDLE's graphs? Every node against onnx-tensorrt's support matrix; exit 1 if not."""
@@ -523,17 +652,33 @@ def _thresholds(items: tuple[str, ...]) -> dict[str, float]:
 
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--reference", help="The PyTorch checkpoint the bundle came from (directory or Hub id). "
-              "Without it: the PyTorch results stored in the bundle at export (no torch needed).")  # fmt: skip
-@click.option("--images", default="builtin", show_default=True,
-              help="With --reference: 'builtin' (test split) or a folder of images.")  # fmt: skip
+@click.option(
+    "--reference",
+    help="The PyTorch checkpoint the bundle came from (directory or Hub id). "
+    "Without it: the PyTorch results stored in the bundle at export (no torch needed).",
+)
+@click.option(
+    "--images",
+    default="builtin",
+    show_default=True,
+    help="With --reference: 'builtin' (test split) or a folder of images.",
+)
 @click.option(
     "--prompts", type=click.Path(exists=True, dir_okay=False), help="One prompt per line, for --images DIR."
 )
-@click.option("--samples", type=click.IntRange(1, 100_000), default=24, show_default=True,
-              help="With --reference: cases to compare.")  # fmt: skip
-@click.option("--max-new-tokens", type=click.IntRange(1, 100_000), default=None,
-              help="Greedy tokens per case [16; the stored reference's own count without --reference].")  # fmt: skip
+@click.option(
+    "--samples",
+    type=click.IntRange(1, 100_000),
+    default=24,
+    show_default=True,
+    help="With --reference: cases to compare.",
+)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(1, 100_000),
+    default=None,
+    help="Greedy tokens per case [16; the stored reference's own count without --reference].",
+)
 @pipeline_options
 @click.option(
     "--threshold", "thresholds", multiple=True, help="Override a gate, e.g. kl_mean_max=0.02 (repeatable)."
@@ -542,9 +687,18 @@ def _thresholds(items: tuple[str, ...]) -> dict[str, float]:
     "--json", "json_out", type=click.Path(dir_okay=False), help="Write the full report (per case) here."
 )
 @user_errors
-def validate(bundle: str, reference: str | None, images: str, prompts: str | None, samples: int,
-             max_new_tokens: int | None, backend: str, provider: str, thresholds: tuple[str, ...],
-             json_out: str | None) -> None:  # fmt: skip
+def validate(
+    bundle: str,
+    reference: str | None,
+    images: str,
+    prompts: str | None,
+    samples: int,
+    max_new_tokens: int | None,
+    backend: str,
+    provider: str,
+    thresholds: tuple[str, ...],
+    json_out: str | None,
+) -> None:
     """Compare BUNDLE with PyTorch (its checkpoint, or the results stored in it); exit 1 when a gate fails."""
     from core.recipes import gates_for
     from evaluation import metrics
@@ -557,8 +711,11 @@ def validate(bundle: str, reference: str | None, images: str, prompts: str | Non
         from evaluation import parity
 
         ref: metrics.Reference = parity.Reference(reference)
-        cases = (metrics.builtin_cases(samples) if images == "builtin"
-                 else metrics.folder_cases(images, samples, prompts))  # fmt: skip
+        cases = (
+            metrics.builtin_cases(samples)
+            if images == "builtin"
+            else metrics.folder_cases(images, samples, prompts)
+        )
         max_new_tokens = max_new_tokens or 16
     else:
         if images != "builtin":
@@ -571,8 +728,16 @@ def validate(bundle: str, reference: str | None, images: str, prompts: str | Non
     if json_out:
         from core.files import write_json
 
-        write_json(json_out, {"bundle": bundle, "reference": reference or "stored", "thresholds": limits,
-                              "failures": failures, "summary": summary})  # fmt: skip
+        write_json(
+            json_out,
+            {
+                "bundle": bundle,
+                "reference": reference or "stored",
+                "thresholds": limits,
+                "failures": failures,
+                "summary": summary,
+            },
+        )
     if failures:
         click.echo("FAILED: " + "; ".join(failures), err=True)
         raise SystemExit(1)
@@ -582,8 +747,12 @@ def validate(bundle: str, reference: str | None, images: str, prompts: str | Non
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--reference", help="PyTorch checkpoint to measure alongside (with and without KV cache).")
-@click.option("--variants", multiple=True, type=click.Path(exists=True, file_okay=False),
-              help="More bundles (e.g. quantized) to measure in the same run (repeatable).")  # fmt: skip
+@click.option(
+    "--variants",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="More bundles (e.g. quantized) to measure in the same run (repeatable).",
+)
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Default: a scikit-image photo.")
 @click.option("--prompt", default="Describe this image in detail.", show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(2, 100_000), default=64, show_default=True)
@@ -591,16 +760,30 @@ def validate(bundle: str, reference: str | None, images: str, prompts: str | Non
 @click.option(
     "--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads (default: all cores)."
 )
-@click.option("--growth", default="16,32,64", show_default=True,
-              help="Output lengths for the PyTorch cost-growth curve ('' to skip).")  # fmt: skip
+@click.option(
+    "--growth",
+    default="16,32,64",
+    show_default=True,
+    help="Output lengths for the PyTorch cost-growth curve ('' to skip).",
+)
 @click.option(
     "--plot", "plot_path", help="PNG chart (default: bench.png here, replaced only if bench wrote it)."
 )
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
 @user_errors
-def bench(bundle: str, reference: str | None, variants: tuple[str, ...], image: str | None, prompt: str,
-          max_new_tokens: int, repeats: int, threads: int | None, growth: str, plot_path: str | None,
-          json_out: str | None) -> None:  # fmt: skip
+def bench(
+    bundle: str,
+    reference: str | None,
+    variants: tuple[str, ...],
+    image: str | None,
+    prompt: str,
+    max_new_tokens: int,
+    repeats: int,
+    threads: int | None,
+    growth: str,
+    plot_path: str | None,
+    json_out: str | None,
+) -> None:
     """Image encode, TTFT, prefill and decode speed, peak memory and size: PyTorch and bundles."""
     if reference:
         needs_torch("bench --reference")

@@ -72,8 +72,12 @@ class Manifest:
                 "upgrade nanovlm-edge"
             )
         if version == 1:  # v1 restated config facts and wrote a quantization mode as the precision
-            data = dict(data, precision="fp16" if data.get("precision") == "fp16" and not data.get("quantization")
-                        else "fp32")  # fmt: skip
+            data = dict(
+                data,
+                precision="fp16"
+                if data.get("precision") == "fp16" and not data.get("quantization")
+                else "fp32",
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
         missing = {"precision", "opset", "graphs"} - set(kwargs)
@@ -95,9 +99,12 @@ class Manifest:
                 if rel != MANIFEST:
                     files[rel] = {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
         done = dataclasses.replace(
-            self, files=files, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            format=FORMAT, format_version=FORMAT_VERSION,
-        )  # fmt: skip
+            self,
+            files=files,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            format=FORMAT,
+            format_version=FORMAT_VERSION,
+        )
         with atomic_write(os.path.join(directory, MANIFEST)) as f:
             json.dump(done.to_dict(), f, indent=2)
         return done

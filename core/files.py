@@ -27,9 +27,12 @@ log = logging.getLogger(__name__)
 
 
 def check_target(
-    path: str | os.PathLike, owned: Callable[[str], bool], what: str, overwrite: bool,
+    path: str | os.PathLike,
+    owned: Callable[[str], bool],
+    what: str,
+    overwrite: bool,
     source: str | os.PathLike | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """Refuse to replace `path` unless it is missing, empty, or our own earlier `what` and
     `overwrite` is set: a command never deletes files it did not write, nor its own input
     (`source`)."""
@@ -57,13 +60,19 @@ def staged_dir(final: str | os.PathLike, prefix: str = ".tmp-") -> Iterator[str]
     final = os.fspath(final)
     parent = os.path.dirname(os.path.abspath(final))
     os.makedirs(parent, exist_ok=True)
-    leftovers = sorted(p for p in glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*"))
-                       if os.path.isdir(p))  # fmt: skip
+    leftovers = sorted(
+        p for p in glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*")) if os.path.isdir(p)
+    )
     if leftovers:  # an interrupted run's unfinished output: never read, and not ours to delete
         n = len(leftovers)
-        log.warning("%s: %d unfinished %s from an interrupted run (%s); nothing reads them: remove them "
-                    "when no other run is writing there", parent, n, "directory" if n == 1 else "directories",
-                    os.path.basename(leftovers[0]))  # fmt: skip
+        log.warning(
+            "%s: %d unfinished %s from an interrupted run (%s); nothing reads them: remove them "
+            "when no other run is writing there",
+            parent,
+            n,
+            "directory" if n == 1 else "directories",
+            os.path.basename(leftovers[0]),
+        )
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         yield tmp

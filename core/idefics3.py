@@ -138,8 +138,10 @@ def chat_messages(
     messages = [{"role": "system", "content": [text(system)]}] if system else []
     images = [{"type": "image"} for _ in range(n_images)]
     for i, (q, a) in enumerate(history):
-        messages += [{"role": "user", "content": (images if i == 0 else []) + [text(q)]},
-                     {"role": "assistant", "content": [text(a)]}]  # fmt: skip
+        messages += [
+            {"role": "user", "content": (images if i == 0 else []) + [text(q)]},
+            {"role": "assistant", "content": [text(a)]},
+        ]
     messages.append({"role": "user", "content": ([] if history else images) + [text(question)]})
     return messages
 

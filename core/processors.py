@@ -150,8 +150,14 @@ class Tokenizer:
     this is checked, since the model's embedding rows are laid out that way.
     """
 
-    def __init__(self, tokenizer: Any, eos_token: str, extra_tokens: dict[str, str] | None, base_vocab: int,
-                 appended: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        tokenizer: Any,
+        eos_token: str,
+        extra_tokens: dict[str, str] | None,
+        base_vocab: int,
+        appended: bool = True,
+    ):
         """`appended`: the extra tokens follow the base vocabulary (nanoVLM); otherwise they are the
         tokenizer's own (Idefics3 / SmolVLM), and each must already be in it."""
         from tokenizers import AddedToken

@@ -54,42 +54,67 @@ RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
         Recipe(
-            "fp32", "the exported graphs as they are", "float",
+            "fp32",
+            "the exported graphs as they are",
+            "float",
             Gates(vision_cosine_min=0.9999, kl_mean_max=1e-4, top1_min=0.99, exact_match_min=0.95),
-            quantize_mode=False, fused_decoder=True, runs_on=("onnxruntime", "tensorrt"),
+            quantize_mode=False,
+            fused_decoder=True,
+            runs_on=("onnxruntime", "tensorrt"),
         ),
         Recipe(
-            "fp16", "fp16 weights and products; norms, softmax and RoPE in fp32; fp32 graph IO", "float",
+            "fp16",
+            "fp16 weights and products; norms, softmax and RoPE in fp32; fp32 graph IO",
+            "float",
             Gates(vision_cosine_min=0.999, kl_mean_max=1e-3, top1_min=0.97, exact_match_min=0.8),
-            fp16=True, runs_on=("onnxruntime", "tensorrt"),
+            fp16=True,
+            runs_on=("onnxruntime", "tensorrt"),
         ),
         Recipe(
-            "int8-dynamic", "8-bit MatMulNBits weights in blocks of 32, int8 activations at run time; the vision "
+            "int8-dynamic",
+            "8-bit MatMulNBits weights in blocks of 32, int8 activations at run time; the vision "
             "encoder in dynamic int8",
             "weight-only",
             Gates(vision_cosine_min=0.99, kl_mean_max=0.01, top1_min=0.93, exact_match_min=0.6),
-            weight_bits=8, fused_decoder=True, vision_dynamic_int8=True,
+            weight_bits=8,
+            fused_decoder=True,
+            vision_dynamic_int8=True,
         ),
         Recipe(
             "int8-static",
             "Q/DQ int8 on an fp16 base: int8 weights throughout, calibrated int8 activations where they "
-            "hold: the TensorRT INT8 input", "qdq",
+            "hold: the TensorRT INT8 input",
+            "qdq",
             Gates(vision_cosine_min=0.98, kl_mean_max=0.01, top1_min=0.93, exact_match_min=0.6),
-            weight_bits=8, fp16=True, calibrated=True, decode_steps=4, runs_on=("onnxruntime", "tensorrt"),
+            weight_bits=8,
+            fp16=True,
+            calibrated=True,
+            decode_steps=4,
+            runs_on=("onnxruntime", "tensorrt"),
         ),
         Recipe(
-            "int4", "4-bit MatMulNBits decoder weights rounded by GPTQ, sensitive layers at 8 bits",
+            "int4",
+            "4-bit MatMulNBits decoder weights rounded by GPTQ, sensitive layers at 8 bits",
             "weight-only",
             Gates(vision_cosine_min=0.99, kl_mean_max=0.05, top1_min=0.85, exact_match_min=0.4),
-            weight_bits=4, calibrated=True, decode_steps=16, fused_decoder=True, vision_dynamic_int8=True,
+            weight_bits=4,
+            calibrated=True,
+            decode_steps=16,
+            fused_decoder=True,
+            vision_dynamic_int8=True,
         ),
         Recipe(
-            "int4-fp16", "int4 on an fp16 graph, for GPUs", "weight-only",
+            "int4-fp16",
+            "int4 on an fp16 graph, for GPUs",
+            "weight-only",
             Gates(vision_cosine_min=0.99, kl_mean_max=0.05, top1_min=0.85, exact_match_min=0.4),
-            weight_bits=4, fp16=True, calibrated=True, decode_steps=16,
+            weight_bits=4,
+            fp16=True,
+            calibrated=True,
+            decode_steps=16,
         ),
     )
-}  # fmt: skip
+}
 
 QUANTIZE_MODES = tuple(name for name, r in RECIPES.items() if r.quantize_mode)
 FUSED_MODES = tuple(name for name in QUANTIZE_MODES if RECIPES[name].fused_decoder)

@@ -43,8 +43,13 @@ def cpu_kind() -> str:
         flags = set(line.partition(":")[2].split())
     except OSError:
         pass
-    kinds = (("avx512_vnni", "AVX-512 VNNI"), ("avx512f", "AVX-512 without VNNI"),
-             ("avx_vnni", "AVX2 with AVX-VNNI"), ("avx2", "AVX2 only"), ("asimddp", "ARM64 with dot product"))  # fmt: skip
+    kinds = (
+        ("avx512_vnni", "AVX-512 VNNI"),
+        ("avx512f", "AVX-512 without VNNI"),
+        ("avx_vnni", "AVX2 with AVX-VNNI"),
+        ("avx2", "AVX2 only"),
+        ("asimddp", "ARM64 with dot product"),
+    )
     kind = next((name for flag, name in kinds if flag in flags), platform.machine() or "unknown CPU")
     if os.environ.get(AVX2_PROXY_ENV):
         kind = f"AVX2 kernels on an {kind} CPU (benchmarks/avx2_proxy.py)"
@@ -79,8 +84,9 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
-def bundle_worker(path: str, image: str | None, prompt: str, max_new_tokens: int, repeats: int,
-                  threads: int | None) -> dict[str, Any]:  # fmt: skip
+def bundle_worker(
+    path: str, image: str | None, prompt: str, max_new_tokens: int, repeats: int, threads: int | None
+) -> dict[str, Any]:
     """(in a child process) the runtime on one bundle."""
     from runtime.pipeline import GenerationRequest, VLMPipeline
 
@@ -116,8 +122,15 @@ def bundle_worker(path: str, image: str | None, prompt: str, max_new_tokens: int
     }
 
 
-def pytorch_worker(checkpoint: str, image: str | None, prompt: str, max_new_tokens: int, repeats: int,
-                   threads: int | None, kv_cache: bool) -> dict[str, Any]:  # fmt: skip
+def pytorch_worker(
+    checkpoint: str,
+    image: str | None,
+    prompt: str,
+    max_new_tokens: int,
+    repeats: int,
+    threads: int | None,
+    kv_cache: bool,
+) -> dict[str, Any]:
     """(in a child process) the PyTorch reference, fp32, with or without its KV cache."""
     import torch
 
@@ -127,8 +140,9 @@ def pytorch_worker(checkpoint: str, image: str | None, prompt: str, max_new_toke
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     model = VisionLanguageModel.from_pretrained(resolve_checkpoint(checkpoint)).eval()
-    batch = prepare_batch(model.cfg, model.tokenizer, ImageProcessor.from_config(model.cfg),
-                          [[bench_image(image)]], [prompt])  # fmt: skip
+    batch = prepare_batch(
+        model.cfg, model.tokenizer, ImageProcessor.from_config(model.cfg), [[bench_image(image)]], [prompt]
+    )
     ids, px = torch.from_numpy(batch.input_ids), torch.from_numpy(batch.pixel_values)
     mask0 = torch.from_numpy(batch.attention_mask)
 
@@ -158,9 +172,13 @@ def pytorch_worker(checkpoint: str, image: str | None, prompt: str, max_new_toke
                 logits = model.decoder.head(hidden[:, -1])
             out.append(int(logits.argmax(-1)))
         decode = time.perf_counter() - t1
-        return out, {"image_encode_s": t_img, "ttft_s": ttft, "prefill_s": ttft - t_img,
-                     "decode_tokens_per_s": (max_new_tokens - 1) / decode if max_new_tokens > 1 else 0.0,
-                     "positions": merged.shape[1]}  # fmt: skip
+        return out, {
+            "image_encode_s": t_img,
+            "ttft_s": ttft,
+            "prefill_s": ttft - t_img,
+            "decode_tokens_per_s": (max_new_tokens - 1) / decode if max_new_tokens > 1 else 0.0,
+            "positions": merged.shape[1],
+        }
 
     runs = []
     for k in range(repeats + 1):
@@ -215,19 +233,28 @@ def bench(
             log.info("bench: growth with output length, %d tokens", n)
             with_cache = in_fresh_process(pytorch_worker, reference, image, prompt, n, 1, threads, True)
             without = in_fresh_process(pytorch_worker, reference, image, prompt, n, 1, threads, False)
-            runtime = (in_fresh_process(bundle_worker, bundles[0], image, prompt, n, 1, threads)
-                       if bundles else None)  # fmt: skip
-            curve.append({
-                "max_new_tokens": n,
-                "pytorch_kv_s_per_token": 1 / with_cache["decode_tokens_per_s"]["median"],
-                "pytorch_no_cache_s_per_token": 1 / without["decode_tokens_per_s"]["median"],
-                "runtime_s_per_token": 1 / runtime["decode_tokens_per_s"]["median"] if runtime else None,
-            })  # fmt: skip
+            runtime = (
+                in_fresh_process(bundle_worker, bundles[0], image, prompt, n, 1, threads) if bundles else None
+            )
+            curve.append(
+                {
+                    "max_new_tokens": n,
+                    "pytorch_kv_s_per_token": 1 / with_cache["decode_tokens_per_s"]["median"],
+                    "pytorch_no_cache_s_per_token": 1 / without["decode_tokens_per_s"]["median"],
+                    "runtime_s_per_token": 1 / runtime["decode_tokens_per_s"]["median"] if runtime else None,
+                }
+            )
     first = rows[0]["tokens"] if rows else []
     for r in rows:
         r["same_tokens_as_first"] = r.pop("tokens") == first
-    return {"rows": rows, "growth": curve, "max_new_tokens": max_new_tokens, "repeats": repeats,
-            "threads": threads or os.cpu_count(), "machine": machine(threads)}  # fmt: skip
+    return {
+        "rows": rows,
+        "growth": curve,
+        "max_new_tokens": max_new_tokens,
+        "repeats": repeats,
+        "threads": threads or os.cpu_count(),
+        "machine": machine(threads),
+    }
 
 
 def table(result: dict[str, Any]) -> str:
@@ -259,12 +286,17 @@ def table(result: dict[str, Any]) -> str:
     for name, watts in rails.items():
         lines.append(f"\n{name} rails (W): " + ", ".join(f"{k} {v:.2f}" for k, v in watts.items()))
     if result["growth"]:
-        lines += ["", "| new tokens | PyTorch KV cache (ms/token) | PyTorch no cache (ms/token) | runtime (ms/token) |",
-                  "| --- | --- | --- | --- |"]  # fmt: skip
+        lines += [
+            "",
+            "| new tokens | PyTorch KV cache (ms/token) | PyTorch no cache (ms/token) | runtime (ms/token) |",
+            "| --- | --- | --- | --- |",
+        ]
         for g in result["growth"]:
             rt = f"{g['runtime_s_per_token'] * 1e3:.1f}" if g["runtime_s_per_token"] else "-"
-            lines.append(f"| {g['max_new_tokens']} | {g['pytorch_kv_s_per_token'] * 1e3:.1f} | "
-                         f"{g['pytorch_no_cache_s_per_token'] * 1e3:.1f} | {rt} |")  # fmt: skip
+            lines.append(
+                f"| {g['max_new_tokens']} | {g['pytorch_kv_s_per_token'] * 1e3:.1f} | "
+                f"{g['pytorch_no_cache_s_per_token'] * 1e3:.1f} | {rt} |"
+            )
     return "\n".join(lines)
 
 
@@ -293,8 +325,12 @@ def plot(result: dict[str, Any], path: str) -> None:
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), layout="constrained")
     names = [r["name"] for r in rows]
     dec = [r["decode_tokens_per_s"]["median"] for r in rows]
-    err = np.array([[d - r["decode_tokens_per_s"]["min"], r["decode_tokens_per_s"]["max"] - d]
-                    for d, r in zip(dec, rows, strict=True)]).T  # fmt: skip
+    err = np.array(
+        [
+            [d - r["decode_tokens_per_s"]["min"], r["decode_tokens_per_s"]["max"] - d]
+            for d, r in zip(dec, rows, strict=True)
+        ]
+    ).T
     axes[0].barh(names, dec, xerr=err, color="tab:blue")
     axes[0].set_xlabel("decode tokens/s (higher is better)")
     axes[1].barh(names, [r["ttft_s"]["median"] for r in rows], color="tab:orange")
@@ -307,8 +343,12 @@ def plot(result: dict[str, Any], path: str) -> None:
         )
         axes[2].plot(n, [x["pytorch_kv_s_per_token"] * 1e3 for x in g], "o-", label="PyTorch, KV cache")
         if g[0]["runtime_s_per_token"]:
-            axes[2].plot(n, [x["runtime_s_per_token"] * 1e3 for x in g], "o-", label=f"runtime ({rows[1]['name']})"
-                         if len(rows) > 1 else "runtime")  # fmt: skip
+            axes[2].plot(
+                n,
+                [x["runtime_s_per_token"] * 1e3 for x in g],
+                "o-",
+                label=f"runtime ({rows[1]['name']})" if len(rows) > 1 else "runtime",
+            )
         axes[2].set_xlabel("new tokens")
         axes[2].set_ylabel("ms per token")
         axes[2].set_ylim(bottom=0)

@@ -107,8 +107,12 @@ class StoredReference:
             raise ValueError(f"case {case.prompt!r} is not one of the stored reference's built-in cases")
         tokens = self.arrays[f"tokens_{i}"].tolist()[:max_new_tokens]
         batch = prepare_batch(pipe.cfg, pipe.tokenizer, pipe.image_processor, [case.images], [case.prompt])
-        return {"batch": batch, "vision": self.arrays[f"vision_{i}"], "tokens": tokens,
-                "logits": self.arrays[f"logits_{i}"][: len(tokens)]}  # fmt: skip
+        return {
+            "batch": batch,
+            "vision": self.arrays[f"vision_{i}"],
+            "tokens": tokens,
+            "logits": self.arrays[f"logits_{i}"][: len(tokens)],
+        }
 
 
 # ----------------------------------------------------------------------------- bundle side
@@ -166,12 +170,14 @@ def compare(
             "logits_max_abs": float(np.abs(ref["logits"] - got["logits"]).max()),
             "kl": kl.tolist(),
             "top1": (ref["logits"].argmax(-1) == got["logits"].argmax(-1)).tolist(),
-            "reference_answer": pipe.tokenizer.decode([t for t in ref["tokens"] if t != pipe.tokenizer.eos_token_id]),
+            "reference_answer": pipe.tokenizer.decode(
+                [t for t in ref["tokens"] if t != pipe.tokenizer.eos_token_id]
+            ),
             "answer": pipe.tokenizer.decode([t for t in got["tokens"] if t != pipe.tokenizer.eos_token_id]),
             "exact_match": ref["tokens"] == got["tokens"],
             "common_prefix": common_prefix(ref["tokens"], got["tokens"]),
             "reference_length": len(ref["tokens"]),
-        }  # fmt: skip
+        }
         if case.answer is not None:
             row["expected"] = case.answer
         rows.append(row)
@@ -224,8 +230,20 @@ def table(summary: dict[str, Any], thresholds: dict[str, float] | None = None) -
     """A readable markdown table of the summary."""
     limits = {GATE_METRICS[k][0]: (v, GATE_METRICS[k][1]) for k, v in (thresholds or {}).items()}
     lines = ["| metric | value | gate |", "| --- | --- | --- |"]
-    for key in ("cases", "steps", "vision_cosine_min", "vision_max_abs", "kl_mean", "kl_max", "top1_agreement",
-                "logits_max_abs", "exact_match", "common_prefix_ratio", "task_accuracy", "reference_task_accuracy"):  # fmt: skip
+    for key in (
+        "cases",
+        "steps",
+        "vision_cosine_min",
+        "vision_max_abs",
+        "kl_mean",
+        "kl_max",
+        "top1_agreement",
+        "logits_max_abs",
+        "exact_match",
+        "common_prefix_ratio",
+        "task_accuracy",
+        "reference_task_accuracy",
+    ):
         if key not in summary:
             continue
         value = summary[key]

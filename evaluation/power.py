@@ -102,8 +102,10 @@ class PowerMonitor:
         if self.tegrastats:
             self._proc = subprocess.Popen(
                 [self.tegrastats, "--interval", str(self.interval_ms)],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            )  # fmt: skip
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
             self._thread = threading.Thread(target=self._read_tegrastats, daemon=True)
         else:
             self._thread = threading.Thread(target=self._read_sysfs, daemon=True)

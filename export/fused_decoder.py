@@ -49,8 +49,9 @@ class _Graph:
         )
         return name
 
-    def op(self, op: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "",
-           **attrs) -> list[str]:  # fmt: skip
+    def op(
+        self, op: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "", **attrs
+    ) -> list[str]:
         outs = [f"{name}_output_{k}" for k in range(outputs)] if isinstance(outputs, int) else outputs
         self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain or None, **attrs))
         return outs
@@ -93,12 +94,24 @@ def build_fused_decoder(model: VisionLanguageModel) -> onnx.ModelProto:
     n_rows = g.one("Shape", ["image_embeds"], "/embed/n_rows", start=0, end=1)
     has_row = g.one("And", [flat, g.one("Less", [rows, n_rows], "/embed/row_left")], "/embed/has_row")
     rows = g.one("Where", [has_row, rows, n_rows], "/embed/row_index")
-    table = g.one("Concat", ["image_embeds", g.const("/const/zero_row", np.zeros((1, D), np.float32))],
-                  "/embed/table", axis=0)  # fmt: skip
+    table = g.one(
+        "Concat",
+        ["image_embeds", g.const("/const/zero_row", np.zeros((1, D), np.float32))],
+        "/embed/table",
+        axis=0,
+    )
     images = g.one("Gather", [table, rows], "/embed/image_rows")  # [B*S, D]
     images = g.one("Reshape", [images, g.one("Shape", [tokens], "/embed/shape")], "/embed/image_rows_bsd")
-    use_img = g.one("Unsqueeze", [g.one("Reshape", [has_row, g.one("Shape", ["input_ids"], "/embed/ids_shape")],
-                                        "/embed/has_row_bs"), i64("/const/last_axis", [-1])], "/embed/use_image")  # fmt: skip
+    use_img = g.one(
+        "Unsqueeze",
+        [
+            g.one(
+                "Reshape", [has_row, g.one("Shape", ["input_ids"], "/embed/ids_shape")], "/embed/has_row_bs"
+            ),
+            i64("/const/last_axis", [-1]),
+        ],
+        "/embed/use_image",
+    )
     x = g.one("Where", [use_img, images, tokens], "/embed/merged")  # [B, S, D]
 
     # -- attention bias [B, 1, S, T]: key t is visible to query s if it is real or is s itself;
@@ -108,16 +121,33 @@ def build_fused_decoder(model: VisionLanguageModel) -> onnx.ModelProto:
     t_scalar = scalar(T, "/mask/t")
     q_pos = g.one("Range", [scalar(P, "/mask/p"), t_scalar, one_i], "/mask/query_index")  # [S]
     k_pos = g.one("Range", [zero_i, t_scalar, one_i], "/mask/key_index")
-    is_self = g.one("Equal", [g.one("Unsqueeze", [q_pos, i64("/const/axis1", [1])], "/mask/q_col"),
-                              g.one("Unsqueeze", [k_pos, axis0], "/mask/k_row")], "/mask/is_self")  # fmt: skip
+    is_self = g.one(
+        "Equal",
+        [
+            g.one("Unsqueeze", [q_pos, i64("/const/axis1", [1])], "/mask/q_col"),
+            g.one("Unsqueeze", [k_pos, axis0], "/mask/k_row"),
+        ],
+        "/mask/is_self",
+    )
     real = g.one("Cast", ["attention_mask"], "/mask/real", to=TensorProto.BOOL)
     real = g.one("Unsqueeze", [real, i64("/const/axes12", [1, 2])], "/mask/real_b11t")
     keep = g.one("Or", [real, is_self], "/mask/keep")  # [B, 1, S, T]
-    bias = g.one("Where", [keep, g.const("/const/zero_f", np.array(0.0, np.float32)),
-                           g.const("/const/min_f", np.array(np.finfo(np.float32).min, np.float32))], "/mask/bias")  # fmt: skip
+    bias = g.one(
+        "Where",
+        [
+            keep,
+            g.const("/const/zero_f", np.array(0.0, np.float32)),
+            g.const("/const/min_f", np.array(np.finfo(np.float32).min, np.float32)),
+        ],
+        "/mask/bias",
+    )
     total = g.one("Cast", [t_scalar], "/mask/total_i32", to=TensorProto.INT32)
-    seqlens = g.one("Cast", [g.one("Expand", [g.one("Sub", [T, one_i], "/mask/last"), B],
-                                   "/mask/last_b")], "/mask/seqlens_k", to=TensorProto.INT32)  # fmt: skip
+    seqlens = g.one(
+        "Cast",
+        [g.one("Expand", [g.one("Sub", [T, one_i], "/mask/last"), B], "/mask/last_b")],
+        "/mask/seqlens_k",
+        to=TensorProto.INT32,
+    )
 
     # -- RoPE tables [max_positions, hd/2] for the RotaryEmbedding nodes (half-split layout)
     inv_freq = sd["rotary_embd.inv_freq"].astype(np.float64)
@@ -146,20 +176,52 @@ def build_fused_decoder(model: VisionLanguageModel) -> onnx.ModelProto:
         q, k, v = (linear(h, i, f"attn.{p}_proj") for p in ("q", "k", "v"))
         # RoPE by its own op with position_ids (GroupQueryAttention's built-in rotary uses its
         # internal positions on a prompt, wrong for left-padded rows before onnxruntime 1.32)
-        q = g.one("RotaryEmbedding", [q, "position_ids", cos, sin], f"/decoder/blocks.{i}/attn/rope_q", domain=MS,
-                  num_heads=H, interleaved=0)  # fmt: skip
-        k = g.one("RotaryEmbedding", [k, "position_ids", cos, sin], f"/decoder/blocks.{i}/attn/rope_k", domain=MS,
-                  num_heads=Hkv, interleaved=0)  # fmt: skip
+        q = g.one(
+            "RotaryEmbedding",
+            [q, "position_ids", cos, sin],
+            f"/decoder/blocks.{i}/attn/rope_q",
+            domain=MS,
+            num_heads=H,
+            interleaved=0,
+        )
+        k = g.one(
+            "RotaryEmbedding",
+            [k, "position_ids", cos, sin],
+            f"/decoder/blocks.{i}/attn/rope_k",
+            domain=MS,
+            num_heads=Hkv,
+            interleaved=0,
+        )
         attn = g.op(
             "GroupQueryAttention",
-            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total, "", "", "", bias],
+            [
+                q,
+                k,
+                v,
+                f"past_key_values.{i}.key",
+                f"past_key_values.{i}.value",
+                seqlens,
+                total,
+                "",
+                "",
+                "",
+                bias,
+            ],
             f"/decoder/blocks.{i}/attn/GroupQueryAttention",
             outputs=[f"/decoder/blocks.{i}/attn/output", f"present.{i}.key", f"present.{i}.value"],
-            domain=MS, num_heads=H, kv_num_heads=Hkv,
-        )[0]  # fmt: skip
+            domain=MS,
+            num_heads=H,
+            kv_num_heads=Hkv,
+        )[0]
         o = linear(attn, i, "attn.out_proj")
-        h2, x = _skip_norm(g, o, x, g.const(f"decoder.blocks.{i}.norm2.weight", sd[f"blocks.{i}.norm2.weight"]),
-                           eps, f"/decoder/blocks.{i}/norm2")  # fmt: skip
+        h2, x = _skip_norm(
+            g,
+            o,
+            x,
+            g.const(f"decoder.blocks.{i}.norm2.weight", sd[f"blocks.{i}.norm2.weight"]),
+            eps,
+            f"/decoder/blocks.{i}/norm2",
+        )
         gate = linear(h2, i, "mlp.gate_proj")
         up = linear(h2, i, "mlp.up_proj")
         silu = g.one(
@@ -198,13 +260,17 @@ def build_fused_decoder(model: VisionLanguageModel) -> onnx.ModelProto:
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
         *[kv(n, "past_seq") for n in inputs[4:]],
     ]
-    graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.lm_vocab_size]),
-                     *[kv(n, "total_seq") for n in outputs[1:]]]  # fmt: skip
+    graph_outputs = [
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", cfg.lm_vocab_size]),
+        *[kv(n, "total_seq") for n in outputs[1:]],
+    ]
     graph = helper.make_graph(g.nodes, "decoder_fused", graph_inputs, graph_outputs, g.inits)
     model_proto = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-        producer_name="nanovlm-edge", producer_version="fused-decoder-1",
-    )  # fmt: skip
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+        producer_name="nanovlm-edge",
+        producer_version="fused-decoder-1",
+    )
     model_proto.ir_version = 8
     return model_proto
 
@@ -223,6 +289,12 @@ def _rms_norm(g: _Graph, x: str, gamma: str, eps: float, name: str) -> str:
 
 def _skip_norm(g: _Graph, x: str, residual: str, gamma: str, eps: float, name: str) -> tuple[str, str]:
     """(RMSNorm(x + residual) * gamma, x + residual) in one SkipSimplifiedLayerNormalization."""
-    out = g.op("SkipSimplifiedLayerNormalization", [x, residual, gamma], f"{name}/SkipSimplifiedLayerNormalization",
-               outputs=[f"{name}/output", "", "", f"{name}/residual"], domain=MS, epsilon=eps)  # fmt: skip
+    out = g.op(
+        "SkipSimplifiedLayerNormalization",
+        [x, residual, gamma],
+        f"{name}/SkipSimplifiedLayerNormalization",
+        outputs=[f"{name}/output", "", "", f"{name}/residual"],
+        domain=MS,
+        epsilon=eps,
+    )
     return out[0], out[3]

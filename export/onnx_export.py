@@ -50,9 +50,13 @@ DECODER_GRAPHS = ("standard", "fused")
 
 
 def export_onnx(
-    src: str, out: str, precision: str = "fp32", opset: int = DEFAULT_OPSET, decoder: str = "standard",
+    src: str,
+    out: str,
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    decoder: str = "standard",
     overwrite: bool = False,
-) -> Manifest:  # fmt: skip
+) -> Manifest:
     """Export checkpoint `src` (directory or Hub id) to the bundle directory `out`; returns the manifest.
 
     decoder="standard": standard ONNX ops only (ONNX Runtime on any EP, TensorRT).
@@ -109,8 +113,13 @@ def export_onnx(
         model.cfg.save(os.path.join(tmp, "config.json"))
         with open(os.path.join(tmp, REFERENCE), "wb") as f:
             np.savez(f, **reference)
-        stored = {"file": REFERENCE, "split": "test", "seed": 0, "cases": REFERENCE_CASES,
-                  "max_new_tokens": REFERENCE_TOKENS}  # fmt: skip
+        stored = {
+            "file": REFERENCE,
+            "split": "test",
+            "seed": 0,
+            "cases": REFERENCE_CASES,
+            "max_new_tokens": REFERENCE_TOKENS,
+        }
         manifest = Manifest(precision, opset, graphs, decoder_graph=decoder, reference=stored).write(tmp)
     log.info("bundle written to %s in %.1f s", out, time.time() - t0)
     return manifest
@@ -151,8 +160,13 @@ def _maybe_external(path: str) -> None:
     if os.path.getsize(path) < TWO_GB - 2**26 and not os.path.exists(path + ".data"):
         return
     m = onnx.load(path)
-    onnx.save_model(m, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=os.path.basename(path) + ".data")  # fmt: skip
+    onnx.save_model(
+        m,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=os.path.basename(path) + ".data",
+    )
 
 
 def _export_vision(model: VisionLanguageModel, out: str, opset: int) -> dict:
@@ -161,10 +175,14 @@ def _export_vision(model: VisionLanguageModel, out: str, opset: int) -> dict:
     pixels = torch.rand(2, 3, size, size)  # graph input stays fp32 whatever the precision
     graph = VisionEncoderGraph(model).eval()
     _onnx_export(
-        graph, (pixels,), os.path.join(out, "vision_encoder.onnx"), opset,
-        input_names=["pixel_values"], output_names=["image_embeds"],
+        graph,
+        (pixels,),
+        os.path.join(out, "vision_encoder.onnx"),
+        opset,
+        input_names=["pixel_values"],
+        output_names=["image_embeds"],
         dynamic_axes={"pixel_values": {0: "num_images"}, "image_embeds": {0: "num_images"}},
-    )  # fmt: skip
+    )
     return {"file": "vision_encoder.onnx"}
 
 
@@ -196,8 +214,15 @@ def _export_decoder(model: VisionLanguageModel, out: str, opset: int) -> dict:
     for name in outputs[1:]:
         axes[name] = {0: "batch", 2: "total_seq"}
     path = os.path.join(out, "decoder.onnx")
-    _onnx_export(DecoderGraph(model).eval(), args, path, opset,
-                 input_names=inputs, output_names=outputs, dynamic_axes=axes)  # fmt: skip
+    _onnx_export(
+        DecoderGraph(model).eval(),
+        args,
+        path,
+        opset,
+        input_names=inputs,
+        output_names=outputs,
+        dynamic_axes=axes,
+    )
     if cfg.lm_tie_weights:
         share_tied_head(path, "decoder.token_embedding.weight")
     return {"file": "decoder.onnx"}
@@ -209,8 +234,9 @@ def _export_fused_decoder(model: VisionLanguageModel, out: str) -> dict:
     path = os.path.join(out, "decoder.onnx")
     proto = build_fused_decoder(model)
     large = proto.ByteSize() > TWO_GB - 2**26
-    onnx.save_model(proto, path, save_as_external_data=large, all_tensors_to_one_file=True,
-                    location="decoder.onnx.data")  # fmt: skip
+    onnx.save_model(
+        proto, path, save_as_external_data=large, all_tensors_to_one_file=True, location="decoder.onnx.data"
+    )
     return {"file": "decoder.onnx"}
 
 

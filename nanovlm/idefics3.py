@@ -56,8 +56,9 @@ def read_processing(directory: str, revision: str | None = None) -> tuple[dict, 
     processor, pre = load("processor_config.json") or {}, load("preprocessor_config.json")
     image = processor.get("image_processor") or pre
     if not image:
-        raise FileNotFoundError(f"{directory}: no image processor settings (processor_config.json or "
-                                "preprocessor_config.json)")  # fmt: skip
+        raise FileNotFoundError(
+            f"{directory}: no image processor settings (processor_config.json or preprocessor_config.json)"
+        )
     seq_len = processor.get("image_seq_len", (pre or {}).get("image_seq_len"))
     template = processor.get("chat_template")
     jinja = resolve_file(directory, "chat_template.jinja", revision, required=False)
@@ -73,8 +74,13 @@ def read_processing(directory: str, revision: str | None = None) -> tuple[dict, 
     return image, seq_len, template
 
 
-def idefics3_config(hf: dict, processor: dict, chat_template: str, image_seq_len: int | None = None,
-                    where: str = "config.json") -> VLMConfig:  # fmt: skip
+def idefics3_config(
+    hf: dict,
+    processor: dict,
+    chat_template: str,
+    image_seq_len: int | None = None,
+    where: str = "config.json",
+) -> VLMConfig:
     """Our VLMConfig for an Idefics3 config dict and its processor settings; unsupported settings
     are named."""
     vision, text = hf.get("vision_config") or {}, hf.get("text_config") or {}
@@ -112,11 +118,15 @@ def idefics3_config(hf: dict, processor: dict, chat_template: str, image_seq_len
     cfg.mp_image_token_length = cfg.image_token_count
     settings = settings_from_processor(processor, f"{where}: image processor")
     if settings["tile"] != cfg.vit_img_size:
-        raise ValueError(f"{where}: max_image_size.longest_edge={settings['tile']} differs from the vision "
-                         f"encoder's image_size={cfg.vit_img_size}")  # fmt: skip
+        raise ValueError(
+            f"{where}: max_image_size.longest_edge={settings['tile']} differs from the vision "
+            f"encoder's image_size={cfg.vit_img_size}"
+        )
     if image_seq_len is not None and image_seq_len != cfg.image_token_count:
-        raise ValueError(f"{where}: image_seq_len={image_seq_len} but the model emits {cfg.image_token_count} "
-                         "image tokens per tile")  # fmt: skip
+        raise ValueError(
+            f"{where}: image_seq_len={image_seq_len} but the model emits {cfg.image_token_count} "
+            "image tokens per tile"
+        )
     cfg.vlm_image_processor = settings
     # the largest tile grid an image can get (TensorRT profiles are sized by it)
     cfg.max_img_size = math.ceil(settings["longest_edge"] / cfg.vit_img_size) * cfg.vit_img_size
@@ -153,18 +163,27 @@ def load_idefics3(
     model = cls(cfg, load_backbone=False)
     source = TensorSource(directory, revision)
     table = idefics3_weight_table(cfg)
-    qkv = {f"model.vision_model.encoder.layers.{i}.self_attn.{p}_proj.{k}"
-           for i in range(cfg.vit_n_blocks) for p in "qkv" for k in ("weight", "bias")}  # fmt: skip
+    qkv = {
+        f"model.vision_model.encoder.layers.{i}.self_attn.{p}_proj.{k}"
+        for i in range(cfg.vit_n_blocks)
+        for p in "qkv"
+        for k in ("weight", "bias")
+    }
     unexpected = sorted(source.keys() - set(table) - qkv)
-    filled = set(table.values()) | {f"vision_encoder.blocks.{i}.attn.qkv_proj.{k}"
-                                    for i in range(cfg.vit_n_blocks) for k in ("weight", "bias")}  # fmt: skip
+    filled = set(table.values()) | {
+        f"vision_encoder.blocks.{i}.attn.qkv_proj.{k}"
+        for i in range(cfg.vit_n_blocks)
+        for k in ("weight", "bias")
+    }
     params = {
         name for name, _ in model.named_parameters(remove_duplicate=False)
     }  # buffers come from the config
     missing = sorted(params - filled - ({"decoder.head.weight"} if cfg.lm_tie_weights else set()))
     if unexpected or missing:
-        raise ValueError(f"{directory}: the weights do not match an Idefics3 model of this config: "
-                         f"unexpected {unexpected[:4]}, missing {missing[:4]}")  # fmt: skip
+        raise ValueError(
+            f"{directory}: the weights do not match an Idefics3 model of this config: "
+            f"unexpected {unexpected[:4]}, missing {missing[:4]}"
+        )
     copy_into(model, source, table)
     fuse_qkv(model.vision_encoder, source, "model.vision_model.", cfg.vit_n_blocks)
     if cfg.lm_tie_weights:

@@ -17,15 +17,31 @@ BASE_VOCAB = 368  # the built-in corpus merges fully at 372
 def tiny_config() -> VLMConfig:
     """128 px single-tile images, 16 px patches (8x8 grid), pixel shuffle 2 -> 16 image tokens (one per cell)."""
     return VLMConfig(
-        vit_hidden_dim=128, vit_inter_dim=256, vit_patch_size=16, vit_img_size=128, vit_n_heads=4, vit_n_blocks=4,
+        vit_hidden_dim=128,
+        vit_inter_dim=256,
+        vit_patch_size=16,
+        vit_img_size=128,
+        vit_n_heads=4,
+        vit_n_blocks=4,
         vit_model_type="",
-        lm_hidden_dim=128, lm_inter_dim=384, lm_n_heads=4, lm_n_kv_heads=2, lm_n_blocks=4,
-        lm_base_vocab_size=BASE_VOCAB, extra_token_amount=66, lm_vocab_size=BASE_VOCAB + 66,
-        lm_max_position_embeddings=256, lm_max_length=192, lm_re_base=10000,
-        lm_model_type="", lm_tokenizer="",
-        mp_pixel_shuffle_factor=2, mp_image_token_length=16, max_img_size=128,
+        lm_hidden_dim=128,
+        lm_inter_dim=384,
+        lm_n_heads=4,
+        lm_n_kv_heads=2,
+        lm_n_blocks=4,
+        lm_base_vocab_size=BASE_VOCAB,
+        extra_token_amount=66,
+        lm_vocab_size=BASE_VOCAB + 66,
+        lm_max_position_embeddings=256,
+        lm_max_length=192,
+        lm_re_base=10000,
+        lm_model_type="",
+        lm_tokenizer="",
+        mp_pixel_shuffle_factor=2,
+        mp_image_token_length=16,
+        max_img_size=128,
         hf_repo_name="nanoVLM-tiny-shapes",
-    )  # fmt: skip
+    )
 
 
 def build_tokenizer(cfg: VLMConfig, seed: int = 0) -> Tokenizer:

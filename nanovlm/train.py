@@ -170,8 +170,14 @@ def evaluate(
         batch = {k: v.to(device) for k, v in batch.items()}
         _, loss = model(batch["input_ids"], batch["images"], batch["attention_mask"], batch["labels"])
         losses.append(loss.item())
-        answers = answer(model, model.tokenizer, proc, [[s.image] for s in chunk], [s.question for s in chunk],
-                         max_new_tokens)  # fmt: skip
+        answers = answer(
+            model,
+            model.tokenizer,
+            proc,
+            [[s.image] for s in chunk],
+            [s.question for s in chunk],
+            max_new_tokens,
+        )
         for s, a in zip(chunk, answers, strict=True):
             correct[s.qtype][0] += a.strip() == s.answer
             correct[s.qtype][1] += 1
@@ -290,8 +296,14 @@ def train(tc: TrainConfig, stop_after: int | None = None) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}")
             if step % tc.log_interval == 0 or step == max_steps:
-                entry = {"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                         "tokens_per_s": tokens_seen / (time.time() - t0), "elapsed_s": time.time() - t0}  # fmt: skip
+                entry = {
+                    "step": step,
+                    "loss": loss_sum,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": tokens_seen / (time.time() - t0),
+                    "elapsed_s": time.time() - t0,
+                }
                 history.append(entry)
                 append_history(log_path, entry)
         is_eval = tc.eval_interval and step % tc.eval_interval == 0 or step == max_steps
@@ -301,8 +313,11 @@ def train(tc: TrainConfig, stop_after: int | None = None) -> dict:
             append_history(log_path, metrics)
             log.info("step %d: val_loss %.4f accuracy %.3f", step, metrics["val_loss"], metrics["accuracy"])
             if tc.target_accuracy and metrics["accuracy"] >= tc.target_accuracy and step < max_steps:
-                stopped = {"step": step, "reason": f"validation accuracy {metrics['accuracy']:.3f} reached the "
-                           f"target {tc.target_accuracy} (of {max_steps} scheduled steps)"}  # fmt: skip
+                stopped = {
+                    "step": step,
+                    "reason": f"validation accuracy {metrics['accuracy']:.3f} reached the "
+                    f"target {tc.target_accuracy} (of {max_steps} scheduled steps)",
+                }
                 log.info("stopping early at step %d: %s", step, stopped["reason"])
         if world > 1:  # every rank stops at the step rank 0 decided
             flag = torch.tensor([1 if stopped else 0], device=device)
@@ -334,8 +349,11 @@ def _summary(history: list[dict], tc: TrainConfig, collator: Collator) -> dict:
     evals = [h for h in history if "accuracy" in h]
     out = {"steps": max((h["step"] for h in history), default=0), "skipped_samples": collator.skipped}
     if evals:
-        out |= {"final_val_loss": evals[-1]["val_loss"], "final_accuracy": evals[-1]["accuracy"],
-                "accuracy_by_type": evals[-1]["accuracy_by_type"]}  # fmt: skip
+        out |= {
+            "final_val_loss": evals[-1]["val_loss"],
+            "final_accuracy": evals[-1]["accuracy"],
+            "accuracy_by_type": evals[-1]["accuracy_by_type"],
+        }
     train_hist = [h for h in history if "elapsed_s" in h]
     if train_hist:
         out["train_seconds"] = train_hist[-1]["elapsed_s"]

@@ -54,10 +54,24 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_types(type(self), dataclasses.asdict(self), "TrainConfig")
-        at_least = {"batch_size": 1, "gradient_accumulation_steps": 1, "max_training_steps": 1, "log_interval": 1,
-                    "checkpoint_interval": 1, "max_sample_length": 2, "shapes_image_size": 8, "shapes_length": 1,
-                    "eval_interval": 0, "eval_samples": 0, "max_epochs": 0, "weight_decay": 0, "max_grad_norm": 0,
-                    "lr_mp": 0, "lr_vision_backbone": 0, "lr_language_backbone": 0}  # fmt: skip
+        at_least = {
+            "batch_size": 1,
+            "gradient_accumulation_steps": 1,
+            "max_training_steps": 1,
+            "log_interval": 1,
+            "checkpoint_interval": 1,
+            "max_sample_length": 2,
+            "shapes_image_size": 8,
+            "shapes_length": 1,
+            "eval_interval": 0,
+            "eval_samples": 0,
+            "max_epochs": 0,
+            "weight_decay": 0,
+            "max_grad_norm": 0,
+            "lr_mp": 0,
+            "lr_vision_backbone": 0,
+            "lr_language_backbone": 0,
+        }
         for key, low in at_least.items():
             if getattr(self, key) < low:
                 raise ValueError(f"TrainConfig: {key}={getattr(self, key)} must be at least {low}")

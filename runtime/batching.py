@@ -177,8 +177,13 @@ class EngineConfig:
 
 
 class ContinuousBatcher:
-    def __init__(self, pipeline: VLMPipeline, max_batch: int = 8, max_queue: int = 64,
-                 config: EngineConfig | None = None):  # fmt: skip
+    def __init__(
+        self,
+        pipeline: VLMPipeline,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        config: EngineConfig | None = None,
+    ):
         c = config or EngineConfig(max_batch=max_batch, max_queue=max_queue)
         if pipeline.backend.device != "cpu" or not isinstance(pipeline.backend.new_cache(1, 1), KVCache):
             raise ValueError(
@@ -241,8 +246,10 @@ class ContinuousBatcher:
         return len(self.rows)
 
     def start(self) -> None:
-        self.threads = [threading.Thread(target=self.run, name="nanovlm-engine", daemon=True),
-                        threading.Thread(target=self.run_encoder, name="nanovlm-encoder", daemon=True)]  # fmt: skip
+        self.threads = [
+            threading.Thread(target=self.run, name="nanovlm-engine", daemon=True),
+            threading.Thread(target=self.run_encoder, name="nanovlm-encoder", daemon=True),
+        ]
         for t in self.threads:
             t.start()
 
@@ -379,8 +386,12 @@ class ContinuousBatcher:
                 if len(members) == 1:
                     self._drop(head, e)
                 else:
-                    log.warning("prefill of %d requests together failed (%s); retrying one at a time",
-                                len(members), e, exc_info=e)  # fmt: skip
+                    log.warning(
+                        "prefill of %d requests together failed (%s); retrying one at a time",
+                        len(members),
+                        e,
+                        exc_info=e,
+                    )
                     for a in members:
                         a.alone = True
             return
@@ -460,8 +471,14 @@ class ContinuousBatcher:
     ) -> None:
         """Sample a prefilled request's first token; unless that ends it, its KV row joins the batch."""
         b = ticket.batch
-        row = _Row(ticket, Sampler(ticket.request.sampling), TextStream(self.pipe.tokenizer, ticket.request.stop),
-                   seen=list(b.input_ids[0][b.attention_mask[0] == 1]), next_position=n, last_token=-1)  # fmt: skip
+        row = _Row(
+            ticket,
+            Sampler(ticket.request.sampling),
+            TextStream(self.pipe.tokenizer, ticket.request.stop),
+            seen=list(b.input_ids[0][b.attention_mask[0] == 1]),
+            next_position=n,
+            last_token=-1,
+        )
         ticket.first_token = time.perf_counter()
         if not self._emit(row, logits):
             self._join(row, cache, src, mask)

@@ -37,10 +37,12 @@ class KVCache:
             import onnxruntime as ort
 
             self.buffers = [
-                [ort.OrtValue.ortvalue_from_shape_and_type((size,), self.dtype, device, 0)
-                 for _ in range(2 * kv.layers)]
+                [
+                    ort.OrtValue.ortvalue_from_shape_and_type((size,), self.dtype, device, 0)
+                    for _ in range(2 * kv.layers)
+                ]
                 for _ in range(sets)
-            ]  # fmt: skip
+            ]
         self.batch = 0  # rows in use
         self.length = 0  # positions in the frame (the past of the next step)
         self.turn = 0  # which set holds the current frame (ping-pong)

@@ -34,9 +34,12 @@ PACKAGE_FOR = {"cuda": "onnxruntime-gpu", "tensorrt": "onnxruntime-gpu (built wi
 
 
 def session_options(
-    threads: int | None = None, optimized_model_path: str | None = None, literal_qdq: bool = False,
-    profile_prefix: str | None = None, spinning: bool = True,
-) -> Any:  # fmt: skip
+    threads: int | None = None,
+    optimized_model_path: str | None = None,
+    literal_qdq: bool = False,
+    profile_prefix: str | None = None,
+    spinning: bool = True,
+) -> Any:
     """`literal_qdq`: run QuantizeLinear/DequantizeLinear as written (the int8-static bundles, made
     for TensorRT). Otherwise the CPU provider fuses a weight's DequantizeLinear into MatMulNBits,
     which quantizes the activations to int8 at run time: not what the graph says, nor what TensorRT
@@ -113,8 +116,13 @@ class OrtBackend:
                 from trt.plan import trt_profile_shapes
 
                 cache = engine_cache or os.path.join(bundle.path, "trt_cache")
-                opts = {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache, "trt_fp16_enable": fp16,
-                        "trt_int8_enable": int8, "trt_timing_cache_enable": True}  # fmt: skip
+                opts = {
+                    "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": cache,
+                    "trt_fp16_enable": fp16,
+                    "trt_int8_enable": int8,
+                    "trt_timing_cache_enable": True,
+                }
                 opts |= trt_profile_shapes(bundle, max_batch, self.max_context, max_images)[graph]
             providers = [(name, opts)] + (
                 [("CPUExecutionProvider", {})] if name != "CPUExecutionProvider" else []
@@ -152,8 +160,14 @@ class OrtBackend:
     def new_cache(self, rows: int, length: int) -> KVCache:
         return KVCache(self.kv, rows, length, self.kv_in_place, self.device)
 
-    def step(self, input_ids: np.ndarray, image_rows: np.ndarray, attention_mask: np.ndarray,
-             position_ids: np.ndarray, cache: KVCache) -> np.ndarray:  # fmt: skip
+    def step(
+        self,
+        input_ids: np.ndarray,
+        image_rows: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        cache: KVCache,
+    ) -> np.ndarray:
         """One decoder call over S new positions on `cache` (runtime/backend.py); logits [B, V]."""
         B, S = input_ids.shape
         io = self.io
@@ -167,10 +181,22 @@ class OrtBackend:
             _, src, dst, past_shape, present_shape = bound
             for i in range(self.kv.layers):
                 for j, part in enumerate(("key", "value")):
-                    io.bind_input(f"past_key_values.{i}.{part}", self.device, 0, self.kv_dtype, past_shape,
-                                  cache.pointer(src, 2 * i + j))  # fmt: skip
-                    io.bind_output(f"present.{i}.{part}", self.device, 0, self.kv_dtype, present_shape,
-                                   cache.pointer(dst, 2 * i + j))  # fmt: skip
+                    io.bind_input(
+                        f"past_key_values.{i}.{part}",
+                        self.device,
+                        0,
+                        self.kv_dtype,
+                        past_shape,
+                        cache.pointer(src, 2 * i + j),
+                    )
+                    io.bind_output(
+                        f"present.{i}.{part}",
+                        self.device,
+                        0,
+                        self.kv_dtype,
+                        present_shape,
+                        cache.pointer(dst, 2 * i + j),
+                    )
             self._bound = bound  # holds the cache, so its buffers outlive the binding
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input("image_embeds", np.ascontiguousarray(image_rows, dtype=np.float32))

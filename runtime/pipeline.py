@@ -157,33 +157,61 @@ class VLMPipeline:
         )
 
     # ------------------------------------------------------------------ user calls
-    def prepare(self, images: list[list[Any]], prompts: list[str], histories: list[list[tuple[str, str]]] | None = None,
-                system: str | None = None) -> Batch:  # fmt: skip
+    def prepare(
+        self,
+        images: list[list[Any]],
+        prompts: list[str],
+        histories: list[list[tuple[str, str]]] | None = None,
+        system: str | None = None,
+    ) -> Batch:
         """Model inputs for (images, prompt) pairs: the one input path (core/processors.py)."""
         return prepare_batch(
             self.cfg, self.tokenizer, self.image_processor, images, prompts, histories, system
         )
 
-    def generate(self, images: Any, prompt: str, max_new_tokens: int = 64, stop: list[str] | None = None,
-                 sampling: SamplingConfig | None = None) -> str:  # fmt: skip
+    def generate(
+        self,
+        images: Any,
+        prompt: str,
+        max_new_tokens: int = 64,
+        stop: list[str] | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> str:
         """Answer `prompt` about `images` (one image or a list: paths, PIL images or file objects);
         greedy unless `sampling` says otherwise."""
         return "".join(self.stream(images, prompt, max_new_tokens, stop, sampling))
 
-    def stream(self, images: Any, prompt: str, max_new_tokens: int = 64, stop: list[str] | None = None,
-               sampling: SamplingConfig | None = None) -> Iterator[str]:  # fmt: skip
+    def stream(
+        self,
+        images: Any,
+        prompt: str,
+        max_new_tokens: int = 64,
+        stop: list[str] | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> Iterator[str]:
         """Like generate, yielding text as tokens arrive."""
         request = GenerationRequest(max_new_tokens, sampling or SamplingConfig(), list(stop or []))
         yield from self._stream(self.prepare([_as_list(images)], [prompt]), request)
 
-    def chat(self, images: Any, history: list[tuple[str, str]], prompt: str, max_new_tokens: int = 64,
-             sampling: SamplingConfig | None = None) -> str:  # fmt: skip
+    def chat(
+        self,
+        images: Any,
+        history: list[tuple[str, str]],
+        prompt: str,
+        max_new_tokens: int = 64,
+        sampling: SamplingConfig | None = None,
+    ) -> str:
         """One more turn of a conversation about the same images; `history` holds (question, answer) pairs."""
         request = GenerationRequest(max_new_tokens, sampling or SamplingConfig())
         return "".join(self._stream(self.prepare([_as_list(images)], [prompt], [history]), request))
 
-    def generate_batch(self, items: list[tuple[Any, str]], max_new_tokens: int = 64, stop: list[str] | None = None,
-                       sampling: SamplingConfig | None = None) -> list[str]:  # fmt: skip
+    def generate_batch(
+        self,
+        items: list[tuple[Any, str]],
+        max_new_tokens: int = 64,
+        stop: list[str] | None = None,
+        sampling: SamplingConfig | None = None,
+    ) -> list[str]:
         """Several (images, prompt) pairs in one left-padded batch."""
         request = GenerationRequest(max_new_tokens, sampling or SamplingConfig(), list(stop or []))
         batch = self.prepare([_as_list(i) for i, _ in items], [p for _, p in items])

@@ -93,8 +93,10 @@ class Service:
                 log.warning(
                     "%s is a %s bundle: its kernels round differently at batch 1 and in a batch, so a greedy answer "
                     "can leave its lone run's path after some tokens (fp32 bundles answer exactly as alone; "
-                    "docs/serving.md)", c.bundle, self.pipe.bundle.mode,
-                )  # fmt: skip
+                    "docs/serving.md)",
+                    c.bundle,
+                    self.pipe.bundle.mode,
+                )
             self._warm_up()
             self.ready.set()
             log.info(
@@ -145,8 +147,12 @@ class Service:
         n = self.engine.prompt_length(batch)
         room = self.engine.max_context - n
         if room < 1:
-            raise ApiError(400, f"the prompt takes {n} positions (image tokens included): no room left in "
-                                f"the model's context of {self.engine.max_context}", "messages")  # fmt: skip
+            raise ApiError(
+                400,
+                f"the prompt takes {n} positions (image tokens included): no room left in "
+                f"the model's context of {self.engine.max_context}",
+                "messages",
+            )
         max_tokens = chat.max_tokens or min(self.limits.max_tokens, room)
         return chat, batch, GenerationRequest(max_tokens, chat.sampling, chat.stop)
 
@@ -231,8 +237,11 @@ def create_app(config: ServeConfig, load_in_background: bool = True) -> Starlett
                     m.per_token.observe((ticket.finished - ticket.first_token) / (last.completion_tokens - 1))
 
         if chat.stream:
-            return StreamingResponse(_sse(events, ticket, cid, name, chat, account), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+            return StreamingResponse(
+                _sse(events, ticket, cid, name, chat, account),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         text = ""
         try:
             while True:

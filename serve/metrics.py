@@ -16,15 +16,25 @@ class Metrics:
         self.requests = Counter(
             "nanovlm_requests", "Chat completion requests by HTTP status", ["status"], registry=r
         )
-        self.prompt_tokens = Counter("nanovlm_prompt_tokens", "Prompt positions processed (image tokens included)",
-                                     registry=r)  # fmt: skip
+        self.prompt_tokens = Counter(
+            "nanovlm_prompt_tokens", "Prompt positions processed (image tokens included)", registry=r
+        )
         self.completion_tokens = Counter("nanovlm_completion_tokens", "Tokens generated", registry=r)
-        self.ttft = Histogram("nanovlm_time_to_first_token_seconds", "Arrival to first token (queue, image "
-                              "encode and prefill)", buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.per_token = Histogram("nanovlm_time_per_output_token_seconds", "Mean time between a request's "
-                                   "tokens after the first", buckets=TOKEN_BUCKETS, registry=r)  # fmt: skip
-        self.cached_tokens = Counter("nanovlm_prompt_tokens_cached", "Prompt positions whose KV came from the "
-                                     "prefix cache", registry=r)  # fmt: skip
+        self.ttft = Histogram(
+            "nanovlm_time_to_first_token_seconds",
+            "Arrival to first token (queue, image encode and prefill)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.per_token = Histogram(
+            "nanovlm_time_per_output_token_seconds",
+            "Mean time between a request's tokens after the first",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.cached_tokens = Counter(
+            "nanovlm_prompt_tokens_cached", "Prompt positions whose KV came from the prefix cache", registry=r
+        )
         self.queue_depth = Gauge("nanovlm_queue_depth", "Requests waiting for a batch row", registry=r)
         self.running = Gauge("nanovlm_running_batch_size", "Requests in the running batch", registry=r)
         g = lambda name, doc: Gauge(name, doc, registry=r)  # noqa: E731

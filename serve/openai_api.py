@@ -27,8 +27,13 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
-        self.kind = kind or {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
-                             429: "rate_limit_error", 503: "server_error"}.get(status, "server_error")  # fmt: skip
+        self.kind = kind or {
+            400: "invalid_request_error",
+            404: "not_found_error",
+            413: "invalid_request_error",
+            429: "rate_limit_error",
+            503: "server_error",
+        }.get(status, "server_error")
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
@@ -143,10 +148,17 @@ def parse_chat(body: Any, limits: RequestLimits) -> ChatRequest:
     if not isinstance(model, str):
         raise ApiError(400, "'model' must be a string", "model")
     return ChatRequest(
-        images=images, question=turns[-1][1], history=history, system=system, max_tokens=max_tokens,
+        images=images,
+        question=turns[-1][1],
+        history=history,
+        system=system,
+        max_tokens=max_tokens,
         sampling=SamplingConfig(temperature=float(temperature), top_p=float(top_p), seed=seed),
-        stop=stop, stream=stream, include_usage=bool(options.get("include_usage")), model=model,
-    )  # fmt: skip
+        stop=stop,
+        stream=stream,
+        include_usage=bool(options.get("include_usage")),
+        model=model,
+    )
 
 
 def _int(value: Any, name: str, low: int) -> int:
@@ -215,8 +227,12 @@ def open_image_url(url: str, where: str, limits: RequestLimits) -> Image.Image:
             raise ApiError(413, f"{where}: image is over {limits.max_image_bytes} bytes", where)
         source = path
     else:
-        raise ApiError(400, f"{where}: only data: URLs (or allowed file:// paths) are accepted; the server "
-                            "fetches nothing from the network", where)  # fmt: skip
+        raise ApiError(
+            400,
+            f"{where}: only data: URLs (or allowed file:// paths) are accepted; the server "
+            "fetches nothing from the network",
+            where,
+        )
     try:
         return load_image(source, max_pixels=limits.max_image_pixels)
     except (ValueError, FileNotFoundError) as e:
@@ -240,33 +256,46 @@ def completion(
     cached_tokens: int = 0,
 ) -> dict:
     return {
-        "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "id": cid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
         "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
-    }  # fmt: skip
+    }
 
 
 def chunk(cid: str, model: str, delta: dict, finish: str | None = None) -> dict:
     return {
-        "id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-    }  # fmt: skip
+    }
 
 
 def usage_chunk(
     cid: str, model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
 ) -> dict:
     return {
-        "id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-        "choices": [], "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
-    }  # fmt: skip
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
+    }
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     """OpenAI's usage object; cached_tokens: prompt positions whose KV came from the prefix cache."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}  # fmt: skip
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
 
 
 def models(name: str, created: int) -> dict:

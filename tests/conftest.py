@@ -20,12 +20,28 @@ CACHE = os.environ.get("NANOVLM_TEST_CACHE", os.path.join(REPO, ".cache"))
 def tiny_config(placement: str = "replace", **overrides) -> VLMConfig:
     """A few-hundred-kilobyte model with every structural feature of the real ones (GQA, tiles)."""
     kw = dict(
-        vit_hidden_dim=48, vit_inter_dim=96, vit_n_heads=4, vit_n_blocks=2, vit_img_size=32, vit_patch_size=8,
-        mp_pixel_shuffle_factor=2, mp_image_token_length=4, max_img_size=64,
-        lm_hidden_dim=64, lm_inter_dim=128, lm_n_heads=4, lm_n_kv_heads=2, lm_n_blocks=2,
-        lm_base_vocab_size=300, extra_token_amount=66, lm_vocab_size=366, lm_max_position_embeddings=512,
-        lm_model_type="none", lm_tokenizer="none", vit_model_type="none",
-    )  # fmt: skip
+        vit_hidden_dim=48,
+        vit_inter_dim=96,
+        vit_n_heads=4,
+        vit_n_blocks=2,
+        vit_img_size=32,
+        vit_patch_size=8,
+        mp_pixel_shuffle_factor=2,
+        mp_image_token_length=4,
+        max_img_size=64,
+        lm_hidden_dim=64,
+        lm_inter_dim=128,
+        lm_n_heads=4,
+        lm_n_kv_heads=2,
+        lm_n_blocks=2,
+        lm_base_vocab_size=300,
+        extra_token_amount=66,
+        lm_vocab_size=366,
+        lm_max_position_embeddings=512,
+        lm_model_type="none",
+        lm_tokenizer="none",
+        vit_model_type="none",
+    )
     kw.update(overrides)
     if placement == "prefix":
         d = dict(kw)
@@ -68,10 +84,19 @@ def export_lively(
 def nanovlm_222m_shape(lm_dir: str) -> VLMConfig:
     """SigLIP-B/16-224-shaped ViT (random: no SigLIP offline) + the LM in lm_dir, one 224 px tile."""
     return VLMConfig(
-        vit_hidden_dim=768, vit_inter_dim=3072, vit_patch_size=16, vit_img_size=224, vit_n_heads=12,
-        vit_n_blocks=12, vit_model_type="", lm_model_type=lm_dir, lm_tokenizer=lm_dir,
-        mp_pixel_shuffle_factor=2, mp_image_token_length=49, max_img_size=224,
-    )  # fmt: skip
+        vit_hidden_dim=768,
+        vit_inter_dim=3072,
+        vit_patch_size=16,
+        vit_img_size=224,
+        vit_n_heads=12,
+        vit_n_blocks=12,
+        vit_model_type="",
+        lm_model_type=lm_dir,
+        lm_tokenizer=lm_dir,
+        mp_pixel_shuffle_factor=2,
+        mp_image_token_length=49,
+        max_img_size=224,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,17 @@ ALLOWED: dict[str, set[str]] = {
     "evaluation": {"core", "nanovlm", "runtime", "calibration"},
     "transformers_js": {"core", "nanovlm", "calibration", "export"},
     "serve": {"core", "runtime"},
-    "cli": {"core", "trt", "nanovlm", "runtime", "calibration", "export", "evaluation", "transformers_js", "serve"},
+    "cli": {
+        "core",
+        "trt",
+        "nanovlm",
+        "runtime",
+        "calibration",
+        "export",
+        "evaluation",
+        "transformers_js",
+        "serve",
+    },
 }
 TORCH_FREE = ("core", "trt", "runtime", "calibration", "serve")
 FORBIDDEN_THERE = ("torch", "transformers", "torchvision")
@@ -135,17 +145,34 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
 @pytest.mark.parametrize(
     "files, expected",
     [
-        ({"nanovlm/m.py": "def f():\n    from runtime.pipeline import VLMPipeline\n", "runtime/pipeline.py": ""},
-         "nanovlm.m imports runtime.pipeline: nanovlm/ may import only ['core']"),
+        (
+            {
+                "nanovlm/m.py": "def f():\n    from runtime.pipeline import VLMPipeline\n",
+                "runtime/pipeline.py": "",
+            },
+            "nanovlm.m imports runtime.pipeline: nanovlm/ may import only ['core']",
+        ),
         ({"runtime/r.py": "import torch\n"}, "runtime.r imports torch: runtime/ must stay torch-free"),
-        ({"runtime/r.py": "from core import helper\n", "core/helper.py": "from transformers import AutoModel\n"},
-         "runtime.r imports transformers (via core.helper)"),
-        ({"calibration/q.py": "from export.graphs import x\n", "export/graphs.py": "from calibration import q\n"},
-         "import cycle between calibration/ and export/"),
-        ({"core/c.py": "from ..runtime import pipeline\n", "runtime/pipeline.py": ""},
-         "core.c imports runtime.pipeline"),
+        (
+            {
+                "runtime/r.py": "from core import helper\n",
+                "core/helper.py": "from transformers import AutoModel\n",
+            },
+            "runtime.r imports transformers (via core.helper)",
+        ),
+        (
+            {
+                "calibration/q.py": "from export.graphs import x\n",
+                "export/graphs.py": "from calibration import q\n",
+            },
+            "import cycle between calibration/ and export/",
+        ),
+        (
+            {"core/c.py": "from ..runtime import pipeline\n", "runtime/pipeline.py": ""},
+            "core.c imports runtime.pipeline",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_breach_is_reported(tmp_path, files, expected):
     """Each rule fails on a deliberate breach, lazy and relative imports included."""
     found = violations(_tree(tmp_path, files))

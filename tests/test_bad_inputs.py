@@ -24,8 +24,14 @@ def cli(*args: str, script: str = "nanovlm") -> subprocess.CompletedProcess:
     """The installed console script (`pip install -e .`), else the same entry point via -m."""
     exe = os.path.join(BIN, script)
     cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "cli.main"]
-    return subprocess.run([*cmd, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=REPO, TQDM_DISABLE="1"))  # fmt: skip
+    return subprocess.run(
+        [*cmd, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=REPO, TQDM_DISABLE="1"),
+    )
 
 
 def one_line_error(res: subprocess.CompletedProcess, *needles: str, code: int | None = None) -> None:
@@ -103,8 +109,10 @@ def test_an_interrupted_runs_leftover_is_named_and_kept(made, tmp_path):
 
 def test_train_refuses_a_foreign_or_earlier_output_dir(tmp_path):
     (tmp_path / "keep.txt").write_text("x")
-    one_line_error(cli("train", "-o", f"output_dir={tmp_path}", "-o", "max_training_steps=1"),
-                   "does not hold a training run")  # fmt: skip
+    one_line_error(
+        cli("train", "-o", f"output_dir={tmp_path}", "-o", "max_training_steps=1"),
+        "does not hold a training run",
+    )
     assert os.listdir(tmp_path) == ["keep.txt"]
     run = tmp_path / "run"
     run.mkdir()
@@ -121,8 +129,14 @@ def test_bench_replaces_only_its_own_default_chart(made, tmp_path):
     def bench(cwd) -> subprocess.CompletedProcess:
         exe = os.path.join(BIN, "nanovlm-export")
         cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "cli.main"]
-        return subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
-                              env=dict(os.environ, PYTHONPATH=REPO, TQDM_DISABLE="1"))  # fmt: skip
+        return subprocess.run(
+            [*cmd, *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=dict(os.environ, PYTHONPATH=REPO, TQDM_DISABLE="1"),
+        )
 
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     ours.mkdir(), theirs.mkdir()
@@ -138,10 +152,18 @@ def test_bench_replaces_only_its_own_default_chart(made, tmp_path):
 # ----------------------------------------------------------------------------- numbers
 @pytest.mark.parametrize(
     "option, value",
-    [("--max-new-tokens", "-1"), ("--max-new-tokens", "0"), ("--max-new-tokens", "10000000"),
-     ("--temperature", "-1"), ("--top-k", "-3"), ("--top-p", "0"), ("--top-p", "1.5"),
-     ("--repetition-penalty", "0"), ("--max-new-tokens", "many")],
-)  # fmt: skip
+    [
+        ("--max-new-tokens", "-1"),
+        ("--max-new-tokens", "0"),
+        ("--max-new-tokens", "10000000"),
+        ("--temperature", "-1"),
+        ("--top-k", "-3"),
+        ("--top-p", "0"),
+        ("--top-p", "1.5"),
+        ("--repetition-penalty", "0"),
+        ("--max-new-tokens", "many"),
+    ],
+)
 def test_run_refuses_bad_numbers(made, option, value):
     _, _, bundle, image = made
     one_line_error(cli("run", bundle, "--image", image, "--prompt", "Hi?", option, value), option, code=2)
@@ -149,17 +171,19 @@ def test_run_refuses_bad_numbers(made, option, value):
 
 @pytest.mark.parametrize(
     "args, needle",
-    [(["quantize", "B", "OUT", "--mode", "int8-dynamic", "--samples", "0"], "--samples"),
-     (["quantize", "B", "OUT", "--mode", "int3"], "--mode"),
-     (["validate", "B", "--reference", "C", "--samples", "-4"], "--samples"),
-     (["validate", "B", "--reference", "C", "--threshold", "kl"], "--threshold"),
-     (["bench", "B", "--repeats", "0"], "--repeats"),
-     (["bench", "B", "--max-new-tokens", "1"], "--max-new-tokens"),
-     (["bench", "B", "--growth", "4,x"], "--growth"),
-     (["trt", "B", "OUT", "--max-batch", "0"], "--max-batch"),
-     (["onnx", "C", "OUT", "--opset", "12"], "--opset"),
-     (["demo", "--test-samples", "0"], "--test-samples")],
-)  # fmt: skip
+    [
+        (["quantize", "B", "OUT", "--mode", "int8-dynamic", "--samples", "0"], "--samples"),
+        (["quantize", "B", "OUT", "--mode", "int3"], "--mode"),
+        (["validate", "B", "--reference", "C", "--samples", "-4"], "--samples"),
+        (["validate", "B", "--reference", "C", "--threshold", "kl"], "--threshold"),
+        (["bench", "B", "--repeats", "0"], "--repeats"),
+        (["bench", "B", "--max-new-tokens", "1"], "--max-new-tokens"),
+        (["bench", "B", "--growth", "4,x"], "--growth"),
+        (["trt", "B", "OUT", "--max-batch", "0"], "--max-batch"),
+        (["onnx", "C", "OUT", "--opset", "12"], "--opset"),
+        (["demo", "--test-samples", "0"], "--test-samples"),
+    ],
+)
 def test_every_numeric_option_refuses_nonsense(made, tmp_path, args, needle):
     _, ckpt, bundle, _ = made
     args = [{"B": bundle, "C": ckpt, "OUT": str(tmp_path / "out")}.get(a, a) for a in args]
@@ -167,8 +191,17 @@ def test_every_numeric_option_refuses_nonsense(made, tmp_path, args, needle):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("override", ["batch_size=-1", "max_training_steps=0", "lr_mp=-1e-3",
-                                      "target_accuracy=2", "eval_samples=many", "mixed_precision=fp8"])  # fmt: skip
+@pytest.mark.parametrize(
+    "override",
+    [
+        "batch_size=-1",
+        "max_training_steps=0",
+        "lr_mp=-1e-3",
+        "target_accuracy=2",
+        "eval_samples=many",
+        "mixed_precision=fp8",
+    ],
+)
 def test_train_overrides_are_checked(tmp_path, override):
     one_line_error(
         cli("train", "-o", f"output_dir={tmp_path / 'run'}", "-o", override), override.split("=")[0]
@@ -182,8 +215,10 @@ def test_decompression_bomb_and_unreadable_images(made, tmp_path):
     _blank_png(tmp_path / "bomb.png", 40000, 40000)
     one_line_error(cli("run", bundle, "--image", str(tmp_path / "bomb.png"), "--prompt", "Hi?"), "bomb.png")
     (tmp_path / "text.jpg").write_text("not an image")
-    one_line_error(cli("run", bundle, "--image", str(tmp_path / "text.jpg"), "--prompt", "Hi?"),
-                   "text.jpg: not a readable image")  # fmt: skip
+    one_line_error(
+        cli("run", bundle, "--image", str(tmp_path / "text.jpg"), "--prompt", "Hi?"),
+        "text.jpg: not a readable image",
+    )
     one_line_error(
         cli("run", bundle, "--image", str(tmp_path / "missing.png"), "--prompt", "Hi?"), "missing.png"
     )
@@ -195,23 +230,30 @@ def test_damaged_checkpoints(made, tmp_path):
     shutil.copytree(ckpt, truncated)
     weights = truncated / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    for command in (["generate", str(truncated), "--image", image, "--prompt", "Hi?"],
-                    ["onnx", str(truncated), str(tmp_path / "o1")]):  # fmt: skip
+    for command in (
+        ["generate", str(truncated), "--image", image, "--prompt", "Hi?"],
+        ["onnx", str(truncated), str(tmp_path / "o1")],
+    ):
         one_line_error(cli(*command), "model.safetensors", "not a valid or complete safetensors file")
 
     garbled = tmp_path / "garbled"
     shutil.copytree(ckpt, garbled)
     cfg = json.loads((garbled / "config.json").read_text())
     (garbled / "config.json").write_text(json.dumps(cfg | {"lm_hidden_dim": "big"}))
-    one_line_error(cli("generate", str(garbled), "--image", image, "--prompt", "Hi?"),
-                   "config.json", "lm_hidden_dim = 'big' is not a valid int")  # fmt: skip
+    one_line_error(
+        cli("generate", str(garbled), "--image", image, "--prompt", "Hi?"),
+        "config.json",
+        "lm_hidden_dim = 'big' is not a valid int",
+    )
 
     pickle = tmp_path / "pickle"
     pickle.mkdir()
     shutil.copy2(os.path.join(ckpt, "config.json"), pickle / "config.json")
     (pickle / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
-    for command in (["generate", str(pickle), "--image", image, "--prompt", "Hi?"],
-                    ["onnx", str(pickle), str(tmp_path / "o2")]):  # fmt: skip
+    for command in (
+        ["generate", str(pickle), "--image", image, "--prompt", "Hi?"],
+        ["onnx", str(pickle), str(tmp_path / "o2")],
+    ):
         one_line_error(cli(*command), "pytorch_model.bin", "pickle checkpoint: refused", "model.safetensors")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
@@ -248,8 +290,10 @@ def test_kill_9_leaves_the_old_or_the_new_output(made, tmp_path, command):
     _, ckpt, bundle, _ = made
     out = tmp_path / "out"
     (tmp_path / "user.txt").write_text("mine")
-    args = {"onnx": ["onnx", ckpt, str(out), "--overwrite"],
-            "quantize": ["quantize", bundle, str(out), "--mode", "int8-dynamic", "--overwrite"]}[command]  # fmt: skip
+    args = {
+        "onnx": ["onnx", ckpt, str(out), "--overwrite"],
+        "quantize": ["quantize", bundle, str(out), "--mode", "int8-dynamic", "--overwrite"],
+    }[command]
     assert cli(*args).returncode == 0
     exe = os.path.join(BIN, "nanovlm")
     cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "cli.main"]

@@ -41,8 +41,14 @@ def made(tiny_tokenizer_dir, tmp_path_factory):
 
 
 def _without_torch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(BLOCK_TORCH), *args], cwd=REPO,
-                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(BLOCK_TORCH), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        timeout=120,
+    )
 
 
 def test_run_works_without_torch(made):
@@ -71,8 +77,23 @@ def test_run_and_generate_answer_text_only_prompts_as_the_library(made):
     out = model.generate(ids, None, max_new_tokens=10)[0].tolist()
     eos = model.tokenizer.eos_token_id
     expected = model.tokenizer.decode(out[: out.index(eos)] if eos in out else out)
-    res = subprocess.run([sys.executable, "-m", "cli.main", "generate", ckpt, "--prompt", "Hello there?",
-                          "--max-new-tokens", "10"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli.main",
+            "generate",
+            ckpt,
+            "--prompt",
+            "Hello there?",
+            "--max-new-tokens",
+            "10",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout == expected + "\n"
 
@@ -128,8 +149,12 @@ def _install_in_fresh_venv(tmp_path, extras: str):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(os.path.join(REPO, name), src / name)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"{src}{extras}"],
-                         capture_output=True, text=True, timeout=1200)  # fmt: skip
+    pip = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"{src}{extras}"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert pip.returncode == 0, pip.stderr[-3000:]
     return venv
 
@@ -151,12 +176,32 @@ def test_pip_install_without_extras_runs_nanovlm_run(made, tmp_path):
     venv = _install_in_fresh_venv(tmp_path, "")
     assert _importable(venv, ("torch", "transformers", "onnx"), tmp_path) == "[]"
     expected = VLMPipeline.from_bundle(bundle).generate(image, "What is it?", max_new_tokens=10)
-    res = subprocess.run([str(venv / "bin" / "nanovlm"), "run", bundle, "--image", image, "--prompt", "What is it?",
-                          "--max-new-tokens", "10"], capture_output=True, text=True, cwd=str(tmp_path), timeout=300)  # fmt: skip
+    res = subprocess.run(
+        [
+            str(venv / "bin" / "nanovlm"),
+            "run",
+            bundle,
+            "--image",
+            image,
+            "--prompt",
+            "What is it?",
+            "--max-new-tokens",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=str(tmp_path),
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout == expected + "\n"
-    gen = subprocess.run([str(venv / "bin" / "nanovlm-export"), "generate", ckpt, "--image", image, "--prompt", "Hi"],
-                         capture_output=True, text=True, cwd=str(tmp_path), timeout=300)  # fmt: skip
+    gen = subprocess.run(
+        [str(venv / "bin" / "nanovlm-export"), "generate", ckpt, "--image", image, "--prompt", "Hi"],
+        capture_output=True,
+        text=True,
+        cwd=str(tmp_path),
+        timeout=300,
+    )
     assert (
         gen.returncode == 1
         and "pip install 'nanovlm-edge[torch]'" in gen.stderr
@@ -211,20 +256,49 @@ def test_the_jetson_extra_runs_the_device_path_without_torch(made, tmp_path):
     bundle, _, image = made
     venv = _install_in_fresh_venv(tmp_path, "[jetson]")
     py = str(venv / "bin" / "python")
-    modules = ["runtime.pipeline", "runtime.onnx_backend", "trt.backend", "trt.plan",
-               "trt.build", "trt.check", "evaluation.metrics", "evaluation.bench", "cli.main",
-               "cuda.bindings.runtime", "onnx", "matplotlib"]  # fmt: skip
-    code = ("import importlib.util as u, importlib; "
-            f"[importlib.import_module(m) for m in {modules!r}]; "
-            "print([m for m in ('torch', 'transformers', 'tensorrt') if u.find_spec(m)])")  # fmt: skip
+    modules = [
+        "runtime.pipeline",
+        "runtime.onnx_backend",
+        "trt.backend",
+        "trt.plan",
+        "trt.build",
+        "trt.check",
+        "evaluation.metrics",
+        "evaluation.bench",
+        "cli.main",
+        "cuda.bindings.runtime",
+        "onnx",
+        "matplotlib",
+    ]
+    code = (
+        "import importlib.util as u, importlib; "
+        f"[importlib.import_module(m) for m in {modules!r}]; "
+        "print([m for m in ('torch', 'transformers', 'tensorrt') if u.find_spec(m)])"
+    )
     res = subprocess.run([py, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr[-3000:]
     exe = str(venv / "bin" / "nanovlm-export")
-    for args, expect in ((["check", bundle], "trt-10.3: ok"), (["validate", bundle], "passed"),
-                         (["trt", bundle, str(tmp_path / "e"), "--print-trtexec"], "trtexec --onnx=decoder.onnx"),
-                         (["run", bundle, "--image", image, "--prompt", "Hi?", "--max-new-tokens", "4"], ""),
-                         (["bench", bundle, "--image", image, "--max-new-tokens", "2", "--repeats", "1", "--plot",
-                           str(tmp_path / "bench.png")], "tokens/J")):  # fmt: skip
+    for args, expect in (
+        (["check", bundle], "trt-10.3: ok"),
+        (["validate", bundle], "passed"),
+        (["trt", bundle, str(tmp_path / "e"), "--print-trtexec"], "trtexec --onnx=decoder.onnx"),
+        (["run", bundle, "--image", image, "--prompt", "Hi?", "--max-new-tokens", "4"], ""),
+        (
+            [
+                "bench",
+                bundle,
+                "--image",
+                image,
+                "--max-new-tokens",
+                "2",
+                "--repeats",
+                "1",
+                "--plot",
+                str(tmp_path / "bench.png"),
+            ],
+            "tokens/J",
+        ),
+    ):
         res = subprocess.run([exe, *args], capture_output=True, text=True, cwd=str(tmp_path), timeout=600)
         assert res.returncode == 0 and expect in res.stdout, (args, res.stderr[-2000:])
 

@@ -59,16 +59,38 @@ def test_other_inconsistencies_raise(override, needle):
 def test_nanovlm_222m_style_config_is_prefix(tmp_path):
     # The keys of lusxvr/nanoVLM-222M's config.json (nanoVLM v0.1), including the retired eos id.
     v01 = {
-        "vit_hidden_dim": 768, "vit_inter_dim": 3072, "vit_patch_size": 16, "vit_img_size": 224,
-        "vit_n_heads": 12, "vit_dropout": 0.0, "vit_n_blocks": 12, "vit_ln_eps": 1e-06, "vit_cls_flag": False,
-        "vit_model_type": "google/siglip-base-patch16-224", "lm_hidden_dim": 576, "lm_inter_dim": 1536,
-        "lm_rms_eps": 1e-05, "lm_re_base": 100000, "lm_max_position_embeddings": 8192, "lm_vocab_size": 49152,
-        "lm_n_heads": 9, "lm_n_kv_heads": 3, "lm_dropout": 0.0, "lm_n_blocks": 30, "lm_attn_scaling": 1.0,
-        "lm_eos_token_id": 0, "lm_max_length": 79, "lm_use_tokens": False, "lm_tie_weights": True,
-        "lm_model_type": "HuggingFaceTB/SmolLM2-135M", "lm_tokenizer": "HuggingFaceTB/cosmo2-tokenizer",
-        "mp_pixel_shuffle_factor": 2, "vlm_load_backbone_weights": True,
-        "vlm_checkpoint_path": "checkpoints/nanoVLM-222M", "hf_repo_name": "nanoVLM-222M",
-    }  # fmt: skip
+        "vit_hidden_dim": 768,
+        "vit_inter_dim": 3072,
+        "vit_patch_size": 16,
+        "vit_img_size": 224,
+        "vit_n_heads": 12,
+        "vit_dropout": 0.0,
+        "vit_n_blocks": 12,
+        "vit_ln_eps": 1e-06,
+        "vit_cls_flag": False,
+        "vit_model_type": "google/siglip-base-patch16-224",
+        "lm_hidden_dim": 576,
+        "lm_inter_dim": 1536,
+        "lm_rms_eps": 1e-05,
+        "lm_re_base": 100000,
+        "lm_max_position_embeddings": 8192,
+        "lm_vocab_size": 49152,
+        "lm_n_heads": 9,
+        "lm_n_kv_heads": 3,
+        "lm_dropout": 0.0,
+        "lm_n_blocks": 30,
+        "lm_attn_scaling": 1.0,
+        "lm_eos_token_id": 0,
+        "lm_max_length": 79,
+        "lm_use_tokens": False,
+        "lm_tie_weights": True,
+        "lm_model_type": "HuggingFaceTB/SmolLM2-135M",
+        "lm_tokenizer": "HuggingFaceTB/cosmo2-tokenizer",
+        "mp_pixel_shuffle_factor": 2,
+        "vlm_load_backbone_weights": True,
+        "vlm_checkpoint_path": "checkpoints/nanoVLM-222M",
+        "hf_repo_name": "nanoVLM-222M",
+    }
     (tmp_path / "config.json").write_text(json.dumps(v01))
     cfg = VLMConfig.load(tmp_path / "config.json")
     assert cfg.image_placement == "prefix"

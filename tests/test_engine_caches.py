@@ -93,8 +93,13 @@ def test_mixed_joins_answer_as_alone_with_caches_on(pipe):
     p = pipe
     astronaut, cat = _images()
     system = "user assistant " * 6  # a shared long opening
-    items = [([astronaut], system + "What is it?"), ([cat], system + "What is it?"),
-             ([astronaut], system + "Cat?"), ([], system + "Cat?"), ([astronaut], system + "What is it?")]  # fmt: skip
+    items = [
+        ([astronaut], system + "What is it?"),
+        ([cat], system + "What is it?"),
+        ([astronaut], system + "Cat?"),
+        ([], system + "Cat?"),
+        ([astronaut], system + "What is it?"),
+    ]
     if p.cfg.image_placement == "prefix":
         items = [(imgs or [cat], q) for imgs, q in items]
     alone = [p.generate(imgs, q, max_new_tokens=8) for imgs, q in items]

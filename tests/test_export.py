@@ -28,8 +28,9 @@ ATOL = 1e-4
 @pytest.fixture(scope="module", params=["replace", "prefix", "replace-fused", "prefix-fused"])
 def exported(request, tiny_tokenizer_dir, tmp_path_factory):
     placement, _, fused = request.param.partition("-")
-    return export_lively(placement, tiny_tokenizer_dir, tmp_path_factory.mktemp("export"),
-                         decoder=fused or "standard")  # fmt: skip
+    return export_lively(
+        placement, tiny_tokenizer_dir, tmp_path_factory.mktemp("export"), decoder=fused or "standard"
+    )
 
 
 def _fused(bundle: str) -> bool:
@@ -135,13 +136,22 @@ def test_end_to_end_greedy_equals_pytorch(exported):
         if m.cfg.image_placement == "prefix"
         else [[photos[0], photos[1]], [photos[1]]]
     )
-    batch = prepare_batch(m.cfg, m.tokenizer, ImageProcessor.from_config(m.cfg), images,
-                          ["How many red circles?", "What colour is the square?"])  # fmt: skip
+    batch = prepare_batch(
+        m.cfg,
+        m.tokenizer,
+        ImageProcessor.from_config(m.cfg),
+        images,
+        ["How many red circles?", "What colour is the square?"],
+    )
     if m.cfg.image_placement == "replace":
         assert batch.pixel_values.shape[0] > 3  # several tiles per image went through
-    ref = m.generate(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.pixel_values),
-                     attention_mask=torch.from_numpy(batch.attention_mask), max_new_tokens=12,
-                     eos_token_id=-1)  # fmt: skip
+    ref = m.generate(
+        torch.from_numpy(batch.input_ids),
+        torch.from_numpy(batch.pixel_values),
+        attention_mask=torch.from_numpy(batch.attention_mask),
+        max_new_tokens=12,
+        eos_token_id=-1,
+    )
     got = _ort_generate(bundle, m, batch, 12)
     assert got.tolist() == ref.tolist()
 
@@ -376,8 +386,14 @@ def test_fused_decoder_untied_head_matches_pytorch(tiny_tokenizer_dir, tmp_path)
     with torch.no_grad():
         hidden, _ = m.decoder(m.decoder.token_embedding(ids), mask, empty, pos)
         ref = m.decoder.head(hidden[:, -1]).numpy()
-    feed = _feed(m, ids.numpy(), np.zeros((0, cfg.lm_hidden_dim), np.float32), mask.numpy(), pos.numpy(),
-                 [(k.numpy(), v.numpy()) for k, v in empty])  # fmt: skip
+    feed = _feed(
+        m,
+        ids.numpy(),
+        np.zeros((0, cfg.lm_hidden_dim), np.float32),
+        mask.numpy(),
+        pos.numpy(),
+        [(k.numpy(), v.numpy()) for k, v in empty],
+    )
     assert np.abs(dec.run(None, feed)[0] - ref).max() <= ATOL
 
 
@@ -402,8 +418,12 @@ def test_fused_decoder_updates_a_capacity_buffer_in_place(tiny_tokenizer_dir, tm
     # B > 1 with S > 1 on a cache is the graph's documented limit: step the rows one token at a time
     ref = dec.run(None, _feed(m, ids[:, :1], empty, mask[:, : P + 1], pos[:, :1], past))
     io = dec.io_binding()
-    for name, value in (("input_ids", ids[:, :1]), ("image_embeds", empty), ("attention_mask", mask[:, : P + 1]),
-                        ("position_ids", pos[:, :1])):  # fmt: skip
+    for name, value in (
+        ("input_ids", ids[:, :1]),
+        ("image_embeds", empty),
+        ("attention_mask", mask[:, : P + 1]),
+        ("position_ids", pos[:, :1]),
+    ):
         io.bind_cpu_input(name, value)
     buffers = []
     for i, (k, v) in enumerate(past):
@@ -454,8 +474,14 @@ def test_format_version_1_manifests_still_load(exported, tmp_path):
     _, bundle = exported
     copy = _copy(bundle, tmp_path)
     manifest = json.loads((copy / "manifest.json").read_text())
-    v1 = manifest | {"format_version": 1, "precision": "int8-dynamic", "quantization": {"mode": "int8-dynamic"},
-                     "image_placement": "replace", "kv_cache": {"layers": 2}, "generation": {"greedy": True}}  # fmt: skip
+    v1 = manifest | {
+        "format_version": 1,
+        "precision": "int8-dynamic",
+        "quantization": {"mode": "int8-dynamic"},
+        "image_placement": "replace",
+        "kv_cache": {"layers": 2},
+        "generation": {"greedy": True},
+    }
     (copy / "manifest.json").write_text(json.dumps(v1))
     b = load_bundle(str(copy))
     assert b.precision == "fp32" and b.mode == "int8-dynamic" and b.recipe.weight_bits == 8

@@ -143,7 +143,10 @@ def test_nanovlm_keywords_mean_what_they_mean_in_nanovlm():
     """nanoVLM's generate(..., greedy, top_k, top_p, temperature) with its defaults for the rest."""
     m = _model("replace", seed=7)
     ids, imgs = _prompt(m.cfg, 5)[None], torch.rand(1, 3, 32, 32)
-    assert m.generate(ids, imgs, max_new_tokens=12, greedy=True).tolist() == m.generate(ids, imgs, max_new_tokens=12).tolist()
+    assert (
+        m.generate(ids, imgs, max_new_tokens=12, greedy=True).tolist()
+        == m.generate(ids, imgs, max_new_tokens=12).tolist()
+    )
 
     def seeded(**kw):
         torch.manual_seed(5)
@@ -152,7 +155,9 @@ def test_nanovlm_keywords_mean_what_they_mean_in_nanovlm():
     # top_k given, the rest nanoVLM's: temperature 0.5, top_p 0.9, sampled
     expected = seeded(sampling=SamplingConfig(temperature=0.5, top_k=3, top_p=0.9))
     assert seeded(top_k=3) == expected
-    assert seeded(top_k=3, temperature=2.0) == seeded(sampling=SamplingConfig(temperature=2.0, top_k=3, top_p=0.9))
+    assert seeded(top_k=3, temperature=2.0) == seeded(
+        sampling=SamplingConfig(temperature=2.0, top_k=3, top_p=0.9)
+    )
     assert seeded(top_k=3, temperature=2.0) != expected
     with pytest.raises(ValueError, match=r"either sampling= or nanoVLM's keywords \(top_k\)"):
         m.generate(ids, imgs, max_new_tokens=4, sampling=SamplingConfig(), top_k=3)

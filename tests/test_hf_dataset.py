@@ -40,10 +40,15 @@ def cauldron_dir(tmp_path_factory):
     features = datasets.Features(
         {
             "images": datasets.Sequence(datasets.Image()),
-            "texts": [{"user": datasets.Value("string"), "assistant": datasets.Value("string"),
-                       "source": datasets.Value("string")}],
+            "texts": [
+                {
+                    "user": datasets.Value("string"),
+                    "assistant": datasets.Value("string"),
+                    "source": datasets.Value("string"),
+                }
+            ],
         }
-    )  # fmt: skip
+    )
     datasets.Dataset.from_dict(records, features=features).to_parquet(str(d / "train.parquet"))
     return str(d)
 

@@ -14,8 +14,15 @@ from nanovlm.vision_language_model import VisionLanguageModel
 transformers = pytest.importorskip("transformers")
 skimage_data = pytest.importorskip("skimage.data")
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_utterance>", "<fake_token_around_image>",
-            "<image>", "<global-img>"] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]  # fmt: skip
+SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<end_of_utterance>",
+    "<fake_token_around_image>",
+    "<image>",
+    "<global-img>",
+] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
 CHAT_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] "
     "== 'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == "
@@ -38,21 +45,54 @@ def write_idefics3(directory, tie: bool, seed: int = 0, layers: int = 2) -> None
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    tok.train_from_iterator(["How many red circles are there? There are 3.", "What colour is the square? blue",
-                             "User: Assistant:"] * 20, trainer)  # fmt: skip
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<end_of_utterance>", pad_token="<|endoftext|>",
-                                     bos_token="<|im_start|>")  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(
+        [
+            "How many red circles are there? There are 3.",
+            "What colour is the square? blue",
+            "User: Assistant:",
+        ]
+        * 20,
+        trainer,
+    )
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<end_of_utterance>",
+        pad_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+    )
     cfg = Idefics3Config(
-        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(hf_tok),
-                         max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie,
-                         pad_token_id=hf_tok.pad_token_id),
-        scale_factor=2, image_token_id=hf_tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=tie,
-    )  # fmt: skip
+        vision_config=dict(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=dict(
+            model_type="llama",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(hf_tok),
+            max_position_embeddings=512,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            tie_word_embeddings=tie,
+            pad_token_id=hf_tok.pad_token_id,
+        ),
+        scale_factor=2,
+        image_token_id=hf_tok.convert_tokens_to_ids("<image>"),
+        tie_word_embeddings=tie,
+    )
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # weights scaled up from the 0.02 init, so greedy paths vary
@@ -60,10 +100,12 @@ def write_idefics3(directory, tie: bool, seed: int = 0, layers: int = 2) -> None
             if p.dim() > 1:
                 p.mul_(6.0)
     model.save_pretrained(directory)
-    images = Idefics3ImageProcessorPil(size={"longest_edge": 4 * 32}, max_image_size={"longest_edge": 32},
-                                       do_image_splitting=True)  # fmt: skip
-    Idefics3Processor(image_processor=images, tokenizer=hf_tok, image_seq_len=4,
-                      chat_template=CHAT_TEMPLATE).save_pretrained(directory)  # fmt: skip
+    images = Idefics3ImageProcessorPil(
+        size={"longest_edge": 4 * 32}, max_image_size={"longest_edge": 32}, do_image_splitting=True
+    )
+    Idefics3Processor(
+        image_processor=images, tokenizer=hf_tok, image_seq_len=4, chat_template=CHAT_TEMPLATE
+    ).save_pretrained(directory)
 
 
 @pytest.fixture(scope="module", params=["untied", "tied"])
@@ -161,8 +203,15 @@ def test_pixels_and_ids_equal_idefics3_processor(checkpoint, picture):
     ]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     want = processor(text=prompt, images=[image], return_tensors="np")
-    batch = prepare_batch(ours.cfg, ours.tokenizer, ImageProcessor.from_config(ours.cfg), [[image]],
-                          ["How many circles?"], [history], "Answer briefly.")  # fmt: skip
+    batch = prepare_batch(
+        ours.cfg,
+        ours.tokenizer,
+        ImageProcessor.from_config(ours.cfg),
+        [[image]],
+        ["How many circles?"],
+        [history],
+        "Answer briefly.",
+    )
     assert batch.input_ids[0].tolist() == want["input_ids"][0].tolist()
     assert batch.pixel_values.shape == want["pixel_values"][0].shape
     assert np.array_equal(batch.pixel_values, want["pixel_values"][0])
@@ -310,6 +359,20 @@ def test_cli_flow_quantize_validate_bench_check_run(bundles, tmp_path):
     picture = tmp_path / "wide.png"
     IMAGES["wide"]().save(picture)
     want = VLMPipeline.from_bundle(str(tmp_path / "int4")).generate(str(picture), "How many circles?", 10)
-    r = subprocess.run([exe("nanovlm"), "run", str(tmp_path / "int4"), "--image", str(picture), "--prompt",
-                        "How many circles?", "--max-new-tokens", "10"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [
+            exe("nanovlm"),
+            "run",
+            str(tmp_path / "int4"),
+            "--image",
+            str(picture),
+            "--prompt",
+            "How many circles?",
+            "--max-new-tokens",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and r.stdout == want + "\n", r.stderr[-2000:]

@@ -20,9 +20,14 @@ def _hf_siglip(tmp_path):
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     hf_cfg = SiglipVisionConfig(
-        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        image_size=32, patch_size=8, layer_norm_eps=1e-6,
-    )  # fmt: skip
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        layer_norm_eps=1e-6,
+    )
     torch.manual_seed(0)
     hf = SiglipVisionModel(hf_cfg).eval()
     with torch.no_grad():  # random, non-trivial norms and biases
@@ -48,10 +53,17 @@ def _hf_llama(tmp_path, tie: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf_cfg = LlamaConfig(
-        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
         tie_word_embeddings=tie,
-    )  # fmt: skip
+    )
     torch.manual_seed(1)
     hf = LlamaForCausalLM(hf_cfg).eval()
     with torch.no_grad():
@@ -95,8 +107,11 @@ def test_lm_matches_real_smollm2(smollm2_dir):
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     cfg = tiny_config(lm_model_type=smollm2_dir)
     ours = LanguageModel.from_hf(cfg).eval()
-    text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
-                                   add_generation_prompt=True)  # fmt: skip
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     ids = torch.tensor([tok.encode(text)])
     with torch.no_grad():
         ref = hf(ids).logits

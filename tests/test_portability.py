@@ -92,8 +92,14 @@ def _run_script(source: str, name: str, args: list[str], tmp_path, emulate: bool
     script.write_text(textwrap.dedent(source))
     result = tmp_path / (f"{name}-emulated.json" if emulate else f"{name}-native.json")
     cmd = ([QEMU, "-cpu", "Haswell"] if emulate else []) + [sys.executable, str(script), str(result), *args]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200,
-                         env=dict(os.environ, PYTHONPATH=REPO, TQDM_DISABLE="1"))  # fmt: skip
+    res = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=dict(os.environ, PYTHONPATH=REPO, TQDM_DISABLE="1"),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(result.read_text())
 
@@ -166,8 +172,13 @@ def test_avx2_proxy_takes_this_onnxruntime_to_its_avx2_kernels(tmp_path):
     """benchmarks/avx2_proxy.py (speed of AVX2 kernels on an AVX-512 machine): with the pinned
     onnxruntime it finds what to patch, and the copy saturates the 127 + 127 weight pair as the
     emulated Haswell does (49.4% low), while the installed package stays exact."""
-    out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "avx2_proxy.py"), "--check"],
-                         capture_output=True, text=True, cwd=REPO, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "avx2_proxy.py"), "--check"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     errors = dict(
         re.findall(

@@ -76,8 +76,10 @@ def _ina3221(root, channels):
 
 
 def test_ina3221_rails_from_sysfs(tmp_path):
-    a = _ina3221(tmp_path / "1-0040/hwmon/hwmon3", [("VDD_IN", 5000, 1224), ("VDD_CPU_GPU_CV", 5000, 462),
-                                                  ("VDD_SOC", None, 300)])  # fmt: skip
+    a = _ina3221(
+        tmp_path / "1-0040/hwmon/hwmon3",
+        [("VDD_IN", 5000, 1224), ("VDD_CPU_GPU_CV", 5000, 462), ("VDD_SOC", None, 300)],
+    )
     sample = read_ina3221([a])
     assert sample.rails_mw == {"VDD_IN": pytest.approx(6120), "VDD_CPU_GPU_CV": pytest.approx(2310)}
     assert sample.ram_used_mb is None  # VDD_SOC has no voltage reading: skipped, not fatal

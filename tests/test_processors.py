@@ -81,8 +81,12 @@ def _blank_png(path, width: int, height: int) -> None:
     z, row = zlib.compressobj(9), b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed pixels
     data = b"".join(z.compress(row) for _ in range(height)) + z.flush()
     with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-                + chunk(b"IDAT", data) + chunk(b"IEND", b""))  # fmt: skip
+        f.write(
+            b"\x89PNG\r\n\x1a\n"
+            + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", data)
+            + chunk(b"IEND", b"")
+        )
 
 
 def test_decompression_bomb_guard(tmp_path):

@@ -78,11 +78,14 @@ def test_calibration_folder_takes_text_only_prompts_in_turn(tmp_path):
     )
     cal = load_calibration(str(folder), 10)
     assert [(len(s.images), s.prompt) for s in cal.samples] == [
-        (1, "What is in the picture?"), (0, "Tell me a joke."),
-        (1, "Describe the colours."), (0, "Why is the sea salty?"),
-        (1, "What is in the picture?"), (0, "Count to five."),
+        (1, "What is in the picture?"),
+        (0, "Tell me a joke."),
+        (1, "Describe the colours."),
+        (0, "Why is the sea salty?"),
+        (1, "What is in the picture?"),
+        (0, "Count to five."),
         (0, "Name a bird."),
-    ]  # fmt: skip
+    ]
     assert [len(s.images) for s in load_calibration(str(folder), 3).samples] == [1, 0, 1]
     assert (
         load_calibration(str(folder), 10).sha256()
@@ -210,8 +213,11 @@ def test_smoothquant_keeps_the_fp32_function(tiny_tokenizer_dir, tmp_path):
     before = {i.name: onnx.numpy_helper.to_array(i).copy() for i in model.graph.initializer}
     groups = smooth(model, feeds, alpha=0.5)
     assert len(groups) == 3 * 2  # per block: q/k/v (norm1 gain), gate/up (norm2 gain), down (up_proj columns)
-    changed = [i.name for i in model.graph.initializer
-               if not np.array_equal(before[i.name], onnx.numpy_helper.to_array(i))]  # fmt: skip
+    changed = [
+        i.name
+        for i in model.graph.initializer
+        if not np.array_equal(before[i.name], onnx.numpy_helper.to_array(i))
+    ]
     assert sum("norm" in c for c in changed) == 4 and len(changed) == 4 + 2 * 6
     # only groups whose every MatMul will have quantized activations (int8-static: gate/up, not q/k/v)
     model = onnx.load(b.graph_path("decoder"))
@@ -259,15 +265,22 @@ def test_static_bundle_is_qdq_int8_on_an_fp16_base(lively, quantized):
     model, bundle, _ = lively
     _, path = quantized["int8-static"]
     assert not os.path.exists(os.path.join(path, "calibration.cache"))
-    fp32 = {g: {n.name for n in onnx.load(os.path.join(bundle, f"{g}.onnx")).graph.node if n.op_type == "MatMul"}
-            for g in ("vision_encoder", "decoder")}  # fmt: skip
+    fp32 = {
+        g: {n.name for n in onnx.load(os.path.join(bundle, f"{g}.onnx")).graph.node if n.op_type == "MatMul"}
+        for g in ("vision_encoder", "decoder")
+    }
     for graph in ("vision_encoder", "decoder"):
         m = onnx.load(os.path.join(path, f"{graph}.onnx"))
         assert m.opset_import[0].version >= 19
         inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
         producer = {o: n for n in m.graph.node for o in n.output}
-        weight_matmuls = [n for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in producer
-                          and producer[n.input[1]].op_type == "DequantizeLinear"]  # fmt: skip
+        weight_matmuls = [
+            n
+            for n in m.graph.node
+            if n.op_type == "MatMul"
+            and n.input[1] in producer
+            and producer[n.input[1]].op_type == "DequantizeLinear"
+        ]
         assert weight_matmuls and {n.name for n in weight_matmuls} < fp32[graph]
         for n in weight_matmuls:
             dq = producer[n.input[1]]
@@ -301,8 +314,11 @@ def test_static_bundle_runs_as_written_on_onnxruntime(quantized, tmp_path):
     ops = {}
     for literal in (False, True):
         out = str(tmp_path / f"opt-{literal}.onnx")
-        ort.InferenceSession(os.path.join(path, "decoder.onnx"), session_options(1, out, literal_qdq=literal),
-                             providers=["CPUExecutionProvider"])  # fmt: skip
+        ort.InferenceSession(
+            os.path.join(path, "decoder.onnx"),
+            session_options(1, out, literal_qdq=literal),
+            providers=["CPUExecutionProvider"],
+        )
         ops[literal] = {n.op_type for n in onnx.load(out).graph.node}
     assert "MatMulNBits" in ops[False] and "MatMulNBits" not in ops[True]
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops[True]
@@ -343,8 +359,11 @@ def test_int4_bundle_holds_gptq_rounded_4bit_matmuls(quantized):
     MatMulNBits, the kept layers and the edge blocks 8-bit, and GPTQ rounded the 4-bit ones."""
     manifest, path = quantized["int4"]
     m = onnx.load(os.path.join(path, "decoder.onnx"))
-    bits = {n.name: onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits"))
-            for n in m.graph.node if n.op_type == "MatMulNBits"}  # fmt: skip
+    bits = {
+        n.name: onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits"))
+        for n in m.graph.node
+        if n.op_type == "MatMulNBits"
+    }
     four = sorted(n for n, b in bits.items() if b == 4)
     assert four and all(("blocks.1/" in n or "blocks.2/" in n) for n in four), four
     assert all(p in " ".join(four) for p in ("q_proj", "gate_proj", "up_proj"))
@@ -356,10 +375,18 @@ def test_nbits_bits_per_layer_pattern(lively):
     from calibration.nbits import quantize_nbits
 
     _, bundle, _ = lively
-    m = quantize_nbits(onnx.load(os.path.join(bundle, "decoder.onnx")), 4, keep_8bit=["*/mlp/down_proj/*"],
-                       exclude=["*/blocks.1/attn/q_proj/*"], head_bits=8)  # fmt: skip
-    bits = {n.name: onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits"))
-            for n in m.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}  # fmt: skip
+    m = quantize_nbits(
+        onnx.load(os.path.join(bundle, "decoder.onnx")),
+        4,
+        keep_8bit=["*/mlp/down_proj/*"],
+        exclude=["*/blocks.1/attn/q_proj/*"],
+        head_bits=8,
+    )
+    bits = {
+        n.name: onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits"))
+        for n in m.graph.node
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
+    }
     assert {b for n, b in bits.items() if "down_proj" in n} == {8}
     assert {b for n, b in bits.items() if "up_proj" in n or "blocks.0/attn/q_proj" in n} == {4}
     assert not any("blocks.1/attn/q_proj" in n for n in bits)  # excluded: still a float MatMul
@@ -377,8 +404,11 @@ def test_pair_limited_weights_stay_in_int16_and_close_to_the_weights():
     rng = np.random.default_rng(0)
     spiky = rng.standard_normal((65, 24)).astype(np.float32)  # odd K; a pair of outliers per column
     spiky[10:12] *= 20
-    for w in (rng.standard_normal((768, 48)).astype(np.float32), spiky,
-              np.tile(np.float32([1.0, 1.0]), (32, 3)).reshape(64, 3)):  # fmt: skip
+    for w in (
+        rng.standard_normal((768, 48)).astype(np.float32),
+        spiky,
+        np.tile(np.float32([1.0, 1.0]), (32, 3)).reshape(64, 3),
+    ):
         q, scale = quantize_pairs(w)
         assert q.dtype == np.int8 and scale.shape == (w.shape[1],)
         padded = np.vstack([q.astype(np.int32), np.zeros((w.shape[0] % 2, w.shape[1]), np.int32)])
@@ -392,8 +422,10 @@ def test_vision_encoder_goes_through_dynamic_int8_with_its_biases_folded(lively,
     its bias itself (the Add after it is gone); int4-fp16 keeps 8-bit MatMulNBits."""
     _, bundle, _ = lively
     fp32 = onnx.load(os.path.join(bundle, "vision_encoder.onnx"))
-    n_weights = sum(n.op_type == "MatMul" and n.input[1] in {i.name for i in fp32.graph.initializer}
-                    for n in fp32.graph.node)  # fmt: skip
+    n_weights = sum(
+        n.op_type == "MatMul" and n.input[1] in {i.name for i in fp32.graph.initializer}
+        for n in fp32.graph.node
+    )
     for mode in ("int8-dynamic", "int4"):
         m = onnx.load(os.path.join(quantized[mode][1], "vision_encoder.onnx"))
         dq = [n for n in m.graph.node if n.op_type == "DynamicQuantizeMatMul"]
@@ -518,9 +550,27 @@ def test_bench_measures_pytorch_and_bundles_and_plots(lively, quantized, tmp_pat
     _, bundle, ckpt = lively
     runner = CliRunner()
     png, out = tmp_path / "bench.png", tmp_path / "bench.json"
-    res = runner.invoke(export_cli, ["bench", bundle, "--reference", ckpt, "--variants", quantized["int8-dynamic"][1],
-                                     "--max-new-tokens", "6", "--repeats", "1", "--growth", "4",
-                                     "--plot", str(png), "--json", str(out)])  # fmt: skip
+    res = runner.invoke(
+        export_cli,
+        [
+            "bench",
+            bundle,
+            "--reference",
+            ckpt,
+            "--variants",
+            quantized["int8-dynamic"][1],
+            "--max-new-tokens",
+            "6",
+            "--repeats",
+            "1",
+            "--growth",
+            "4",
+            "--plot",
+            str(png),
+            "--json",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     result = json.loads(out.read_text())
     names = [r["name"] for r in result["rows"]]
@@ -536,8 +586,10 @@ def test_bench_measures_pytorch_and_bundles_and_plots(lively, quantized, tmp_pat
     from evaluation.power import NOT_A_JETSON, PowerMonitor
 
     if PowerMonitor.detect().source is None:
-        assert all(r["power"] == {"source": None, "available": False, "reason": NOT_A_JETSON}
-                   for r in result["rows"][1:])  # fmt: skip
+        assert all(
+            r["power"] == {"source": None, "available": False, "reason": NOT_A_JETSON}
+            for r in result["rows"][1:]
+        )
         assert (
             f"power, tokens/J, RAM in use: {NOT_A_JETSON}" in res.output
             and "| n/a | n/a | n/a |" in res.output
@@ -598,8 +650,13 @@ def test_quantize_runs_without_torch(lively, tmp_path):
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=repo, TQDM_DISABLE="1"))  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=repo, TQDM_DISABLE="1"),
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "q" / "manifest.json").exists()
 
@@ -633,6 +690,8 @@ def test_int8_static_keeps_activations_float_when_the_recipe_excludes_every_matm
     quantize_static), while the vision encoder's are."""
     _, bundle = export_lively("replace", tiny_tokenizer_dir, tmp_path, blocks=2)
     quantize_bundle(bundle, str(tmp_path / "q"), "int8-static", samples=8)
-    count = {g: sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / "q" / f"{g}.onnx")).graph.node)
-             for g in ("vision_encoder", "decoder")}  # fmt: skip
+    count = {
+        g: sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / "q" / f"{g}.onnx")).graph.node)
+        for g in ("vision_encoder", "decoder")
+    }
     assert count["decoder"] == 0 and count["vision_encoder"] > 0, count

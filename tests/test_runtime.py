@@ -33,14 +33,21 @@ def pipe(request, tiny_tokenizer_dir, tmp_path_factory):
 
 
 def _photos():
-    return [Image.fromarray(skimage_data.astronaut()), Image.fromarray(skimage_data.coffee()),
-            Image.fromarray(skimage_data.chelsea())]  # fmt: skip
+    return [
+        Image.fromarray(skimage_data.astronaut()),
+        Image.fromarray(skimage_data.coffee()),
+        Image.fromarray(skimage_data.chelsea()),
+    ]
 
 
 def _reference(m, images, prompts, n):
     batch = prepare_batch(m.cfg, m.tokenizer, ImageProcessor.from_config(m.cfg), images, prompts)
-    out = m.generate(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.pixel_values),
-                     attention_mask=torch.from_numpy(batch.attention_mask), max_new_tokens=n)  # fmt: skip
+    out = m.generate(
+        torch.from_numpy(batch.input_ids),
+        torch.from_numpy(batch.pixel_values),
+        attention_mask=torch.from_numpy(batch.attention_mask),
+        max_new_tokens=n,
+    )
     eos = m.tokenizer.eos_token_id
     rows = []
     for r in out.tolist():
@@ -94,9 +101,17 @@ def test_chat_turn(pipe):
     m, p, _ = pipe
     img = _photos()[2]
     a = p.chat(img, [("What is it?", "a cat")], "What colour?", max_new_tokens=8)
-    batch = prepare_batch(m.cfg, m.tokenizer, ImageProcessor.from_config(m.cfg), [[img]], ["What colour?"],
-                          [[("What is it?", "a cat")]])  # fmt: skip
-    out = m.generate(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.pixel_values), max_new_tokens=8)  # fmt: skip
+    batch = prepare_batch(
+        m.cfg,
+        m.tokenizer,
+        ImageProcessor.from_config(m.cfg),
+        [[img]],
+        ["What colour?"],
+        [[("What is it?", "a cat")]],
+    )
+    out = m.generate(
+        torch.from_numpy(batch.input_ids), torch.from_numpy(batch.pixel_values), max_new_tokens=8
+    )
     ids = out[0].tolist()
     eos = m.tokenizer.eos_token_id
     assert a == m.tokenizer.decode(ids[: ids.index(eos)] if eos in ids else ids)
@@ -168,8 +183,13 @@ def test_runtime_runs_without_torch(pipe, tmp_path):
         print(p.generate({str(tmp_path / "a.png")!r}, "What is it?", max_new_tokens=10), end="")
         assert not any(m.split(".")[0] in ("torch", "transformers") for m in sys.modules)
     """)
-    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=REPO))  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=REPO),
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout == expected
 
@@ -188,10 +208,19 @@ def test_runtime_equals_pytorch_on_a_trained_model(trained_tiny, tmp_path):
     p = VLMPipeline.from_bundle(str(tmp_path / "bundle"))
     ds = ShapesDataset("test")
     samples = [ds[i] for i in range(24)]
-    batch = prepare_batch(m.cfg, m.tokenizer, ImageProcessor.from_config(m.cfg), [[s.image] for s in samples],
-                          [s.question for s in samples])  # fmt: skip
-    ref = m.generate(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.pixel_values),
-                     attention_mask=torch.from_numpy(batch.attention_mask), max_new_tokens=6)  # fmt: skip
+    batch = prepare_batch(
+        m.cfg,
+        m.tokenizer,
+        ImageProcessor.from_config(m.cfg),
+        [[s.image] for s in samples],
+        [s.question for s in samples],
+    )
+    ref = m.generate(
+        torch.from_numpy(batch.input_ids),
+        torch.from_numpy(batch.pixel_values),
+        attention_mask=torch.from_numpy(batch.attention_mask),
+        max_new_tokens=6,
+    )
     got = np.stack(list(p.generate_ids(batch, GenerationRequest(max_new_tokens=6))), axis=1)
     assert got.tolist() == ref.tolist()
 
@@ -264,8 +293,13 @@ def test_runtime_inputs_match_nanovlms_transforms_and_transformers_tokenizer(pip
             ids = hf_tok("Question: What is it? Answer:", add_special_tokens=True).input_ids
         else:
             content = _nanovlm_image_string(cfg, grid) + "What is it?"
-            ids = hf_tok.apply_chat_template([{"role": "user", "content": content}], chat_template=cfg.lm_chat_template,
-                                             add_generation_prompt=True, tokenize=True, return_dict=False)  # fmt: skip
+            ids = hf_tok.apply_chat_template(
+                [{"role": "user", "content": content}],
+                chat_template=cfg.lm_chat_template,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+            )
         assert ours.input_ids[0].tolist() == list(ids)
     if cfg.image_placement == "replace":
         assert any(g != (1, 1) for g in grids)  # the global view was compared too

@@ -56,8 +56,11 @@ def photos():
 def post(server, body, raw: bytes | None = None, headers=None):
     """POST to /v1/chat/completions -> (status, headers, parsed JSON body)."""
     data = raw if raw is not None else json.dumps(body).encode()
-    req = urllib.request.Request(server.url + "/v1/chat/completions", data=data,
-                                 headers={"Content-Type": "application/json", **(headers or {})})  # fmt: skip
+    req = urllib.request.Request(
+        server.url + "/v1/chat/completions",
+        data=data,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, {k.lower(): v for k, v in r.headers.items()}, json.loads(r.read())
@@ -93,8 +96,11 @@ def test_a_chats_second_turn_reuses_the_first_and_says_so(server, pipe):
     assert second.choices[0].message.content == pipe.chat([img], [(q1, a1)], q2, max_new_tokens=8)
     assert second.usage.prompt_tokens_details.cached_tokens >= 32, "turn 2 reused nothing"
     assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
-    chunks = list(c.chat.completions.create(model="x", messages=history, max_tokens=8, stream=True,
-                                            stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        c.chat.completions.create(
+            model="x", messages=history, max_tokens=8, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= 32
     with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
         metrics = dict(
@@ -126,8 +132,15 @@ def test_streaming_equals_non_streaming(server):
     img = photos()["coffee"]
     c = client(server)
     full = c.chat.completions.create(model="x", messages=[user("Describe the colours.", img)], max_tokens=20)
-    chunks = list(c.chat.completions.create(model="x", messages=[user("Describe the colours.", img)], max_tokens=20,
-                                            stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        c.chat.completions.create(
+            model="x",
+            messages=[user("Describe the colours.", img)],
+            max_tokens=20,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == full.choices[0].message.content
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -139,8 +152,22 @@ def test_equals_nanovlm_run(server, tmp_path, bundle):
     """The same question through the server and through `nanovlm run`, greedy: the same answer."""
     path = tmp_path / "img.png"
     photos()["astronaut"].save(path)
-    run = subprocess.run([os.path.join(BIN, "nanovlm"), "run", bundle, "--image", str(path), "--prompt", "Cat?",
-                          "--max-new-tokens", "10"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    run = subprocess.run(
+        [
+            os.path.join(BIN, "nanovlm"),
+            "run",
+            bundle,
+            "--image",
+            str(path),
+            "--prompt",
+            "Cat?",
+            "--max-new-tokens",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     r = client(server).chat.completions.create(
         model="x", messages=[user("Cat?", Image.open(path))], max_tokens=10
@@ -153,15 +180,28 @@ def test_concurrent_requests_answer_as_alone(server, pipe):
     p = photos()
     cases = [
         ([user("What is it?", p["astronaut"])], [p["astronaut"]], "What is it?", [], 12),
-        ([user("How many red circles are there in this picture, please?", p["coffee"])], [p["coffee"]],
-         "How many red circles are there in this picture, please?", [], 20),
+        (
+            [user("How many red circles are there in this picture, please?", p["coffee"])],
+            [p["coffee"]],
+            "How many red circles are there in this picture, please?",
+            [],
+            20,
+        ),
         ([user("Cat?")], [], "Cat?", [], 7),
-        ([user("What colour is the square?", p["coffee"]), {"role": "assistant", "content": "blue"},
-          {"role": "user", "content": "And the circle?"}], [p["coffee"]], "And the circle?",
-         [("What colour is the square?", "blue")], 15),
+        (
+            [
+                user("What colour is the square?", p["coffee"]),
+                {"role": "assistant", "content": "blue"},
+                {"role": "user", "content": "And the circle?"},
+            ],
+            [p["coffee"]],
+            "And the circle?",
+            [("What colour is the square?", "blue")],
+            15,
+        ),
         ([user("Describe it.", p["astronaut"])], [p["astronaut"]], "Describe it.", [], 3),
         ([user("user assistant", p["coffee"])], [p["coffee"]], "user assistant", [], 16),
-    ]  # fmt: skip
+    ]
     alone = [pipe.chat(imgs, hist, q, n) for _, imgs, q, hist, n in cases]
     c = client(server)
 
@@ -182,8 +222,13 @@ def test_concurrent_requests_answer_as_alone(server, pipe):
 
 def test_seeded_sampling_is_reproducible(server):
     c = client(server)
-    kw = dict(model="x", messages=[user("Describe it.", photos()["coffee"])], max_tokens=16, temperature=1.0,
-              top_p=0.95)  # fmt: skip
+    kw = dict(
+        model="x",
+        messages=[user("Describe it.", photos()["coffee"])],
+        max_tokens=16,
+        temperature=1.0,
+        top_p=0.95,
+    )
     a = [c.chat.completions.create(seed=s, **kw).choices[0].message.content for s in (1, 1, 2, 3, 4)]
     assert a[0] == a[1]
     assert len(set(a[1:])) > 1, "different seeds all gave the same sample"
@@ -195,8 +240,9 @@ def test_stop_strings(server, pipe):
     cut = next((k for k in range(2, len(full)) if full[k] != full[0]), None)
     assert cut is not None and full[cut:].strip(), f"answer too uniform for a stop-string test: {full!r}"
     stop = full[cut : cut + 2]
-    r = client(server).chat.completions.create(model="x", messages=[user("What is it?", img)], max_tokens=24,
-                                                stop=[stop])  # fmt: skip
+    r = client(server).chat.completions.create(
+        model="x", messages=[user("What is it?", img)], max_tokens=24, stop=[stop]
+    )
     assert r.choices[0].message.content == full[: full.index(stop)]
     assert r.choices[0].finish_reason == "stop"
 
@@ -263,17 +309,28 @@ def test_bad_requests_get_openai_errors(server, case, status, words):
     elif case == "context":
         body["max_tokens"] = 10_000
     elif case in ("remote url", "file url off", "not base64", "not an image"):
-        url = {"remote url": "https://example.com/cat.png", "file url off": "file:///etc/hostname",
-               "not base64": "data:image/png;base64,@@@@", "not an image": "data:image/png;base64,"
-               + base64.b64encode(b"hello, not a picture").decode()}[case]  # fmt: skip
-        body["messages"] = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                         {"type": "text", "text": "hi"}]}]  # fmt: skip
+        url = {
+            "remote url": "https://example.com/cat.png",
+            "file url off": "file:///etc/hostname",
+            "not base64": "data:image/png;base64,@@@@",
+            "not an image": "data:image/png;base64," + base64.b64encode(b"hello, not a picture").decode(),
+        }[case]
+        body["messages"] = [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}],
+            }
+        ]
     elif case in ("bomb", "giant bomb"):  # over the server's 4096^2 limit; over Pillow's own
         url = (
             "data:image/png;base64," + base64.b64encode(_png_bomb(6000 if case == "bomb" else 20000)).decode()
         )
-        body["messages"] = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                         {"type": "text", "text": "hi"}]}]  # fmt: skip
+        body["messages"] = [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}],
+            }
+        ]
     elif case == "too many images":
         body["messages"] = [user("hi", *[tiny] * 5)]
     elif case == "image bytes":  # 9 MB of (valid) base64 in one image, over the 8 MB default
@@ -298,9 +355,21 @@ def test_file_urls_only_under_the_allowed_directory(bundle, tmp_path, pipe):
     with Server(bundle, "--image-dir", str(allowed)) as s:
 
         def ask(path):
-            return post(s, {"messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": f"file://{path}"}}, {"type": "text", "text": "Cat?"}]}],
-                "max_tokens": 6})  # fmt: skip
+            return post(
+                s,
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "image_url", "image_url": {"url": f"file://{path}"}},
+                                {"type": "text", "text": "Cat?"},
+                            ],
+                        }
+                    ],
+                    "max_tokens": 6,
+                },
+            )
 
         code, _, reply = ask(allowed / "coffee.png")
         assert code == 200
@@ -426,8 +495,9 @@ def test_health_page_and_models(server):
 
 def test_serve_refuses_a_bad_bundle_in_one_line(tmp_path):
     (tmp_path / "manifest.json").write_text("{}")
-    r = subprocess.run([os.path.join(BIN, "nanovlm"), "serve", str(tmp_path)], capture_output=True, text=True,
-                       timeout=60)  # fmt: skip
+    r = subprocess.run(
+        [os.path.join(BIN, "nanovlm"), "serve", str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 

@@ -191,8 +191,16 @@ def test_accumulation_equals_one_large_batch(tiny):
 
 # ----------------------------------------------------------------------------- the loop
 def _small(tmp_path, name, **kw) -> TrainConfig:
-    base = dict(max_training_steps=4, batch_size=8, eval_interval=0, eval_samples=0, log_interval=1,
-                checkpoint_interval=2, output_dir=str(tmp_path / name), warmup_ratio=0.25)  # fmt: skip
+    base = dict(
+        max_training_steps=4,
+        batch_size=8,
+        eval_interval=0,
+        eval_samples=0,
+        log_interval=1,
+        checkpoint_interval=2,
+        output_dir=str(tmp_path / name),
+        warmup_ratio=0.25,
+    )
     return TrainConfig(**(base | kw))
 
 
@@ -228,9 +236,19 @@ def test_resume_with_other_architecture_is_refused(tmp_path):
 
 
 def test_short_run_lowers_the_loss(tmp_path):
-    tc = _small(tmp_path, "short", max_training_steps=40, batch_size=16, eval_samples=48, eval_interval=40,
-                checkpoint_interval=40, warmup_ratio=0.1, lr_mp=1e-3, lr_vision_backbone=1e-3,
-                lr_language_backbone=1e-3)  # fmt: skip
+    tc = _small(
+        tmp_path,
+        "short",
+        max_training_steps=40,
+        batch_size=16,
+        eval_samples=48,
+        eval_interval=40,
+        checkpoint_interval=40,
+        warmup_ratio=0.1,
+        lr_mp=1e-3,
+        lr_vision_backbone=1e-3,
+        lr_language_backbone=1e-3,
+    )
     summary = train(tc)
     losses = _losses(tc)
     assert np.mean([losses[s] for s in range(36, 41)]) < 0.6 * np.mean([losses[s] for s in range(1, 6)])
@@ -240,9 +258,30 @@ def test_short_run_lowers_the_loss(tmp_path):
 
 def test_ddp_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "cli.main", "train", "-o", "max_training_steps=3", "-o", "batch_size=4", "-o", "eval_samples=0",
-           "-o", "checkpoint_interval=3", "-o", f"output_dir={out}", "-o", "log_interval=1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "cli.main",
+        "train",
+        "-o",
+        "max_training_steps=3",
+        "-o",
+        "batch_size=4",
+        "-o",
+        "eval_samples=0",
+        "-o",
+        "checkpoint_interval=3",
+        "-o",
+        f"output_dir={out}",
+        "-o",
+        "log_interval=1",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -257,8 +296,14 @@ def test_training_stops_once_validation_reaches_the_target(tmp_path):
     """target_accuracy: the run ends at the first evaluation at or above the target, saves its
     checkpoint there and says why; the schedule itself is unchanged (300 steps planned)."""
 
-    tc = TrainConfig(max_training_steps=300, eval_interval=25, eval_samples=40, target_accuracy=0.25,
-                     checkpoint_interval=1000, output_dir=str(tmp_path / "run"))  # fmt: skip
+    tc = TrainConfig(
+        max_training_steps=300,
+        eval_interval=25,
+        eval_samples=40,
+        target_accuracy=0.25,
+        checkpoint_interval=1000,
+        output_dir=str(tmp_path / "run"),
+    )
     summary = train(tc)
     stop = summary["stopped_early"]
     evals = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if '"accuracy"' in line]

@@ -36,8 +36,14 @@ def node_modules() -> str:
         with open(os.path.join(root, "package.json"), "w") as f:
             json.dump({"name": "nanovlm-transformers-js-test", "private": True, "type": "module"}, f)
         env = {**os.environ, "ONNXRUNTIME_NODE_INSTALL": "skip"}
-        r = subprocess.run([NPM, "install", "--no-audit", "--no-fund", f"@huggingface/transformers@{TRANSFORMERS_JS}"],
-                           cwd=root, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+        r = subprocess.run(
+            [NPM, "install", "--no-audit", "--no-fund", f"@huggingface/transformers@{TRANSFORMERS_JS}"],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
     return root
 
@@ -53,15 +59,23 @@ def test_transformers_js_answers_like_our_runtime(node_modules, tmp_path):
     export_transformers_js(str(ckpt), str(layout))
     pipe = VLMPipeline.from_bundle(str(bundle))
     question = "How many circles?"
-    pictures = [Image.fromarray(skimage_data.chelsea()).resize((100, 40)),  # split into 4 x 2 tiles + global
-                Image.fromarray(skimage_data.coffee()).resize((24, 20)), None]  # fmt: skip
+    pictures = [
+        Image.fromarray(skimage_data.chelsea()).resize((100, 40)),  # split into 4 x 2 tiles + global
+        Image.fromarray(skimage_data.coffee()).resize((24, 20)),
+        None,
+    ]
     cases, ours = [], []
     for picture in pictures:
         images = [picture] if picture is not None else []
         batch = pipe.prepare([images], [question])
         ours.append([int(t[0]) for t in pipe.generate_ids(batch, GenerationRequest(12))])
-        case = {"input_ids": batch.input_ids[0].tolist(), "max_new_tokens": 12, "pixel_values": None,
-                "pixel_shape": None, "messages": None}  # fmt: skip
+        case = {
+            "input_ids": batch.input_ids[0].tolist(),
+            "max_new_tokens": 12,
+            "pixel_values": None,
+            "pixel_shape": None,
+            "messages": None,
+        }
         if images:
             case |= {
                 "pixel_values": batch.pixel_values.ravel().tolist(),
@@ -88,8 +102,13 @@ def test_transformers_js_answers_like_our_runtime(node_modules, tmp_path):
     from transformers_js.variants import SUFFIXES
 
     q4 = onnx.load(str(layout / "onnx" / "decoder_model_merged_q4.onnx"))
-    bits = [helper.get_attribute_value(a) for n in q4.graph.node if n.op_type == "MatMulNBits"
-            for a in n.attribute if a.name == "bits"]  # fmt: skip
+    bits = [
+        helper.get_attribute_value(a)
+        for n in q4.graph.node
+        if n.op_type == "MatMulNBits"
+        for a in n.attribute
+        if a.name == "bits"
+    ]
     assert bits.count(4) >= 4 and 8 in bits
     image_id = pipe.cfg.image_token_id
     for dtype, suffix in SUFFIXES.items():
@@ -111,8 +130,12 @@ def _ort_greedy(layout, suffix: str, case: dict, image_id: int, eos: int) -> lis
     import numpy as np
     import onnxruntime as ort
 
-    s = {g: ort.InferenceSession(str(layout / "onnx" / f"{g}{suffix}.onnx"), providers=["CPUExecutionProvider"])
-         for g in ("vision_encoder", "embed_tokens", "decoder_model_merged")}  # fmt: skip
+    s = {
+        g: ort.InferenceSession(
+            str(layout / "onnx" / f"{g}{suffix}.onnx"), providers=["CPUExecutionProvider"]
+        )
+        for g in ("vision_encoder", "embed_tokens", "decoder_model_merged")
+    }
     ids = np.array([case["input_ids"]], np.int64)
     x = s["embed_tokens"].run(None, {"input_ids": ids})[0]
     if case["pixel_values"] is not None:
@@ -120,20 +143,29 @@ def _ort_greedy(layout, suffix: str, case: dict, image_id: int, eos: int) -> lis
         feats = s["vision_encoder"].run(None, {"pixel_values": pixels})[0]
         x[0, ids[0] == image_id] = feats.reshape(-1, x.shape[-1])
     dec = s["decoder_model_merged"]
-    past = {i.name: np.zeros([1, i.shape[1], 0, i.shape[3]], np.float32) for i in dec.get_inputs()
-            if i.name.startswith("past_key_values.")}  # fmt: skip
+    past = {
+        i.name: np.zeros([1, i.shape[1], 0, i.shape[3]], np.float32)
+        for i in dec.get_inputs()
+        if i.name.startswith("past_key_values.")
+    }
     total, out = ids.shape[1], []
     for _ in range(case["max_new_tokens"]):
         n = x.shape[1]
-        feed = {"inputs_embeds": x, "attention_mask": np.ones((1, total), np.int64),
-                "position_ids": np.arange(total - n, total, dtype=np.int64)[None], **past}  # fmt: skip
+        feed = {
+            "inputs_embeds": x,
+            "attention_mask": np.ones((1, total), np.int64),
+            "position_ids": np.arange(total - n, total, dtype=np.int64)[None],
+            **past,
+        }
         logits, *presents = dec.run(None, feed)
         token = int(logits[0, -1].argmax())
         out.append(token)
         if token == eos:
             break
-        past = {name.replace("present", "past_key_values"): v
-                for name, v in zip([o.name for o in dec.get_outputs()[1:]], presents, strict=True)}  # fmt: skip
+        past = {
+            name.replace("present", "past_key_values"): v
+            for name, v in zip([o.name for o in dec.get_outputs()[1:]], presents, strict=True)
+        }
         x = s["embed_tokens"].run(None, {"input_ids": np.array([[token]], np.int64)})[0]
         total += 1
     return out

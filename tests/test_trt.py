@@ -111,12 +111,21 @@ def test_a_2x2_tiled_image_picks_the_prefill_profile(lively_bundle):
 
     m = load_bundle(lively_bundle)
     cfg = m.config
-    batch = prepare_batch(cfg, Tokenizer.from_dir(lively_bundle, cfg), ImageProcessor.from_config(cfg),
-                          [[Image.new("RGB", (64, 64), (9, 99, 199))]], ["What is it?"])  # fmt: skip
+    batch = prepare_batch(
+        cfg,
+        Tokenizer.from_dir(lively_bundle, cfg),
+        ImageProcessor.from_config(cfg),
+        [[Image.new("RGB", (64, 64), (9, 99, 199))]],
+        ["What is it?"],
+    )
     assert batch.pixel_values.shape[0] == 5
     rows, S = 5 * cfg.image_token_count, batch.input_ids.shape[1]
-    shapes = {"input_ids": (1, S), "attention_mask": (1, S), "position_ids": (1, S),
-              "image_embeds": (rows, cfg.lm_hidden_dim)}  # fmt: skip
+    shapes = {
+        "input_ids": (1, S),
+        "attention_mask": (1, S),
+        "position_ids": (1, S),
+        "image_embeds": (rows, cfg.lm_hidden_dim),
+    }
     for i in range(m.kv.layers):
         for part in ("key", "value"):
             shapes[f"past_key_values.{i}.{part}"] = (1, m.kv.heads, 0, m.kv.head_dim)
@@ -125,14 +134,18 @@ def test_a_2x2_tiled_image_picks_the_prefill_profile(lively_bundle):
 
 def test_trtexec_and_polygraphy_text(lively_bundle):
     m = load_bundle(lively_bundle)
-    cmds = trtexec_commands(m, ProfileLimits(max_seq=16, max_context=32), workspace_mb=512, timing_cache="t.cache")
+    cmds = trtexec_commands(
+        m, ProfileLimits(max_seq=16, max_context=32), workspace_mb=512, timing_cache="t.cache"
+    )
     dec = cmds["decoder"]
     assert dec.startswith("trtexec --onnx=decoder.onnx --saveEngine=decoder.engine --stronglyTyped")
     assert "--memPoolSize=workspace:512M" in dec and "--timingCacheFile=t.cache" in dec
     assert dec.count("--minShapes=") == 2 and dec.count("--maxShapes=") == 2  # decode + prefill profiles
     assert "input_ids:1x16" in dec and "past_key_values.1.value:1x2x31x16" in dec
     assert "--noTF32" in dec  # fp32 stays fp32 unless asked
-    assert "--noTF32" not in trtexec_commands(m, ProfileLimits(max_seq=16, max_context=32), tf32=True)["decoder"]
+    assert (
+        "--noTF32" not in trtexec_commands(m, ProfileLimits(max_seq=16, max_context=32), tf32=True)["decoder"]
+    )
     assert cmds["vision_encoder"].count("--minShapes=pixel_values:1x3x32x32") == 1
     limits = ProfileLimits(max_seq=16, max_context=32)
     poly = polygraphy_command(m, limits)
@@ -141,8 +154,12 @@ def test_trtexec_and_polygraphy_text(lively_bundle):
     # and require exactly the decode profile's shapes
     decode = profiles(m, limits)["decoder"][0]
     words = poly.split()
-    for option, key in (("--input-shapes", "opt"), ("--trt-min-shapes", "min"), ("--trt-opt-shapes", "opt"),
-                        ("--trt-max-shapes", "max")):  # fmt: skip
+    for option, key in (
+        ("--input-shapes", "opt"),
+        ("--trt-min-shapes", "min"),
+        ("--trt-opt-shapes", "opt"),
+        ("--trt-max-shapes", "max"),
+    ):
         start = words.index(option) + 1
         args = []
         for w in words[start:]:
@@ -250,8 +267,9 @@ def test_trt_engines_give_the_onnx_runtime_tokens(lively_bundle, tmp_path):
         assert got == want, case.prompt
     # vision embeddings agree closely too
     pixels = batch.pixel_values
-    np.testing.assert_allclose(trt_pipe.backend.encode_images(pixels), ort_pipe.backend.encode_images(pixels),
-                               atol=1e-3, rtol=1e-3)  # fmt: skip
+    np.testing.assert_allclose(
+        trt_pipe.backend.encode_images(pixels), ort_pipe.backend.encode_images(pixels), atol=1e-3, rtol=1e-3
+    )
 
 
 @gpu
@@ -327,8 +345,14 @@ def trt_bundles(tiny_tokenizer_dir, tmp_path_factory):
 def test_every_bundle_meant_for_tensorrt_passes_the_check(trt_bundles, target):
     from trt.check import check_bundle
 
-    for name in ("replace fp32", "replace fp16", "replace int8-static", "prefix fp32", "prefix fp16",
-                 "prefix int8-static"):  # fmt: skip
+    for name in (
+        "replace fp32",
+        "replace fp16",
+        "replace int8-static",
+        "prefix fp32",
+        "prefix fp16",
+        "prefix int8-static",
+    ):
         assert check_bundle(trt_bundles[name], target) == {"vision_encoder": [], "decoder": []}, name
 
 
@@ -345,11 +369,14 @@ def test_the_check_names_what_tensorrt_would_not_parse(trt_bundles, tmp_path):
 
     # the pattern the decoder graph used to have: CumSum over int64, with its axis a graph input
     graph = helper.make_graph(
-        [helper.make_node("CumSum", ["x", "axis"], ["y"], name="count")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.INT64, [4]),
-         helper.make_tensor_value_info("axis", TensorProto.INT64, [])],
+        [helper.make_node("CumSum", ["x", "axis"], ["y"], name="count")],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.INT64, [4]),
+            helper.make_tensor_value_info("axis", TensorProto.INT64, []),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.INT64, [4])],
-    )  # fmt: skip
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     found = check_model(model, target("trt-10.3"), "g")
     assert "g: opset 21; trt-10.3 parses opsets 9 to 20" in found
@@ -357,16 +384,25 @@ def test_the_check_names_what_tensorrt_would_not_parse(trt_bundles, tmp_path):
     assert "g: count: input 1 of CumSum (axis) must be a build-time constant" in found
     # an operator added after 10.3, and a non-zero Q/DQ zero point
     rms = helper.make_graph(
-        [helper.make_node("RMSNormalization", ["x", "s"], ["y"], name="norm"),
-         helper.make_node("DequantizeLinear", ["q", "sc", "zp"], ["d"], name="dq")], "h",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
-         helper.make_tensor_value_info("q", TensorProto.INT8, [4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4]),
-         helper.make_tensor_value_info("d", TensorProto.FLOAT, [4])],
-        initializer=[helper.make_tensor("s", TensorProto.FLOAT, [4], [1.0] * 4),
-                     helper.make_tensor("sc", TensorProto.FLOAT, [], [0.1]),
-                     helper.make_tensor("zp", TensorProto.INT8, [], [3])],
-    )  # fmt: skip
+        [
+            helper.make_node("RMSNormalization", ["x", "s"], ["y"], name="norm"),
+            helper.make_node("DequantizeLinear", ["q", "sc", "zp"], ["d"], name="dq"),
+        ],
+        "h",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+            helper.make_tensor_value_info("q", TensorProto.INT8, [4]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4]),
+            helper.make_tensor_value_info("d", TensorProto.FLOAT, [4]),
+        ],
+        initializer=[
+            helper.make_tensor("s", TensorProto.FLOAT, [4], [1.0] * 4),
+            helper.make_tensor("sc", TensorProto.FLOAT, [], [0.1]),
+            helper.make_tensor("zp", TensorProto.INT8, [], [3]),
+        ],
+    )
     found = check_model(
         helper.make_model(rms, opset_imports=[helper.make_opsetid("", 23)]), target("trt-10.3"), "h"
     )
@@ -390,7 +426,9 @@ def test_trt_engines_of_each_precision_pass_the_bundles_gates(trt_bundles, preci
     from trt.build import build_engines
 
     out = str(tmp_path / "engines")
-    build_engines(trt_bundles[f"replace {precision}"], out, ProfileLimits(max_batch=2, max_seq=128, max_context=256))
+    build_engines(
+        trt_bundles[f"replace {precision}"], out, ProfileLimits(max_batch=2, max_seq=128, max_context=256)
+    )
     res = CliRunner().invoke(export_cli, ["validate", out, "--backend", "trt"])
     assert res.exit_code == 0, res.output
 

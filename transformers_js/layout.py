@@ -41,8 +41,16 @@ from .variants import add_quantized_variants
 
 log = logging.getLogger(__name__)
 
-COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-          "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "processor_config.json")  # fmt: skip
+COPIED = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "processor_config.json",
+)
 GRAPHS = ("vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx")
 
 
@@ -71,8 +79,13 @@ class MergedDecoderGraph(nn.Module):
         self.decoder = model.decoder
         self.n_layers = model.cfg.lm_n_blocks
 
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        *past: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
         cache = [(past[2 * i], past[2 * i + 1]) for i in range(self.n_layers)]
         hidden, presents = self.decoder(inputs_embeds, attention_mask, cache, position_ids)
         return (self.decoder.head(hidden), *[t for kv in presents for t in kv])  # logits [B, S, V]
@@ -86,10 +99,19 @@ def export_transformers_js(
     directory = resolve_checkpoint(src)
     hf = read_hf_config(directory)
     if not is_idefics3(hf):
-        raise ValueError(f"{src}: --layout transformers.js takes an Idefics3 / SmolVLM checkpoint in "
-                         f"transformers' format (model_type {hf.get('model_type')!r})")  # fmt: skip
-    check_target(out, lambda p: os.path.isdir(os.path.join(p, "onnx")) and all(
-        os.path.exists(os.path.join(p, "onnx", g)) for g in GRAPHS), "transformers.js layout", overwrite)  # fmt: skip
+        raise ValueError(
+            f"{src}: --layout transformers.js takes an Idefics3 / SmolVLM checkpoint in "
+            f"transformers' format (model_type {hf.get('model_type')!r})"
+        )
+    check_target(
+        out,
+        lambda p: (
+            os.path.isdir(os.path.join(p, "onnx"))
+            and all(os.path.exists(os.path.join(p, "onnx", g)) for g in GRAPHS)
+        ),
+        "transformers.js layout",
+        overwrite,
+    )
     model = VisionLanguageModel.from_pretrained(directory).eval()
     cfg = model.cfg
     image, seq_len, template = read_processing(directory)
@@ -98,32 +120,61 @@ def export_transformers_js(
         graph = lambda name: os.path.join(tmp, "onnx", name)  # noqa: E731
         S = cfg.vit_img_size
         log.info("[1/3] exporting onnx/vision_encoder.onnx")
-        _onnx_export(VisionGraph(model), (torch.rand(1, 2, 3, S, S),), graph(GRAPHS[0]), opset,
-                     input_names=["pixel_values"], output_names=["image_features"],
-                     dynamic_axes={"pixel_values": {0: "batch_size", 1: "num_images"},
-                                   "image_features": {0: "batch_size_x_num_images"}})  # fmt: skip
+        _onnx_export(
+            VisionGraph(model),
+            (torch.rand(1, 2, 3, S, S),),
+            graph(GRAPHS[0]),
+            opset,
+            input_names=["pixel_values"],
+            output_names=["image_features"],
+            dynamic_axes={
+                "pixel_values": {0: "batch_size", 1: "num_images"},
+                "image_features": {0: "batch_size_x_num_images"},
+            },
+        )
         log.info("[2/3] exporting onnx/embed_tokens.onnx")
         ids = torch.randint(0, cfg.lm_vocab_size, (1, 3))
-        _onnx_export(EmbedGraph(model), (ids,), graph(GRAPHS[1]), opset, input_names=["input_ids"],
-                     output_names=["inputs_embeds"],
-                     dynamic_axes={"input_ids": {0: "batch_size", 1: "sequence_length"},
-                                   "inputs_embeds": {0: "batch_size", 1: "sequence_length"}})  # fmt: skip
+        _onnx_export(
+            EmbedGraph(model),
+            (ids,),
+            graph(GRAPHS[1]),
+            opset,
+            input_names=["input_ids"],
+            output_names=["inputs_embeds"],
+            dynamic_axes={
+                "input_ids": {0: "batch_size", 1: "sequence_length"},
+                "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
+            },
+        )
         log.info("[3/3] exporting onnx/decoder_model_merged.onnx")
         B, T, P = 1, 3, 2
         kv = (B, cfg.lm_n_kv_heads, P, cfg.lm_head_dim)
-        args = (torch.rand(B, T, cfg.lm_hidden_dim), torch.ones(B, P + T, dtype=torch.long),
-                torch.arange(P, P + T)[None], *[torch.rand(kv) for _ in range(2 * cfg.lm_n_blocks)])  # fmt: skip
+        args = (
+            torch.rand(B, T, cfg.lm_hidden_dim),
+            torch.ones(B, P + T, dtype=torch.long),
+            torch.arange(P, P + T)[None],
+            *[torch.rand(kv) for _ in range(2 * cfg.lm_n_blocks)],
+        )
         bundle_inputs, outputs = decoder_io_names(cfg.lm_n_blocks)  # the KV names are the bundle's
         past = bundle_inputs[4:]
         inputs = ["inputs_embeds", "attention_mask", "position_ids", *past]
-        axes = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
-                "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
-                "position_ids": {0: "batch_size", 1: "sequence_length"},
-                "logits": {0: "batch_size", 1: "sequence_length"}}  # fmt: skip
+        axes = {
+            "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
+            "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+            "position_ids": {0: "batch_size", 1: "sequence_length"},
+            "logits": {0: "batch_size", 1: "sequence_length"},
+        }
         axes |= {name: {0: "batch_size", 2: "past_sequence_length"} for name in past}
         axes |= {name: {0: "batch_size", 2: "total_sequence_length"} for name in outputs[1:]}
-        _onnx_export(MergedDecoderGraph(model), args, graph(GRAPHS[2]), opset, input_names=inputs,
-                     output_names=outputs, dynamic_axes=axes)  # fmt: skip
+        _onnx_export(
+            MergedDecoderGraph(model),
+            args,
+            graph(GRAPHS[2]),
+            opset,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=axes,
+        )
         for name in GRAPHS:
             check_graph(graph(name), opset)
         for name in COPIED:

@@ -124,8 +124,9 @@ class TrtBackend:
             dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))).name for n in names}
             check_io_dtypes(graph, dtypes, io_dtypes(bundle, graph))
             self.engines[graph] = engine
-            self.profiles[graph] = [{k: {n: tuple(s) for n, s in p[k].items()} for k in ("min", "max")}
-                                    for p in emeta["profiles"]]  # fmt: skip
+            self.profiles[graph] = [
+                {k: {n: tuple(s) for n, s in p[k].items()} for k in ("min", "max")} for p in emeta["profiles"]
+            ]
         # one activation block for every context, as large as the largest engine needs
         activation_bytes = max(engine.device_memory_size_v2 for engine in self.engines.values())
         self.activations = DeviceBuffer(cudart, activation_bytes)
@@ -175,13 +176,27 @@ class TrtBackend:
         if array.nbytes > self.buf[name].nbytes:
             raise ValueError(f"{name} of shape {array.shape} exceeds the engine limits {self.limits}")
         if array.nbytes:
-            _check(self.cudart.cudaMemcpyAsync(self.buf[name].ptr, array.ctypes.data, array.nbytes,
-                                               self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))  # fmt: skip
+            _check(
+                self.cudart.cudaMemcpyAsync(
+                    self.buf[name].ptr,
+                    array.ctypes.data,
+                    array.nbytes,
+                    self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                    self.stream,
+                )
+            )
 
     def _download(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         out = np.empty(shape, np.float32)
-        _check(self.cudart.cudaMemcpyAsync(out.ctypes.data, self.buf[name].ptr, out.nbytes,
-                                           self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))  # fmt: skip
+        _check(
+            self.cudart.cudaMemcpyAsync(
+                out.ctypes.data,
+                self.buf[name].ptr,
+                out.nbytes,
+                self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+                self.stream,
+            )
+        )
         _check(self.cudart.cudaStreamSynchronize(self.stream))
         return out
 
@@ -214,20 +229,34 @@ class TrtBackend:
             raise ValueError(f"{length} positions exceed the engines' max_context of {self.max_context}")
         return TrtCache(rows, length)
 
-    def step(self, input_ids: np.ndarray, image_rows: np.ndarray, attention_mask: np.ndarray,
-             position_ids: np.ndarray, cache: TrtCache) -> np.ndarray:  # fmt: skip
+    def step(
+        self,
+        input_ids: np.ndarray,
+        image_rows: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        cache: TrtCache,
+    ) -> np.ndarray:
         B, S = input_ids.shape
         past = (B, self.kv.heads, cache.length, self.kv.head_dim)
         present = (B, self.kv.heads, cache.length + S, self.kv.head_dim)
-        shapes = {"input_ids": (B, S), "image_embeds": (image_rows.shape[0], self.hidden),
-                  "attention_mask": attention_mask.shape, "position_ids": (B, S)}  # fmt: skip
+        shapes = {
+            "input_ids": (B, S),
+            "image_embeds": (image_rows.shape[0], self.hidden),
+            "attention_mask": attention_mask.shape,
+            "position_ids": (B, S),
+        }
         for i in range(self.kv.layers):
             shapes[f"past_key_values.{i}.key"] = shapes[f"past_key_values.{i}.value"] = past
         k = pick_profile(self.profiles["decoder"], shapes)
         ctx = self.contexts["decoder"][k]
         dtypes = self.io["decoder"]  # checked against the engine at load
-        arrays = {"input_ids": input_ids, "image_embeds": image_rows, "attention_mask": attention_mask,
-                  "position_ids": position_ids}  # fmt: skip
+        arrays = {
+            "input_ids": input_ids,
+            "image_embeds": image_rows,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+        }
         for name, array in arrays.items():
             self._upload(name, array.astype(dtypes[name]))
             _ok(ctx.set_input_shape(name, shapes[name]), f"{name} shape {shapes[name]}")

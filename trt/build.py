@@ -52,8 +52,15 @@ def check_buildable(bundle_path: str) -> Bundle:
     return bundle
 
 
-def build_engines(bundle_path: str, out: str, limits: ProfileLimits, workspace_mb: int = 2048,
-                  timing_cache: str | None = None, overwrite: bool = False, tf32: bool = False) -> Manifest:  # fmt: skip
+def build_engines(
+    bundle_path: str,
+    out: str,
+    limits: ProfileLimits,
+    workspace_mb: int = 2048,
+    timing_cache: str | None = None,
+    overwrite: bool = False,
+    tf32: bool = False,
+) -> Manifest:
     """Build one engine per graph into a copy of the bundle at `out`; returns the new manifest."""
     bundle = check_buildable(bundle_path)
     check_target(out, is_bundle, "bundle", overwrite, source=bundle_path)
@@ -84,7 +91,7 @@ def build_engines(bundle_path: str, out: str, limits: ProfileLimits, workspace_m
                         **{k: {n: list(s) for n, s in p[k].items()} for k in ("min", "opt", "max")},
                     }
                     for p in plist
-                ],  # fmt: skip
+                ],
                 "tensorrt_version": trt.__version__,
                 "device_name": device["name"],
                 "compute_capability": device["compute_capability"],
@@ -98,14 +105,19 @@ def build_engines(bundle_path: str, out: str, limits: ProfileLimits, workspace_m
             )
         if timing_cache and os.path.exists(timing_cache):
             shutil.copy2(timing_cache, os.path.join(tmp, "timing.cache"))
-        limits_meta = {"max_batch": limits.max_batch, "max_seq": limits.max_seq,
-                       "max_context": limits.max_context, "max_images": limits.max_images}  # fmt: skip
+        limits_meta = {
+            "max_batch": limits.max_batch,
+            "max_seq": limits.max_seq,
+            "max_context": limits.max_context,
+            "max_images": limits.max_images,
+        }
         tensorrt = {"engines": engines, "limits": limits_meta}
         return dataclasses.replace(bundle.manifest, tensorrt=tensorrt).write(tmp)
 
 
-def _build_one(trt, logger, onnx_path: str, plist: list[dict], workspace_mb: int, cache_path: str,
-               tf32: bool = False) -> bytes:  # fmt: skip
+def _build_one(
+    trt, logger, onnx_path: str, plist: list[dict], workspace_mb: int, cache_path: str, tf32: bool = False
+) -> bytes:
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
@@ -134,5 +146,7 @@ def _build_one(trt, logger, onnx_path: str, plist: list[dict], workspace_mb: int
 
 
 def describe(manifest: Manifest) -> str:
-    return json.dumps({g: {k: v for k, v in e.items() if k != "profiles"} for g, e in manifest.tensorrt["engines"].items()},
-                      indent=2)  # fmt: skip
+    return json.dumps(
+        {g: {k: v for k, v in e.items() if k != "profiles"} for g, e in manifest.tensorrt["engines"].items()},
+        indent=2,
+    )

@@ -18,11 +18,18 @@ from core.bundle import GRAPHS, load_bundle
 from .support import CONSTANT_INPUTS, STANDARD_DOMAINS, TARGETS, TYPED_TENSOR, TYPES, ZERO_POINTS, Target
 
 TYPE_NAMES = {
-    onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16", onnx.TensorProto.BFLOAT16: "BF16",
-    onnx.TensorProto.INT32: "INT32", onnx.TensorProto.INT64: "INT64", onnx.TensorProto.INT8: "INT8",
-    onnx.TensorProto.UINT8: "UINT8", onnx.TensorProto.BOOL: "BOOL", onnx.TensorProto.DOUBLE: "DOUBLE",
-    onnx.TensorProto.FLOAT8E4M3FN: "FP8", onnx.TensorProto.INT4: "INT4",
-}  # fmt: skip
+    onnx.TensorProto.FLOAT: "FP32",
+    onnx.TensorProto.FLOAT16: "FP16",
+    onnx.TensorProto.BFLOAT16: "BF16",
+    onnx.TensorProto.INT32: "INT32",
+    onnx.TensorProto.INT64: "INT64",
+    onnx.TensorProto.INT8: "INT8",
+    onnx.TensorProto.UINT8: "UINT8",
+    onnx.TensorProto.BOOL: "BOOL",
+    onnx.TensorProto.DOUBLE: "DOUBLE",
+    onnx.TensorProto.FLOAT8E4M3FN: "FP8",
+    onnx.TensorProto.INT4: "INT4",
+}
 
 
 def target(name: str) -> Target:

@@ -98,10 +98,11 @@ def pick_profile(graph_profiles: list[dict[str, Any]], shapes: dict[str, Shape])
     """The first profile whose [min, max] holds every given shape; ValueError naming the misfit."""
     for k, p in enumerate(graph_profiles):
         if all(
-            name in p["min"] and len(shape) == len(p["min"][name])
+            name in p["min"]
+            and len(shape) == len(p["min"][name])
             and all(lo <= d <= hi for d, lo, hi in zip(shape, p["min"][name], p["max"][name], strict=True))
             for name, shape in shapes.items()
-        ):  # fmt: skip
+        ):
             return k
     raise ValueError(
         f"no optimization profile holds shapes {shapes}; rebuild the engines with larger --max-seq/--max-context/--max-batch"
@@ -126,8 +127,13 @@ def polygraphy_shapes(shapes: dict[str, Shape]) -> str:
     return " ".join(f"{name}:[{','.join(str(d) for d in shape)}]" for name, shape in shapes.items())
 
 
-def trtexec_commands(bundle: Bundle, limits: ProfileLimits, workspace_mb: int = 2048, timing_cache: str = "timing.cache",
-                     tf32: bool = False) -> dict[str, str]:  # fmt: skip
+def trtexec_commands(
+    bundle: Bundle,
+    limits: ProfileLimits,
+    workspace_mb: int = 2048,
+    timing_cache: str = "timing.cache",
+    tf32: bool = False,
+) -> dict[str, str]:
     """The trtexec command line building each graph's engine with the same profiles (one set of
     --minShapes/--optShapes/--maxShapes per profile, in profile order); fp32 products stay fp32
     (--noTF32) unless `tf32`."""
@@ -135,10 +141,14 @@ def trtexec_commands(bundle: Bundle, limits: ProfileLimits, workspace_mb: int = 
     for graph, plist in profiles(bundle, limits).items():
         file = bundle.graph_spec(graph)["file"]
         parts = [
-            "trtexec", f"--onnx={file}", f"--saveEngine={file.removesuffix('.onnx')}.engine", "--stronglyTyped",
-            f"--memPoolSize=workspace:{workspace_mb}M", f"--timingCacheFile={timing_cache}",
+            "trtexec",
+            f"--onnx={file}",
+            f"--saveEngine={file.removesuffix('.onnx')}.engine",
+            "--stronglyTyped",
+            f"--memPoolSize=workspace:{workspace_mb}M",
+            f"--timingCacheFile={timing_cache}",
             *([] if tf32 else ["--noTF32"]),
-        ]  # fmt: skip
+        ]
         for p in plist:
             parts += [
                 f"--minShapes={shape_spec(p['min'])}",
@@ -153,9 +163,11 @@ def polygraphy_command(bundle: Bundle, limits: ProfileLimits, graph: str = "deco
     """polygraphy run comparing ONNX Runtime and TensorRT on one graph, at the decode profile's opt shapes."""
     p = profiles(bundle, limits)[graph][0]
     file = bundle.graph_spec(graph)["file"]
-    return (f"polygraphy run {file} --onnxrt --trt --input-shapes {polygraphy_shapes(p['opt'])} "
-            f"--trt-min-shapes {polygraphy_shapes(p['min'])} --trt-opt-shapes {polygraphy_shapes(p['opt'])} "
-            f"--trt-max-shapes {polygraphy_shapes(p['max'])} --atol 1e-3 --rtol 1e-3")  # fmt: skip
+    return (
+        f"polygraphy run {file} --onnxrt --trt --input-shapes {polygraphy_shapes(p['opt'])} "
+        f"--trt-min-shapes {polygraphy_shapes(p['min'])} --trt-opt-shapes {polygraphy_shapes(p['opt'])} "
+        f"--trt-max-shapes {polygraphy_shapes(p['max'])} --atol 1e-3 --rtol 1e-3"
+    )
 
 
 def io_dtypes(bundle: Bundle, graph: str) -> dict[str, str]:
@@ -205,9 +217,13 @@ def trt_profile_shapes(
     plan = profiles(bundle, ProfileLimits(max_batch, max_context, max_context, max_images))
     out = {}
     for graph, plist in plan.items():
-        top = {name: tuple(max(p["max"][name][d] for p in plist) for d in range(len(shape)))
-               for name, shape in plist[0]["max"].items()}  # fmt: skip
-        out[graph] = {"trt_profile_min_shapes": shape_spec(plist[0]["min"]),
-                      "trt_profile_opt_shapes": shape_spec(plist[0]["opt"]),
-                      "trt_profile_max_shapes": shape_spec(top)}  # fmt: skip
+        top = {
+            name: tuple(max(p["max"][name][d] for p in plist) for d in range(len(shape)))
+            for name, shape in plist[0]["max"].items()
+        }
+        out[graph] = {
+            "trt_profile_min_shapes": shape_spec(plist[0]["min"]),
+            "trt_profile_opt_shapes": shape_spec(plist[0]["opt"]),
+            "trt_profile_max_shapes": shape_spec(top),
+        }
     return out

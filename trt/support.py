@@ -28,23 +28,26 @@ SHAPING = (*NUMBERS, "BOOL")
 
 # operator -> element types of its main tensor (10.15 matrix)
 TYPES: dict[str, tuple[str, ...]] = {
-    **{op: NUMBERS for op in ("Abs", "Add", "ArgMax", "ArgMin", "Div", "Equal", "Greater", "GreaterOrEqual",
-                              "IsNaN", "Less", "LessOrEqual", "Max", "Min", "Mod", "Mul", "Neg", "Pad", "Pow",
-                              "Range", "Relu", "Sign", "Sub", "Sum", "ReduceL1", "ReduceL2", "ReduceLogSum",
-                              "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd",
-                              "ReduceSum", "ReduceSumSquare", "ScatterElements", "ScatterND", "TopK")},
-    **{op: FLOATS for op in ("Acos", "Asin", "Atan", "AveragePool", "BatchNormalization", "Ceil", "Celu", "Clip",
-                             "Conv", "ConvTranspose", "Cos", "CumSum", "Dropout", "Einsum", "Elu", "Erf", "Exp",
-                             "Floor", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "GroupNormalization",
-                             "HardSigmoid", "HardSwish", "InstanceNormalization", "LayerNormalization",
-                             "LeakyRelu", "Log", "LogSoftmax", "MatMul", "MaxPool", "PRelu", "Reciprocal",
-                             "Resize", "Round", "Selu", "Sigmoid", "Sin", "Softmax", "Softplus", "Softsign",
-                             "Sqrt", "Tan", "Tanh", "ThresholdedRelu", "Upsample", "RMSNormalization",
-                             "RotaryEmbedding", "Attention")},
-    **{op: SHAPING for op in ("Concat", "DepthToSpace", "Expand", "Flatten", "Gather", "GatherElements",
-                              "GatherND", "Identity", "OneHot", "Reshape", "Shape", "Size", "Slice", "Split",
-                              "Squeeze", "Tile", "Transpose", "Trilu", "Unsqueeze", "Where")},
-    **{op: ("BOOL",) for op in ("And", "Not", "Or", "Xor")},
+    **dict.fromkeys(
+        """Abs Add ArgMax ArgMin Div Equal Greater GreaterOrEqual IsNaN Less LessOrEqual Max Min Mod Mul Neg
+        Pad Pow Range Relu Sign Sub Sum ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean
+        ReduceMin ReduceProd ReduceSum ReduceSumSquare ScatterElements ScatterND TopK""".split(),
+        NUMBERS,
+    ),
+    **dict.fromkeys(
+        """Acos Asin Atan AveragePool BatchNormalization Ceil Celu Clip Conv ConvTranspose Cos CumSum Dropout
+        Einsum Elu Erf Exp Floor Gemm GlobalAveragePool GlobalMaxPool GroupNormalization HardSigmoid HardSwish
+        InstanceNormalization LayerNormalization LeakyRelu Log LogSoftmax MatMul MaxPool PRelu Reciprocal
+        Resize Round Selu Sigmoid Sin Softmax Softplus Softsign Sqrt Tan Tanh ThresholdedRelu Upsample
+        RMSNormalization RotaryEmbedding Attention""".split(),
+        FLOATS,
+    ),
+    **dict.fromkeys(
+        """Concat DepthToSpace Expand Flatten Gather GatherElements GatherND Identity OneHot Reshape Shape Size
+        Slice Split Squeeze Tile Transpose Trilu Unsqueeze Where""".split(),
+        SHAPING,
+    ),
+    **dict.fromkeys(("And", "Not", "Or", "Xor"), ("BOOL",)),
     "Cast": (*NUMBERS, "UINT8", "BOOL"),
     "Constant": (*SHAPING, "FP8", "FP4", "INT4"),
     "ConstantOfShape": (*SHAPING, "FP8", "FP4", "INT4"),
@@ -52,7 +55,7 @@ TYPES: dict[str, tuple[str, ...]] = {
     "NonZero": ("FP32", "FP16"),
     "QuantizeLinear": FLOATS,
     "DequantizeLinear": ("INT8", "FP8", "FP4", "INT4"),
-}  # fmt: skip
+}
 
 # which tensor carries the checked type, where it is not input 0: ("output", i) or ("input", i)
 TYPED_TENSOR: dict[str, tuple[str, int]] = {
@@ -66,11 +69,14 @@ TYPED_TENSOR: dict[str, tuple[str, int]] = {
 CONSTANT_INPUTS: dict[str, tuple[int, ...]] = {
     "CumSum": (1,),
     "Dropout": (2,),
-    **{op: (1,) for op in ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
-                           "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare", "Squeeze", "Unsqueeze")},
+    **dict.fromkeys(
+        """ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum
+        ReduceSumSquare Squeeze Unsqueeze""".split(),
+        (1,),
+    ),
     "QuantizeLinear": (1, 2),
     "DequantizeLinear": (1, 2),
-}  # fmt: skip
+}
 ZERO_POINTS = {"QuantizeLinear": 2, "DequantizeLinear": 2}  # input index that must be all zeros
 
 
@@ -85,14 +91,26 @@ class Target:
 
 TARGETS: dict[str, Target] = {
     "trt-10.3": Target(
-        "trt-10.3", "JetPack 6 (Orin)", 20,
-        ("Attention", "RMSNormalization", "RotaryEmbedding", "TensorScatter", "STFT", "BlackmanWindow",
-         "HammingWindow", "HannWindow"),
+        "trt-10.3",
+        "JetPack 6 (Orin)",
+        20,
+        (
+            "Attention",
+            "RMSNormalization",
+            "RotaryEmbedding",
+            "TensorScatter",
+            "STFT",
+            "BlackmanWindow",
+            "HammingWindow",
+            "HannWindow",
+        ),
         {"Pad": (3,)},
     ),
     "trt-10.13": Target(
-        "trt-10.13", "JetPack 7 (Thor)", 20,
+        "trt-10.13",
+        "JetPack 7 (Thor)",
+        20,
         ("Attention", "RMSNormalization", "RotaryEmbedding", "TensorScatter"),
         {},
     ),
-}  # fmt: skip
+}
