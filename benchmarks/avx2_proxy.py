@@ -1,7 +1,7 @@
 """Run a command with the kernels an AVX2-only CPU gets, on a machine that has AVX-512.
 
-    python benchmarks/avx2_proxy.py --check
-    python benchmarks/avx2_proxy.py [--llama-lib DIR] -- python benchmarks/runtime_decode.py
+    python -m benchmarks.avx2_proxy --check
+    python -m benchmarks.avx2_proxy [--llama-lib DIR] -- python -m benchmarks.runtime_decode
 
 The speed bars hold on both CPU kinds, but most machines here have AVX-512 VNNI, and qemu's
 emulated Haswell (tests/test_portability.py) is right about results but says nothing about speed.
@@ -144,7 +144,6 @@ def build_proxy() -> Path:
 
 
 def proxy_env(llama_lib: str | None) -> dict[str, str]:
-    sys.path.insert(0, str(REPO))
     from evaluation.bench import AVX2_PROXY_ENV  # benchmarks name the CPU kind by it
 
     env = dict(os.environ) | TORCH_ENV | {AVX2_PROXY_ENV: "1"}

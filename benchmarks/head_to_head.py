@@ -1,6 +1,6 @@
 """Decode speed of the backends that carry the speed bars, interleaved round by round.
 
-    python benchmarks/head_to_head.py [--rounds 7] [--max-new-tokens 128]
+    python -m benchmarks.head_to_head [--rounds 7] [--max-new-tokens 128]
 
 quantization_report.py times each backend in turn, a minute or more apart; on a shared machine
 the speed drifts by 10-30% over that time, more than the differences it has to show. Here every
@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(REPO, ".cache")
 BUNDLES = {
     "fp32": "nanovlm-222m-shape-fp32",
@@ -36,7 +33,7 @@ RATIOS = {"fused int8-dynamic": "fp32", "fused int4": "llama.cpp Q4_1"}  # bar: 
 def llama_cpp_warm(gguf: str, ids: list[int], new_tokens: int, threads: int) -> dict:
     """(in a child process) a warm-up generation, then the timed one: llama.cpp's first decode in
     a process is slower than its later ones."""
-    from llamacpp import decode_speed
+    from benchmarks.llamacpp import decode_speed
 
     decode_speed(gguf, ids, new_tokens, threads=threads)
     return decode_speed(gguf, ids, new_tokens, threads=threads)
@@ -49,11 +46,11 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from llamacpp import prompt_ids
-    from runtime_decode import PROMPT
     from tqdm import tqdm
 
-    from evaluation.bench import bench_image, in_fresh_process, machine, spread
+    from benchmarks.llamacpp import prompt_ids
+    from benchmarks.runtime_decode import PROMPT
+    from evaluation.bench import bench_image, in_fresh_process, machine, runtime_run, spread
     from runtime.pipeline import GenerationRequest, VLMPipeline
 
     threads = os.cpu_count() or 1
@@ -67,10 +64,9 @@ def main() -> None:
 
     def run_bundle(name: str) -> float:
         nonlocal positions
-        for _ in pipes[name].generate_ids(batches[name], request):
-            pass
-        positions = pipes[name].last_timings.prompt_tokens
-        return pipes[name].last_timings.decode_tokens_per_s
+        _, timings = runtime_run(pipes[name], batches[name], request)
+        positions = timings.prompt_tokens
+        return timings.decode_tokens_per_s
 
     for name in pipes:  # warm-up, and the prompt length llama.cpp gets
         run_bundle(name)

@@ -1,6 +1,6 @@
 """llama.cpp's C++ `llama-server`, built from the llama-cpp-python sdist, on the SmolVLM-256M shape.
 
-    python benchmarks/llama_server.py      # builds (once, ~30 min on 2 cores) and converts; prints paths
+    python -m benchmarks.llama_server      # builds (once, ~30 min on 2 cores) and converts; prints paths
 
 The sdist on PyPI vendors llama.cpp: `pip download --no-binary :all: llama-cpp-python`, then cmake
 with the web UI, curl and OpenSSL off builds `llama-server` (parallel slots, continuous batching,
@@ -170,7 +170,6 @@ class LlamaServer:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from smolvlm_speed import build_checkpoint
+    from benchmarks.smolvlm_speed import build_checkpoint
 
     print(server_binary(), *ggufs(build_checkpoint()), *glob.glob(os.path.join(ROOT, "*.gguf")), sep="\n")

@@ -1,6 +1,6 @@
 """ONNX Runtime's CPU MatMul kernels on SmolLM2-135M's layer shapes, at the rows of a prefill.
 
-    python benchmarks/matmul_kernels.py [--rows 1 85 196] [--rounds 7]
+    python -m benchmarks.matmul_kernels [--rows 1 85 196] [--rounds 7]
 
 One decoder layer's seven weight MatMuls (q, k, v, out; gate, up, down) with random weights, as
 one graph per kernel: fp32 MatMul, MatMulNBits at 8 and 4 bits (blocks of 32, int8 compute) and
@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 HIDDEN, INTER = 576, 1536
 SHAPES = [
     (HIDDEN, HIDDEN),

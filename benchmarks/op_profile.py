@@ -1,6 +1,6 @@
 """Where the time goes, per op type: image encode, prefill and decode of one generation.
 
-    python benchmarks/op_profile.py BUNDLE [BUNDLE ...] [--max-new-tokens 32] [--json OUT]
+    python -m benchmarks.op_profile BUNDLE [BUNDLE ...] [--max-new-tokens 32] [--json OUT]
 
 Each bundle answers one image + runtime_decode.py's prompt with onnxruntime's per-node profile on
 (OrtBackend's profile_dir): two warm-up generations, then the one reported. Per phase it prints
@@ -14,12 +14,9 @@ import argparse
 import collections
 import json
 import os
-import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 WARMUP = 2
 
 
@@ -40,8 +37,7 @@ def phases(events: list[dict], runs_per_generation: int) -> list[dict]:
 
 def profile(path: str, new_tokens: int) -> dict[str, dict]:
     """{phase: {wall_ms, ops: {op type: share}}} for image encode, prefill and decode (per step)."""
-    from runtime_decode import PROMPT
-
+    from benchmarks.runtime_decode import PROMPT
     from evaluation.bench import bench_image
     from runtime.pipeline import GenerationRequest, VLMPipeline
 

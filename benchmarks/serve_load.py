@@ -1,6 +1,6 @@
 """Load and fault test of `nanovlm serve`: many concurrent clients, some malformed, some leaving.
 
-    python benchmarks/serve_load.py BUNDLE [--requests 300] [--concurrency 16] [--malformed 0.1]
+    python -m benchmarks.serve_load BUNDLE [--requests 300] [--concurrency 16] [--malformed 0.1]
                                            [--disconnect 0.05] [--json report.json]
 
 Starts the server (console script, 127.0.0.1), computes each valid question's greedy answer alone
@@ -20,14 +20,12 @@ import io
 import json
 import os
 import random
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 QUESTIONS = [
     "What is it?",

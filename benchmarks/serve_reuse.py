@@ -1,6 +1,6 @@
 """Reuse across turns and streams that keep moving: `nanovlm serve` on the SmolVLM-256M shape.
 
-    python benchmarks/serve_reuse.py [--bundle DIR] [--turns 3] [--json OUT]
+    python -m benchmarks.serve_reuse [--bundle DIR] [--turns 3] [--json OUT]
 
 The bundle is smolvlm_speed.py's fused int8-dynamic one (random SmolVLM-256M-shaped weights, real
 cost; built and cached there); the photo is scikit-image's astronaut (17 tiles of 512 px, ~1,140
@@ -31,7 +31,6 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 CACHE = os.path.join(REPO, ".cache")
 DEFAULT_BUNDLE = os.path.join(CACHE, "bundles", "smolvlm-256m-shape-fused-int8-dynamic")
 QUESTIONS = [

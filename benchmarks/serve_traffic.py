@@ -1,6 +1,6 @@
 """Serving under traffic, as `vllm bench serve` and AIPerf measure it: ours vs llama.cpp's llama-server.
 
-    python benchmarks/serve_traffic.py [--rates 0.5 1 2 4] [--requests 32] [--json OUT] [--plot PNG]
+    python -m benchmarks.serve_traffic [--rates 0.5 1 2 4] [--requests 32] [--json OUT] [--plot PNG]
 
 Both servers hold the same weights, the random SmolVLM-256M-shaped checkpoint of
 benchmarks/smolvlm_speed.py: ours its fused int8-dynamic bundle (`nanovlm serve --max-batch 8`),
@@ -36,8 +36,6 @@ import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(REPO, ".cache", "bundles", "smolvlm-256m-shape-fused-int8-dynamic")
 PROMPTS = [
     "Write a short story about a robot who learns to paint.",
@@ -232,9 +230,8 @@ def plot(results: dict[str, dict], path: str) -> None:
 
 
 def main() -> None:
-    from llama_server import LlamaServer, ggufs
-    from smolvlm_speed import build_checkpoint
-
+    from benchmarks.llama_server import LlamaServer, ggufs
+    from benchmarks.smolvlm_speed import build_checkpoint
     from evaluation.bench import machine
     from serve.process import ServerProcess, free_port
 

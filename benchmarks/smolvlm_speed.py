@@ -1,6 +1,6 @@
 """Runtime vs transformers' own generate at SmolVLM-256M-Instruct's shapes, in one run.
 
-    python benchmarks/smolvlm_speed.py [--max-new-tokens 64] [--repeats 2] [--json OUT]
+    python -m benchmarks.smolvlm_speed [--max-new-tokens 64] [--repeats 2] [--json OUT]
 
 Builds once (cached in .cache/) a random-weight Idefics3 checkpoint with SmolVLM-256M-Instruct's
 shapes, written by transformers' save_pretrained: SigLIP-B/16 at 512 px (12 layers, 768 wide),
@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 CACHE = os.path.join(REPO, ".cache")
 QUESTION = "Describe this picture in detail."
 
@@ -99,8 +97,7 @@ def build_checkpoint() -> str:
 
 
 def bundles(ckpt: str) -> dict[str, str]:
-    from runtime_decode import cached
-
+    from benchmarks.runtime_decode import cached
     from calibration.quantize import quantize_bundle
     from export.onnx_export import export_onnx
 

@@ -1,6 +1,6 @@
 """The vision encoder at INT8: 8-bit MatMulNBits against DynamicQuantizeMatMul with three weight grids.
 
-    python benchmarks/vision_int8.py [--fp32 BUNDLE] [--repeats 9]
+    python -m benchmarks.vision_int8 [--fp32 BUNDLE] [--repeats 9]
 
 Times one image encode (1 x 3 x 224 x 224, 2 threads, median of --repeats after a warm-up) of the
 nanoVLM-222M shape's SigLIP-B/16-shaped encoder, each variant made from the fp32 bundle's graph
@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 BUNDLES = os.path.join(REPO, ".cache", "bundles")
 
 

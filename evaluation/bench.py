@@ -84,6 +84,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
+def runtime_run(pipe: Any, batch: Any, request: Any) -> tuple[list[int], Any]:
+    """The runtime's one timed generation: -> (row 0's tokens, the pipeline's Timings). Every
+    runtime speed figure (bench, benchmarks/) comes from these Timings."""
+    tokens = [int(t[0]) for t in pipe.generate_ids(batch, request)]
+    return tokens, pipe.last_timings
+
+
 def bundle_worker(
     path: str, image: str | None, prompt: str, max_new_tokens: int, repeats: int, threads: int | None
 ) -> dict[str, Any]:
@@ -98,9 +105,9 @@ def bundle_worker(
     for k in range(repeats + 1):
         if k == 1:
             monitor.start()  # power over the timed runs only
-        tokens = [int(t[0]) for t in pipe.generate_ids(batch, request)]
+        tokens, timings = runtime_run(pipe, batch, request)
         if k:  # the first run is the warm-up
-            runs.append(pipe.last_timings)
+            runs.append(timings)
     power = monitor.stop()
     if power["available"]:
         power["tokens_per_joule"] = repeats * max_new_tokens / power["energy_j"]

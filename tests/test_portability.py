@@ -173,7 +173,7 @@ def test_avx2_proxy_takes_this_onnxruntime_to_its_avx2_kernels(tmp_path):
     onnxruntime it finds what to patch, and the copy saturates the 127 + 127 weight pair as the
     emulated Haswell does (49.4% low), while the installed package stays exact."""
     out = subprocess.run(
-        [sys.executable, os.path.join(REPO, "benchmarks", "avx2_proxy.py"), "--check"],
+        [sys.executable, "-m", "benchmarks.avx2_proxy", "--check"],
         capture_output=True,
         text=True,
         cwd=REPO,

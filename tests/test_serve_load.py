@@ -1,21 +1,17 @@
 """The load and fault test (benchmarks/serve_load.py) in the slow tier, on a tiny exported model."""
 
-import os
-import sys
-
 import pytest
 
 from serve.process import ServerProcess
-from tests.conftest import REPO, export_lively
+from tests.conftest import export_lively
 
 pytest.importorskip("skimage.data")
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("decoder", ["standard", "fused"])
 def test_300_requests_at_concurrency_16_with_faults(decoder, tiny_tokenizer_dir, tmp_path):
-    from serve_load import expected_answers, run_load, valid_cases
+    from benchmarks.serve_load import expected_answers, run_load, valid_cases
 
     bundle = export_lively("replace", tiny_tokenizer_dir, tmp_path, decoder)[1]
     cases = valid_cases()
