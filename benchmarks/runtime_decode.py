@@ -41,7 +41,7 @@ PROMPT = (
 def build_checkpoint() -> str:
     import torch
 
-    from core.config import VLMConfig
+    from nanovlm.tools.smollm2 import nanovlm_222m_config
     from nanovlm.vision_language_model import VisionLanguageModel
 
     ckpt = os.path.join(CACHE, "nanovlm-222m-shape")
@@ -52,21 +52,7 @@ def build_checkpoint() -> str:
         from nanovlm.tools.smollm2 import build
 
         build(lm)
-    cfg = VLMConfig(
-        vit_hidden_dim=768,
-        vit_inter_dim=3072,
-        vit_patch_size=16,
-        vit_img_size=224,
-        vit_n_heads=12,
-        vit_n_blocks=12,
-        vit_model_type="",
-        lm_model_type=lm,
-        lm_tokenizer=lm,
-        mp_pixel_shuffle_factor=2,
-        mp_image_token_length=49,
-        max_img_size=224,
-        lm_max_position_embeddings=2048,
-    )
+    cfg = nanovlm_222m_config(lm, lm_max_position_embeddings=2048)
     torch.manual_seed(0)
     model = VisionLanguageModel(cfg, load_backbone=True)
     from core.processors import Tokenizer
@@ -164,8 +150,8 @@ def naive_worker(bundle: str, max_new_tokens: int, repeats: int) -> dict:
 
 def text_prefill_worker(bundle: str, n_tokens: int, repeats: int) -> float:
     """(in a child process) the runtime's decoder on a text-only prompt of n_tokens -> median s."""
+    from core.sequence import prompt_frame
     from runtime.pipeline import VLMPipeline
-    from runtime.sequence import prompt_frame
 
     pipe = VLMPipeline.from_bundle(bundle)
     batch = pipe.prepare([[]], [PROMPT * 4])

@@ -31,14 +31,9 @@ def build_checkpoint() -> str:
     out = os.path.join(CACHE, "smolvlm-256m-shape")
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out
-    import torch
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3Processor,
-        PreTrainedTokenizerFast,
-    )
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from transformers import PreTrainedTokenizerFast
+
+    from nanovlm.tools.smolvlm import write_smolvlm
 
     lm = os.path.join(CACHE, "smollm2-135m-instruct")
     if not os.path.exists(os.path.join(lm, "tokenizer.json")):
@@ -51,48 +46,25 @@ def build_checkpoint() -> str:
         pad_token="<|endoftext|>",
         bos_token="<|im_start|>",
     )
-    extra = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
-    extra += [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-    tok.add_special_tokens({"additional_special_tokens": extra})
-    cfg = Idefics3Config(
-        vision_config=dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            image_size=512,
-            patch_size=16,
-        ),
-        text_config=dict(
-            model_type="llama",
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            vocab_size=len(tok),
-            rms_norm_eps=1e-5,
-            max_position_embeddings=8192,
-            rope_theta=100000.0,
-            tie_word_embeddings=False,
-            pad_token_id=tok.pad_token_id,
-        ),
-        scale_factor=4,
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        tie_word_embeddings=False,
+    vision = dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        image_size=512,
+        patch_size=16,
     )
-    torch.manual_seed(0)
-    Idefics3ForConditionalGeneration(cfg).eval().save_pretrained(out)
-    images = Idefics3ImageProcessorPil(size={"longest_edge": 2048}, max_image_size={"longest_edge": 512})
-    template = (
-        "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]"
-        "['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if "
-        "line['type'] == 'text' %}{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}"
-        "{% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+    text = dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
     )
-    Idefics3Processor(
-        image_processor=images, tokenizer=tok, image_seq_len=64, chat_template=template
-    ).save_pretrained(out)
+    write_smolvlm(out, tok, vision, text, scale_factor=4, image_seq_len=64, longest_edge=2048, tile=512)
     return out
 
 

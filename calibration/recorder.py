@@ -16,6 +16,7 @@ from onnxruntime.quantization.calibrate import CalibrationDataReader
 from tqdm import tqdm
 
 from core.bundle import Bundle, KVLayout
+from core.sequence import Frame
 from runtime.onnx_backend import session_options
 from runtime.pipeline import GenerationRequest, VLMPipeline
 
@@ -64,19 +65,12 @@ class RecordingBackend:
     def new_cache(self, rows: int, length: int) -> ArrayCache:
         return ArrayCache(self.kv, rows, length)
 
-    def step(
-        self,
-        input_ids: np.ndarray,
-        image_rows: np.ndarray,
-        attention_mask: np.ndarray,
-        position_ids: np.ndarray,
-        cache: ArrayCache,
-    ) -> np.ndarray:
+    def step(self, frame: Frame, cache: ArrayCache) -> np.ndarray:
         feed: dict[str, np.ndarray] = {
-            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-            "image_embeds": np.ascontiguousarray(image_rows, dtype=np.float32),
-            "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
-            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
+            "input_ids": np.ascontiguousarray(frame.input_ids, dtype=np.int64),
+            "image_embeds": np.ascontiguousarray(frame.image_rows, dtype=np.float32),
+            "attention_mask": np.ascontiguousarray(frame.attention_mask, dtype=np.int64),
+            "position_ids": np.ascontiguousarray(frame.position_ids, dtype=np.int64),
         }
         for i in range(self.kv.layers):
             feed[f"past_key_values.{i}.key"] = cache.past[2 * i]
@@ -84,7 +78,7 @@ class RecordingBackend:
         self.decoder_feeds.append(feed)
         out = self.sessions["decoder"].run(None, feed)
         cache.past = out[1:]
-        cache.length += input_ids.shape[1]
+        cache.length += frame.input_ids.shape[1]
         return out[0]
 
 

@@ -26,8 +26,8 @@ import numpy as np
 from core.bundle import Bundle, BundleError
 from core.processors import prepare_batch
 from core.recipes import GATE_METRICS
+from core.sequence import next_frame, prompt_frame
 from runtime.pipeline import GenerationRequest, VLMPipeline
-from runtime.sequence import next_frame, prompt_frame
 
 log = logging.getLogger(__name__)
 

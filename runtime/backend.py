@@ -12,6 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
+from core.sequence import Frame
+
 
 class Cache(Protocol):
     """One KV cache: `length` positions of `rows` rows are filled (the past of the next step)."""
@@ -36,15 +38,9 @@ class Backend(Protocol):
         """A cache for up to `rows` rows of `length` positions."""
         ...
 
-    def step(
-        self,
-        input_ids: np.ndarray,
-        image_rows: np.ndarray,
-        attention_mask: np.ndarray,
-        position_ids: np.ndarray,
-        cache: Cache,
-    ) -> np.ndarray:
-        """One decoder call over S new positions: input_ids [B, S] (image slots where image_rows
-        [R, hidden] go, in order), attention_mask [B, past + S], position_ids [B, S]; writes their
-        KV into `cache` after its past and returns the logits of the last position, [B, V]."""
+    def step(self, frame: Frame, cache: Cache) -> np.ndarray:
+        """One decoder call over the frame's S new positions (core/sequence.py: input_ids [B, S]
+        with image slots where image_rows [R, hidden] go, in order, attention_mask [B, past + S],
+        position_ids [B, S]); writes their KV into `cache` after its past and returns the logits
+        of the last position, [B, V]."""
         ...

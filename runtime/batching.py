@@ -36,12 +36,12 @@ import numpy as np
 from core.config import check_context
 from core.processors import Batch, left_pad
 from core.sampling import Sampler
+from core.sequence import Frame, Prompt, prompt_positions
 
 from .image_cache import ImageCache
 from .kv_cache import KVCache
 from .pipeline import GenerationRequest, TextStream, VLMPipeline
 from .prefix_cache import PrefixCache, block_keys
-from .sequence import Frame, Prompt, prompt_positions
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from core.bundle import Bundle
+from core.sequence import Frame
 
 from .kv_cache import KVCache
 
@@ -160,16 +161,9 @@ class OrtBackend:
     def new_cache(self, rows: int, length: int) -> KVCache:
         return KVCache(self.kv, rows, length, self.kv_in_place, self.device)
 
-    def step(
-        self,
-        input_ids: np.ndarray,
-        image_rows: np.ndarray,
-        attention_mask: np.ndarray,
-        position_ids: np.ndarray,
-        cache: KVCache,
-    ) -> np.ndarray:
+    def step(self, frame: Frame, cache: KVCache) -> np.ndarray:
         """One decoder call over S new positions on `cache` (runtime/backend.py); logits [B, V]."""
-        B, S = input_ids.shape
+        B, S = frame.input_ids.shape
         io = self.io
         # The KV tensors (2 per layer, in and out) are rebound only when their buffers or shapes
         # change: on the fused decoder that is when the batch does, not every step (a rebinding
@@ -198,10 +192,10 @@ class OrtBackend:
                         cache.pointer(dst, 2 * i + j),
                     )
             self._bound = bound  # holds the cache, so its buffers outlive the binding
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        io.bind_cpu_input("image_embeds", np.ascontiguousarray(image_rows, dtype=np.float32))
-        io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        io.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(frame.input_ids, dtype=np.int64))
+        io.bind_cpu_input("image_embeds", np.ascontiguousarray(frame.image_rows, dtype=np.float32))
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(frame.attention_mask, dtype=np.int64))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(frame.position_ids, dtype=np.int64))
         logits = np.empty((B, self.vocab), dtype=np.float32)  # written in place by ONNX Runtime
         io.bind_output("logits", "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         self.sessions["decoder"].run_with_iobinding(io)

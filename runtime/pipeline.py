@@ -19,9 +19,9 @@ from core.bundle import Bundle, load_bundle
 from core.config import check_context
 from core.processors import Batch, ImageProcessor, Tokenizer, prepare_batch
 from core.sampling import Sampler, SamplingConfig
+from core.sequence import Frame, next_frame, prompt_frame
 
 from .backend import Backend, Cache
-from .sequence import Frame, next_frame, prompt_frame
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +152,7 @@ class VLMPipeline:
 
     def step(self, frame: Frame, cache: Cache) -> np.ndarray:
         """One decoder call on `frame` -> logits [B, V]."""
-        return self.backend.step(
-            frame.input_ids, frame.image_rows, frame.attention_mask, frame.position_ids, cache
-        )
+        return self.backend.step(frame, cache)
 
     # ------------------------------------------------------------------ user calls
     def prepare(

@@ -22,9 +22,9 @@ from collections import OrderedDict
 import numpy as np
 
 from core.bundle import KVLayout
+from core.sequence import Prompt
 
 from .kv_cache import KVCache
-from .sequence import Prompt
 
 BLOCK = 32  # positions per block: a prompt's last partial block is recomputed, never shared
 

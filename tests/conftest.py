@@ -17,6 +17,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("NANOVLM_TEST_CACHE", os.path.join(REPO, ".cache"))
 
 
+# tiny_config's vision tower in transformers' SiglipVisionConfig terms
+TINY_SIGLIP = dict(
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+)
+
+
 def tiny_config(placement: str = "replace", **overrides) -> VLMConfig:
     """A few-hundred-kilobyte model with every structural feature of the real ones (GQA, tiles)."""
     kw = dict(
@@ -79,24 +90,6 @@ def export_lively(
     m.save_pretrained(directory / "ckpt")
     export_onnx(str(directory / "ckpt"), str(directory / "bundle"), decoder=decoder)
     return m, str(directory / "bundle")
-
-
-def nanovlm_222m_shape(lm_dir: str) -> VLMConfig:
-    """SigLIP-B/16-224-shaped ViT (random: no SigLIP offline) + the LM in lm_dir, one 224 px tile."""
-    return VLMConfig(
-        vit_hidden_dim=768,
-        vit_inter_dim=3072,
-        vit_patch_size=16,
-        vit_img_size=224,
-        vit_n_heads=12,
-        vit_n_blocks=12,
-        vit_model_type="",
-        lm_model_type=lm_dir,
-        lm_tokenizer=lm_dir,
-        mp_pixel_shuffle_factor=2,
-        mp_image_token_length=49,
-        max_img_size=224,
-    )
 
 
 @pytest.fixture(scope="session")

@@ -20,13 +20,13 @@ from tests.test_processors import _blank_png
 BIN = os.path.dirname(sys.executable)
 
 
-def cli(*args: str, script: str = "nanovlm") -> subprocess.CompletedProcess:
+def cli(*args: str, script: str = "nanovlm", cwd: str | os.PathLike = REPO) -> subprocess.CompletedProcess:
     """The installed console script (`pip install -e .`), else the same entry point via -m."""
     exe = os.path.join(BIN, script)
     cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "cli.main"]
     return subprocess.run(
         [*cmd, *args],
-        cwd=REPO,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=300,
@@ -127,16 +127,7 @@ def test_bench_replaces_only_its_own_default_chart(made, tmp_path):
     args = ["bench", bundle, "--image", image, "--max-new-tokens", "2", "--repeats", "1", "--growth", ""]
 
     def bench(cwd) -> subprocess.CompletedProcess:
-        exe = os.path.join(BIN, "nanovlm-export")
-        cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "cli.main"]
-        return subprocess.run(
-            [*cmd, *args],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=dict(os.environ, PYTHONPATH=REPO, TQDM_DISABLE="1"),
-        )
+        return cli(*args, script="nanovlm-export", cwd=cwd)
 
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     ours.mkdir(), theirs.mkdir()

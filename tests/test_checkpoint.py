@@ -51,12 +51,10 @@ NANOVLM_V02_FIELDS = {
     "vlm_checkpoint_path",
     "hf_repo_name",
 }
+# nanoVLM v0.1's VLMConfig: v0.2's without its image-token and chat fields, with an EOS id
+V02_ADDED = "lm_base_vocab_size extra_token_amount lm_chat_template mp_image_token_length max_img_size"
 NANOVLM_V01_FIELDS = NANOVLM_V02_FIELDS - {
-    "lm_base_vocab_size",
-    "extra_token_amount",
-    "lm_chat_template",
-    "mp_image_token_length",
-    "max_img_size",
+    *V02_ADDED.split(),
     "resize_to_max_side_len",
     "vlm_extra_tokens",
 } | {"lm_eos_token_id"}

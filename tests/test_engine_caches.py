@@ -7,11 +7,11 @@ from PIL import Image
 
 from core.bundle import KVLayout
 from core.processors import image_key
+from core.sequence import Prompt, prompt_frame
 from runtime.batching import ContinuousBatcher, EngineConfig
 from runtime.kv_cache import KVCache
 from runtime.pipeline import GenerationRequest
 from runtime.prefix_cache import PrefixCache, block_keys
-from runtime.sequence import Prompt, prompt_frame
 from tests.engine_helpers import Collector, run
 
 skimage_data = pytest.importorskip("skimage.data")

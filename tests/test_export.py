@@ -19,8 +19,9 @@ from core.bundle import BundleError, load_bundle  # noqa: E402
 from core.processors import ImageProcessor, Tokenizer, prepare_batch  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
 from nanovlm.language_model import positions_from_mask  # noqa: E402
+from nanovlm.tools.smollm2 import nanovlm_222m_config  # noqa: E402
 from nanovlm.vision_language_model import VisionLanguageModel  # noqa: E402
-from tests.conftest import export_lively, lively_model, nanovlm_222m_shape  # noqa: E402
+from tests.conftest import export_lively, lively_model  # noqa: E402
 
 ATOL = 1e-4
 
@@ -242,7 +243,7 @@ def test_unexportable_config_fails_before_work(tiny_tokenizer_dir, tmp_path):
 @pytest.mark.slow
 def test_nanovlm_222m_shape_exports_within_size_target(smollm2_dir, tmp_path):
     """SigLIP-B/16-224-shaped ViT (random) + real SmolLM2-135M: bundle <= 1.05 x parameter bytes."""
-    cfg = nanovlm_222m_shape(smollm2_dir)
+    cfg = nanovlm_222m_config(smollm2_dir)
     torch.manual_seed(0)
     m = VisionLanguageModel(cfg, load_backbone=True, tokenizer=None)
     m.tokenizer = Tokenizer.from_dir(smollm2_dir, cfg)
@@ -315,7 +316,7 @@ def test_fp16_bundle_tracks_fp32(tiny_tokenizer_dir, tmp_path):
 
 @pytest.mark.slow
 def test_fp16_real_smollm2_tracks_fp32(smollm2_dir, tmp_path):
-    cfg = nanovlm_222m_shape(smollm2_dir)
+    cfg = nanovlm_222m_config(smollm2_dir)
     torch.manual_seed(0)
     m = VisionLanguageModel(cfg, load_backbone=True)
     m.tokenizer = Tokenizer.from_dir(smollm2_dir, cfg)

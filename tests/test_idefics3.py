@@ -9,38 +9,20 @@ import torch
 from PIL import Image
 
 from nanovlm.idefics3 import idefics3_config, read_processing
+from nanovlm.tools.smolvlm import IMAGE_TOKENS, write_smolvlm
 from nanovlm.vision_language_model import VisionLanguageModel
+from tests.conftest import TINY_SIGLIP
 
 transformers = pytest.importorskip("transformers")
 skimage_data = pytest.importorskip("skimage.data")
 
-SPECIALS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<end_of_utterance>",
-    "<fake_token_around_image>",
-    "<image>",
-    "<global-img>",
-] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
-CHAT_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'][0]['type'] "
-    "== 'image' %}{{':'}}{% else %}{{': '}}{% endif %}{% for line in message['content'] %}{% if line['type'] == "
-    "'text' %}{{line['text']}}{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
-    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)  # SmolVLM's template
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *IMAGE_TOKENS]
 
 
 def write_idefics3(directory, tie: bool, seed: int = 0, layers: int = 2) -> None:
     """A tiny random Idefics3 model and its processor, as transformers saves them."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3Processor,
-        PreTrainedTokenizerFast,
-    )
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -66,46 +48,29 @@ def write_idefics3(directory, tie: bool, seed: int = 0, layers: int = 2) -> None
         pad_token="<|endoftext|>",
         bos_token="<|im_start|>",
     )
-    cfg = Idefics3Config(
-        vision_config=dict(
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-        ),
-        text_config=dict(
-            model_type="llama",
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=len(hf_tok),
-            max_position_embeddings=512,
-            rms_norm_eps=1e-5,
-            rope_theta=10000.0,
-            tie_word_embeddings=tie,
-            pad_token_id=hf_tok.pad_token_id,
-        ),
+    text = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+    )
+    write_smolvlm(
+        directory,
+        hf_tok,
+        TINY_SIGLIP,
+        text,
         scale_factor=2,
-        image_token_id=hf_tok.convert_tokens_to_ids("<image>"),
-        tie_word_embeddings=tie,
+        image_seq_len=4,
+        longest_edge=4 * 32,
+        tile=32,
+        tie=tie,
+        seed=seed,
+        weight_scale=6.0,
     )
-    torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # weights scaled up from the 0.02 init, so greedy paths vary
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(6.0)
-    model.save_pretrained(directory)
-    images = Idefics3ImageProcessorPil(
-        size={"longest_edge": 4 * 32}, max_image_size={"longest_edge": 32}, do_image_splitting=True
-    )
-    Idefics3Processor(
-        image_processor=images, tokenizer=hf_tok, image_seq_len=4, chat_template=CHAT_TEMPLATE
-    ).save_pretrained(directory)
 
 
 @pytest.fixture(scope="module", params=["untied", "tied"])

@@ -11,7 +11,7 @@ import torch
 
 from nanovlm.language_model import LanguageModel
 from nanovlm.vision_transformer import ViT
-from tests.conftest import tiny_config
+from tests.conftest import TINY_SIGLIP, tiny_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,15 +19,7 @@ transformers = pytest.importorskip("transformers")
 def _hf_siglip(tmp_path):
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    hf_cfg = SiglipVisionConfig(
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        layer_norm_eps=1e-6,
-    )
+    hf_cfg = SiglipVisionConfig(**TINY_SIGLIP, layer_norm_eps=1e-6)
     torch.manual_seed(0)
     hf = SiglipVisionModel(hf_cfg).eval()
     with torch.no_grad():  # random, non-trivial norms and biases

@@ -35,7 +35,7 @@ import numpy as np
 from numpy._core._multiarray_umath import __cpu_features__ as cpu
 from core.shapes_dataset import ShapesDataset
 from runtime.pipeline import VLMPipeline
-from runtime.sequence import prompt_frame
+from core.sequence import prompt_frame
 
 out = {"avx2": bool(cpu["AVX2"]), "avx512f": bool(cpu["AVX512F"]), "vnni": bool(cpu["AVX512VNNI"])}
 ds = ShapesDataset("test", seed=0)

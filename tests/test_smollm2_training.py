@@ -8,14 +8,14 @@ import json
 
 import pytest
 
+from nanovlm.tools.smollm2 import nanovlm_222m_config
 from nanovlm.train import train
 from nanovlm.train_config import TrainConfig
-from tests.conftest import nanovlm_222m_shape
 
 
 @pytest.mark.slow
 def test_projector_only_run_on_real_smollm2_lowers_val_loss(tmp_path, smollm2_dir):
-    cfg = nanovlm_222m_shape(smollm2_dir)
+    cfg = nanovlm_222m_config(smollm2_dir)
     cfg.save(tmp_path / "vlm.json")
     tc = TrainConfig(
         model=str(tmp_path / "vlm.json"),

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from core.bundle import Bundle, BundleError
+from core.sequence import Frame
 
 from .plan import (
     ProfileLimits,
@@ -229,21 +230,14 @@ class TrtBackend:
             raise ValueError(f"{length} positions exceed the engines' max_context of {self.max_context}")
         return TrtCache(rows, length)
 
-    def step(
-        self,
-        input_ids: np.ndarray,
-        image_rows: np.ndarray,
-        attention_mask: np.ndarray,
-        position_ids: np.ndarray,
-        cache: TrtCache,
-    ) -> np.ndarray:
-        B, S = input_ids.shape
+    def step(self, frame: Frame, cache: TrtCache) -> np.ndarray:
+        B, S = frame.input_ids.shape
         past = (B, self.kv.heads, cache.length, self.kv.head_dim)
         present = (B, self.kv.heads, cache.length + S, self.kv.head_dim)
         shapes = {
             "input_ids": (B, S),
-            "image_embeds": (image_rows.shape[0], self.hidden),
-            "attention_mask": attention_mask.shape,
+            "image_embeds": (frame.image_rows.shape[0], self.hidden),
+            "attention_mask": frame.attention_mask.shape,
             "position_ids": (B, S),
         }
         for i in range(self.kv.layers):
@@ -252,10 +246,10 @@ class TrtBackend:
         ctx = self.contexts["decoder"][k]
         dtypes = self.io["decoder"]  # checked against the engine at load
         arrays = {
-            "input_ids": input_ids,
-            "image_embeds": image_rows,
-            "attention_mask": attention_mask,
-            "position_ids": position_ids,
+            "input_ids": frame.input_ids,
+            "image_embeds": frame.image_rows,
+            "attention_mask": frame.attention_mask,
+            "position_ids": frame.position_ids,
         }
         for name, array in arrays.items():
             self._upload(name, array.astype(dtypes[name]))

