@@ -38,6 +38,7 @@ from core.processors import Batch, left_pad
 from core.sampling import Sampler
 from core.sequence import Frame, Prompt, prompt_positions
 
+from .constraint import Matcher
 from .image_cache import ImageCache
 from .kv_cache import KVCache
 from .pipeline import GenerationRequest, TextStream, VLMPipeline
@@ -107,6 +108,7 @@ class _Row:
     next_position: int
     last_token: int
     new_tokens: int = 1
+    matcher: Matcher | None = None  # its constraint's parser state, if it has one
 
 
 @dataclass
@@ -222,11 +224,14 @@ class ContinuousBatcher:
         return prompt_positions(self.pipe.cfg, batch)
 
     def submit(self, batch: Batch, request: GenerationRequest, on_event: Callable[[Event], None]) -> Ticket:
-        """Queue a one-row batch; raises QueueFull or ValueError (too long for the context)."""
+        """Queue a one-row batch; raises QueueFull or ValueError (too long for the context, or a
+        constraint that is not a grammar)."""
         if batch.input_ids.shape[0] != 1:
             raise ValueError(f"submit takes one request at a time, got a batch of {batch.input_ids.shape[0]}")
         n = self.prompt_length(batch)
         check_context(n, request.max_new_tokens, self.max_context, "max_tokens")
+        if request.constraint is not None:
+            self.pipe.grammars.check(request.constraint)
         ticket = Ticket(batch, request, on_event, prompt_tokens=n)
         with self.cond:
             if self.stopping:
@@ -479,6 +484,9 @@ class ContinuousBatcher:
             next_position=n,
             last_token=-1,
         )
+        if ticket.request.constraint is not None:
+            row.matcher = self.pipe.grammars.matcher(ticket.request.constraint)
+            self.pipe.grammars.mask_logits(logits, [row.matcher])
         ticket.first_token = time.perf_counter()
         if not self._emit(row, logits):
             self._join(row, cache, src, mask)
@@ -527,6 +535,8 @@ class ContinuousBatcher:
         empty = np.zeros((0, self.pipe.cfg.lm_hidden_dim), np.float32)
         logits = self.pipe.step(Frame(tokens, empty, self.mask, pos), cache)  # [B, V]
         self.stats.steps += 1
+        if any(row.matcher for row in self.rows):  # each row only what its own grammar allows
+            self.pipe.grammars.mask_logits(logits, [row.matcher for row in self.rows])
         done = []
         for r, row in enumerate(self.rows):
             row.next_position += 1
@@ -541,6 +551,8 @@ class ContinuousBatcher:
         token = int(row.sampler(logits, [row.seen] if req.sampling.repetition_penalty != 1.0 else None)[0])
         row.seen.append(token)
         row.last_token = token
+        if row.matcher is not None and not row.matcher.done:
+            row.matcher.consume(token)
         if req.ignore_eos and token == self.pipe.tokenizer.eos_token_id:
             delta, ended = "", False  # benchmarks: always max_tokens
         else:
