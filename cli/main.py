@@ -269,6 +269,12 @@ def generate(
 @click.option("--stream", is_flag=True, help="Print text as tokens arrive.")
 @sampling_options
 @click.option("--json", "as_json", is_flag=True, help="Print the answer with timings as JSON.")
+@click.option(
+    "--json-schema",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A JSON Schema file: the answer is JSON that matches it.",
+)
+@click.option("--regex", help="The answer matches this regular expression.")
 @user_errors
 def run(
     bundle: str,
@@ -279,19 +285,31 @@ def run(
     stream: bool,
     max_new_tokens: int,
     as_json: bool,
+    json_schema: str | None,
+    regex: str | None,
     **kw: Any,
 ) -> None:
     """Answer PROMPT (about --image, if given) with an exported BUNDLE on ONNX Runtime or TensorRT (no torch)."""
+    from core.config import read_config_json
+    from runtime.constraint import Constraint
     from runtime.pipeline import VLMPipeline
 
     sampling = sampling_config(kw)
+    schema = read_config_json(json_schema) if json_schema else None
+    constraint = Constraint.given(json_schema=schema, regex=regex)
     pipe = VLMPipeline.from_bundle(bundle, provider=provider, backend=backend)
+    if constraint is not None:
+        try:
+            pipe.grammars.check(constraint)
+        except ValueError as e:
+            raise click.ClickException(f"{json_schema or '--regex'}: {e}") from None
+    options = {constraint.kind: constraint.source} if constraint else {}
     if stream and not as_json:
-        for piece in pipe.stream(list(images), prompt, max_new_tokens, sampling=sampling):
+        for piece in pipe.stream(list(images), prompt, max_new_tokens, sampling=sampling, **options):
             click.echo(piece, nl=False)
         click.echo()
         return
-    answer = pipe.generate(list(images), prompt, max_new_tokens, sampling=sampling)
+    answer = pipe.generate(list(images), prompt, max_new_tokens, sampling=sampling, **options)
     if as_json:
         click.echo(json.dumps({"answer": answer, "timings": pipe.last_timings.as_dict()}, indent=2))
     else:

@@ -154,7 +154,16 @@ class Service:
                 "messages",
             )
         max_tokens = chat.max_tokens or min(self.limits.max_tokens, room)
-        return chat, batch, GenerationRequest(max_tokens, chat.sampling, chat.stop)
+        if chat.constraint is not None:
+            try:
+                self.pipe.grammars.check(chat.constraint)
+            except ValueError as e:
+                raise ApiError(400, f"response_format: {e}", "response_format") from None
+        return (
+            chat,
+            batch,
+            GenerationRequest(max_tokens, chat.sampling, chat.stop, constraint=chat.constraint),
+        )
 
 
 # ----------------------------------------------------------------------------- HTTP

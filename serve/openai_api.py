@@ -19,6 +19,7 @@ from PIL import Image
 
 from core.processors import load_image
 from core.sampling import SamplingConfig
+from runtime.constraint import Constraint
 
 
 class ApiError(Exception):
@@ -66,6 +67,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     model: str
+    constraint: Constraint | None = None  # from response_format
 
 
 # ----------------------------------------------------------------------------- requests
@@ -158,7 +160,47 @@ def parse_chat(body: Any, limits: RequestLimits) -> ChatRequest:
         stream=stream,
         include_usage=bool(options.get("include_usage")),
         model=model,
+        constraint=response_format(body.get("response_format")),
     )
+
+
+def response_format(value: Any) -> Constraint | None:
+    """OpenAI's response_format: text (none), json_object, or json_schema {name, schema, strict}.
+    The schema's meaning is checked later, against the tokenizer (Grammars.check)."""
+    where = "response_format"
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ApiError(400, f"'{where}' must be an object", where)
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint.json_object()
+    if kind != "json_schema":
+        raise ApiError(
+            400, f"{where}.type {kind!r} is not supported (text, json_object or json_schema)", f"{where}.type"
+        )
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise ApiError(
+            400, f"{where}.json_schema must be an object with 'name' and 'schema'", f"{where}.json_schema"
+        )
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise ApiError(
+            400, f"{where}.json_schema.name must be a non-empty string", f"{where}.json_schema.name"
+        )
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        raise ApiError(
+            400, f"{where}.json_schema.schema must be a JSON Schema object", f"{where}.json_schema.schema"
+        )
+    if not isinstance(spec.get("strict", False), bool | None):
+        raise ApiError(
+            400, f"{where}.json_schema.strict must be true or false", f"{where}.json_schema.strict"
+        )
+    return Constraint.json_schema(schema)
 
 
 def _int(value: Any, name: str, low: int) -> int:
