@@ -1,0 +1,223 @@
+"""Constrained decoding (runtime/constraint.py) on random-weight models, where only the constraint
+can make an answer parse: alone, sampled, streamed, 8 at once in the engine, through the server
+with the real openai client, and from `nanovlm run`."""
+
+import json
+import re
+import subprocess
+import sys
+
+import jsonschema
+import openai
+import pytest
+from PIL import Image
+
+from core.sampling import SamplingConfig
+from runtime.batching import ContinuousBatcher
+from runtime.constraint import Constraint
+from runtime.pipeline import GenerationRequest
+from serve.process import ServerProcess
+from tests.conftest import REPO, export_lively
+from tests.engine_helpers import Collector
+from tests.serve_helpers import user
+
+# bounded (short strings, few items), so an answer always completes within MAX_TOKENS
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "count": {"type": "integer", "minimum": 0, "maximum": 9},
+        "colour": {"enum": ["red", "green", "blue"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
+        "sure": {"type": "boolean"},
+    },
+    "required": ["count", "colour", "tags", "sure"],
+    "additionalProperties": False,
+}
+LIST_SCHEMA = {"type": "array", "items": {"enum": ["cat", "dog", 3, None]}, "minItems": 1, "maxItems": 4}
+REGEX = r"[0-9]{3}-[a-z]{2,4}"
+PHOTO = Image.new("RGB", (40, 30), (200, 30, 30))  # prefix-placement models need one image
+MAX_TOKENS = 120  # a byte-level BPE: at most one token per character of the longest answer
+
+
+def valid(text: str) -> bool:
+    try:
+        jsonschema.validate(json.loads(text), SCHEMA)
+    except (json.JSONDecodeError, jsonschema.ValidationError):
+        return False
+    return True
+
+
+def test_without_the_constraint_the_random_model_writes_no_json(lively_pipe):
+    """The premise of every test below: these models' own answers do not parse."""
+    answer = lively_pipe.generate(PHOTO, "Count the objects as JSON.", max_new_tokens=40)
+    assert not valid(answer), answer
+
+
+def test_greedy_sampled_and_streamed_answers_match_the_schema(lively_pipe):
+    p = lively_pipe
+    greedy = p.generate(PHOTO, "Count the objects as JSON.", max_new_tokens=MAX_TOKENS, json_schema=SCHEMA)
+    assert valid(greedy), greedy
+    assert "".join(p.stream(PHOTO, "Count the objects as JSON.", MAX_TOKENS, json_schema=SCHEMA)) == greedy
+    answers = set()
+    for seed in range(4):
+        s = SamplingConfig(temperature=1.0, seed=seed)
+        answer = p.generate(PHOTO, "Count them.", max_new_tokens=MAX_TOKENS, sampling=s, json_schema=SCHEMA)
+        assert valid(answer), answer
+        answers.add(answer)
+    assert len(answers) > 1  # sampling still chooses, within the grammar
+    assert re.fullmatch(REGEX, p.generate(PHOTO, "A code?", max_new_tokens=20, regex=REGEX))
+
+
+def test_a_batch_gives_each_row_its_own_matcher(lively_pipe):
+    answers = lively_pipe.generate_batch(
+        [(PHOTO, "First?"), (PHOTO, "Second, longer question?"), (PHOTO, "Third.")],
+        MAX_TOKENS,
+        json_schema=SCHEMA,
+    )
+    assert all(valid(a) for a in answers), answers
+
+
+def test_eight_requests_at_once_each_match_their_own_constraint(lively_pipe):
+    p = lively_pipe
+    engine = ContinuousBatcher(p, max_batch=8)
+    kinds = [
+        Constraint.json_schema(SCHEMA),
+        Constraint.regex(REGEX),
+        None,
+        Constraint.json_schema(LIST_SCHEMA),
+    ] * 2
+    got = [Collector() for _ in kinds]
+    for i, (constraint, c) in enumerate(zip(kinds, got, strict=True)):
+        s = SamplingConfig(temperature=1.0, seed=i) if i >= 4 else SamplingConfig()
+        req = GenerationRequest(MAX_TOKENS, s, constraint=constraint)
+        engine.submit(p.prepare([[PHOTO]], [f"Question number {i}?"]), req, c)
+    engine.start()
+    try:
+        assert all(c.done.wait(120) for c in got)
+    finally:
+        engine.stop(10)
+    for constraint, c in zip(kinds, got, strict=True):
+        if constraint is None:
+            continue
+        assert c.finish == "stop", (constraint, c.text)  # ended where its grammar did
+        if constraint.kind == "regex":
+            assert re.fullmatch(REGEX, c.text), c.text
+        else:
+            schema = json.loads(constraint.source)
+            jsonschema.validate(json.loads(c.text), schema)
+
+
+def test_bad_constraints_are_refused_with_the_problem_named(lively_pipe):
+    with pytest.raises(ValueError, match="give one constraint, not json_schema and regex"):
+        lively_pipe.generate(PHOTO, "Hi?", json_schema=SCHEMA, regex=REGEX)
+    with pytest.raises(ValueError, match="regex"):
+        lively_pipe.grammars.check(Constraint.regex("[unclosed"))
+    with pytest.raises(ValueError, match="json_schema"):
+        lively_pipe.grammars.check(Constraint.json_schema({"type": "no-such-type"}))
+    with pytest.raises(ValueError, match="json_schema is not valid JSON"):
+        lively_pipe.grammars.check(Constraint("json_schema", "{not json"))
+
+
+# ----------------------------------------------------------------------------- the server
+@pytest.fixture(scope="module")
+def server(tiny_tokenizer_dir, tmp_path_factory):
+    bundle = export_lively("replace", tiny_tokenizer_dir, tmp_path_factory.mktemp("json"), "fused")[1]
+    with ServerProcess(bundle, "--max-batch", "8") as s:
+        yield s, bundle
+
+
+def _client(server):
+    return openai.OpenAI(base_url=server[0].url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "count", "schema": SCHEMA, "strict": True}}
+
+
+def test_response_format_json_schema_through_the_openai_client(server):
+    c = _client(server)
+    r = c.chat.completions.create(
+        model="m",
+        messages=[user("Count them as JSON.")],
+        max_tokens=MAX_TOKENS,
+        response_format=SCHEMA_FORMAT,
+    )
+    assert valid(r.choices[0].message.content) and r.choices[0].finish_reason == "stop"
+    chunks = c.chat.completions.create(
+        model="m",
+        messages=[user("Count them as JSON.")],
+        max_tokens=MAX_TOKENS,
+        response_format=SCHEMA_FORMAT,
+        stream=True,
+    )
+    assert (
+        "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        == r.choices[0].message.content
+    )
+    # any JSON object: unbounded (a random model may write one key forever), so it parses where it ended
+    for seed in range(3):
+        r = c.chat.completions.create(
+            model="m",
+            messages=[user("JSON?")],
+            max_tokens=MAX_TOKENS,
+            response_format={"type": "json_object"},
+            temperature=1.0,
+            seed=seed,
+        )
+        text = r.choices[0].message.content
+        assert text.startswith("{")
+        if r.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(text), dict), text
+    # max_tokens cuts a constrained answer: finish_reason says so
+    r = c.chat.completions.create(
+        model="m", messages=[user("Count them.")], max_tokens=4, response_format=SCHEMA_FORMAT
+    )
+    assert r.choices[0].finish_reason == "length" and not valid(r.choices[0].message.content)
+
+
+@pytest.mark.parametrize(
+    "response_format, message",
+    [
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}},
+            "response_format",
+        ),
+        ({"type": "json_schema", "json_schema": {"schema": SCHEMA}}, "json_schema.name"),
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}, "JSON Schema object"),
+        ({"type": "grammar"}, "'grammar' is not supported"),
+        ("json", "must be an object"),
+    ],
+)
+def test_an_unusable_response_format_is_a_400_naming_it(server, response_format, message):
+    with pytest.raises(openai.BadRequestError, match=re.escape(message)):
+        _client(server).chat.completions.create(
+            model="m", messages=[user("Hi?")], max_tokens=8, response_format=response_format
+        )
+    r = _client(server).chat.completions.create(model="m", messages=[user("Hi?")], max_tokens=4)
+    assert r.choices[0].finish_reason in ("stop", "length")  # the server still answers
+
+
+def test_nanovlm_run_takes_a_json_schema_file_and_a_regex(server, tmp_path):
+    bundle = server[1]
+    (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
+    base = [sys.executable, "-m", "cli.main", "run", bundle, "--prompt", "Count them.", "--max-new-tokens"]
+    res = subprocess.run(
+        [*base, str(MAX_TOKENS), "--json-schema", str(tmp_path / "schema.json")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0 and valid(res.stdout.strip()), res.stderr[-2000:]
+    res = subprocess.run(
+        [*base, "20", "--regex", REGEX], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0 and re.fullmatch(REGEX, res.stdout.strip()), res.stderr[-2000:]
+    (tmp_path / "bad.json").write_text('{"type": "nope"}')
+    res = subprocess.run(
+        [*base, "8", "--json-schema", str(tmp_path / "bad.json")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 1 and "bad.json" in res.stderr and len(res.stderr.strip().splitlines()) == 1
