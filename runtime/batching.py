@@ -451,7 +451,7 @@ class ContinuousBatcher:
         self.stats.last_prefill += positions
 
     def _fail(self, ticket: Ticket, e: Exception) -> None:
-        log.error("prefill failed: %s: %s", type(e).__name__, e, exc_info=e)
+        log.error("request failed: %s: %s", type(e).__name__, e, exc_info=e)
         self._finish(ticket, "error", f"{type(e).__name__}: {e}")
 
     def _scratch_for(self, rows: int, length: int) -> KVCache:
@@ -484,11 +484,16 @@ class ContinuousBatcher:
             next_position=n,
             last_token=-1,
         )
-        if ticket.request.constraint is not None:
-            row.matcher = self.pipe.grammars.matcher(ticket.request.constraint)
-            self.pipe.grammars.mask_logits(logits, [row.matcher])
-        ticket.first_token = time.perf_counter()
-        if not self._emit(row, logits):
+        try:
+            if ticket.request.constraint is not None:
+                row.matcher = self.pipe.grammars.matcher(ticket.request.constraint)
+                self.pipe.grammars.mask_logits(logits, [row.matcher])
+            ticket.first_token = time.perf_counter()
+            ended = self._emit(row, logits)
+        except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+            self._fail(ticket, e)
+            return
+        if not ended:
             self._join(row, cache, src, mask)
 
     def _join(self, row: _Row, scratch: KVCache, src: int, mask: np.ndarray) -> None:
@@ -541,7 +546,11 @@ class ContinuousBatcher:
         for r, row in enumerate(self.rows):
             row.next_position += 1
             row.new_tokens += 1
-            if self._emit(row, logits[r : r + 1]):
+            try:
+                if self._emit(row, logits[r : r + 1]):
+                    done.append(r)
+            except Exception as e:  # noqa: BLE001 - this row's request fails, the batch goes on
+                self._fail(row.ticket, e)
                 done.append(r)
         self._retire(done, None)
 

@@ -192,3 +192,37 @@ def test_kv_cache_rows_and_frame(in_place):
         assert np.array_equal(v[0], bk[:, 2:])
     with pytest.raises(ValueError, match="exceeds"):
         batch.reframe(7)
+
+
+@pytest.mark.parametrize("fails_at", [1, 3])  # its first token (after prefill) or a later decode step
+def test_a_request_whose_sampling_fails_fails_alone(pipe, monkeypatch, fails_at):
+    """A request that breaks while its token is chosen ends with finish 'error'; the requests
+    sharing its prefill group or batch answer as they do alone (fault injected into its sampler)."""
+    import core.sampling
+
+    real, calls = core.sampling.Sampler.__call__, {"n": 0}
+
+    def sampler(self, logits, seen=None):
+        if self.config.seed == 666:
+            calls["n"] += 1
+            if calls["n"] == fails_at:
+                raise ValueError("injected sampling failure")
+        return real(self, logits, seen)
+
+    monkeypatch.setattr(core.sampling.Sampler, "__call__", sampler)
+    small = Image.fromarray(skimage_data.coffee()).resize((30, 20))
+    items = [([small], "What is it?", 8), ([small], "Is it red?", 8), ([small], "Cat?", 8)]
+    alone = [pipe.generate(imgs, q, max_new_tokens=n) for imgs, q, n in items]
+    engine = ContinuousBatcher(pipe, max_batch=4)
+    got = [_Collector() for _ in items]
+    for i, ((imgs, q, n), c) in enumerate(zip(items, got, strict=True)):
+        s = SamplingConfig(temperature=0.0, seed=666 if i == 1 else None)
+        engine.submit(pipe.prepare([imgs], [q]), GenerationRequest(n, s), c)
+    engine.start()
+    try:
+        assert all(c.done.wait(120) for c in got)
+    finally:
+        engine.stop(10)
+    assert got[1].finish == "error" and calls["n"] == fails_at
+    assert [got[0].text, got[2].text] == [alone[0], alone[2]]
+    assert got[0].finish in ("stop", "length") and got[2].finish in ("stop", "length")

@@ -94,3 +94,15 @@ def test_seeded_sampler_is_reproducible_and_greedy_is_argmax():
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingConfig(**bad)
+
+
+def test_a_tiny_temperature_samples_the_top_token_instead_of_nan():
+    """Logits over a subnormal temperature overflow to inf, and the softmax to NaN, unless they are
+    shifted first; the server accepts any temperature in [0, 2], these included."""
+    import numpy as np
+
+    from core.sampling import Sampler
+
+    logits = np.array([[0.5, 3.0, -1.0, 2.9]], np.float32)
+    for t in (2.225073858507e-311, 1e-300, 1e-30):
+        assert Sampler(SamplingConfig(temperature=t, seed=0))(logits).tolist() == [1]
