@@ -86,6 +86,21 @@ def probabilities(logits: np.ndarray, config: SamplingConfig) -> np.ndarray:
     return probs
 
 
+TokenLogprob = tuple[int, float, list[tuple[int, float]]]  # (token, its logprob, [(id, logprob)] top first)
+
+
+def token_logprobs(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """log-softmax of one row's logits [V] (as the sampler got them: after any constraint's mask,
+    before temperature, top-k and top-p): the chosen token's and the `top` most likely ones'
+    (tokens a constraint forbids are not among them)."""
+    x = logits.astype(np.float64)
+    m = x.max()
+    lp = x - (m + np.log(np.exp(x - m).sum()))
+    best = np.argpartition(-lp, top - 1)[:top] if 0 < top < lp.shape[0] else np.arange(lp.shape[0])[:top]
+    best = best[np.argsort(-lp[best], kind="stable")]
+    return token, float(lp[token]), [(int(i), float(lp[i])) for i in best if np.isfinite(lp[i])]
+
+
 class Sampler:
     def __init__(self, config: SamplingConfig):
         self.config = config

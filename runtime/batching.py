@@ -35,7 +35,7 @@ import numpy as np
 
 from core.config import check_context
 from core.processors import Batch, left_pad
-from core.sampling import Sampler
+from core.sampling import Sampler, TokenLogprob, token_logprobs
 from core.sequence import Frame, Prompt, prompt_positions
 
 from .constraint import Matcher
@@ -59,6 +59,7 @@ class Event:
     completion_tokens: int
     finish: str | None = None  # "stop" (EOS or a stop string), "length", "cancelled" or "error"
     error: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens since the last event
 
 
 @dataclass
@@ -109,6 +110,7 @@ class _Row:
     last_token: int
     new_tokens: int = 1
     matcher: Matcher | None = None  # its constraint's parser state, if it has one
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent (requests that ask)
 
 
 @dataclass
@@ -562,7 +564,10 @@ class ContinuousBatcher:
         row.last_token = token
         if row.matcher is not None and not row.matcher.done:
             row.matcher.consume(token)
-        if req.ignore_eos and token == self.pipe.tokenizer.eos_token_id:
+        eos = token == self.pipe.tokenizer.eos_token_id
+        if req.logprobs is not None and not eos:
+            row.logprobs.append(token_logprobs(logits[0], token, req.logprobs))
+        if req.ignore_eos and eos:
             delta, ended = "", False  # benchmarks: always max_tokens
         else:
             delta, ended = row.text.push(token)
@@ -570,9 +575,11 @@ class ContinuousBatcher:
         if length:
             delta += row.text.flush()
         if delta and not ended and not length:
-            row.ticket.on_event(Event(delta, row.new_tokens))
+            row.ticket.on_event(Event(delta, row.new_tokens, logprobs=row.logprobs))
+            row.logprobs = []
         if ended or length:
-            self._finish(row.ticket, "stop" if ended else "length", text=delta, tokens=row.new_tokens)
+            reason = "stop" if ended else "length"
+            self._finish(row.ticket, reason, text=delta, tokens=row.new_tokens, logprobs=row.logprobs)
             return True
         return False
 
@@ -591,7 +598,13 @@ class ContinuousBatcher:
             self.mask = self.mask[:last]
 
     def _finish(
-        self, ticket: Ticket, reason: str, error: str | None = None, text: str = "", tokens: int = 0
+        self,
+        ticket: Ticket,
+        reason: str,
+        error: str | None = None,
+        text: str = "",
+        tokens: int = 0,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> None:
         ticket.finished = time.perf_counter()
-        ticket.on_event(Event(text, tokens, finish=reason, error=error))
+        ticket.on_event(Event(text, tokens, finish=reason, error=error, logprobs=logprobs or []))

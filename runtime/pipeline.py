@@ -64,6 +64,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # always produce max_new_tokens (benchmarks)
     constraint: Constraint | None = None  # the answer must match it (runtime/constraint.py)
+    logprobs: int | None = None  # None: off; n: each token's logprob and the n most likely (engine)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

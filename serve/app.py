@@ -44,6 +44,7 @@ from .openai_api import (
     chunk,
     completion,
     completion_id,
+    logprob_content,
     models,
     parse_chat,
     usage_chunk,
@@ -136,6 +137,10 @@ class Service:
                 503, f"the model failed to load: {self.failed}" if self.failed else "the model is loading"
             )
 
+    def logprobs(self, chat: ChatRequest, entries: list) -> list[dict] | None:
+        """`logprobs.content` for the tokens of `entries`, or None where the request did not ask."""
+        return None if chat.logprobs is None else logprob_content(self.pipe.tokenizer, entries)
+
     # ------------------------------------------------------------------ one chat request
     def prepare(self, body: Any) -> tuple[ChatRequest, Any, GenerationRequest]:
         """Parse, open images, format and tokenize (on a pool thread): errors are ApiErrors."""
@@ -162,7 +167,9 @@ class Service:
         return (
             chat,
             batch,
-            GenerationRequest(max_tokens, chat.sampling, chat.stop, constraint=chat.constraint),
+            GenerationRequest(
+                max_tokens, chat.sampling, chat.stop, constraint=chat.constraint, logprobs=chat.logprobs
+            ),
         )
 
 
@@ -247,11 +254,11 @@ def create_app(config: ServeConfig, load_in_background: bool = True) -> Starlett
 
         if chat.stream:
             return StreamingResponse(
-                _sse(events, ticket, cid, name, chat, account),
+                _sse(events, ticket, cid, name, chat, account, service),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        text = ""
+        text, entries = "", []
         try:
             while True:
                 try:
@@ -263,6 +270,7 @@ def create_app(config: ServeConfig, load_in_background: bool = True) -> Starlett
                         return Response(status_code=499)
                     continue
                 text += e.text
+                entries += e.logprobs
                 if e.finish:
                     break
         finally:
@@ -272,7 +280,14 @@ def create_app(config: ServeConfig, load_in_background: bool = True) -> Starlett
             return JSONResponse(ApiError(500, f"generation failed: {e.error}").body(), status_code=500)
         return JSONResponse(
             completion(
-                cid, name, text, e.finish, ticket.prompt_tokens, e.completion_tokens, ticket.cached_tokens
+                cid,
+                name,
+                text,
+                e.finish,
+                ticket.prompt_tokens,
+                e.completion_tokens,
+                ticket.cached_tokens,
+                logprobs=service.logprobs(chat, entries),
             )
         )
 
@@ -306,7 +321,7 @@ def create_app(config: ServeConfig, load_in_background: bool = True) -> Starlett
 
 
 async def _sse(
-    events: asyncio.Queue, ticket: Any, cid: str, name: str, chat: ChatRequest, account
+    events: asyncio.Queue, ticket: Any, cid: str, name: str, chat: ChatRequest, account, service: Service
 ) -> AsyncIterator[str]:
     """Server-sent events: a role chunk, content chunks, a finish chunk, usage if asked, [DONE]."""
 
@@ -319,7 +334,7 @@ async def _sse(
         while True:
             e = await events.get()
             if e.text:
-                yield data(chunk(cid, name, {"content": e.text}))
+                yield data(chunk(cid, name, {"content": e.text}, logprobs=service.logprobs(chat, e.logprobs)))
             if e.finish:
                 break
         account(e)

@@ -68,6 +68,7 @@ class ChatRequest:
     include_usage: bool
     model: str
     constraint: Constraint | None = None  # from response_format
+    logprobs: int | None = None  # None: not asked; n: top_logprobs (0 to 20)
 
 
 # ----------------------------------------------------------------------------- requests
@@ -161,7 +162,33 @@ def parse_chat(body: Any, limits: RequestLimits) -> ChatRequest:
         include_usage=bool(options.get("include_usage")),
         model=model,
         constraint=response_format(body.get("response_format")),
+        logprobs=_logprobs(body),
     )
+
+
+def _logprobs(body: dict) -> int | None:
+    """logprobs (true/false) and top_logprobs (0 to 20, only with logprobs) -> top count or None."""
+    want = body.get("logprobs")
+    if want is not None and not isinstance(want, bool):
+        raise ApiError(400, "'logprobs' must be true or false", "logprobs")
+    top = body.get("top_logprobs")
+    if top is not None:
+        _int(top, "top_logprobs", 0)
+        if top > 20:
+            raise ApiError(400, f"top_logprobs={top} must be at most 20", "top_logprobs")
+        if not want:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    return (top or 0) if want else None
+
+
+def logprob_content(tokenizer: Any, entries: list[tuple[int, float, list[tuple[int, float]]]]) -> list[dict]:
+    """The engine's (token, logprob, top) entries in OpenAI's `logprobs.content` shape."""
+
+    def one(token: int, logprob: float) -> dict:
+        text = tokenizer.decode([token], skip_special_tokens=False)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return [one(t, lp) | {"top_logprobs": [one(i, v) for i, v in top]} for t, lp, top in entries]
 
 
 def response_format(value: Any) -> Constraint | None:
@@ -296,25 +323,35 @@ def completion(
     prompt_tokens: int,
     completion_tokens: int,
     cached_tokens: int = 0,
+    logprobs: list[dict] | None = None,
 ) -> dict:
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
     return {
         "id": cid,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+        "choices": [choice | {"logprobs": _logprob_field(logprobs)}],
         "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
     }
 
 
-def chunk(cid: str, model: str, delta: dict, finish: str | None = None) -> dict:
+def chunk(
+    cid: str, model: str, delta: dict, finish: str | None = None, logprobs: list[dict] | None = None
+) -> dict:
     return {
         "id": cid,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        "choices": [
+            {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": _logprob_field(logprobs)}
+        ],
     }
+
+
+def _logprob_field(content: list[dict] | None) -> dict | None:
+    return None if content is None else {"content": content, "refusal": None}
 
 
 def usage_chunk(

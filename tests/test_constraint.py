@@ -188,10 +188,24 @@ def test_response_format_json_schema_through_the_openai_client(server):
     ],
 )
 def test_an_unusable_response_format_is_a_400_naming_it(server, response_format, message):
+    _refused(server, {"response_format": response_format}, message)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"top_logprobs": 2}, "top_logprobs needs logprobs: true"),
+        ({"logprobs": True, "top_logprobs": 21}, "must be at most 20"),
+        ({"logprobs": "yes"}, "'logprobs' must be true or false"),
+    ],
+)
+def test_unusable_logprobs_options_are_a_400_naming_them(server, extra, message):
+    _refused(server, extra, message)
+
+
+def _refused(server, extra: dict, message: str) -> None:
     with pytest.raises(openai.BadRequestError, match=re.escape(message)):
-        _client(server).chat.completions.create(
-            model="m", messages=[user("Hi?")], max_tokens=8, response_format=response_format
-        )
+        _client(server).chat.completions.create(model="m", messages=[user("Hi?")], max_tokens=8, **extra)
     r = _client(server).chat.completions.create(model="m", messages=[user("Hi?")], max_tokens=4)
     assert r.choices[0].finish_reason in ("stop", "length")  # the server still answers
 
@@ -221,3 +235,43 @@ def test_nanovlm_run_takes_a_json_schema_file_and_a_regex(server, tmp_path):
         timeout=120,
     )
     assert res.returncode == 1 and "bad.json" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_logprobs_in_the_openai_shape(server):
+    """logprobs / top_logprobs: one entry per answer token, the chosen token's log-probability
+    under the model's logits, the most likely ones sorted; the same streamed."""
+    import numpy as np
+
+    from core.sequence import prompt_frame
+    from runtime.pipeline import VLMPipeline
+
+    c = _client(server)
+    ask = dict(model="m", messages=[user("Count them.")], max_tokens=6, logprobs=True, top_logprobs=3)
+    r = c.chat.completions.create(**ask)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens - (r.choices[0].finish_reason == "stop")
+    for e in content:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3
+        assert [t.logprob for t in e.top_logprobs] == sorted(
+            (t.logprob for t in e.top_logprobs), reverse=True
+        )
+        assert e.token == e.top_logprobs[0].token and e.logprob == e.top_logprobs[0].logprob  # greedy
+        assert e.bytes == list(e.token.encode())
+    # the first token's logprob is the log-softmax of the runtime's own prefill logits; 1e-4: the
+    # engine runs the same fp32 graph over a cache laid out its own way
+    pipe = VLMPipeline.from_bundle(server[1])
+    batch = pipe.prepare([[]], ["Count them."])
+    frame = prompt_frame(pipe.cfg, batch, pipe.encode_images(batch.pixel_values))
+    logits = pipe.step(frame, pipe.backend.new_cache(1, frame.shape[1] + 1))[0].astype(np.float64)
+    lp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    assert abs(content[0].logprob - lp.max()) <= 1e-4
+    streamed = [
+        e
+        for ch in c.chat.completions.create(**ask, stream=True)
+        if ch.choices and ch.choices[0].logprobs
+        for e in ch.choices[0].logprobs.content
+    ]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert np.allclose([e.logprob for e in streamed], [e.logprob for e in content], atol=1e-5)
+    plain = c.chat.completions.create(model="m", messages=[user("Count them.")], max_tokens=6)
+    assert plain.choices[0].logprobs is None

@@ -135,6 +135,7 @@ VALID_BODY = st.fixed_dictionaries(
         "stream": st.booleans(),
         "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
         "n": st.just(1),
+        "logprobs": st.booleans(),
         "response_format": st.just({"type": "json_object"})
         | st.just({"type": "text"})
         | VALID_SCHEMAS.map(lambda x: {"type": "json_schema", "json_schema": {"name": "a", "schema": x}}),
@@ -156,6 +157,8 @@ FUZZ_BODY = st.fixed_dictionaries(
         "frequency_penalty": st.floats(-2, 2, allow_nan=False) | ANY_JSON,
         "presence_penalty": st.just(0) | ANY_JSON,
         "response_format": RESPONSE_FORMAT,
+        "logprobs": st.booleans() | ANY_JSON,
+        "top_logprobs": st.integers(-1, 25) | ANY_JSON,
         "user": ANY_JSON,
         "tools": ANY_JSON,
     },
