@@ -69,7 +69,8 @@ def probabilities(logits: np.ndarray, config: SamplingConfig) -> np.ndarray:
     """The distribution sampled from: logits [B, V] / temperature, top-k, top-p, softmax -> [B, V]."""
     logits = logits.astype(np.float64)
     # shifted first: a tiny temperature then sends the rest to -inf, never the maximum to inf (NaN)
-    logits = (logits - logits.max(-1, keepdims=True)) / config.temperature
+    with np.errstate(over="ignore"):
+        logits = (logits - logits.max(-1, keepdims=True)) / config.temperature
     if config.top_k and config.top_k < logits.shape[-1]:
         kth = np.partition(logits, -config.top_k, axis=-1)[:, -config.top_k][:, None]
         logits = np.where(logits < kth, -np.inf, logits)
