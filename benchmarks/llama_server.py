@@ -20,9 +20,8 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
+
+from serve.process import ChildServer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT = os.path.join(REPO, ".cache", "llamacpp")
@@ -112,7 +111,7 @@ def ggufs(ckpt: str) -> tuple[str, str]:
     return text, mmproj
 
 
-class LlamaServer:
+class LlamaServer(ChildServer):
     """`llama-server` on 127.0.0.1 with `slots` parallel slots of `ctx_per_slot` positions each."""
 
     def __init__(self, text: str, mmproj: str, port: int, slots: int = 8, ctx_per_slot: int = 2048):
@@ -135,38 +134,8 @@ class LlamaServer:
             "--no-webui",
         ]
         self.port, self.url = port, f"http://127.0.0.1:{port}"
-        self.log = open(os.path.join(ROOT, "llama-server.log"), "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode} (log: {self.log.name})")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError("llama-server not healthy after 300 s")
-
-    def rss_bytes(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-    def __enter__(self) -> LlamaServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        log = os.path.join(ROOT, "llama-server.log")
+        super().__init__(cmd, self.url + "/health", f"llama-server (log: {log})", log=log)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,11 @@ import http.client
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+
+from serve.process import ChildServer, free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(REPO, ".cache")
@@ -64,14 +63,11 @@ def gguf_q4_1() -> str:
     return cached_ggufs(CACHE)[1]
 
 
-class LlamaCppServer:
+class LlamaCppServer(ChildServer):
     """`python -m llama_cpp.server` on the GGUF, 127.0.0.1, waiting (bounded) for /v1/models."""
 
     def __init__(self, gguf: str, threads: int):
-        from serve.process import free_port
-
         self.port = free_port()
-        self.log = open(os.devnull, "w")
         cmd = [
             sys.executable,
             "-m",
@@ -93,31 +89,7 @@ class LlamaCppServer:
             "--interrupt_requests",
             "false",
         ]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited with {self.proc.returncode}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v1/models", timeout=2):
-                    return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError("llama_cpp.server did not come up in 300 s")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-    def __enter__(self) -> LlamaCppServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(cmd, f"http://127.0.0.1:{self.port}/v1/models", "llama_cpp.server")
 
 
 # ----------------------------------------------------------------------------- the client
@@ -188,6 +160,8 @@ def plot(results: dict[str, list[dict]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from core.files import atomic_write
+
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for name, rows in results.items():
         c = [r["concurrency"] for r in rows]
@@ -200,8 +174,8 @@ def plot(results: dict[str, list[dict]], path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    os.replace(path + ".tmp.png", path)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
 
 
 def main() -> None:

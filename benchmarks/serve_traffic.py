@@ -210,6 +210,8 @@ def plot(results: dict[str, dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from core.files import atomic_write
+
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for name, r in results.items():
         rates = [t["rate"] for t in r["traffic"]]
@@ -225,8 +227,8 @@ def plot(results: dict[str, dict], path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    os.replace(path + ".tmp.png", path)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""`nanovlm serve` in a child process, for scripts that drive a server (load tests, benchmarks)."""
+"""Servers in child processes, for scripts that drive one (tests, load tests, benchmarks):
+`nanovlm serve`, and the llama.cpp servers the benchmarks compare with."""
 
 from __future__ import annotations
 
@@ -18,30 +19,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
-    """`nanovlm serve BUNDLE ARGS...` on 127.0.0.1 and a free port; waits (bounded) for /health."""
+class ChildServer:
+    """An HTTP server in a child process: started from `cmd`, waited for (bounded) until GET `health`
+    answers 200, its output in a file (a pipe nobody reads fills up and blocks the server)."""
 
-    def __init__(self, bundle: str, *args: str, timeout: float = 300, python: str = sys.executable):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        script = os.path.join(os.path.dirname(python), "nanovlm")  # the console script of that environment
-        cmd = [script, "serve", bundle, "--port", str(self.port), *args]
-        # the log goes to a file, not a pipe: an unread pipe fills up and blocks the server
-        self.log = tempfile.TemporaryFile("w+")
+    def __init__(self, cmd: list[str], health: str, name: str, timeout: float = 300, log: str | None = None):
+        self.name = name
+        self.log = open(log, "w+") if log else tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.output()[-3000:]}")
+                raise RuntimeError(f"{name} exited with {self.proc.returncode}: {self.output()[-3000:]}")
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                with urllib.request.urlopen(health, timeout=2) as r:
                     if r.status == 200:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"server not healthy after {timeout} s")
+        raise RuntimeError(f"{name} not healthy after {timeout} s")
 
     def rss_bytes(self) -> int:
         """Resident memory of the server process (Linux /proc)."""
@@ -52,7 +50,7 @@ class ServerProcess:
         raise RuntimeError("no VmRSS in /proc status")
 
     def stop(self) -> str:
-        """SIGTERM (the server drains), then the log it wrote."""
+        """SIGTERM (a server drains), then the log it wrote."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -67,8 +65,19 @@ class ServerProcess:
         self.log.seek(0)
         return self.log.read()
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> ChildServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ServerProcess(ChildServer):
+    """`nanovlm serve BUNDLE ARGS...` on 127.0.0.1 and a free port."""
+
+    def __init__(self, bundle: str, *args: str, timeout: float = 300, python: str = sys.executable):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        script = os.path.join(os.path.dirname(python), "nanovlm")  # the console script of that environment
+        cmd = [script, "serve", bundle, "--port", str(self.port), *args]
+        super().__init__(cmd, self.url + "/health", "server", timeout)
