@@ -109,12 +109,13 @@ def naive_worker(bundle: str, max_new_tokens: int, repeats: int) -> dict:
     import onnxruntime as ort
 
     from core.bundle import load_bundle
+    from core.processors import ImageProcessor, Tokenizer, prepare_batch
     from evaluation.bench import bench_image, spread
     from runtime.onnx_backend import session_options
-    from runtime.pipeline import VLMPipeline
 
     b = load_bundle(bundle)
-    batch = VLMPipeline.from_bundle(bundle).prepare([[bench_image(None)]], [PROMPT])  # the one input path
+    tokenizer, images = Tokenizer.from_dir(bundle, b.config), ImageProcessor.from_config(b.config)
+    batch = prepare_batch(b.config, tokenizer, images, [[bench_image(None)]], [PROMPT])  # the one input path
     so, cpu = session_options(), ["CPUExecutionProvider"]
     vis = ort.InferenceSession(b.graph_path("vision_encoder"), so, providers=cpu)
     dec = ort.InferenceSession(b.graph_path("decoder"), so, providers=cpu)

@@ -295,15 +295,14 @@ def run(
     from runtime.pipeline import VLMPipeline
 
     sampling = sampling_config(kw)
-    schema = read_config_json(json_schema) if json_schema else None
-    constraint = Constraint.given(json_schema=schema, regex=regex)
+    options = {"json_schema": read_config_json(json_schema) if json_schema else None, "regex": regex}
+    constraint = Constraint.given(**options)
     pipe = VLMPipeline.from_bundle(bundle, provider=provider, backend=backend)
     if constraint is not None:
         try:
             pipe.grammars.check(constraint)
         except ValueError as e:
             raise click.ClickException(f"{json_schema or '--regex'}: {e}") from None
-    options = {constraint.kind: constraint.source} if constraint else {}
     if stream and not as_json:
         for piece in pipe.stream(list(images), prompt, max_new_tokens, sampling=sampling, **options):
             click.echo(piece, nl=False)

@@ -164,7 +164,6 @@ class Grammars:
             return logits
         from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask_par
 
-        self._llg_tokenizer()
         words = allocate_token_bitmask(len(matchers), self.vocab)  # [B, ceil(V / 32)] int32
         fill_next_token_bitmask_par(self._executor, rows, words)
         V = logits.shape[1]
