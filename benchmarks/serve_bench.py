@@ -160,8 +160,6 @@ def plot(results: dict[str, list[dict]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from core.files import atomic_write
-
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for name, rows in results.items():
         c = [r["concurrency"] for r in rows]
@@ -171,6 +169,14 @@ def plot(results: dict[str, list[dict]], path: str) -> None:
     b.set(xlabel="concurrent requests", ylabel="p95 time to first token (s)", title="Latency", yscale="log")
     for ax in (a, b):
         ax.set_xticks(sorted({r["concurrency"] for rows in results.values() for r in rows}))
+    save_chart(fig, (a, b), path)
+
+
+def save_chart(fig, axes, path: str) -> None:
+    """Grid and legend on every axis, then the PNG written atomically (serve_traffic's chart too)."""
+    from core.files import atomic_write
+
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

@@ -210,7 +210,7 @@ def plot(results: dict[str, dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from core.files import atomic_write
+    from benchmarks.serve_bench import save_chart
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for name, r in results.items():
@@ -223,12 +223,7 @@ def plot(results: dict[str, dict], path: str) -> None:
         xlabel="arrival rate (requests/s)", ylabel="p99 TTFT (s)", title="Time to first token", yscale="log"
     )
     axes[2].set(xlabel="arrival rate (requests/s)", ylabel="p99 inter-token latency (ms)", title="Streams")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
+    save_chart(fig, axes, path)
 
 
 def main() -> None:
