@@ -93,23 +93,24 @@ class LlamaCppServer(ChildServer):
 
 
 # ----------------------------------------------------------------------------- the client
-def one_request(port: int, prompt: str, max_tokens: int) -> dict:
-    """A streamed chat request: -> {ttft_s, tokens, total_s}."""
+def stream_chat(port: int, messages: list[dict], max_tokens: int) -> dict:
+    """A streamed, greedy chat request -> {ttft_s, tokens, times (of content chunks, from send), text,
+    tpot_s, total_s}."""
     body = {
-        "model": "x",
-        "messages": [{"role": "user", "content": prompt}],
+        "model": "m",
+        "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
     t0 = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
     r = conn.getresponse()
     if r.status != 200:
         raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
-    ttft, chunks, usage = None, 0, None
+    times, text, usage = [], "", None
     for raw in r:
         line = raw.decode().strip()
         if not line.startswith("data: ") or line == "data: [DONE]":
@@ -118,15 +119,25 @@ def one_request(port: int, prompt: str, max_tokens: int) -> dict:
         if msg.get("usage"):
             usage = msg["usage"]["completion_tokens"]
         if msg.get("choices") and msg["choices"][0]["delta"].get("content"):
-            chunks += 1
-            if ttft is None:
-                ttft = time.perf_counter() - t0
+            times.append(time.perf_counter() - t0)
+            text += msg["choices"][0]["delta"]["content"]
     conn.close()
+    end = time.perf_counter() - t0
+    tokens = usage or len(times)
     return {
-        "ttft_s": ttft if ttft is not None else float("nan"),
-        "tokens": usage or chunks,
-        "total_s": time.perf_counter() - t0,
+        "ttft_s": times[0] if times else float("nan"),
+        "tokens": tokens,
+        "times": times,
+        "text": text,
+        "tpot_s": (end - times[0]) / (tokens - 1) if times and tokens > 1 else 0.0,
+        "total_s": end,
     }
+
+
+def one_request(port: int, prompt: str, max_tokens: int) -> dict:
+    """One user prompt, streamed: -> {ttft_s, tokens, total_s}."""
+    r = stream_chat(port, [{"role": "user", "content": prompt}], max_tokens)
+    return {k: r[k] for k in ("ttft_s", "tokens", "total_s")}
 
 
 def level(port: int, concurrency: int, requests: int, max_tokens: int) -> dict:

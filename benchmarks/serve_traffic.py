@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import argparse
 import base64
-import http.client
 import io
-import json
 import os
 import random
 import statistics
 import sys
 import threading
 import time
+
+from benchmarks.serve_bench import save_chart, stream_chat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(REPO, ".cache", "bundles", "smolvlm-256m-shape-fused-int8-dynamic")
@@ -51,45 +51,6 @@ SLO = {"ttft_s": 1.0, "ttft_photo_s": 40.0, "tpot_s": 0.1}
 
 
 # ----------------------------------------------------------------------------- one request
-def stream(port: int, messages: list[dict], max_tokens: int) -> dict:
-    """A streamed chat request -> {ttft_s, tokens, times (of content chunks, from send), text}."""
-    body = {
-        "model": "m",
-        "messages": messages,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    t0 = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-    r = conn.getresponse()
-    if r.status != 200:
-        raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
-    times, text, usage = [], "", None
-    for raw in r:
-        line = raw.decode().strip()
-        if not line.startswith("data: ") or line == "data: [DONE]":
-            continue
-        msg = json.loads(line[6:])
-        if msg.get("usage"):
-            usage = msg["usage"]["completion_tokens"]
-        if msg.get("choices") and msg["choices"][0]["delta"].get("content"):
-            times.append(time.perf_counter() - t0)
-            text += msg["choices"][0]["delta"]["content"]
-    conn.close()
-    end = time.perf_counter() - t0
-    tokens = usage or len(times)
-    return {
-        "ttft_s": times[0] if times else float("nan"),
-        "tokens": tokens,
-        "times": times,
-        "text": text,
-        "tpot_s": (end - times[0]) / (tokens - 1) if times and tokens > 1 else 0.0,
-    }
-
-
 def photo_message(text: str) -> dict:
     from PIL import Image
     from skimage import data
@@ -111,7 +72,7 @@ def burst(port: int, requests: int = 16, clients: int = 8, max_tokens: int = 64)
     with ThreadPoolExecutor(clients) as pool:
         runs = list(
             pool.map(
-                lambda i: stream(port, [{"role": "user", "content": PROMPTS[i % 8]}], max_tokens),
+                lambda i: stream_chat(port, [{"role": "user", "content": PROMPTS[i % 8]}], max_tokens),
                 range(requests),
             )
         )
@@ -146,12 +107,12 @@ def traffic(port: int, rate: float, requests: int, photo: dict) -> dict:
     def job(kind: str, i: int) -> None:
         try:
             if kind == "photo":
-                record(kind, stream(port, [photo], 16))
+                record(kind, stream_chat(port, [photo], 16))
             elif kind == "text":
-                record(kind, stream(port, [{"role": "user", "content": PROMPTS[i % 8]}], 64))
+                record(kind, stream_chat(port, [{"role": "user", "content": PROMPTS[i % 8]}], 64))
             else:  # a chat: turn 1, then turn 2 with the whole history 1 s after the answer
                 q1 = {"role": "user", "content": PROMPTS[i % 8]}
-                first = stream(port, [q1], 32)
+                first = stream_chat(port, [q1], 32)
                 record("chat", first)
                 time.sleep(1.0)
                 history = [
@@ -159,7 +120,7 @@ def traffic(port: int, rate: float, requests: int, photo: dict) -> dict:
                     {"role": "assistant", "content": first["text"]},
                     {"role": "user", "content": "Now say it again in fewer words."},
                 ]
-                record("chat", stream(port, history, 32))
+                record("chat", stream_chat(port, history, 32))
         except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal
             with lock:
                 rows.append({"kind": kind, "error": str(e), "ok": False})
@@ -197,7 +158,7 @@ def traffic(port: int, rate: float, requests: int, photo: dict) -> dict:
 
 def run(port: int, rates: list[float], requests: int) -> dict:
     photo = photo_message("What is in this picture?")
-    stream(port, [{"role": "user", "content": "Hi"}], 4)  # warm-up
+    stream_chat(port, [{"role": "user", "content": "Hi"}], 4)  # warm-up
     out = {"burst": burst(port)}
     out["traffic"] = [traffic(port, r, requests, photo) for r in rates]
     return out
@@ -209,8 +170,6 @@ def plot(results: dict[str, dict], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from benchmarks.serve_bench import save_chart
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for name, r in results.items():
