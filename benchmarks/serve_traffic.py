@@ -33,20 +33,10 @@ import sys
 import threading
 import time
 
-from benchmarks.serve_bench import save_chart, stream_chat
+from benchmarks.serve_bench import PROMPTS, save_chart, stream_chat  # the same text prompts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(REPO, ".cache", "bundles", "smolvlm-256m-shape-fused-int8-dynamic")
-PROMPTS = [
-    "Write a short story about a robot who learns to paint.",
-    "Explain how a rainbow forms, step by step.",
-    "Describe a busy market in a small town on a Saturday morning.",
-    "What should I pack for a week of hiking in the mountains?",
-    "Tell me about the history of bicycles.",
-    "Give me a recipe for a simple vegetable soup.",
-    "Why is the sky blue? Explain it to a child.",
-    "Write a letter to a friend about your holiday by the sea.",
-]
 SLO = {"ttft_s": 1.0, "ttft_photo_s": 40.0, "tpot_s": 0.1}
 
 
