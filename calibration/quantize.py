@@ -58,10 +58,11 @@ def check_source(bundle: Bundle, mode: str) -> None:
         raise ValueError(
             f"{bundle.path} has precision {bundle.precision!r}; quantization starts from an fp32 bundle"
         )
-    if bundle.fused and mode not in FUSED_MODES:
+    if bundle.contrib_graphs and mode not in FUSED_MODES:
         raise ValueError(
-            f"{bundle.path} has the fused decoder (an fp32 ONNX Runtime CPU graph); mode {mode} targets GPUs or "
-            f"TensorRT: quantize a bundle exported with the standard decoder. Fused bundles take "
+            f"{bundle.path} has fused {' and '.join(bundle.contrib_graphs)} graphs (fp32 ONNX Runtime CPU "
+            f"graphs); mode {mode} targets GPUs or TensorRT: quantize a bundle exported with the standard "
+            f"graphs. Fused bundles take "
             f"{' or '.join(FUSED_MODES)}"
         )
 

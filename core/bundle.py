@@ -53,6 +53,7 @@ class Manifest:
     opset: int
     graphs: dict[str, dict[str, Any]]  # graph -> {"file", "inputs", "outputs"} (names, dtypes, dims)
     decoder_graph: str = "standard"  # or "fused": ONNX Runtime contrib ops, CPU only
+    vision_graph: str = "standard"  # the same choice for the vision encoder
     quantization: dict[str, Any] | None = None  # {"mode", ...}: written by `quantize`
     tensorrt: dict[str, Any] | None = None  # engines, limits, TensorRT version: written by `trt`
     reference: dict[str, Any] | None = None  # {"file", "split", "seed", "cases", "max_new_tokens"}
@@ -167,11 +168,18 @@ class Bundle:
 
     @property
     def fused(self) -> bool:
+        """Whether the decoder is the fused (ONNX Runtime CPU) graph."""
         return self.manifest.decoder_graph == "fused"
 
     @property
+    def contrib_graphs(self) -> list[str]:
+        """The graphs exported in ONNX Runtime's contrib ops (no TensorRT, no quantization to QDQ)."""
+        kinds = {"vision_encoder": self.manifest.vision_graph, "decoder": self.manifest.decoder_graph}
+        return [graph for graph, kind in kinds.items() if kind == "fused"]
+
+    @property
     def runs_on(self) -> tuple[str, ...]:
-        return ("onnxruntime",) if self.fused else self.recipe.runs_on
+        return ("onnxruntime",) if self.contrib_graphs else self.recipe.runs_on
 
     # ------------------------------------------------------------------ tensors
     @property

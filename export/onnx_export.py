@@ -56,24 +56,29 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     decoder: str = "standard",
     overwrite: bool = False,
+    vision: str | None = None,
 ) -> Manifest:
     """Export checkpoint `src` (directory or Hub id) to the bundle directory `out`; returns the manifest.
 
     decoder="standard": standard ONNX ops only (ONNX Runtime on any EP, TensorRT).
     decoder="fused": the same decoder step in ONNX Runtime's fused contrib ops (export/fused_decoder.py),
     several times fewer nodes and faster on a CPU; ONNX Runtime only, fp32 only.
+    vision: the same choice for the vision encoder (export/fused_vision.py); None follows `decoder`.
     """
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"precision={precision!r}: expected fp32 or fp16")
     if decoder not in DECODER_GRAPHS:
         raise ValueError(f"decoder={decoder!r}: expected one of {', '.join(DECODER_GRAPHS)}")
-    if decoder == "fused" and precision != "fp32":
+    if vision is not None and vision not in DECODER_GRAPHS:
+        raise ValueError(f"vision={vision!r}: expected one of {', '.join(DECODER_GRAPHS)}")
+    if "fused" in (decoder, vision) and precision != "fp32":
         raise ValueError(
-            "decoder='fused' is an fp32 ONNX Runtime CPU graph (its GroupQueryAttention has no fp32 CUDA "
-            "kernel and no fp16 CPU speed-up); export fp16 with the standard decoder"
+            "decoder/vision='fused' is an fp32 ONNX Runtime CPU graph (its GroupQueryAttention has no fp32 "
+            "CUDA kernel and no fp16 CPU speed-up); export fp16 with the standard graphs"
         )
     if not 17 <= opset <= 21:
         raise ValueError(f"opset {opset}: supported range is 17..21 (TensorRT 10.3 parses up to opset 20)")
+    vision = vision or decoder
     check_target(out, is_bundle, "bundle", overwrite)
     t0 = time.time()
     directory = resolve_checkpoint(src)
@@ -92,17 +97,20 @@ def export_onnx(
         prepare_fp16(model)
     with staged_dir(out, prefix=".tmp-bundle-") as tmp:
         graphs = {}
-        log.info("[1/4] exporting vision_encoder.onnx")
-        graphs["vision_encoder"] = _export_vision(model, tmp, opset)
+        log.info("[1/4] exporting vision_encoder.onnx (%s)", vision)
+        if vision == "fused":
+            graphs["vision_encoder"] = _export_fused(model, tmp, "vision_encoder")
+        else:
+            graphs["vision_encoder"] = _export_vision(model, tmp, opset)
         log.info("[2/4] exporting decoder.onnx (%s)", decoder)
         if decoder == "fused":
-            graphs["decoder"] = _export_fused_decoder(model, tmp)
+            graphs["decoder"] = _export_fused(model, tmp, "decoder")
         else:
             graphs["decoder"] = _export_decoder(model, tmp, opset)
         log.info("[3/4] checking graphs (onnx.checker, shape inference, standard ops only)")
         for name, spec in graphs.items():
             path = os.path.join(tmp, spec["file"])
-            if name == "decoder" and decoder == "fused":
+            if (decoder if name == "decoder" else vision) == "fused":
                 check_fused_graph(path)
             else:
                 check_graph(path, opset)
@@ -120,7 +128,9 @@ def export_onnx(
             "cases": REFERENCE_CASES,
             "max_new_tokens": REFERENCE_TOKENS,
         }
-        manifest = Manifest(precision, opset, graphs, decoder_graph=decoder, reference=stored).write(tmp)
+        manifest = Manifest(
+            precision, opset, graphs, decoder_graph=decoder, vision_graph=vision, reference=stored
+        ).write(tmp)
     log.info("bundle written to %s in %.1f s", out, time.time() - t0)
     return manifest
 
@@ -228,16 +238,22 @@ def _export_decoder(model: VisionLanguageModel, out: str, opset: int) -> dict:
     return {"file": "decoder.onnx"}
 
 
-def _export_fused_decoder(model: VisionLanguageModel, out: str) -> dict:
+def _export_fused(model: VisionLanguageModel, out: str, graph: str) -> dict:
+    """One of the graphs written node by node in ONNX Runtime's contrib ops."""
     from .fused_decoder import build_fused_decoder
+    from .fused_vision import build_fused_vision
 
-    path = os.path.join(out, "decoder.onnx")
-    proto = build_fused_decoder(model)
+    proto = (build_fused_decoder if graph == "decoder" else build_fused_vision)(model)
+    name = f"{graph}.onnx"
     large = proto.ByteSize() > TWO_GB - 2**26
     onnx.save_model(
-        proto, path, save_as_external_data=large, all_tensors_to_one_file=True, location="decoder.onnx.data"
+        proto,
+        os.path.join(out, name),
+        save_as_external_data=large,
+        all_tensors_to_one_file=True,
+        location=name + ".data",
     )
-    return {"file": "decoder.onnx"}
+    return {"file": name}
 
 
 def share_tied_head(path: str, embedding: str) -> None:
@@ -302,6 +318,6 @@ def check_fused_graph(path: str) -> None:
         ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise ValueError(
-            f"{path}: onnxruntime {ort.__version__} cannot load the fused decoder ({e}); it needs "
+            f"{path}: onnxruntime {ort.__version__} cannot load this fused graph ({e}); it needs "
             f"onnxruntime >= {FUSED_MIN_ORT} (GroupQueryAttention with attention_bias)"
         ) from None

@@ -1,7 +1,7 @@
 """ONNX export: per-graph parity with PyTorch, end-to-end greedy equality, bundle integrity.
 
-Every test on `exported` runs on both decoder graphs (standard ONNX ops, and the fused ONNX
-Runtime one). Tolerance 1e-4 max abs (fp32): ONNX Runtime and PyTorch run the same fp32
+Every test on `exported` runs on both kinds of graphs (standard ONNX ops, and the fused ONNX
+Runtime decoder and vision encoder). Tolerance 1e-4 max abs (fp32): ONNX Runtime and PyTorch run the same fp32
 arithmetic with different kernels and op order; the observed differences are ~1e-6 (standard)
 and ~1e-5 (fused: GroupQueryAttention and the fused norms sum in another order).
 """
@@ -353,6 +353,35 @@ def test_fused_decoder_keeps_the_contract_in_fewer_nodes(tiny_tokenizer_dir, tmp
     assert len(gb.graph.node) * 4 < len(ga.graph.node), (len(gb.graph.node), len(ga.graph.node))
     ops = {n.op_type for n in gb.graph.node if n.domain == "com.microsoft"}
     assert ops == {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"}
+
+
+def test_fused_vision_keeps_the_contract_in_fewer_nodes(tiny_tokenizer_dir, tmp_path):
+    """The fused vision encoder: the standard graph's IO and weight MatMul names (plus the patch
+    embedding, a MatMul here), contrib ops only where they pay, several times fewer nodes."""
+    import onnx
+
+    from calibration.nbits import weight_matmuls
+
+    m, standard = export_lively("replace", tiny_tokenizer_dir, tmp_path / "s")
+    fused = str(tmp_path / "f" / "bundle")
+    export_onnx(str(tmp_path / "s" / "ckpt"), fused, vision="fused")
+    a, b = load_bundle(standard), load_bundle(fused)
+    assert b.manifest.vision_graph == "fused" and not b.fused  # the decoder stays standard
+    assert b.contrib_graphs == ["vision_encoder"] and b.runs_on == ("onnxruntime",)
+    assert a.contrib_graphs == [] and "tensorrt" in a.runs_on
+    sa, sb = a.graph_spec("vision_encoder"), b.graph_spec("vision_encoder")
+    assert sa["inputs"] == sb["inputs"]
+    # (the standard export leaves the token count symbolic; the fused graph states it)
+    assert [(o["name"], o["dtype"]) for o in sa["outputs"]] == [
+        (o["name"], o["dtype"]) for o in sb["outputs"]
+    ]
+    assert sb["outputs"][0]["shape"] == ["num_images", 4, 64]
+    ga, gb = onnx.load(a.graph_path("vision_encoder")), onnx.load(b.graph_path("vision_encoder"))
+    names_a, names_b = ({n.name for n in weight_matmuls(g)} for g in (ga, gb))
+    assert names_b - names_a == {"/vision_encoder/patch_embedding/MatMul"} and names_a < names_b
+    assert len(gb.graph.node) * 4 < len(ga.graph.node), (len(gb.graph.node), len(ga.graph.node))
+    ops = {n.op_type for n in gb.graph.node if n.domain == "com.microsoft"}
+    assert ops == {"MultiHeadAttention", "SkipLayerNormalization", "FastGelu"}
 
 
 def test_fused_decoder_refuses_what_it_cannot_be(tiny_tokenizer_dir, tmp_path):

@@ -662,7 +662,7 @@ def test_quantize_runs_without_torch(lively, tmp_path):
 
 
 def test_fused_bundles_quantize_to_the_cpu_modes_only(tiny_tokenizer_dir, tmp_path):
-    """A fused-decoder bundle takes int8-dynamic and int4 (same KL bars as the standard graph)
+    """A fused bundle (decoder and vision encoder) takes int8-dynamic and int4 (same KL bars as the standard graph)
     and refuses the GPU/TensorRT modes; TensorRT refuses the fused graph itself."""
     from trt.build import check_buildable
 
@@ -670,15 +670,15 @@ def test_fused_bundles_quantize_to_the_cpu_modes_only(tiny_tokenizer_dir, tmp_pa
     ref, cases = parity.Reference(str(tmp_path / "ckpt")), metrics.builtin_cases(8)
     for mode, kl_bar in (("int8-dynamic", 0.01), ("int4", 0.05)):
         manifest = quantize_bundle(bundle, str(tmp_path / mode), mode, samples=8)
-        assert manifest.decoder_graph == "fused"
+        assert manifest.decoder_graph == manifest.vision_graph == "fused"
         ops = {n.op_type for n in onnx.load(str(tmp_path / mode / "decoder.onnx")).graph.node}
         assert {"GroupQueryAttention", "MatMulNBits", "GatherBlockQuantized"} <= ops and "MatMul" not in ops
         s = metrics.compare(VLMPipeline.from_bundle(str(tmp_path / mode)), ref, cases, max_new_tokens=6)
         assert s["kl_mean"] < kl_bar, (mode, s["kl_mean"])
     for mode in ("int8-static", "int4-fp16", "fp16"):
-        with pytest.raises(ValueError, match=f"fused decoder .*mode {mode} targets GPUs"):
+        with pytest.raises(ValueError, match=f"fused vision_encoder and decoder .*mode {mode} targets GPUs"):
             quantize_bundle(bundle, str(tmp_path / "x"), mode, samples=8)
-    with pytest.raises(ValueError, match="GroupQueryAttention.*decoder fused"):
+    with pytest.raises(ValueError, match="vision_encoder uses .*MultiHeadAttention"):
         check_buildable(bundle)
 
 

@@ -46,8 +46,8 @@ def check_buildable(bundle_path: str) -> Bundle:
         if foreign:
             raise ValueError(
                 f"{bundle_path}: {graph} uses ONNX Runtime contrib ops {foreign} "
-                f"(mode {bundle.mode}, decoder {bundle.manifest.decoder_graph}); "
-                "TensorRT takes the fp32, fp16 or int8-static bundles with the standard decoder"
+                f"(mode {bundle.mode}); "
+                "TensorRT takes the fp32, fp16 or int8-static bundles with the standard graphs"
             )
     return bundle
 
