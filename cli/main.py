@@ -86,6 +86,17 @@ def pipeline_options(command: Callable) -> Callable:
     )(command)
 
 
+def image_tiles_option(what: str) -> Callable:
+    """--image-tiles: the resolution budget, in tiles along an image's long edge."""
+    return click.option(
+        "--image-tiles",
+        type=click.IntRange(1, 8),
+        default=None,
+        help="Resolution budget: tiles along an image's long edge (SmolVLM: longest_edge = N x 512, "
+        f"splitting above 1; nanoVLM: max_img_size = N x tile; 1: one view). {what}",
+    )
+
+
 def overwrite_option(command: Callable) -> Callable:
     return click.option(
         "--overwrite",
@@ -275,6 +286,7 @@ def generate(
     help="A JSON Schema file: the answer is JSON that matches it.",
 )
 @click.option("--regex", help="The answer matches this regular expression.")
+@image_tiles_option("Default: the bundle's.")
 @user_errors
 def run(
     bundle: str,
@@ -287,10 +299,12 @@ def run(
     as_json: bool,
     json_schema: str | None,
     regex: str | None,
+    image_tiles: int | None,
     **kw: Any,
 ) -> None:
     """Answer PROMPT (about --image, if given) with an exported BUNDLE on ONNX Runtime or TensorRT (no torch)."""
     from core.config import read_config_json
+    from core.processors import check_image_tiles
     from runtime.constraint import Constraint
     from runtime.pipeline import VLMPipeline
 
@@ -298,6 +312,8 @@ def run(
     options = {"json_schema": read_config_json(json_schema) if json_schema else None, "regex": regex}
     constraint = Constraint.given(**options)
     pipe = VLMPipeline.from_bundle(bundle, provider=provider, backend=backend)
+    if image_tiles is not None:
+        pipe.image_tiles = check_image_tiles(pipe.cfg, image_tiles)
     if constraint is not None:
         try:
             pipe.grammars.check(constraint)
@@ -376,6 +392,7 @@ def run(
 )
 @click.option("--no-prefix-cache", is_flag=True, help="Recompute every prompt (same as --prefix-cache-mb 0).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime intra-op threads.")
+@image_tiles_option("Default: the bundle's; a request's image_tiles may ask for fewer, not more.")
 @click.option(
     "--ray",
     "use_ray",
@@ -406,6 +423,7 @@ def serve(
     prefix_cache_mb: float,
     no_prefix_cache: bool,
     threads: int | None,
+    image_tiles: int | None,
     use_ray: bool,
     replicas: int,
     cpus_per_replica: float,
@@ -432,6 +450,7 @@ def serve(
         max_images=max_images,
         max_tokens=max_tokens,
         image_dir=image_dir,
+        image_tiles=image_tiles,
     )
     engine = EngineConfig(
         max_batch, max_queue, prefill_chunk, image_cache_mb, 0.0 if no_prefix_cache else prefix_cache_mb
@@ -481,6 +500,7 @@ def serve(
     help="bundle: this toolkit's bundle. transformers.js: onnx/ graphs and files transformers.js loads "
     "(Idefics3 / SmolVLM checkpoints).",
 )
+@image_tiles_option("Stored in the bundle as the runtimes' default (none: the checkpoint's own).")
 @overwrite_option
 @user_errors
 def onnx(
@@ -491,6 +511,7 @@ def onnx(
     decoder: str,
     vision: str | None,
     layout: str,
+    image_tiles: int | None,
     overwrite: bool,
 ) -> None:
     """Export checkpoint SRC (a directory or Hub id) to the ONNX bundle directory OUT."""
@@ -510,7 +531,14 @@ def onnx(
         return
 
     manifest = export_onnx(
-        src, out, precision=precision, opset=opset, decoder=decoder, vision=vision, overwrite=overwrite
+        src,
+        out,
+        precision=precision,
+        opset=opset,
+        decoder=decoder,
+        vision=vision,
+        overwrite=overwrite,
+        image_tiles=image_tiles,
     )
     sizes = {name: meta["bytes"] for name, meta in manifest.files.items()}
     summary = {"bundle": os.path.abspath(out), "precision": precision, "decoder": decoder}

@@ -54,6 +54,7 @@ class Manifest:
     graphs: dict[str, dict[str, Any]]  # graph -> {"file", "inputs", "outputs"} (names, dtypes, dims)
     decoder_graph: str = "standard"  # or "fused": ONNX Runtime contrib ops, CPU only
     vision_graph: str = "standard"  # the same choice for the vision encoder
+    image_tiles: int | None = None  # default resolution budget (core/processors.py); None: the config's
     quantization: dict[str, Any] | None = None  # {"mode", ...}: written by `quantize`
     tensorrt: dict[str, Any] | None = None  # engines, limits, TensorRT version: written by `trt`
     reference: dict[str, Any] | None = None  # {"file", "split", "seed", "cases", "max_new_tokens"}
@@ -170,6 +171,13 @@ class Bundle:
     def fused(self) -> bool:
         """Whether the decoder is the fused (ONNX Runtime CPU) graph."""
         return self.manifest.decoder_graph == "fused"
+
+    @property
+    def image_tiles(self) -> int:
+        """The resolution budget runtimes use unless told otherwise: tiles along the long edge."""
+        from .processors import image_tiles
+
+        return self.manifest.image_tiles or image_tiles(self.config)
 
     @property
     def contrib_graphs(self) -> list[str]:

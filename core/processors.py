@@ -25,6 +25,9 @@ from .config import VLMConfig
 
 # Decompression-bomb guard: a 16384 x 16384 image is already far beyond any tile budget.
 MAX_IMAGE_PIXELS = 16384 * 16384
+# The resolution budget's ceiling, in tiles along an image's long edge: nanoVLM's tile markers go
+# to 8x8, and Idefics3's long edge stops at 4096 px = 8 tiles of 512.
+MAX_IMAGE_TILES = 8
 
 
 def load_image(
@@ -100,11 +103,21 @@ class ImageProcessor:
     resize_to_max: bool = False
 
     @classmethod
-    def from_config(cls, cfg: VLMConfig) -> ImageProcessor | Idefics3ImageProcessor:
-        """The image pipeline of the config's format (nanoVLM's, or Idefics3's)."""
+    def from_config(cls, cfg: VLMConfig, tiles: int | None = None) -> ImageProcessor | Idefics3ImageProcessor:
+        """The image pipeline of the config's format (nanoVLM's, or Idefics3's), at a resolution
+        budget of `tiles` along the long edge (None: the config's own, image_tiles(cfg)).
+
+        nanoVLM: the long side up to tiles x tile size. Idefics3 / SmolVLM: `longest_edge` =
+        tiles x tile size, and image splitting on above one tile (the processor's own knobs)."""
+        if tiles is not None:
+            check_image_tiles(cfg, tiles)
         if cfg.vlm_format == "idefics3":
-            return Idefics3ImageProcessor(cfg.vlm_image_processor)
-        return cls(cfg.vit_img_size, cfg.max_img_size, cfg.image_placement, cfg.resize_to_max_side_len)
+            s = cfg.vlm_image_processor
+            if tiles is not None:
+                s = dict(s, longest_edge=tiles * s["tile"], splitting=tiles > 1)
+            return Idefics3ImageProcessor(s)
+        size = cfg.max_img_size if tiles is None else tiles * cfg.vit_img_size
+        return cls(cfg.vit_img_size, size, cfg.image_placement, cfg.resize_to_max_side_len)
 
     def target_size(self, h: int, w: int) -> tuple[int, int]:
         """(h, w) after the dynamic resize: multiples of tile_size, aspect ratio kept, long side <= max_size."""
@@ -128,6 +141,25 @@ class ImageProcessor:
         if (n_h, n_w) != (1, 1):
             tiles = np.concatenate([_resize_float(chw, p)[None], tiles], axis=0)
         return np.ascontiguousarray(tiles), (n_h, n_w)
+
+
+def image_tiles(cfg: VLMConfig) -> int:
+    """The config's own resolution budget: tiles along an image's long edge (1: one view)."""
+    if cfg.vlm_format == "idefics3":
+        s = cfg.vlm_image_processor
+        return max(1, math.ceil(s["longest_edge"] / s["tile"])) if s["splitting"] else 1
+    if cfg.image_placement == "prefix":
+        return 1
+    return cfg.max_img_size // cfg.vit_img_size
+
+
+def check_image_tiles(cfg: VLMConfig, tiles: Any) -> int:
+    """`tiles` as a resolution budget this model takes, or a ValueError naming it."""
+    if isinstance(tiles, bool) or not isinstance(tiles, int) or not 1 <= tiles <= MAX_IMAGE_TILES:
+        raise ValueError(f"image_tiles={tiles!r}: expected an integer from 1 to {MAX_IMAGE_TILES}")
+    if cfg.image_placement == "prefix" and cfg.vlm_format != "idefics3" and tiles != 1:
+        raise ValueError(f"image_tiles={tiles}: this model (prefix placement) sees every image as one view")
+    return tiles
 
 
 @dataclass(frozen=True)

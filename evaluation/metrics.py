@@ -24,7 +24,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from core.bundle import Bundle, BundleError
-from core.processors import prepare_batch
 from core.recipes import GATE_METRICS
 from core.sequence import next_frame, prompt_frame
 from runtime.pipeline import GenerationRequest, VLMPipeline
@@ -106,7 +105,7 @@ class StoredReference:
         if i is None:
             raise ValueError(f"case {case.prompt!r} is not one of the stored reference's built-in cases")
         tokens = self.arrays[f"tokens_{i}"].tolist()[:max_new_tokens]
-        batch = prepare_batch(pipe.cfg, pipe.tokenizer, pipe.image_processor, [case.images], [case.prompt])
+        batch = pipe.prepare([case.images], [case.prompt])
         return {
             "batch": batch,
             "vision": self.arrays[f"vision_{i}"],

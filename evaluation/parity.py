@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from core.processors import prepare_batch
 from nanovlm.reference import greedy_reference
 from nanovlm.vision_language_model import VisionLanguageModel
 from runtime.pipeline import VLMPipeline
@@ -36,5 +35,5 @@ class Reference:
 
     def _run(self, pipe: VLMPipeline, case: Case, max_new_tokens: int) -> dict[str, Any]:
         m = self.model
-        batch = prepare_batch(m.cfg, pipe.tokenizer, pipe.image_processor, [case.images], [case.prompt])
+        batch = pipe.prepare([case.images], [case.prompt])
         return {"batch": batch} | greedy_reference(m, batch, pipe.tokenizer.eos_token_id, max_new_tokens)

@@ -20,6 +20,7 @@ from core.bundle import REFERENCE, Manifest, is_bundle
 from core.config import VLMConfig, read_config_json
 from core.files import check_target, staged_dir
 from core.graph_io import graph_io
+from core.processors import check_image_tiles
 from nanovlm.checkpoint import resolve_checkpoint
 from nanovlm.idefics3 import is_idefics3
 from nanovlm.vision_language_model import VisionLanguageModel
@@ -57,6 +58,7 @@ def export_onnx(
     decoder: str = "standard",
     overwrite: bool = False,
     vision: str | None = None,
+    image_tiles: int | None = None,
 ) -> Manifest:
     """Export checkpoint `src` (directory or Hub id) to the bundle directory `out`; returns the manifest.
 
@@ -64,6 +66,8 @@ def export_onnx(
     decoder="fused": the same decoder step in ONNX Runtime's fused contrib ops (export/fused_decoder.py),
     several times fewer nodes and faster on a CPU; ONNX Runtime only, fp32 only.
     vision: the same choice for the vision encoder (export/fused_vision.py); None follows `decoder`.
+    image_tiles: the resolution budget runtimes use by default (core/processors.py; None: the
+    checkpoint's own processor settings).
     """
     if precision not in ("fp32", "fp16"):
         raise ValueError(f"precision={precision!r}: expected fp32 or fp16")
@@ -86,6 +90,8 @@ def export_onnx(
     if not is_idefics3(raw):  # (an Idefics3 config is mapped, and checked, when the model loads)
         check_exportable(VLMConfig.from_dict(raw, os.path.join(directory, "config.json")), src)
     model = VisionLanguageModel.from_pretrained(directory).eval()
+    if image_tiles is not None:
+        check_image_tiles(model.cfg, image_tiles)
     if model.tokenizer is None:
         raise ValueError(
             f"{src}: no tokenizer files in the checkpoint and cfg.lm_tokenizer could not be loaded"
@@ -129,7 +135,13 @@ def export_onnx(
             "max_new_tokens": REFERENCE_TOKENS,
         }
         manifest = Manifest(
-            precision, opset, graphs, decoder_graph=decoder, vision_graph=vision, reference=stored
+            precision,
+            opset,
+            graphs,
+            decoder_graph=decoder,
+            vision_graph=vision,
+            image_tiles=image_tiles,
+            reference=stored,
         ).write(tmp)
     log.info("bundle written to %s in %.1f s", out, time.time() - t0)
     return manifest

@@ -77,7 +77,8 @@ class VLMPipeline:
         self.bundle, self.backend = bundle, backend
         self.cfg = bundle.config
         self.tokenizer = Tokenizer.from_dir(bundle.path, self.cfg)
-        self.image_processor = ImageProcessor.from_config(self.cfg)
+        # the resolution budget (tiles along an image's long edge): the bundle's, or set it here
+        self.image_tiles = bundle.image_tiles
         self.last_timings = Timings()
         self._cache: Any = None
         self._grammars: Grammars | None = None
@@ -181,11 +182,12 @@ class VLMPipeline:
         prompts: list[str],
         histories: list[list[tuple[str, str]]] | None = None,
         system: str | None = None,
+        image_tiles: int | None = None,
     ) -> Batch:
-        """Model inputs for (images, prompt) pairs: the one input path (core/processors.py)."""
-        return prepare_batch(
-            self.cfg, self.tokenizer, self.image_processor, images, prompts, histories, system
-        )
+        """Model inputs for (images, prompt) pairs: the one input path (core/processors.py), at a
+        resolution budget of `image_tiles` along each image's long edge (None: self.image_tiles)."""
+        processor = ImageProcessor.from_config(self.cfg, image_tiles or self.image_tiles)
+        return prepare_batch(self.cfg, self.tokenizer, processor, images, prompts, histories, system)
 
     def generate(
         self,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from core.processors import check_image_tiles
 from runtime.batching import PREFILL_POSITIONS, ContinuousBatcher, EngineConfig, Event, QueueFull
 from runtime.pipeline import GenerationRequest, VLMPipeline
 
@@ -87,6 +89,10 @@ class Service:
             c = self.config
             # the engine's encoder thread runs beside its decoder: idle threads sleep, not spin
             self.pipe = VLMPipeline.from_bundle(c.bundle, threads=c.threads, spinning=False)
+            # the resolution budget: the operator's, else the bundle's; requests may ask for less
+            tiles = check_image_tiles(self.pipe.cfg, self.limits.image_tiles or self.pipe.image_tiles)
+            self.limits = dataclasses.replace(self.limits, image_tiles=tiles)
+            self.pipe.image_tiles = tiles
             self.engine = ContinuousBatcher(self.pipe, config=c.engine)
             self.metrics.watch(self.engine)
             self.engine.start()
@@ -145,8 +151,15 @@ class Service:
     def prepare(self, body: Any) -> tuple[ChatRequest, Any, GenerationRequest]:
         """Parse, open images, format and tokenize (on a pool thread): errors are ApiErrors."""
         chat = parse_chat(body, self.limits)
+        if chat.image_tiles is not None:
+            try:
+                check_image_tiles(self.pipe.cfg, chat.image_tiles)
+            except ValueError as e:
+                raise ApiError(400, str(e), "image_tiles") from None
         try:
-            batch = self.pipe.prepare([chat.images], [chat.question], [chat.history], chat.system)
+            batch = self.pipe.prepare(
+                [chat.images], [chat.question], [chat.history], chat.system, chat.image_tiles
+            )
         except ValueError as e:
             raise ApiError(400, str(e), "messages") from None
         n = self.engine.prompt_length(batch)

@@ -51,6 +51,7 @@ class RequestLimits:
     max_tokens: int = 256  # when the request names none
     max_stop: int = 4
     image_dir: str | None = None  # file:// images allowed only under this directory
+    image_tiles: int | None = None  # resolution budget: the default and the most a request may ask
 
 
 @dataclass
@@ -69,6 +70,7 @@ class ChatRequest:
     model: str
     constraint: Constraint | None = None  # from response_format
     logprobs: int | None = None  # None: not asked; n: top_logprobs (0 to 20)
+    image_tiles: int | None = None  # None: the server's resolution budget
 
 
 # ----------------------------------------------------------------------------- requests
@@ -163,7 +165,21 @@ def parse_chat(body: Any, limits: RequestLimits) -> ChatRequest:
         model=model,
         constraint=response_format(body.get("response_format")),
         logprobs=_logprobs(body),
+        image_tiles=_image_tiles(body, limits),
     )
+
+
+def _image_tiles(body: dict, limits: RequestLimits) -> int | None:
+    """image_tiles (an extension: tiles along an image's long edge), within the server's budget."""
+    tiles = body.get("image_tiles")
+    if tiles is None:
+        return None
+    _int(tiles, "image_tiles", 1)
+    if limits.image_tiles is not None and tiles > limits.image_tiles:
+        raise ApiError(
+            400, f"image_tiles={tiles}: this server allows at most {limits.image_tiles}", "image_tiles"
+        )
+    return tiles
 
 
 def _logprobs(body: dict) -> int | None:

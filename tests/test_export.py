@@ -384,6 +384,32 @@ def test_fused_vision_keeps_the_contract_in_fewer_nodes(tiny_tokenizer_dir, tmp_
     assert ops == {"MultiHeadAttention", "SkipLayerNormalization", "FastGelu"}
 
 
+def test_resolution_budget_is_stored_and_used(tiny_tokenizer_dir, tmp_path):
+    """--image-tiles at export is the bundle's default budget (kept by quantize); the pipeline
+    tiles a large image by it, and a budget the model cannot take is refused by name."""
+    from PIL import Image
+
+    from calibration.quantize import quantize_bundle
+    from runtime.pipeline import VLMPipeline
+
+    m, standard = export_lively("replace", tiny_tokenizer_dir, tmp_path / "s")
+    one = str(tmp_path / "one")
+    export_onnx(str(tmp_path / "s" / "ckpt"), one, image_tiles=1)
+    quantize_bundle(one, str(tmp_path / "q"), "int8-dynamic", samples=2)
+    assert load_bundle(standard).image_tiles == 2  # the config's max_img_size 64 / 32 px tiles
+    assert load_bundle(one).image_tiles == load_bundle(str(tmp_path / "q")).image_tiles == 1
+    photo = Image.new("RGB", (200, 90), (200, 30, 30))
+    views = lambda path, **kw: VLMPipeline.from_bundle(path).prepare([[photo]], ["?"], **kw).image_tiles  # noqa: E731
+    assert views(standard) == [3]  # a 2x1 grid and the global view
+    assert views(one) == [1]
+    assert views(one, image_tiles=2) == [3]
+    with pytest.raises(ValueError, match="image_tiles=9: expected an integer from 1 to 8"):
+        export_onnx(str(tmp_path / "s" / "ckpt"), str(tmp_path / "x"), image_tiles=9)
+    _, prefix = export_lively("prefix", tiny_tokenizer_dir, tmp_path / "p")
+    with pytest.raises(ValueError, match="prefix placement"):
+        VLMPipeline.from_bundle(prefix).prepare([[photo]], ["?"], image_tiles=2)
+
+
 def test_fused_decoder_refuses_what_it_cannot_be(tiny_tokenizer_dir, tmp_path):
     m = lively_model("replace", tiny_tokenizer_dir)
     m.save_pretrained(tmp_path / "ckpt")

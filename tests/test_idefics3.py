@@ -182,6 +182,51 @@ def test_pixels_and_ids_equal_idefics3_processor(checkpoint, picture):
     assert np.array_equal(batch.pixel_values, want["pixel_values"][0])
 
 
+def counts_at_one(ours) -> int:
+    """Prompt positions of the wide photo at one view."""
+    from core.processors import ImageProcessor, prepare_batch
+
+    proc = ImageProcessor.from_config(ours.cfg, 1)
+    return prepare_batch(
+        ours.cfg, ours.tokenizer, proc, [[PICTURES["wide"]()]], ["How many circles?"]
+    ).input_ids.shape[1]
+
+
+@pytest.mark.parametrize("tiles", [1, 2, 3, 4, 5])
+def test_resolution_budget_equals_idefics3_processor_settings(checkpoint, tiles):
+    """image_tiles=N is the processor's own knobs, longest_edge = N x tile and image splitting
+    above one tile: token ids (so token counts) and pixels equal transformers' Idefics3Processor
+    set the same way, for a wide and a tall photo; N=4 is this checkpoint's own setting."""
+    from core.processors import ImageProcessor, image_tiles, prepare_batch
+
+    processor = transformers.Idefics3Processor.from_pretrained(checkpoint)
+    processor.image_processor.size = {"longest_edge": tiles * 32}
+    processor.image_processor.do_image_splitting = tiles > 1
+    ours = VisionLanguageModel.from_pretrained(checkpoint)
+    assert image_tiles(ours.cfg) == 4
+    counts = []
+    for picture in ("wide", "tall odd"):
+        image = PICTURES[picture]()
+        content = [{"type": "image"}, {"type": "text", "text": "How many circles?"}]
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True
+        )
+        want = processor(text=prompt, images=[image], return_tensors="np")
+        proc = ImageProcessor.from_config(ours.cfg, tiles)
+        batch = prepare_batch(ours.cfg, ours.tokenizer, proc, [[image]], ["How many circles?"])
+        assert batch.input_ids[0].tolist() == want["input_ids"][0].tolist()
+        assert np.array_equal(batch.pixel_values, want["pixel_values"][0])
+        counts.append(batch.input_ids.shape[1])
+    if tiles == 4:
+        default = prepare_batch(
+            ours.cfg, ours.tokenizer, ImageProcessor.from_config(ours.cfg), [[image]], ["How many circles?"]
+        )
+        assert default.input_ids.tolist() == batch.input_ids.tolist()
+    if tiles == 1:  # splitting off: one view of 64 tokens per image, whatever its shape
+        assert batch.pixel_values.shape[0] == 1
+    assert tiles == 1 or counts[0] > counts_at_one(ours)
+
+
 @pytest.mark.parametrize(
     "change,words",
     [
@@ -248,7 +293,9 @@ def test_runtime_answers_like_transformers_generate(checkpoint, bundles, decoder
 
 
 def test_serve_answers_with_a_smolvlm_bundle(bundles):
-    """`nanovlm serve` on an exported SmolVLM bundle: an image request answers like the runtime."""
+    """`nanovlm serve` on an exported SmolVLM bundle: an image request answers like the runtime, at
+    the server's resolution budget or a lower one the request asks for."""
+    import urllib.error
     import urllib.request
 
     from runtime.pipeline import VLMPipeline
@@ -259,14 +306,37 @@ def test_serve_answers_with_a_smolvlm_bundle(bundles):
     want = VLMPipeline.from_bundle(bundles["fused"]).generate(
         [picture], "How many circles?", max_new_tokens=10
     )
-    with ServerProcess(bundles["fused"]) as server:
-        body = json.dumps({"messages": [user("How many circles?", picture)], "max_tokens": 10}).encode()
+    alone = VLMPipeline.from_bundle(bundles["fused"])
+    alone.image_tiles = 1
+    want_one_view = alone.generate([picture], "How many circles?", max_new_tokens=10)
+
+    def ask(server, **extra):
+        body = {"messages": [user("How many circles?", picture)], "max_tokens": 10} | extra
         req = urllib.request.Request(
-            server.url + "/v1/chat/completions", body, {"Content-Type": "application/json"}
+            server.url + "/v1/chat/completions",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(req, timeout=120) as r:
-            assert json.loads(r.read())["choices"][0]["message"]["content"] == want
-    assert want.strip()
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    with ServerProcess(bundles["fused"]) as server:
+        status, reply = ask(server)
+        assert status == 200 and reply["choices"][0]["message"]["content"] == want
+        # a request may lower the resolution budget (the bundle's 4) and not raise it
+        status, reply = ask(server, image_tiles=1)
+        assert status == 200 and reply["choices"][0]["message"]["content"] == want_one_view
+        status, reply = ask(server, image_tiles=5)
+        assert status == 400 and reply["error"]["param"] == "image_tiles", reply
+    with ServerProcess(bundles["fused"], "--image-tiles", "1") as server:  # the operator's budget
+        status, reply = ask(server)
+        assert status == 200 and reply["choices"][0]["message"]["content"] == want_one_view
+        status, reply = ask(server, image_tiles=2)
+        assert status == 400 and "at most 1" in reply["error"]["message"], reply
+    assert want.strip() and want_one_view.strip()
 
 
 def test_cli_flow_quantize_validate_bench_check_run(bundles, tmp_path):
