@@ -181,7 +181,7 @@ def plot(report: dict, path: str) -> None:
     for i, k in enumerate(names[::-1]):
         ax.text(rows[k]["ttft_s"], i, f" {rows[k]['ttft_s']:.1f} s ({rows[k]['views']} views)", va="center")
     ax.set_xlabel("time to first token, s (astronaut photo)")
-    ax.set_title(f"SmolVLM-256M shape, 2 threads: {report['machine']}", fontsize=9)
+    ax.set_title(f"SmolVLM-256M shape: {report['machine']}", fontsize=9)
     ax.set_xlim(0, max(r["ttft_s"] for r in rows.values()) * 1.35)
     fig.tight_layout()
     with atomic_write(path, "wb") as f:
