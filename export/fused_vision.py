@@ -46,6 +46,22 @@ def build_fused_vision(model: VisionLanguageModel) -> onnx.ModelProto:
     def weight(name: str) -> str:  # torch Linear [out, in] -> MatMul [in, out]
         return g.const(name, sd[name].T)
 
+    def param(name: str) -> str:
+        return g.const(name, sd[name])
+
+    def skip_norm(y: str, residual: str, norm: str, bias: str, where: str) -> tuple[str, str]:
+        """LayerNorm `norm` of residual + y + bias -> (normed, the new residual)."""
+        inputs = [y, residual, param(f"{norm}.weight"), param(f"{norm}.bias"), param(bias)]
+        h, _, _, total = g.op(
+            "SkipLayerNormalization",
+            inputs,
+            f"{where}/SkipLayerNormalization",
+            outputs=4,
+            domain=MS,
+            epsilon=eps,
+        )
+        return h, total
+
     # -- patches: [N, 3, grid*p, grid*p] -> [N, grid*grid, 3*p*p] in the conv weight's (c, y, x) order
     x = g.one("Reshape", ["pixel_values", i64("/patch/shape6", [0, 3, grid, p, grid, p])], "/patch/Reshape")
     x = g.one("Transpose", [x], "/patch/Transpose", perm=[0, 2, 4, 1, 3, 5])
@@ -64,11 +80,7 @@ def build_fused_vision(model: VisionLanguageModel) -> onnx.ModelProto:
     # -- blocks: h is the normed input of the next sublayer, x the residual stream
     h = g.one(
         "LayerNormalization",
-        [
-            x,
-            g.const("blocks.0.ln1.weight", sd["blocks.0.ln1.weight"]),
-            g.const("blocks.0.ln1.bias", sd["blocks.0.ln1.bias"]),
-        ],
+        [x, param("blocks.0.ln1.weight"), param("blocks.0.ln1.bias")],
         "/vision_encoder/blocks.0/ln1/LayerNormalization",
         axis=-1,
         epsilon=eps,
@@ -83,50 +95,24 @@ def build_fused_vision(model: VisionLanguageModel) -> onnx.ModelProto:
         )
         a = g.one(
             "MultiHeadAttention",
-            [q, k, v, g.const(f"{b}.attn.qkv_proj.bias", sd[f"{b}.attn.qkv_proj.bias"])],
+            [q, k, v, param(f"{b}.attn.qkv_proj.bias")],
             f"{at}/attn/MultiHeadAttention",
             domain=MS,
             num_heads=H,
         )
         o = g.one("MatMul", [a, weight(f"{b}.attn.out_proj.weight")], f"{at}/attn/out_proj/MatMul")
-        h, _, _, x = g.op(
-            "SkipLayerNormalization",
-            [
-                o,
-                x,
-                g.const(f"{b}.ln2.weight", sd[f"{b}.ln2.weight"]),
-                g.const(f"{b}.ln2.bias", sd[f"{b}.ln2.bias"]),
-                g.const(f"{b}.attn.out_proj.bias", sd[f"{b}.attn.out_proj.bias"]),
-            ],
-            f"{at}/ln2/SkipLayerNormalization",
-            outputs=4,
-            domain=MS,
-            epsilon=eps,
-        )
+        h, x = skip_norm(o, x, f"{b}.ln2", f"{b}.attn.out_proj.bias", f"{at}/ln2")
         u = g.one("MatMul", [h, weight(f"{b}.mlp.fc1.weight")], f"{at}/mlp/fc1/MatMul")
         u = g.one(
             "FastGelu",
-            [u, g.const(f"{b}.mlp.fc1.bias", sd[f"{b}.mlp.fc1.bias"])],
+            [u, param(f"{b}.mlp.fc1.bias")],
             f"{at}/mlp/FastGelu",
             domain=MS,
         )
         m = g.one("MatMul", [u, weight(f"{b}.mlp.fc2.weight")], f"{at}/mlp/fc2/MatMul")
         nxt = f"blocks.{i + 1}.ln1" if i + 1 < n else "layer_norm"
-        where = f"/vision_encoder/blocks.{i + 1}/ln1" if i + 1 < n else "/vision_encoder/layer_norm"
-        h, _, _, x = g.op(
-            "SkipLayerNormalization",
-            [
-                m,
-                x,
-                g.const(f"{nxt}.weight", sd[f"{nxt}.weight"]),
-                g.const(f"{nxt}.bias", sd[f"{nxt}.bias"]),
-                g.const(f"{b}.mlp.fc2.bias", sd[f"{b}.mlp.fc2.bias"]),
-            ],
-            f"{where}/SkipLayerNormalization",
-            outputs=4,
-            domain=MS,
-            epsilon=eps,
-        )
+        where = f"/vision_encoder/{nxt.replace('.ln1', '/ln1')}"
+        h, x = skip_norm(m, x, nxt, f"{b}.mlp.fc2.bias", where)
 
     # -- projector: pixel shuffle [N, g*g, D] -> [N, (g/f)^2, D*f*f], then its linear layer
     s = grid // f
