@@ -150,21 +150,6 @@ def time_llamacpp(text: str, mmproj: str, photo: str, repeats: int) -> dict:
     }
 
 
-def mmproj_f16(ckpt: str) -> str:
-    """The vision projector at f16, converted once with llama.cpp's converter."""
-    import sys
-
-    from benchmarks.llama_server import ROOT, source
-
-    out = os.path.join(ROOT, "mmproj-f16.gguf")
-    if not os.path.exists(out):
-        src = source()
-        env = dict(os.environ, PYTHONPATH=os.path.join(src, "gguf-py"))
-        convert = [sys.executable, os.path.join(src, "convert_hf_to_gguf.py"), ckpt, "--mmproj"]
-        subprocess.run([*convert, "--outtype", "f16", "--outfile", out], check=True, env=env)
-    return out
-
-
 # ----------------------------------------------------------------------------- report
 def plot(report: dict, path: str) -> None:
     import matplotlib
@@ -193,7 +178,7 @@ def main() -> None:
     from PIL import Image
     from skimage import data
 
-    from benchmarks.llama_server import ggufs
+    from benchmarks.llama_server import ggufs, mmproj_gguf
     from benchmarks.smolvlm_speed import build_checkpoint, bundles
     from core.bundle import load_bundle
     from evaluation.bench import machine
@@ -227,7 +212,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             photo = os.path.join(tmp, "astronaut.png")
             picture.save(photo)
-            for kind, proj in (("f32", mmproj), ("f16", mmproj_f16(ckpt))):
+            for kind, proj in (("f32", mmproj), ("f16", mmproj_gguf(ckpt, "f16"))):
                 rows[f"llama.cpp Q8_0 + {kind} mmproj"] = time_llamacpp(text, proj, photo, r)
                 print(
                     f"llama.cpp {kind}: TTFT {rows[f'llama.cpp Q8_0 + {kind} mmproj']['ttft_s']:.2f} s",

@@ -88,14 +88,7 @@ def server_binary() -> str:
 
 def ggufs(ckpt: str) -> tuple[str, str]:
     """(text model Q8_0, mmproj f32) of the Idefics3 checkpoint `ckpt`, converted once."""
-    src = source()
-    text, mmproj = os.path.join(ROOT, "smolvlm-256m-shape-q8_0.gguf"), os.path.join(ROOT, "mmproj-f32.gguf")
-    convert = [sys.executable, os.path.join(src, "convert_hf_to_gguf.py")]
-    env = dict(os.environ, PYTHONPATH=os.path.join(src, "gguf-py"))
-    if not os.path.exists(mmproj):
-        subprocess.run(
-            [*convert, ckpt, "--mmproj", "--outtype", "f32", "--outfile", mmproj], check=True, env=env
-        )
+    text, mmproj = os.path.join(ROOT, "smolvlm-256m-shape-q8_0.gguf"), mmproj_gguf(ckpt, "f32")
     if not os.path.exists(text):
         flat = os.path.join(ROOT, "smolvlm-256m-shape-text")
         os.makedirs(flat, exist_ok=True)
@@ -107,8 +100,23 @@ def ggufs(ckpt: str) -> tuple[str, str]:
         llama = cfg["text_config"] | {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
         with open(os.path.join(flat, "config.json"), "w") as f:
             json.dump(llama, f)
-        subprocess.run([*convert, flat, "--outtype", "q8_0", "--outfile", text], check=True, env=env)
+        convert(flat, "--outtype", "q8_0", "--outfile", text)
     return text, mmproj
+
+
+def convert(*args: str) -> None:
+    """llama.cpp's own convert_hf_to_gguf.py, with its vendored gguf package."""
+    src = source()
+    env = dict(os.environ, PYTHONPATH=os.path.join(src, "gguf-py"))
+    subprocess.run([sys.executable, os.path.join(src, "convert_hf_to_gguf.py"), *args], check=True, env=env)
+
+
+def mmproj_gguf(ckpt: str, outtype: str) -> str:
+    """The vision projector of `ckpt` at `outtype` (f32, f16), converted once."""
+    out = os.path.join(ROOT, f"mmproj-{outtype}.gguf")
+    if not os.path.exists(out):
+        convert(ckpt, "--mmproj", "--outtype", outtype, "--outfile", out)
+    return out
 
 
 class LlamaServer(ChildServer):
