@@ -6,10 +6,11 @@ One engine thread owns the decoder and runs this loop; one encoder thread runs t
     admit     waiting requests take free batch rows: each looks its prompt up in the prefix cache
               (runtime/prefix_cache.py) and its images in the image cache (runtime/image_cache.py);
               images still needed go to the encoder thread, so running streams never wait for them
-    prefill   at most `prefill_chunk` positions per loop while streams decode: the oldest ready
-              request's next piece, prefilled after its reused KV in a cache of its own, or a group
-              of short fresh prompts as one left-padded batch; a finished prompt's blocks go into
-              the prefix cache, its first token is sampled and its KV row joins the batch
+    prefill   at most `prefill_chunk` positions per loop while streams decode, oldest first: a
+              ready request's next piece, prefilled after its reused KV in a cache of its own, or a
+              group of short prefills (fresh prompts, or the rest after reused KV) as one batch,
+              until the budget is spent; a finished prompt's blocks go into the prefix cache, its
+              first token is sampled and its KV row joins the batch
     decode    one decoder step over every running row: [B, 1] tokens, one shared frame of T
               positions, each row left-padded and masked (runtime/kv_cache.py)
     sample    each row with its own sampler (own seed, own settings), text through its TextStream
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from core.config import check_context
-from core.processors import Batch, left_pad
+from core.processors import Batch
 from core.sampling import Sampler, TokenLogprob, token_logprobs
 from core.sequence import Frame, Prompt, prompt_positions
 
@@ -94,8 +95,16 @@ class _Admission:
     cache: KVCache | None = None  # its own, while it prefills in pieces
 
     @property
-    def fresh(self) -> bool:
-        return self.done == 0 and not self.reused and not self.alone
+    def whole(self) -> bool:
+        """Its prefill can run as one call with others: none of it prefilled yet, no failure."""
+        return self.cache is None and not self.alone
+
+    @property
+    def todo(self) -> int:
+        """Positions left to prefill."""
+        return len(self.prompt) - (
+            self.done if self.cache is not None else PrefixCache.positions(self.reused)
+        )
 
 
 @dataclass
@@ -150,13 +159,24 @@ def prefill_groups(lengths: list[int], budget: int = PREFILL_POSITIONS) -> list[
     return groups
 
 
-def merge(prompts: list[Prompt], pad_id: int) -> Frame:
-    """Whole prompts -> one left-padded prefill Frame, image rows in row order."""
-    ids, mask = left_pad([p.ids.tolist() for p in prompts], pad_id)  # [n, S]
-    rows = [p.rows for p in prompts if p.rows is not None and p.rows.shape[0]]
-    hidden = prompts[0].hidden
-    image_rows = np.concatenate(rows) if rows else np.zeros((0, hidden), np.float32)
-    return Frame(ids, image_rows, mask, np.clip(np.cumsum(mask, axis=1) - 1, 0, None))
+def merge(prompts: list[Prompt], keep: list[int], pad_id: int) -> Frame:
+    """Prompts, each after its first `keep[i]` positions (reused KV), -> one prefill Frame over a
+    past of P = max(keep) columns: row i's kept positions end at column P, and its new positions
+    [keep[i], n) end the frame, left-padded when they are fewer than the longest (only where
+    keep[i] is 0, so no row has a gap between its past and its new positions)."""
+    new = [len(p) - k for p, k in zip(prompts, keep, strict=True)]
+    B, P, S = len(prompts), max(keep), max(new)
+    ids = np.full((B, S), pad_id, np.int64)
+    pos = np.zeros((B, S), np.int64)
+    mask = np.zeros((B, P + S), np.int64)
+    rows = []
+    for i, (p, k, m) in enumerate(zip(prompts, keep, new, strict=True)):
+        piece = p.chunk(k, len(p))  # [1, m]: its image rows too
+        ids[i, S - m :], pos[i, S - m :] = piece.input_ids[0], piece.position_ids[0]
+        mask[i, P - k : P] = 1
+        mask[i, P + S - m :] = 1
+        rows.append(piece.image_rows)
+    return Frame(ids, np.concatenate(rows), mask, pos)
 
 
 @dataclass(frozen=True)
@@ -311,9 +331,9 @@ class ContinuousBatcher:
             return
         prompt = Prompt.from_batch(self.pipe.cfg, ticket.batch)
         keys = block_keys(prompt, self.prefix_cache.block) if self.prefix_cache.max_bytes else []
-        reused = self.prefix_cache.lookup(keys, len(prompt)) if keys else []
+        reused = self.prefix_cache.lookup(prompt, keys) if self.prefix_cache.max_bytes else []
         a = _Admission(ticket, prompt, keys, reused)
-        ticket.cached_tokens = len(reused) * self.prefix_cache.block
+        ticket.cached_tokens = self.prefix_cache.positions(reused)
         # image rows are needed only for slots after the reused positions
         needed = int((prompt.ids[ticket.cached_tokens :] == prompt.slot_id).sum())
         embeds = [self.image_cache.get(k) for k in prompt.image_keys] if needed else []
@@ -377,16 +397,24 @@ class ContinuousBatcher:
 
     # ------------------------------------------------------------------ prefill: a piece or a group per loop
     def _prefill_step(self) -> None:
-        ready = [a for a in self.admitting if a.encoded and a.error is None]
-        if not ready:
-            return
-        budget = self.config.prefill_chunk if self.rows else self.max_context
+        """Prefill ready requests, oldest first, until this loop's positions are spent: at most
+        `prefill_chunk` while streams decode; the first request into an empty batch whole."""
+        while True:
+            ready = [a for a in self.admitting if a.encoded and a.error is None]
+            limit = self.config.prefill_chunk if self.rows else self.max_context
+            if not ready or self.stats.last_prefill >= limit:
+                return
+            self._prefill_next(ready, limit - self.stats.last_prefill)
+
+    def _prefill_next(self, ready: list[_Admission], budget: int) -> None:
+        """The head's next piece, or, when its rest fits the budget, its rest together with other
+        whole prefills of about its size (fresh prompts and ones after their reused KV alike)."""
         group_budget = min(budget, PREFILL_POSITIONS)
         head = ready[0]
-        if head.fresh and len(head.prompt) <= group_budget:
-            fresh = [a for a in ready if a.fresh and len(a.prompt) <= group_budget]
-            group = next(g for g in prefill_groups([len(a.prompt) for a in fresh], group_budget) if 0 in g)
-            members = [fresh[i] for i in group]
+        if head.whole and head.todo <= group_budget:
+            whole = [a for a in ready if a.whole and a.todo <= group_budget]
+            group = next(g for g in prefill_groups([a.todo for a in whole], group_budget) if 0 in g)
+            members = [whole[i] for i in group]
             try:
                 self._prefill_group(members)
             except Exception as e:  # noqa: BLE001 - retried one at a time, so a bad request fails alone
@@ -412,18 +440,24 @@ class ContinuousBatcher:
         self._fail(a.ticket, e)
 
     def _prefill_group(self, members: list[_Admission]) -> None:
-        """Whole fresh prompts as one left-padded batch in the kept scratch cache; each joins."""
-        frame = merge([a.prompt for a in members], self.pipe.tokenizer.pad_token_id)  # [n, S]
+        """Whole prefills as one batch in the kept scratch cache, each after the reused KV it
+        keeps (merge's layout: it recomputes what the longest rest makes it); each joins."""
+        longest = max(a.todo for a in members)
+        keep = [max(0, len(a.prompt) - longest) for a in members]  # <= its reused positions
+        frame = merge([a.prompt for a in members], keep, self.pipe.tokenizer.pad_token_id)  # [n, S]
         n, S = frame.shape
-        cache = self._scratch_for(n, S)
-        cache.start(n)
+        P = max(keep)
+        cache = self._scratch_for(n, P + S)
+        cache.start(n, P)
+        for i, (a, k) in enumerate(zip(members, keep, strict=True)):
+            self.prefix_cache.fill(cache, i, a.reused, P - k, k)
         logits = self.pipe.step(frame, cache)  # [n, V]
         self._count_prefill(n * S)
         for i, a in enumerate(members):
             self.admitting.remove(a)
-            offset = S - len(a.prompt)  # its left padding
-            if a.keys:
-                self.prefix_cache.insert(a.keys, cache, i, offset)
+            offset = P + S - len(a.prompt)  # the column where its prompt starts
+            if self.prefix_cache.max_bytes:
+                self.prefix_cache.insert(a.prompt, a.keys, cache, i, offset)
             self._start(a.ticket, logits[i : i + 1], len(a.prompt), cache, i, frame.attention_mask[i])
 
     def _prefill_piece(self, a: _Admission, budget: int) -> None:
@@ -431,9 +465,9 @@ class ContinuousBatcher:
         n = len(a.prompt)
         if a.cache is None:
             a.cache = self.backend.new_cache(1, n)
-            a.done = len(a.reused) * self.prefix_cache.block
+            a.done = self.prefix_cache.positions(a.reused)
             a.cache.start(1, a.done)
-            self.prefix_cache.fill(a.cache, 0, a.reused)
+            self.prefix_cache.fill(a.cache, 0, a.reused, 0, a.done)
             a.reused = []
         end = min(n, a.done + budget)
         logits = self.pipe.step(a.prompt.chunk(a.done, end), a.cache)  # [1, V]
@@ -442,8 +476,8 @@ class ContinuousBatcher:
         if end < n:
             return
         self.admitting.remove(a)
-        if a.keys:
-            self.prefix_cache.insert(a.keys, a.cache, 0)
+        if self.prefix_cache.max_bytes:
+            self.prefix_cache.insert(a.prompt, a.keys, a.cache, 0)
         self._start(a.ticket, logits, n, a.cache, 0, np.ones(n, np.int64))
         a.cache = None
 

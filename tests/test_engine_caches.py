@@ -63,10 +63,11 @@ def test_chat_turns_reuse_and_answer_as_without_caches(pipe):
     assert b1 == p.generate([cat], q1, max_new_tokens=10)
     assert b2 == p.chat([cat], [(q1, b1)], q2, max_new_tokens=10)
     assert t1.cached_tokens == 0
-    assert t2.cached_tokens >= t1.prompt_tokens - BLOCK, "turn 2 did not reuse turn 1's prompt"
+    # turn 2 extends turn 1's prompt: all of it but its last position is reused (its tail too)
+    assert t2.cached_tokens == t1.prompt_tokens - 1, "turn 2 did not reuse turn 1's prompt"
     first_slot = int(np.argmax(Prompt.from_batch(p.cfg, t3.batch).ids == p.cfg.image_slot_id))
     assert t3.cached_tokens <= first_slot, "another image's KV was reused"
-    assert t4.cached_tokens >= t3.prompt_tokens - BLOCK
+    assert t4.cached_tokens == t3.prompt_tokens - 1
     # turn 2's reused KV covers its image slots: its image is not even looked up
     assert engine.stats.encoded_tiles == sum(t.batch.pixel_values.shape[0] for t in (t1, t3))
 
@@ -107,6 +108,47 @@ def test_mixed_joins_answer_as_alone_with_caches_on(pipe):
     got, _, tickets = run(p, engine, [(imgs, q, 8) for imgs, q in items], {0: [0, 1], 2: [2], 3: [3, 4]})
     assert [c.text for c in got] == alone
     assert tickets[4].cached_tokens > 0, "the repeated request reused nothing"
+
+
+def test_repeats_after_different_reused_lengths_prefill_as_one_batch(pipe):
+    """Prompts of different lengths (images or none) sent again once prefilled: each reuses
+    all but its last position, the repeats prefill together in one call (their pasts of
+    different lengths in one frame), and every answer equals the answer alone."""
+    p = pipe
+    astronaut, cat = _images()
+    items = [
+        ([astronaut], "What is it?"),
+        ([cat], "user assistant " * 5 + "Cat?"),
+        ([], "What colour is the square?"),
+    ]
+    if p.cfg.image_placement == "prefix":
+        items = [(imgs or [cat], q) for imgs, q in items]
+    alone = [p.generate(imgs, q, max_new_tokens=8) for imgs, q in items]
+    engine = _engine(p, max_batch=6)
+    first, again = [Collector() for _ in items], [Collector() for _ in items]
+    tickets, state = [], {}
+
+    def submit(collectors):
+        for (imgs, q), c in zip(items, collectors, strict=True):
+            tickets.append(engine.submit(p.prepare([imgs], [q]), GenerationRequest(8), c))
+
+    def on_step(running, waiting):
+        if "prefills" not in state and all(t.first_token for t in tickets):  # all 3 prefilled
+            state["prefills"] = engine.stats.prefills
+            submit(again)
+
+    submit(first)
+    engine.on_step = on_step
+    engine.start()
+    for c in first + again:
+        assert c.done.wait(120), "no answer in 120 s"
+    engine.stop(10)
+    assert [c.text for c in first] == alone
+    assert [c.text for c in again] == alone
+    lengths = [t.prompt_tokens for t in tickets[:3]]
+    assert len(set(lengths)) == 3, lengths
+    assert [t.cached_tokens for t in tickets[3:]] == [n - 1 for n in lengths]
+    assert engine.stats.prefills - state["prefills"] == 1, "the repeats were not prefilled together"
 
 
 def test_a_long_prompt_comes_in_while_a_stream_decodes(pipe):
@@ -159,7 +201,9 @@ def test_caches_stay_within_their_limits(pipe):
             assert engine.image_cache.bytes <= engine.image_cache.max_bytes
     finally:
         engine.stop(10)
-    assert len(engine.prefix_cache.blocks) == 6, "the prefix cache did not fill to its limit"
+    assert engine.prefix_cache.bytes > engine.prefix_cache.max_bytes - block_bytes, (
+        "the prefix cache did not fill"
+    )
     assert len(engine.image_cache.entries) == 2, "the image cache did not fill to its limit"
 
 
@@ -178,15 +222,47 @@ def test_prefix_cache_keys_and_eviction():
     src.start(1, 12)
     for v in src.views():
         v[...] = np.arange(v.size, dtype=np.float32).reshape(v.shape)
-    cache.insert(ka[:3], src, 0)
-    assert len(cache.lookup(ka, len(a))) == 3
-    cache.insert(kb[:3], src, 0)  # shares kb[0] == ka[0]: 5 blocks -> the oldest leaf goes
+    a7, b7 = (Prompt(ids[:7], slot, 3, [k], [1], [4]) for k in ("image-a", "image-b"))  # 3 blocks, no tail
+    cache.insert(a7, ka[:3], src, 0)
+    assert len(cache.lookup(a, ka)) == 3
+    cache.insert(b7, kb[:3], src, 0)  # shares kb[0] == ka[0]: 5 blocks -> the oldest leaf goes
     assert len(cache.blocks) == 4 and cache.bytes <= cache.max_bytes
     assert ka[0] in cache.blocks, "a root went before its leaves"
-    found = cache.lookup(kb, len(b))
+    found = cache.lookup(b, kb)
     assert len(found) == 3
     np.testing.assert_array_equal(found[1], src.read(0, 2, 4))
-    assert len(cache.lookup(ka, 3)) == 1, "the prompt's last position must be recomputed"
+    assert len(cache.lookup(Prompt(ids[:3], slot, 3, ["image-a"], [1], [4]), ka)) == 1, (
+        "the prompt's last position must be recomputed"
+    )
+
+
+def test_prefix_cache_reuses_a_prompt_up_to_its_last_position():
+    """After a prompt's blocks its tail is kept too: the same prompt again, or a chat's next turn
+    that extends it, reuses every position but the last across block boundaries; a prompt that
+    differs inside the tail or ends inside it reuses only the whole blocks before."""
+    kv = KVLayout(layers=1, heads=2, head_dim=3, dtype="float32")
+    cache = PrefixCache(kv, max_bytes=2**20, block=4)
+    src = KVCache(kv, 1, 16, in_place=False)
+    src.start(1, 16)
+    for v in src.views():
+        v[...] = np.arange(v.size, dtype=np.float32).reshape(v.shape)
+
+    def prompt(ids):
+        return Prompt(np.array(ids, np.int64), 99, 3)
+
+    def reused(p):
+        return cache.positions(cache.lookup(p, block_keys(p, 4)))
+
+    turn1 = prompt(range(1, 12))  # 11 positions: blocks [0, 4), [4, 8), tail [8, 10)
+    assert reused(turn1) == 0
+    cache.insert(turn1, block_keys(turn1, 4), src, 0)
+    found = cache.lookup(turn1, block_keys(turn1, 4))
+    assert [kv.shape[2] for kv in found] == [4, 4, 2]
+    np.testing.assert_array_equal(np.concatenate(found, axis=2), src.read(0, 0, 10))
+    assert reused(prompt([*range(1, 12), 50, 51, 52])) == 10, "the next turn did not reuse turn 1's tail"
+    assert reused(prompt([*range(1, 10), 60, 61, 62])) == 8, "a tail that differs matched"
+    assert reused(prompt(range(1, 10))) == 8, "a tail longer than the prompt matched"
+    assert cache.bytes == 10 * cache.position_bytes
 
 
 def test_image_key_follows_the_pixels():
