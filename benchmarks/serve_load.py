@@ -7,8 +7,10 @@ Starts the server (console script, 127.0.0.1), computes each valid question's gr
 with the runtime in this process, warms the server up at full concurrency, then sends the mix:
 valid requests (half of them streamed) must come back 200 with exactly the answer they get alone;
 malformed ones must get a 4xx; disconnecting clients read one chunk of a stream and hang up.
-Reports status counts, wrong answers, 5xx, latency percentiles and the server's resident memory
-after warm-up, at its peak during the run and at the end.
+Reports status counts, wrong answers, 5xx, latency percentiles, the server's resident memory
+after warm-up, at its peak during the run and at the end, and the largest size its image and
+prefix caches reached (read from /metrics with the memory, every 0.2 s) against their limits.
+Small limits (`--prefix-cache-mb 1`) make the run evict, so the limits are exercised, not only set.
 """
 
 from __future__ import annotations
@@ -144,6 +146,21 @@ def _stream_text(raw: bytes) -> str:
     return text
 
 
+CACHE_GAUGES = {"prefix": "nanovlm_prefix_cache_bytes", "image": "nanovlm_image_cache_bytes"}
+
+
+def cache_bytes(port: int) -> dict[str, float]:
+    """The server's cache sizes in bytes, from its /metrics."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return {name: float(values[gauge]) for name, gauge in CACHE_GAUGES.items()}
+
+
 def one_job(port: int, kind: str, case: Case | None, malformed: bytes | None) -> dict:
     t0 = time.perf_counter()
     if kind == "malformed":
@@ -209,11 +226,12 @@ def run_load(
             else rng.choice(["plain", "stream"])
         )
         jobs.append((kind, rng.choice(cases), rng.choice(MALFORMED)))
-    peak, done = [rss_warm], threading.Event()
+    peak, caches, done = [rss_warm], [cache_bytes(port)], threading.Event()
 
     def sample() -> None:
         while not done.wait(0.2):
             peak.append(server.rss_bytes())
+            caches.append(cache_bytes(port))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -244,6 +262,7 @@ def run_load(
         "server_errors_5xx": sum(r["status"] >= 500 for r in results),
         "latency_s": {"p50": lat[len(lat) // 2], "p95": lat[int(len(lat) * 0.95)], "max": lat[-1]},
         "rss_mb": {"after_warm_up": rss_warm / 2**20, "peak": max(peak) / 2**20, "end": rss_end / 2**20},
+        "cache_peak_bytes": {name: max(c[name] for c in caches) for name in CACHE_GAUGES},
     }
 
 
@@ -264,6 +283,12 @@ def print_report(r: dict) -> None:
     print(
         f"| server RSS after warm-up / peak / end | {m['after_warm_up']:.0f} / {m['peak']:.0f} / {m['end']:.0f} MB |"
     )
+    for name, peak in r["cache_peak_bytes"].items():
+        limit = r.get("cache_limit_mb", {}).get(name)
+        print(
+            f"| {name} cache, largest | {peak / 2**20:.2f} MB"
+            + (f" (limit {limit:g} MB) |" if limit else " |")
+        )
 
 
 def main() -> None:
@@ -277,23 +302,45 @@ def main() -> None:
     ap.add_argument("--disconnect", type=float, default=0.05)
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--image-cache-mb", type=float, default=256.0, help="the server's limit")
+    ap.add_argument("--prefix-cache-mb", type=float, default=512.0, help="the server's limit")
+    ap.add_argument("--rounds", type=int, default=1, help="runs of --requests one after another")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if (
+        min(args.requests, args.concurrency, args.rounds) < 1
+        or min(args.image_cache_mb, args.prefix_cache_mb) < 0
+    ):
+        ap.error("--requests, --concurrency and --rounds must be at least 1, cache sizes 0 or more")
 
     from serve.process import ServerProcess
 
     cases = valid_cases(args.seed)
     expected_answers(args.bundle, cases)
-    with ServerProcess(args.bundle, "--max-batch", str(args.max_batch), "--max-queue", "256") as server:
-        report = run_load(
-            server, cases, args.requests, args.concurrency, args.malformed, args.disconnect, args.seed
-        )
-    report["machine"] = machine()
-    print_report(report)
+    limits = {"image": args.image_cache_mb, "prefix": args.prefix_cache_mb}
+    flags = ["--image-cache-mb", str(limits["image"]), "--prefix-cache-mb", str(limits["prefix"])]
+    reports = []
+    with ServerProcess(
+        args.bundle, "--max-batch", str(args.max_batch), "--max-queue", "256", *flags
+    ) as server:
+        for k in range(args.rounds):
+            reports.append(
+                run_load(
+                    server,
+                    cases,
+                    args.requests,
+                    args.concurrency,
+                    args.malformed,
+                    args.disconnect,
+                    args.seed + k,
+                )
+            )
+            reports[-1] |= {"machine": machine(), "cache_limit_mb": limits}
+            print_report(reports[-1])
     if args.json:
         from core.files import write_json
 
-        write_json(args.json, report)
+        write_json(args.json, reports)
 
 
 if __name__ == "__main__":

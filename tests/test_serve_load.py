@@ -17,12 +17,18 @@ def test_300_requests_at_concurrency_16_with_faults(decoder, tiny_tokenizer_dir,
     cases = valid_cases()
     expected_answers(bundle, cases)
     assert len({c.expected for c in cases}) > 5, "the answers hardly differ: the comparison would be weak"
-    with ServerProcess(bundle, "--max-batch", "8", "--max-queue", "256") as server:
+    # Limits below what the cases fill (this model: ~430 kB of prompt KV, ~40 kB of image
+    # embeddings), so both caches evict all along and every answer is checked under eviction.
+    limits = {"prefix": 0.2 * 2**20, "image": 0.02 * 2**20}
+    flags = ["--prefix-cache-mb", "0.2", "--image-cache-mb", "0.02"]
+    with ServerProcess(bundle, "--max-batch", "8", "--max-queue", "256", *flags) as server:
         rounds = [run_load(server, cases, 300, 16, 0.10, 0.05, seed) for seed in (0, 1, 2)]
     for r in rounds:
         assert r["valid_correct"] == r["valid"] > 200
         assert r["malformed_4xx"] == r["kinds"]["malformed"] > 0 and r["kinds"]["disconnect"] > 0
         assert r["server_errors_5xx"] == 0
+        for name, limit in limits.items():  # sampled every 0.2 s: within the limit, and filled to it
+            assert limit / 2 <= r["cache_peak_bytes"][name] <= limit, (name, r["cache_peak_bytes"])
     # Resident memory flat after warm-up: 900 more requests grow it by at most 5% (allocator
     # slack; a leak of even 100 kB per request would add ~90 MB to the ~110 MB server).
     first, last = rounds[0]["rss_mb"]["end"], rounds[-1]["rss_mb"]["end"]
