@@ -117,6 +117,7 @@ class _Row:
     seen: list[int]
     next_position: int
     last_token: int
+    prompt: Prompt  # its prompt, whose answer's KV the prefix cache takes when it finishes
     new_tokens: int = 1
     matcher: Matcher | None = None  # its constraint's parser state, if it has one
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent (requests that ask)
@@ -458,7 +459,7 @@ class ContinuousBatcher:
             offset = P + S - len(a.prompt)  # the column where its prompt starts
             if self.prefix_cache.max_bytes:
                 self.prefix_cache.insert(a.prompt, a.keys, cache, i, offset)
-            self._start(a.ticket, logits[i : i + 1], len(a.prompt), cache, i, frame.attention_mask[i])
+            self._start(a.ticket, a.prompt, logits[i : i + 1], cache, i, frame.attention_mask[i])
 
     def _prefill_piece(self, a: _Admission, budget: int) -> None:
         """The next `budget` positions of `a`'s prompt after its past, in its own cache."""
@@ -478,7 +479,7 @@ class ContinuousBatcher:
         self.admitting.remove(a)
         if self.prefix_cache.max_bytes:
             self.prefix_cache.insert(a.prompt, a.keys, a.cache, 0)
-        self._start(a.ticket, logits, n, a.cache, 0, np.ones(n, np.int64))
+        self._start(a.ticket, a.prompt, logits, a.cache, 0, np.ones(n, np.int64))
         a.cache = None
 
     def _count_prefill(self, positions: int) -> None:
@@ -508,7 +509,7 @@ class ContinuousBatcher:
         return self.scratch
 
     def _start(
-        self, ticket: Ticket, logits: np.ndarray, n: int, cache: KVCache, src: int, mask: np.ndarray
+        self, ticket: Ticket, prompt: Prompt, logits: np.ndarray, cache: KVCache, src: int, mask: np.ndarray
     ) -> None:
         """Sample a prefilled request's first token; unless that ends it, its KV row joins the batch."""
         b = ticket.batch
@@ -517,8 +518,9 @@ class ContinuousBatcher:
             Sampler(ticket.request.sampling),
             TextStream(self.pipe.tokenizer, ticket.request.stop),
             seen=list(b.input_ids[0][b.attention_mask[0] == 1]),
-            next_position=n,
+            next_position=len(prompt),
             last_token=-1,
+            prompt=prompt,
         )
         try:
             if ticket.request.constraint is not None:
@@ -578,17 +580,45 @@ class ContinuousBatcher:
         self.stats.steps += 1
         if any(row.matcher for row in self.rows):  # each row only what its own grammar allows
             self.pipe.grammars.mask_logits(logits, [row.matcher for row in self.rows])
-        done = []
+        done, answered = [], []
         for r, row in enumerate(self.rows):
             row.next_position += 1
             row.new_tokens += 1
             try:
                 if self._emit(row, logits[r : r + 1]):
                     done.append(r)
+                    answered.append(r)
             except Exception as e:  # noqa: BLE001 - this row's request fails, the batch goes on
                 self._fail(row.ticket, e)
                 done.append(r)
+        if self.prefix_cache.max_bytes:
+            for r in answered:
+                try:
+                    self._keep_answer(r)
+                except Exception:  # noqa: BLE001 - its request is answered already; the cache just misses
+                    log.exception("keeping an answer's KV failed")
         self._retire(done, None)
+
+    def _keep_answer(self, r: int) -> None:
+        """Put finished row `r`'s prompt and answer into the prefix cache: a chat's next turn
+        re-sends the answer, so it reuses those positions too when the template renders the
+        answer to the same token ids (the keys hash ids, so a different rendering just misses).
+        The KV covers the prompt and every sampled token but the last (never fed back)."""
+        row = self.rows[r]
+        answer = row.seen[len(row.seen) - row.new_tokens : -1]  # [new_tokens - 1]
+        p = row.prompt
+        full = Prompt(
+            np.concatenate([p.ids, np.asarray(answer, np.int64)]),
+            p.slot_id,
+            p.hidden,
+            p.image_keys,
+            p.image_tiles,
+            p.image_slots,
+        )
+        # rows are right-aligned in the frame: this one's positions end at its last column
+        self.prefix_cache.insert(
+            full, block_keys(full, self.prefix_cache.block), self.cache, r, self.cache.length - len(full)
+        )
 
     def _emit(self, row: _Row, logits: np.ndarray) -> bool:
         """Sample the row's next token and send its text; True when the request is finished."""

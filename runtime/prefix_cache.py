@@ -8,7 +8,11 @@ one tail: its positions after the last block boundary before its final position,
 way. A request looks up its prompt's blocks in order, then the longest tail that continues the
 run, and reuses what it found, at least its last position recomputed (its logits are what the
 prefill must produce). So a repeated prompt or a chat's next turn reuses every position turn 1
-computed, not only whole blocks. After its prefill a prompt's own blocks and tail go in. Held in
+computed, not only whole blocks. After its prefill a prompt's own blocks and tail go in, and
+when its request finishes, the blocks and tail of its prompt and answer together (the engine's
+`_keep_answer`): a chat's next turn then reuses the answer too, where the chat template renders
+it to the ids it was sampled as (ChatML does; a template that adds a space before the answer
+does not, and the lookup stops there). Held in
 host memory, bounded in bytes; least recently used out, where a lookup touches a chain's deepest
 entry first and its root last, so leaves go before the blocks they hang from.
 

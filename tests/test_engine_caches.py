@@ -1,6 +1,8 @@
 """The serving engine's reuse and interleaving: image and prefix caches change no answer, never
 match across images, stay within their limits, and a long prompt comes in while streams decode."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -63,13 +65,42 @@ def test_chat_turns_reuse_and_answer_as_without_caches(pipe):
     assert b1 == p.generate([cat], q1, max_new_tokens=10)
     assert b2 == p.chat([cat], [(q1, b1)], q2, max_new_tokens=10)
     assert t1.cached_tokens == 0
-    # turn 2 extends turn 1's prompt: all of it but its last position is reused (its tail too)
-    assert t2.cached_tokens == t1.prompt_tokens - 1, "turn 2 did not reuse turn 1's prompt"
+    # turn 2 extends turn 1's prompt: all of it but its last position is reused (its tail too),
+    # and turn 1's answer where the template renders it to the ids it was sampled as
+    assert t2.cached_tokens >= t1.prompt_tokens - 1, "turn 2 did not reuse turn 1's prompt"
     first_slot = int(np.argmax(Prompt.from_batch(p.cfg, t3.batch).ids == p.cfg.image_slot_id))
     assert t3.cached_tokens <= first_slot, "another image's KV was reused"
-    assert t4.cached_tokens == t3.prompt_tokens - 1
+    assert t4.cached_tokens >= t3.prompt_tokens - 1
     # turn 2's reused KV covers its image slots: its image is not even looked up
     assert engine.stats.encoded_tiles == sum(t.batch.pixel_values.shape[0] for t in (t1, t3))
+
+
+def test_a_finished_answer_is_reused_by_a_prompt_that_continues_it(pipe):
+    """A finished request's answer goes into the prefix cache with its prompt: a request whose
+    ids continue that prompt and answer (a chat's next turn, where the template renders the
+    answer to the ids it was sampled as) reuses all of them, and answers as without caches."""
+    p = pipe
+    _, cat = _images()
+    batch1 = p.prepare([[cat]], ["What is it?"])
+    sampled = [int(t[0]) for t in p.generate_ids(batch1, GenerationRequest(10))]
+    assert len(sampled) == 10, "turn 1 ended early: fewer answer positions to test"
+    more = p.tokenizer.tok.encode("What colour is the square?").ids[:6]  # a next turn's ids
+    ids = np.concatenate([batch1.input_ids[0], sampled[:-1], more])[None]  # [1, S]
+    batch2 = dataclasses.replace(batch1, input_ids=ids, attention_mask=np.ones_like(ids))
+    alone = [int(t[0]) for t in p.generate_ids(batch2, GenerationRequest(6))]
+    engine = _engine(p)
+    c1, c2 = Collector(), Collector()
+    engine.start()
+    try:
+        t1 = engine.submit(batch1, GenerationRequest(10), c1)
+        assert c1.done.wait(120)
+        t2 = engine.submit(batch2, GenerationRequest(6), c2)
+        assert c2.done.wait(120)
+    finally:
+        engine.stop(10)
+    computed = t1.prompt_tokens + len(sampled) - 1  # positions with KV when turn 1 finished
+    assert t2.cached_tokens >= computed - 1, (t2.cached_tokens, computed)  # its last may be a tail's end
+    assert c2.text == p.tokenizer.decode(alone, skip_special_tokens=True)
 
 
 def test_without_the_prefix_cache_turn_2_takes_its_image_from_the_image_cache(pipe):
