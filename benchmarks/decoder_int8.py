@@ -1,0 +1,109 @@
+"""Which of SmolLM2's decoder MatMuls can take DynamicQuantizeMatMul, with SmoothQuant or without.
+
+    python -m benchmarks.decoder_int8 [--alphas 0.5 0.7 0.85]
+
+DynamicQuantizeMatMul (one uint8 scale per activation tensor, an integer GEMM) runs a prefill's
+and a batch's MatMuls 2-3x faster than the 8-bit MatMulNBits of today's int8-dynamic decoder
+(benchmarks/matmul_kernels.py), but SmolLM2's outlier channels make one scale per tensor lose
+(docs/quantization.md). Here, on the nanoVLM-222M shape with the real SmolLM2-135M-Instruct
+decoder (the standard fp32 bundle of benchmarks/runtime_decode.py): the MatMuls that read an
+RMSNorm's output (q/k/v, gate/up), and those plus down_proj (its input folds into up_proj's
+columns), go to DynamicQuantizeMatMul (pair-limited weights, calibration/dynamic_int8.py), plain
+or after calibration/smoothquant.py's scale migration at each alpha, calibrated on the
+quantization report's 20 samples (10 photographs, 10 texts). Every other MatMul stays fp32, so
+the KL is what these MatMuls add. Scored as the quantization report scores (metrics.compare
+against fp32 PyTorch, 32 teacher-forced steps) on its 6 evaluation texts and 3 of its photos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NORMED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+
+
+def variant_bundle(src: str, feeds: list[dict], targets: tuple[str, ...], alpha: float | None) -> str:
+    """A copy of bundle `src` whose decoder runs the MatMuls named by `targets` in
+    DynamicQuantizeMatMul, smoothed first at `alpha` (None: not smoothed); -> its directory."""
+    import onnx
+
+    from calibration.dynamic_int8 import quantize_dynamic_int8
+    from calibration.nbits import weight_matmuls
+    from calibration.smoothquant import smooth
+
+    model = onnx.load(os.path.join(src, "decoder.onnx"))
+    names = [n.name for n in weight_matmuls(model)]
+    chosen = {n for n in names if any(f"/{t}/" in n for t in targets)}
+    if alpha is not None:
+        smooth(model, feeds, alpha, only=chosen)
+    quantize_dynamic_int8(model, exclude=[n for n in names if n not in chosen])
+    out = tempfile.mkdtemp(prefix="decoder-int8-")
+    for f in os.listdir(src):
+        if not f.startswith(("decoder.onnx", "manifest.json")):
+            os.symlink(os.path.join(src, f), os.path.join(out, f))
+    onnx.save(
+        model, os.path.join(out, "decoder.onnx"), save_as_external_data=True, location="decoder.onnx.data"
+    )
+    with open(os.path.join(src, "manifest.json")) as f:
+        manifest = json.load(f)
+    for name in ("decoder.onnx", "decoder.onnx.data"):
+        manifest["files"].pop(name, None)  # a scratch bundle: loaded unverified, never shipped
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    return out
+
+
+def main() -> None:
+    import skimage.data
+    from PIL import Image
+
+    from benchmarks.quantization_report import EVAL_PHOTOS, EVAL_TEXTS, photo_folder
+    from benchmarks.runtime_decode import build_bundle, build_checkpoint
+    from calibration.data import load_calibration
+    from calibration.recorder import record_feeds
+    from core.bundle import load_bundle
+    from evaluation import metrics, parity
+    from evaluation.bench import machine
+    from runtime.pipeline import VLMPipeline
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.7, 0.85])
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    ckpt = build_checkpoint()
+    src = os.path.realpath(build_bundle(ckpt))
+    _, feeds = record_feeds(load_bundle(src), load_calibration(photo_folder(), 20), 4)
+    cases = [metrics.Case([], t) for t in EVAL_TEXTS]
+    cases += [
+        metrics.Case([Image.fromarray(getattr(skimage.data, k)())], p)
+        for k, p in list(EVAL_PHOTOS.items())[:3]
+    ]
+    reference = parity.Reference(ckpt)
+    rows = []
+    for targets, label in ((NORMED, "q/k/v, gate/up"), ((*NORMED, "down_proj"), "q/k/v, gate/up, down")):
+        for alpha in [None, *a.alphas]:
+            path = variant_bundle(src, feeds, targets, alpha)
+            try:
+                s = metrics.compare(VLMPipeline.from_bundle(path, verify=False), reference, cases, 32)
+            finally:
+                shutil.rmtree(path)
+            rows.append((label, "none" if alpha is None else f"{alpha:g}", s))
+            print(f"... {label}, smoothing {rows[-1][1]}: KL {s['kl_mean']:.4f}", flush=True)
+    print(f"\n{machine(os.cpu_count() or 1)}; KL vs fp32 PyTorch over {len(cases)} cases x 32 steps\n")
+    print(
+        "| DynamicQuantizeMatMul on | SmoothQuant alpha | KL | top-1 | exact match |\n|---|---|---|---|---|"
+    )
+    for label, alpha, s in rows:
+        print(
+            f"| {label} | {alpha} | {s['kl_mean']:.4f} | {s['top1_agreement']:.3f} | {s['exact_match']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
