@@ -108,14 +108,13 @@ def prompt_ids(tokenizer_json: str, text: str, positions: int) -> list[int]:
     return Tokenizer.from_file(tokenizer_json).encode(text * 8).ids[:positions]
 
 
-def decode_speed(gguf_path: str, prompt_ids: list[int], new_tokens: int, threads: int = 2) -> dict:
-    """Greedy decode after a prompt: -> {tokens, prefill_s, decode_tokens_per_s}. (logits_all: the
-    Python binding reads logits from its score buffer; it only costs prefill time, not decode.)"""
+def _llama(gguf_path: str, n_ctx: int, threads: int):
+    """A fresh llama-cpp-python model with every position's logits kept (its score buffer)."""
     import llama_cpp
 
     llm = llama_cpp.Llama(
         gguf_path,
-        n_ctx=len(prompt_ids) + new_tokens + 8,
+        n_ctx=n_ctx,
         n_threads=threads,
         n_threads_batch=threads,
         n_batch=512,
@@ -123,6 +122,13 @@ def decode_speed(gguf_path: str, prompt_ids: list[int], new_tokens: int, threads
         verbose=False,
     )
     llm.reset()
+    return llm
+
+
+def decode_speed(gguf_path: str, prompt_ids: list[int], new_tokens: int, threads: int = 2) -> dict:
+    """Greedy decode after a prompt: -> {tokens, prefill_s, decode_tokens_per_s}. (logits_all: the
+    Python binding reads logits from its score buffer; it only costs prefill time, not decode.)"""
+    llm = _llama(gguf_path, len(prompt_ids) + new_tokens + 8, threads)
     t0 = time.perf_counter()
     llm.eval(prompt_ids)
     t1 = time.perf_counter()
@@ -138,19 +144,8 @@ def decode_speed(gguf_path: str, prompt_ids: list[int], new_tokens: int, threads
 
 def forced_logits(gguf_path: str, prompt_ids: list[int], forced: list[int], threads: int = 2) -> np.ndarray:
     """Logits [len(forced), vocab] that predicted each forced token after the prompt (teacher forcing)."""
-    import llama_cpp
-
     ids = list(prompt_ids) + list(forced)
-    llm = llama_cpp.Llama(
-        gguf_path,
-        n_ctx=len(ids) + 8,
-        n_threads=threads,
-        n_threads_batch=threads,
-        n_batch=512,
-        logits_all=True,
-        verbose=False,
-    )
-    llm.reset()
+    llm = _llama(gguf_path, len(ids) + 8, threads)
     llm.eval(ids)
     out = np.array(llm.scores[len(prompt_ids) - 1 : len(ids) - 1], dtype=np.float32)
     llm.close()

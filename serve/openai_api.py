@@ -352,18 +352,22 @@ def completion(
     }
 
 
-def chunk(
-    cid: str, model: str, delta: dict, finish: str | None = None, logprobs: list[dict] | None = None
-) -> dict:
+def _chunk(cid: str, model: str, choices: list[dict]) -> dict:
+    """A streamed chunk's envelope."""
     return {
         "id": cid,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": _logprob_field(logprobs)}
-        ],
+        "choices": choices,
     }
+
+
+def chunk(
+    cid: str, model: str, delta: dict, finish: str | None = None, logprobs: list[dict] | None = None
+) -> dict:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": _logprob_field(logprobs)}
+    return _chunk(cid, model, [choice])
 
 
 def _logprob_field(content: list[dict] | None) -> dict | None:
@@ -373,14 +377,7 @@ def _logprob_field(content: list[dict] | None) -> dict | None:
 def usage_chunk(
     cid: str, model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
 ) -> dict:
-    return {
-        "id": cid,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [],
-        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
-    }
+    return _chunk(cid, model, []) | {"usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
