@@ -43,8 +43,8 @@ class ImageCache:
             if key in self.entries:
                 self.entries.move_to_end(key)
                 return
-            self.entries[key] = embeds
-            self.bytes += embeds.nbytes
-            while self.bytes > self.max_bytes:
+            while self.bytes + embeds.nbytes > self.max_bytes:  # room first: never over the limit
                 _, old = self.entries.popitem(last=False)
                 self.bytes -= old.nbytes
+            self.entries[key] = embeds
+            self.bytes += embeds.nbytes

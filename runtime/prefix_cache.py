@@ -132,13 +132,22 @@ class PrefixCache:
         if n - 1 > tail_start:
             parent = keys[tail_start // B - 1] if tail_start else b""
             entries.append((_Spans(prompt).key(parent, tail_start, n - 1), tail_start, n - 1))
+        for key, _, _ in reversed(entries):  # its cached entries newest, so room is made elsewhere
+            if key in self.blocks:
+                self.blocks.move_to_end(key)
+        added = 0  # bytes this call adds: a prompt larger than the cache keeps its first entries
         for key, start, end in entries:
-            if key in self.blocks or (end - start) * self.position_bytes > self.max_bytes:
+            size = (end - start) * self.position_bytes
+            if key in self.blocks:
                 continue
+            if added + size > self.max_bytes:
+                break
+            added += size
+            # room first, so the size never exceeds the limit, not even while /metrics reads it
+            while self.nbytes + size > self.max_bytes:
+                self.nbytes -= self.blocks.popitem(last=False)[1].nbytes
             self.blocks[key] = cache.read(row, offset + start, offset + end)
-            self.nbytes += self.blocks[key].nbytes
+            self.nbytes += size
         for key, _, _ in reversed(entries):
             if key in self.blocks:
                 self.blocks.move_to_end(key)
-        while self.nbytes > self.max_bytes:
-            self.nbytes -= self.blocks.popitem(last=False)[1].nbytes

@@ -267,6 +267,30 @@ def test_prefix_cache_keys_and_eviction():
     )
 
 
+def test_prefix_cache_never_holds_more_than_its_limit_while_inserting():
+    """/metrics reads the size from another thread at any moment: an insert makes room before it
+    adds each entry, so the size is within the limit at every point, not only after the call;
+    a prompt larger than the whole cache keeps its first blocks (the ones lookups reach)."""
+    kv = KVLayout(layers=1, heads=2, head_dim=3, dtype="float32")
+    block_bytes = 2 * 2 * 2 * 3 * 4  # 2 positions x (K, V) x heads x head_dim x float32
+    cache = PrefixCache(kv, max_bytes=3 * block_bytes, block=2)  # room for 3 blocks
+    seen = []
+
+    class Watched(KVCache):
+        def read(self, row, start, end):  # called between making room and adding the entry
+            seen.append(cache.bytes + (end - start) * cache.position_bytes)
+            return super().read(row, start, end)
+
+    src = Watched(kv, 1, 12, in_place=False)
+    src.start(1, 12)
+    for first in range(1, 40, 10):  # four prompts of five blocks, none shared
+        p = Prompt(np.arange(first, first + 11, dtype=np.int64), -1, 3)
+        cache.insert(p, block_keys(p, 2), src, 0)
+        assert cache.bytes <= cache.max_bytes
+        assert len(cache.lookup(p, block_keys(p, 2))) == 3, "its first three blocks were not kept"
+    assert seen and max(seen) <= cache.max_bytes, seen
+
+
 def test_prefix_cache_reuses_a_prompt_up_to_its_last_position():
     """After a prompt's blocks its tail is kept too: the same prompt again, or a chat's next turn
     that extends it, reuses every position but the last across block boundaries; a prompt that
