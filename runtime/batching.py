@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -606,15 +606,7 @@ class ContinuousBatcher:
         The KV covers the prompt and every sampled token but the last (never fed back)."""
         row = self.rows[r]
         answer = row.seen[len(row.seen) - row.new_tokens : -1]  # [new_tokens - 1]
-        p = row.prompt
-        full = Prompt(
-            np.concatenate([p.ids, np.asarray(answer, np.int64)]),
-            p.slot_id,
-            p.hidden,
-            p.image_keys,
-            p.image_tiles,
-            p.image_slots,
-        )
+        full = replace(row.prompt, ids=np.concatenate([row.prompt.ids, np.asarray(answer, np.int64)]))
         # rows are right-aligned in the frame: this one's positions end at its last column
         self.prefix_cache.insert(
             full, block_keys(full, self.prefix_cache.block), self.cache, r, self.cache.length - len(full)
