@@ -19,8 +19,9 @@ def test_300_requests_at_concurrency_16_with_faults(decoder, tiny_tokenizer_dir,
     assert len({c.expected for c in cases}) > 5, "the answers hardly differ: the comparison would be weak"
     # Limits below what the cases fill (this model: ~430 kB of prompt KV, ~40 kB of image
     # embeddings), so both caches evict all along and every answer is checked under eviction.
-    limits = {"prefix": 0.2 * 2**20, "image": 0.02 * 2**20}
-    flags = ["--prefix-cache-mb", "0.2", "--image-cache-mb", "0.02"]
+    mb = {"prefix": 0.2, "image": 0.02}
+    limits = {name: m * 2**20 for name, m in mb.items()}
+    flags = [f for name, m in mb.items() for f in (f"--{name}-cache-mb", str(m))]
     with ServerProcess(bundle, "--max-batch", "8", "--max-queue", "256", *flags) as server:
         rounds = [run_load(server, cases, 300, 16, 0.10, 0.05, seed) for seed in (0, 1, 2)]
     for r in rounds:
