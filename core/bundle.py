@@ -211,6 +211,65 @@ def is_bundle(path: str) -> bool:
         return False
 
 
+def referenced_files(manifest: Manifest) -> list[tuple[str, Any]]:
+    """(where in the manifest, path) of every file the manifest points the runtime at."""
+    found = [
+        (f"graphs.{g}.file", spec.get("file") if isinstance(spec, dict) else None)
+        for g, spec in manifest.graphs.items()
+    ]
+    engines = (manifest.tensorrt or {}).get("engines") or {}
+    if isinstance(engines, dict):
+        found += [
+            (f"tensorrt.engines.{g}.file", e.get("file") if isinstance(e, dict) else None)
+            for g, e in engines.items()
+        ]
+    if manifest.reference:
+        found.append(("reference.file", manifest.reference.get("file")))
+    return found
+
+
+def check_layout(path: str, manifest: Manifest, source: str) -> None:
+    """Every path the manifest names is relative and resolves (links followed) inside the bundle;
+    every file it points the runtime at is listed with its hash; and every file in the bundle is
+    listed, so nothing the runtime reads there goes unchecked."""
+    root = os.path.realpath(path)
+
+    def confined(rel: Any, where: str) -> None:
+        if not isinstance(rel, str) or not rel or "\x00" in rel or os.path.isabs(rel) or rel.startswith("\\"):
+            raise BundleError(f"{source}: {where} {rel!r} is not a relative path inside the bundle")
+        real = os.path.realpath(os.path.join(root, rel))
+        if real == root or os.path.commonpath([real, root]) != root:
+            raise BundleError(f"{source}: {where} {rel!r} resolves outside the bundle")
+
+    if not isinstance(manifest.files, dict):
+        raise BundleError(f"{source}: 'files' must map paths to their sizes and hashes")
+    for rel, meta in manifest.files.items():
+        confined(rel, "files entry")
+        if (
+            not isinstance(meta, dict)
+            or not isinstance(meta.get("bytes"), int)
+            or not isinstance(meta.get("sha256"), str)
+        ):
+            raise BundleError(f"{source}: files entry {rel!r} needs 'bytes' and 'sha256'")
+        if not os.path.isfile(os.path.join(root, rel)):
+            raise BundleError(f"{path}: missing file {rel} listed in the manifest")
+    listed = {os.path.normpath(rel) for rel in manifest.files}
+    for where, rel in referenced_files(manifest):
+        confined(rel, where)
+        if os.path.normpath(rel) not in listed:
+            raise BundleError(
+                f"{source}: {where} {rel!r} is not in the manifest's file list (its hash is unknown)"
+            )
+    for directory, _, names in os.walk(root):
+        for name in names:
+            rel = os.path.relpath(os.path.join(directory, name), root)
+            if rel != MANIFEST and rel not in listed:
+                raise BundleError(
+                    f"{path}: {rel} is not in the manifest's file list (added after the bundle was written); "
+                    "remove it, or rewrite the bundle"
+                )
+
+
 def load_bundle(path: str, verify: bool = True) -> Bundle:
     """Read and check a bundle: format version, every listed file present with its size and hash."""
     mpath = os.path.join(path, MANIFEST)
@@ -226,10 +285,9 @@ def load_bundle(path: str, verify: bool = True) -> Bundle:
     if not isinstance(data, dict):
         raise BundleError(f"{mpath}: expected a JSON object")
     manifest = Manifest.from_dict(data, mpath)
+    check_layout(path, manifest, mpath)
     for rel, meta in manifest.files.items():
         fp = os.path.join(path, rel)
-        if not os.path.exists(fp):
-            raise BundleError(f"{path}: missing file {rel} listed in the manifest")
         size = os.path.getsize(fp)
         if size != meta["bytes"]:
             raise BundleError(

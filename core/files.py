@@ -37,8 +37,13 @@ def check_target(
     `overwrite` is set: a command never deletes files it did not write, nor its own input
     (`source`)."""
     path = os.fspath(path)
-    if source is not None and os.path.abspath(source) == os.path.abspath(path):
-        raise ValueError(f"{path}: the output must be another directory than the source {what}")
+    if source is not None:
+        # real paths: a link to the source (or the source through a link) is the source
+        src, out = os.path.realpath(source), os.path.realpath(path)
+        if src == out:
+            raise ValueError(f"{path}: the output must be another directory than the source {what}")
+        if os.path.commonpath([src, out]) in (src, out):
+            raise ValueError(f"{path}: the output and the source {what} must not hold one another")
     if not os.path.lexists(path):
         return
     if not os.path.isdir(path) or os.path.islink(path):

@@ -306,3 +306,76 @@ def test_kill_9_leaves_the_old_or_the_new_output(made, tmp_path, command):
         seen["old" if now == old else "new"] += 1
         assert (tmp_path / "user.txt").read_text() == "mine"
     assert seen["old"] >= 1, seen  # some kills landed before the swap
+
+
+# ----------------------------------------------------------------------------- bundles that reach outside
+def _edit_manifest(b, edit) -> None:
+    m = json.loads((b / "manifest.json").read_text())
+    edit(m)
+    (b / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("absolute graph path", "not a relative path inside the bundle"),
+        ("graph path with ..", "resolves outside the bundle"),
+        ("graph linked outside", "resolves outside the bundle"),
+        ("graph not in the file list", "not in the manifest's file list"),
+        ("empty file list", "not in the manifest's file list"),
+        ("file entry outside", "resolves outside the bundle"),
+        ("unlisted file", "not in the manifest's file list"),
+    ],
+)
+def test_a_bundle_stays_in_its_folder(made, tmp_path, case, needle):
+    """Every path a manifest names is relative and resolves inside the bundle, and every graph and
+    file is listed with its hash: anything else is refused in one line, before any graph loads."""
+    _, _, bundle, image = made
+    b, outside = tmp_path / "b", tmp_path / "outside"
+    shutil.copytree(bundle, b)
+    shutil.copytree(bundle, outside)
+    decoder = b / "decoder.onnx"
+    if case == "absolute graph path":
+        _edit_manifest(b, lambda m: m["graphs"]["decoder"].update(file=str(outside / "decoder.onnx")))
+    elif case == "graph path with ..":
+        _edit_manifest(b, lambda m: m["graphs"]["decoder"].update(file="../outside/decoder.onnx"))
+    elif case == "graph linked outside":
+        decoder.unlink()
+        decoder.symlink_to(outside / "decoder.onnx")
+    elif case == "graph not in the file list":
+        _edit_manifest(b, lambda m: m["files"].pop("decoder.onnx"))
+        decoder.unlink()
+        (b / "decoder.onnx").write_bytes((outside / "decoder.onnx").read_bytes()[:-7] + b"corrupt")
+    elif case == "empty file list":
+        _edit_manifest(b, lambda m: m.update(files={}))
+    elif case == "file entry outside":
+        _edit_manifest(b, lambda m: m["files"].update({"../outside/config.json": m["files"]["config.json"]}))
+    elif case == "unlisted file":
+        (b / "decoder.onnx.data").write_bytes(b"\0" * 64)
+    res = cli("run", str(b), "--image", image, "--prompt", "Hi?")
+    one_line_error(res, needle)
+    if case == "graph linked outside":  # the message names the manifest's path, not the link's target
+        assert str(outside) not in res.stderr
+
+
+def test_quantize_through_a_link_to_its_source_is_refused(made, tmp_path):
+    """`quantize --overwrite srclink src` (srclink -> src): the guard compares real paths, so the
+    source is never replaced by its own output."""
+    _, _, bundle, _ = made
+    src = tmp_path / "src"
+    shutil.copytree(bundle, src)
+    link = tmp_path / "srclink"
+    link.symlink_to(src)
+    before = _files(src)
+    one_line_error(
+        cli(
+            "quantize", str(link), str(src), "--mode", "int8-dynamic", "--overwrite", script="nanovlm-export"
+        ),
+        "another directory than the source",
+    )
+    assert _files(src) == before
+    one_line_error(
+        cli("quantize", str(src), str(link / "inner"), "--mode", "int8-dynamic", script="nanovlm-export"),
+        "must not hold one another",
+    )
+    assert _files(src) == before
