@@ -71,20 +71,26 @@ class Prompt:
     image_tiles: list[int] = field(default_factory=list)  # tiles of each image, in order
     image_slots: list[int] = field(default_factory=list)  # slots each image fills, in order
     rows: np.ndarray | None = None  # [R, hidden] once the images are encoded
+    # who may share cached work with it (a tenant and cache_salt digest; b"": everyone): the root
+    # of its prefix-cache keys and a prefix of its image keys, so no entry crosses scopes
+    scope: bytes = b""
 
     @classmethod
-    def from_batch(cls, cfg: VLMConfig, batch: Batch) -> Prompt:
+    def from_batch(cls, cfg: VLMConfig, batch: Batch, scope: bytes = b"") -> Prompt:
         """A one-row batch (prepare_batch's) as a Prompt; its images still to encode."""
         if batch.input_ids.shape[0] != 1:
             raise ValueError(f"a Prompt is one request, got a batch of {batch.input_ids.shape[0]}")
         ids = batch.input_ids[0][batch.attention_mask[0] == 1].astype(np.int64)
         tiles = batch.image_tiles or ([batch.pixel_values.shape[0]] if batch.pixel_values.shape[0] else [])
         keys = batch.image_keys or [image_key(batch.pixel_values)] * bool(tiles)  # a batch made by hand
+        if scope:
+            keys = [f"{scope.hex()}/{k}" for k in keys]
         if cfg.image_placement == "prefix" and tiles:
             ids = np.concatenate([np.full(cfg.mp_image_token_length, -1, np.int64), ids])
         slot = cfg.image_slot_id
         per_tile = cfg.image_token_count
-        return cls(ids, slot, cfg.lm_hidden_dim, list(keys), list(tiles), [t * per_tile for t in tiles])
+        slots = [t * per_tile for t in tiles]
+        return cls(ids, slot, cfg.lm_hidden_dim, list(keys), list(tiles), slots, scope=scope)
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])

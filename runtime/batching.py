@@ -330,7 +330,7 @@ class ContinuousBatcher:
         if ticket.cancelled:
             self._finish(ticket, "cancelled")
             return
-        prompt = Prompt.from_batch(self.pipe.cfg, ticket.batch)
+        prompt = Prompt.from_batch(self.pipe.cfg, ticket.batch, ticket.request.cache_scope)
         keys = block_keys(prompt, self.prefix_cache.block) if self.prefix_cache.max_bytes else []
         reused = self.prefix_cache.lookup(prompt, keys) if self.prefix_cache.max_bytes else []
         a = _Admission(ticket, prompt, keys, reused)

@@ -65,6 +65,7 @@ class GenerationRequest:
     ignore_eos: bool = False  # always produce max_new_tokens (benchmarks)
     constraint: Constraint | None = None  # the answer must match it (runtime/constraint.py)
     logprobs: int | None = None  # None: off; n: each token's logprob and the n most likely (engine)
+    cache_scope: bytes = b""  # the engine shares cached prompt KV and images only within one scope
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

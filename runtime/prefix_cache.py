@@ -1,6 +1,7 @@
 """KV of prompt positions already computed, shared across requests and turns.
 
-A prompt is cut into blocks of BLOCK positions. A block's key hashes its parent block's key, its
+A prompt is cut into blocks of BLOCK positions. A block's key hashes its parent block's key (the
+first block's parent is the prompt's scope: requests of different tenants never share a key), its
 token ids and, where image slots stand in it, the keys of those images (core.processors.image_key):
 so a block matches only when everything before it and in it is the same, images included (a key
 of token ids alone would hand one image's KV to another). After its full blocks a prompt keeps
@@ -58,7 +59,7 @@ class _Spans:
 
 def block_keys(prompt: Prompt, block: int = BLOCK) -> list[bytes]:
     """The key of each full block of `prompt`, in order."""
-    spans, keys, parent = _Spans(prompt), [], b""
+    spans, keys, parent = _Spans(prompt), [], prompt.scope
     for start in range(0, len(prompt) - block + 1, block):
         parent = spans.key(parent, start, start + block)
         keys.append(parent)
@@ -97,7 +98,7 @@ class PrefixCache:
                 break
             found.append(kv)
             touched.append(key)
-        start, parent = len(found) * B, touched[-1] if touched else b""
+        start, parent = len(found) * B, touched[-1] if touched else prompt.scope
         spans = _Spans(prompt)
         for end in range(min(start + B - 1, n - 1), start, -1):
             key = spans.key(parent, start, end)
@@ -130,7 +131,7 @@ class PrefixCache:
         tail_start = (n - 1) // B * B  # the tail ends before the last position, as lookups do
         entries = [(key, i * B, (i + 1) * B) for i, key in enumerate(keys)]
         if n - 1 > tail_start:
-            parent = keys[tail_start // B - 1] if tail_start else b""
+            parent = keys[tail_start // B - 1] if tail_start else prompt.scope
             entries.append((_Spans(prompt).key(parent, tail_start, n - 1), tail_start, n - 1))
         for key, _, _ in reversed(entries):  # its cached entries newest, so room is made elsewhere
             if key in self.blocks:
