@@ -26,6 +26,9 @@ KINDS = ("json_schema", "json_object", "regex", "lark")
 # JSON as OpenAI's and llama.cpp's constrained modes write it: no free whitespace between tokens,
 # which a model (a random one above all) could otherwise fill without end
 JSON_OPTIONS = {"whitespace_flexible": False}
+# the largest grammar a constraint may compile to: a 100-property schema with nested objects and
+# enums is ~24 KB; a 2,000-branch anyOf (a schema bomb) is ~160 KB
+MAX_GRAMMAR_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,12 @@ class Constraint:
         return LLMatcher.grammar_from_lark(self.source)
 
 
+def _short(message: str, limit: int = 300) -> str:
+    """The first line of an engine message, cut: errors carry whole grammars and parser dumps."""
+    line = message.strip().splitlines()[0] if message.strip() else message
+    return line if len(line) <= limit else line[:limit] + "…"
+
+
 class Matcher:
     """One answer's position in its grammar."""
 
@@ -99,7 +108,7 @@ class Matcher:
 
     def consume(self, token: int) -> None:
         if not self.m.consume_token(token):
-            raise RuntimeError(f"token {token} broke the grammar: {self.m.get_error()}")
+            raise RuntimeError(f"token {token} broke the grammar: {_short(self.m.get_error())}")
 
     @property
     def done(self) -> bool:
@@ -128,7 +137,9 @@ class Grammars:
             return self._tokenizer
 
     def check(self, constraint: Constraint) -> str:
-        """-> the checked grammar; ValueError with the engine's message when it is not one."""
+        """-> the checked grammar; ValueError with the engine's message when it is not one, when it
+        compiles to over MAX_GRAMMAR_BYTES, or when its first token cannot be computed (a $ref
+        cycle, a grammar past the engine's limits): refused here, never at an answer's first token."""
         with self._lock:
             if constraint in self._compiled:
                 return self._compiled[constraint]
@@ -138,15 +149,34 @@ class Grammars:
         try:
             grammar = constraint.grammar()
         except ValueError as e:
-            raise ValueError(f"{constraint.kind}: {e}") from None
+            raise ValueError(f"{constraint.kind}: {_short(str(e))}") from None
+        if len(grammar) > MAX_GRAMMAR_BYTES:
+            raise ValueError(
+                f"{constraint.kind}: compiles to a grammar of {len(grammar)} bytes, over the limit of "
+                f"{MAX_GRAMMAR_BYTES} (fewer alternatives or properties)"
+            )
         is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
         if is_error:
-            raise ValueError(f"{constraint.kind}: {messages[0] if messages else 'not a valid grammar'}")
+            raise ValueError(
+                f"{constraint.kind}: {_short(messages[0]) if messages else 'not a valid grammar'}"
+            )
+        first = LLMatcher(tokenizer, grammar, log_level=0)
+        words = np.zeros((1, (self.vocab + 31) // 32), np.int32)
+        self._first_mask(first, words)
+        if first.is_error() or not words.any():
+            reason = _short(first.get_error()) if first.is_error() else "no token can start an answer"
+            raise ValueError(f"{constraint.kind}: admits no answer ({reason})")
         with self._lock:
             if len(self._compiled) >= 256:  # requests bring their own schemas: keep the latest
                 self._compiled.pop(next(iter(self._compiled)))
             self._compiled[constraint] = grammar
         return grammar
+
+    def _first_mask(self, m: Any, words: np.ndarray) -> None:
+        from llguidance.numpy import fill_next_token_bitmask_par
+
+        self._llg_tokenizer()
+        fill_next_token_bitmask_par(self._executor, [(m, 0)], words)
 
     def matcher(self, constraint: Constraint) -> Matcher:
         from llguidance import LLMatcher
