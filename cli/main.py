@@ -359,10 +359,89 @@ def run(
     show_default=True,
     help="New tokens for a request that names no max_tokens.",
 )
-@click.option("--max-images", type=click.IntRange(0, 64), default=4, show_default=True)
-@click.option("--max-image-mb", type=click.FloatRange(0, 1024, min_open=True), default=8.0, show_default=True)
-@click.option("--max-image-pixels", type=click.IntRange(1), default=4096 * 4096, show_default=True)
-@click.option("--max-body-mb", type=click.FloatRange(0, 4096, min_open=True), default=16.0, show_default=True)
+@click.option(
+    "--max-images", type=click.IntRange(0, 64), default=4, show_default=True, help="Images in one request."
+)
+@click.option(
+    "--max-image-mb",
+    type=click.FloatRange(0, 1024, min_open=True),
+    default=8.0,
+    show_default=True,
+    help="Encoded size of one image.",
+)
+@click.option(
+    "--max-image-pixels",
+    type=click.IntRange(1),
+    default=4096 * 4096,
+    show_default=True,
+    help="Pixels of one image, read from its header before decoding.",
+)
+@click.option(
+    "--max-request-pixels",
+    type=click.IntRange(1),
+    default=48 * 2**20,
+    show_default=True,
+    help="Pixels of all of a request's images together, checked before any is decoded.",
+)
+@click.option(
+    "--max-body-mb",
+    type=click.FloatRange(0, 4096, min_open=True),
+    default=16.0,
+    show_default=True,
+    help="Size of a request body.",
+)
+@click.option(
+    "--api-key",
+    "api_keys",
+    multiple=True,
+    help="Require `Authorization: Bearer KEY` on /v1 and /metrics (repeat for several keys; "
+    "also --api-key-file and NANOVLM_API_KEY). Each key's requests share cached work only among themselves.",
+)
+@click.option(
+    "--api-key-file", type=click.Path(exists=True, dir_okay=False), help="API keys, one a line (# comments)."
+)
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    help="A Host name clients may use besides IP addresses, localhost and this machine's name "
+    "(repeat; '*': any, which opens the server to DNS rebinding).",
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    help="An origin (scheme://host[:port]) whose pages may call the API (repeat; off by default).",
+)
+@click.option("--open-metrics", is_flag=True, help="Serve /metrics without an API key.")
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(1, 3600),
+    default=60.0,
+    show_default=True,
+    help="Seconds to receive a request body (408 after).",
+)
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(1, 3600),
+    default=10.0,
+    show_default=True,
+    help="Seconds to receive a request's headers once connected or after a response.",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(8, 1_000_000),
+    default=1000,
+    show_default=True,
+    help="Open connections (kept below the open-files limit); past it the longest-idle one is closed.",
+)
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(1, 3600),
+    default=10.0,
+    show_default=True,
+    help="On SIGTERM, seconds live requests may finish in; streams still running then end with an error chunk.",
+)
 @click.option(
     "--image-dir",
     type=click.Path(exists=True, file_okay=False),
@@ -416,7 +495,17 @@ def serve(
     max_images: int,
     max_image_mb: float,
     max_image_pixels: int,
+    max_request_pixels: int,
     max_body_mb: float,
+    api_keys: tuple[str, ...],
+    api_key_file: str | None,
+    allowed_hosts: tuple[str, ...],
+    cors_origins: tuple[str, ...],
+    open_metrics: bool,
+    body_timeout: float,
+    header_timeout: float,
+    max_connections: int,
+    shutdown_timeout: float,
     image_dir: str | None,
     prefill_chunk: int,
     image_cache_mb: float,
@@ -437,9 +526,10 @@ def serve(
         )
     from core.bundle import load_bundle
     from runtime.batching import EngineConfig
-    from serve.app import ServeConfig
+    from serve.app import NetworkConfig, ServeConfig
     from serve.app import serve as run_server
     from serve.openai_api import RequestLimits
+    from serve.security import SecurityPolicy
 
     load_bundle(bundle)  # a bad bundle fails here, in one line, before the server starts
     mb = 1024 * 1024
@@ -447,6 +537,7 @@ def serve(
         max_body_bytes=int(max_body_mb * mb),
         max_image_bytes=int(max_image_mb * mb),
         max_image_pixels=max_image_pixels,
+        max_request_pixels=max_request_pixels,
         max_images=max_images,
         max_tokens=max_tokens,
         image_dir=image_dir,
@@ -455,7 +546,8 @@ def serve(
     engine = EngineConfig(
         max_batch, max_queue, prefill_chunk, image_cache_mb, 0.0 if no_prefix_cache else prefix_cache_mb
     )
-    config = ServeConfig(bundle, name, engine, threads, limits)
+    security = SecurityPolicy.from_options(api_keys, api_key_file, allowed_hosts, cors_origins, open_metrics)
+    config = ServeConfig(bundle, name, engine, threads, limits, security, body_timeout)
     if use_ray:
         if not installed("ray"):
             raise click.ClickException(
@@ -468,7 +560,7 @@ def serve(
         return
     if replicas != 1:
         raise click.UsageError("--replicas needs --ray (one process serves one engine)")
-    run_server(config, host, port)
+    run_server(config, NetworkConfig(host, port, header_timeout, 5.0, max_connections, shutdown_timeout))
 
 
 # ----------------------------------------------------------------------------- export and quantization

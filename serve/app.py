@@ -8,17 +8,22 @@
 
 The bundle loads on a background thread at startup, so /health answers 503 while it loads. All
 model work runs on the engine's one thread (runtime/batching.py); request parsing and image
-decoding run on Starlette's thread pool. Torch-free: starlette, uvicorn and prometheus-client.
+decoding run on a pool of prepare threads. Keys, Host and Origin checks and error shapes are
+serve/security.py's, connection deadlines and the cap serve/connections.py's (docs/security.md).
+Torch-free: starlette, uvicorn and prometheus-client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -27,9 +32,11 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import uvicorn
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -38,6 +45,7 @@ from core.processors import check_image_tiles
 from runtime.batching import PREFILL_POSITIONS, ContinuousBatcher, EngineConfig, Event, QueueFull
 from runtime.pipeline import GenerationRequest, VLMPipeline
 
+from .connections import connection_cap, guarded_protocol, raise_fd_limit
 from .metrics import Metrics
 from .openai_api import (
     ApiError,
@@ -46,13 +54,18 @@ from .openai_api import (
     chunk,
     completion,
     completion_id,
+    json_depth,
     logprob_content,
     models,
     parse_chat,
     usage_chunk,
 )
+from .security import Guard, SecurityPolicy, cap_log_lines
 
 log = logging.getLogger(__name__)
+
+MAX_JSON_DEPTH = 64  # a request body nested deeper is refused (a chat with a JSON schema needs ~10)
+ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics", "/")
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,8 @@ class ServeConfig:
     engine: EngineConfig = EngineConfig()  # batch and queue sizes, prefill chunk, cache sizes
     threads: int | None = None
     limits: RequestLimits = RequestLimits()
+    security: SecurityPolicy = SecurityPolicy()
+    body_timeout: float = 60.0  # seconds to receive a whole request body, else 408
 
     @property
     def model_name(self) -> str:
@@ -79,6 +94,8 @@ class Service:
         self.ready = threading.Event()
         self.failed: str | None = None
         self.created = int(time.time())
+        self.live: dict[int, Any] = {}  # id -> ticket of each request being answered
+        self.draining = False  # shutting down: no new requests; live ones are cut at the deadline
         # Parsing and image preprocessing are CPU-bound: more threads than cores would only queue on
         # them and hold memory (each thread that contends for malloc gets its own glibc arena).
         self.prepare_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="prepare")
@@ -133,11 +150,24 @@ class Service:
             raise RuntimeError("the warm-up requests did not finish in 600 s")
 
     def stop(self) -> None:
+        self.cut_live()
         if self.engine:
-            self.engine.stop(timeout=60)
+            self.engine.stop(timeout=5)
         self.prepare_pool.shutdown(wait=False, cancel_futures=True)
 
+    def drain(self) -> None:
+        """Shutdown began: refuse new requests (503); live ones finish until cut_live."""
+        self.draining = True
+
+    def cut_live(self) -> None:
+        """End every live request now: streams get a final error chunk, others a 503."""
+        self.draining = True
+        for ticket in list(self.live.values()):
+            ticket.cancel()
+
     def check_ready(self) -> None:
+        if self.draining:
+            raise ApiError(503, "the server is shutting down")
         if not self.ready.is_set():
             raise ApiError(
                 503, f"the model failed to load: {self.failed}" if self.failed else "the model is loading"
@@ -148,8 +178,9 @@ class Service:
         return None if chat.logprobs is None else logprob_content(self.pipe.tokenizer, entries)
 
     # ------------------------------------------------------------------ one chat request
-    def prepare(self, body: Any) -> tuple[ChatRequest, Any, GenerationRequest]:
-        """Parse, open images, format and tokenize (on a pool thread): errors are ApiErrors."""
+    def prepare(self, body: Any, tenant: str = "") -> tuple[ChatRequest, Any, GenerationRequest]:
+        """Parse, open images, format and tokenize (on a pool thread): errors are ApiErrors.
+        `tenant` (the API key's digest) and the request's cache_salt scope what it may reuse."""
         chat = parse_chat(body, self.limits)
         if chat.image_tiles is not None:
             try:
@@ -177,11 +208,21 @@ class Service:
                 self.pipe.grammars.check(chat.constraint)
             except ValueError as e:
                 raise ApiError(400, f"response_format: {e}", "response_format") from None
+        scope = b""
+        if tenant or chat.cache_salt is not None:
+            h = hashlib.blake2b(tenant.encode(), digest_size=16, person=b"nanovlm-scope")
+            h.update(b"\0" + (chat.cache_salt or "").encode())
+            scope = h.digest()
         return (
             chat,
             batch,
             GenerationRequest(
-                max_tokens, chat.sampling, chat.stop, constraint=chat.constraint, logprobs=chat.logprobs
+                max_tokens,
+                chat.sampling,
+                chat.stop,
+                constraint=chat.constraint,
+                logprobs=chat.logprobs,
+                cache_scope=scope,
             ),
         )
 
@@ -196,25 +237,49 @@ def error(e: ApiError, service: Service | None = None) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, or 413 once it is over `limit` bytes. A body up to 4x the limit is read to its end
-    first, so the client (still sending) gets the 413 instead of a reset connection."""
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The body, or 413 once it is over `limit` bytes, or 408 if it takes over `timeout` seconds.
+    A body up to 4x the limit is read to its end first, so the client (still sending) gets the 413
+    instead of a reset connection."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > 4 * limit:
         raise ApiError(413, f"the request body is {declared} bytes, over the limit of {limit} bytes")
     parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size <= limit:
-            parts.append(part)
-        elif size > 4 * limit:
-            break
+
+    async def read() -> None:
+        nonlocal size
+        async for part in request.stream():
+            size += len(part)
+            if size <= limit:
+                parts.append(part)
+            elif size > 4 * limit:
+                break
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s") from None
     if size > limit:
         raise ApiError(413, f"the request body is over the limit of {limit} bytes")
     return b"".join(parts)
 
 
-def create_app(config: ServeConfig, load_in_background: bool = True) -> Starlette:
+def parse_json(raw: bytes) -> Any:
+    """The body as JSON: 400 when it is not JSON, or nested deeper than MAX_JSON_DEPTH."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:
+        body = None
+    if body is None or json_depth(body, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        if body is not None or raw.strip() != b"null":
+            raise ApiError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
+    return body
+
+
+def create_app(config: ServeConfig, load_in_background: bool = True, bind_host: str = "127.0.0.1") -> Guard:
+    """The app behind its Guard (serve/security.py); `.state.service` is the Service."""
     service = Service(config)
     name = config.model_name
 
@@ -233,13 +298,11 @@ def create_app(config: ServeConfig, load_in_background: bool = True) -> Starlett
         arrived = time.perf_counter()
         try:
             service.check_ready()
-            raw = await read_body(request, config.limits.max_body_bytes)
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+            raw = await read_body(request, config.limits.max_body_bytes, config.body_timeout)
+            body = parse_json(raw)
             loop = asyncio.get_running_loop()
-            chat, batch, gen = await loop.run_in_executor(service.prepare_pool, service.prepare, body)
+            tenant = request.scope.get("state", {}).get("tenant", "")
+            chat, batch, gen = await loop.run_in_executor(service.prepare_pool, service.prepare, body, tenant)
             events: asyncio.Queue[Event] = asyncio.Queue()
             try:
                 ticket = service.engine.submit(
@@ -252,10 +315,14 @@ def create_app(config: ServeConfig, load_in_background: bool = True) -> Starlett
         except ApiError as e:
             return error(e, service)
         cid = completion_id()
+        service.live[id(ticket)] = ticket
 
         def account(last: Event) -> None:
             m = service.metrics
+            service.live.pop(id(ticket), None)
             status = {"error": "500", "cancelled": "499"}.get(last.finish, "200")  # 499: the client left
+            if last.finish == "cancelled" and service.draining:
+                status = "503"
             m.requests.labels(status).inc()
             m.prompt_tokens.inc(ticket.prompt_tokens)
             m.cached_tokens.inc(ticket.cached_tokens)
@@ -290,7 +357,10 @@ def create_app(config: ServeConfig, load_in_background: bool = True) -> Starlett
             ticket.cancel()  # a no-op once finished; frees the row if this handler was cancelled
         account(e)
         if e.finish == "error":
-            return JSONResponse(ApiError(500, f"generation failed: {e.error}").body(), status_code=500)
+            log.error("generation failed: %s", e.error)
+            return JSONResponse(GENERATION_FAILED.body(), status_code=500)
+        if e.finish == "cancelled" and service.draining:
+            return error(SHUTTING_DOWN)
         return JSONResponse(
             completion(
                 cid,
@@ -317,9 +387,22 @@ def create_app(config: ServeConfig, load_in_background: bool = True) -> Starlett
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
     page_html = resources.files("serve").joinpath("static/index.html").read_text()  # read once
+    page_csp = page_policy(page_html)
 
     async def page(request: Request) -> Response:
-        return HTMLResponse(page_html)
+        return HTMLResponse(page_html, headers={"Content-Security-Policy": page_csp})
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        """404, 405 and the like in OpenAI's error shape."""
+        status = getattr(exc, "status_code", 500)
+        detail = getattr(exc, "detail", "") or "error"
+        return JSONResponse(
+            ApiError(status, str(detail)).body(), status_code=status, headers=getattr(exc, "headers", None)
+        )
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        """The body of an unhandled exception's 500 (the Guard logs it, once)."""
+        return JSONResponse(ApiError(500, "internal error (logged by the server)").body(), status_code=500)
 
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -328,9 +411,31 @@ def create_app(config: ServeConfig, load_in_background: bool = True) -> Starlett
         Route("/metrics", metrics, methods=["GET"]),
         Route("/", page, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    handlers = {HTTPException: http_error, Exception: server_error}
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.service = service
-    return app
+    return Guard(app, config.security, bind_host, service.metrics.count_response, ROUTES)
+
+
+GENERATION_FAILED = ApiError(500, "generation failed (the server logged why)")
+SHUTTING_DOWN = ApiError(503, "the server is shutting down; the answer was cut")
+
+
+def page_policy(html: str) -> str:
+    """The page's Content-Security-Policy: its own inline script and style (by hash), images from
+    data: and blob: URLs, requests to this server only, and no framing."""
+
+    def hashes(tag: str) -> str:
+        found = re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.S)
+        return " ".join(
+            f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in found
+        )
+
+    return (
+        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+        "img-src 'self' data: blob:; media-src 'self' blob:; connect-src 'self'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
 
 
 async def _sse(
@@ -352,7 +457,10 @@ async def _sse(
                 break
         account(e)
         if e.finish == "error":
-            yield data(ApiError(500, f"generation failed: {e.error}").body())
+            log.error("generation failed: %s", e.error)
+            yield data(GENERATION_FAILED.body())
+        elif e.finish == "cancelled" and service.draining:
+            yield data(SHUTTING_DOWN.body())
         else:
             yield data(chunk(cid, name, {}, e.finish))
             if chat.include_usage:
@@ -366,8 +474,56 @@ async def _sse(
             account(Event("", e.completion_tokens if e else 0, finish="cancelled"))
 
 
-def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Run the server until SIGINT/SIGTERM; both drain running requests before exiting."""
-    import uvicorn
+@dataclass(frozen=True)
+class NetworkConfig:
+    """How the server holds connections (serve/connections.py) and shuts down."""
 
-    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=120)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    header_timeout: float = 10.0  # seconds for a request's head, from connect or the last response
+    keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open
+    max_connections: int = 1000  # open connections; past it the longest-idle one is closed
+    shutdown_timeout: float = 10.0  # SIGTERM: live requests get this long, then are cut
+
+
+def serve(config: ServeConfig, network: NetworkConfig = NetworkConfig(), log_level: str = "info") -> None:
+    """Run the server until SIGINT/SIGTERM: it stops taking requests, lets live ones finish for
+    `shutdown_timeout` seconds (streams that are still running then end with an error chunk) and exits."""
+    n = network
+    cap = connection_cap(n.max_connections, raise_fd_limit())
+    app = create_app(config, bind_host=n.host)
+    uv = uvicorn.Config(
+        app,
+        host=n.host,
+        port=n.port,
+        log_level=log_level,
+        http=guarded_protocol(n.header_timeout, cap),
+        timeout_keep_alive=max(1, round(n.keep_alive)),
+        timeout_graceful_shutdown=max(1, round(n.shutdown_timeout)),
+        server_header=False,
+    )
+    if not config.security.api_keys and n.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "listening on %s without an API key: whoever reaches the port can use it (--api-key)", n.host
+        )
+    server = DrainingServer(uv, app.state.service, n.shutdown_timeout)
+    cap_log_lines()
+    server.run()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's Server whose exit signal also starts the Service's drain: new requests get 503
+    at once, and live ones are cut a second before uvicorn's own graceful-shutdown deadline."""
+
+    def __init__(self, config: uvicorn.Config, service: Service, grace: float):
+        super().__init__(config)
+        self.service, self.grace = service, grace
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        first = not self.should_exit
+        super().handle_exit(sig, frame)
+        if first:
+            self.service.drain()
+            timer = threading.Timer(max(0.0, self.grace - 1.0), self.service.cut_live)
+            timer.daemon = True
+            timer.start()

@@ -16,6 +16,12 @@ class Metrics:
         self.requests = Counter(
             "nanovlm_requests", "Chat completion requests by HTTP status", ["status"], registry=r
         )
+        self.responses = Counter(
+            "nanovlm_http_responses",
+            "HTTP responses of every route by status",
+            ["route", "status"],
+            registry=r,
+        )
         self.prompt_tokens = Counter(
             "nanovlm_prompt_tokens", "Prompt positions processed (image tokens included)", registry=r
         )
@@ -52,6 +58,9 @@ class Metrics:
         self.prefix_bytes.set_function(lambda: p.bytes)
         self.image_hit_rate.set_function(lambda: i.hits / (i.hits + i.misses) if i.hits + i.misses else 0.0)
         self.image_bytes.set_function(lambda: i.bytes)
+
+    def count_response(self, route: str, status: int) -> None:
+        self.responses.labels(route, str(status)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,34 +10,55 @@ import base64
 import binascii
 import io
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from core.processors import load_image
 from core.sampling import SamplingConfig
 from runtime.constraint import Constraint
 
+_ADDRESS = re.compile(r"\s+at 0x[0-9a-fA-F]+")
+
+
+def scrub(message: str) -> str:
+    """A message fit for a client or a log: object reprs lose their heap addresses."""
+    return _ADDRESS.sub("", message)
+
 
 class ApiError(Exception):
     """A refused request: HTTP status, message, and the parameter it concerns."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.code = status, message, param, code
         self.kind = kind or {
             400: "invalid_request_error",
+            401: "invalid_request_error",
             404: "not_found_error",
+            405: "invalid_request_error",
+            408: "invalid_request_error",
+            403: "invalid_request_error",
             413: "invalid_request_error",
+            415: "invalid_request_error",
             429: "rate_limit_error",
             503: "server_error",
         }.get(status, "server_error")
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        error = {"message": scrub(self.message), "type": self.kind, "param": self.param, "code": self.code}
+        return {"error": error}
 
 
 @dataclass(frozen=True)
@@ -47,6 +68,7 @@ class RequestLimits:
     max_body_bytes: int = 16 * 1024 * 1024
     max_image_bytes: int = 8 * 1024 * 1024  # decoded bytes of one image
     max_image_pixels: int = 4096 * 4096
+    max_request_pixels: int = 48 * 2**20  # all of a request's images together: 144 MB as 8-bit RGB
     max_images: int = 4
     max_tokens: int = 256  # when the request names none
     max_stop: int = 4
@@ -71,6 +93,7 @@ class ChatRequest:
     constraint: Constraint | None = None  # from response_format
     logprobs: int | None = None  # None: not asked; n: top_logprobs (0 to 20)
     image_tiles: int | None = None  # None: the server's resolution budget
+    cache_salt: str | None = None  # vLLM's field: only requests with the same salt share cached work
 
 
 # ----------------------------------------------------------------------------- requests
@@ -83,13 +106,19 @@ def parse_chat(body: Any, limits: RequestLimits) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
-    system, turns, images = None, [], []
+    system, turns, urls = None, [], []
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
             raise ApiError(400, f"{where} must be an object", where)
         role = msg.get("role")
         text, imgs = _content(msg.get("content"), f"{where}.content", limits)
+        if len(urls) + len(imgs) > limits.max_images:  # counted before any image is read
+            raise ApiError(
+                400,
+                f"at least {len(urls) + len(imgs)} images in one request; the limit is {limits.max_images}",
+                f"{where}.content",
+            )
         if role in ("system", "developer"):
             if i != 0 or imgs:
                 raise ApiError(400, f"{where}: a system message must come first and hold text only", where)
@@ -105,14 +134,10 @@ def parse_chat(body: Any, limits: RequestLimits) -> ChatRequest:
             raise ApiError(400, f"{where}: an assistant message cannot hold images", where)
         if role == "assistant" and not turns:
             raise ApiError(400, f"{where}: the conversation must start with a user message", where)
-        images += imgs
+        urls += imgs
         turns.append((role, text))
     if not turns or turns[-1][0] != "user":
         raise ApiError(400, "the last message must be a user message", "messages")
-    if len(images) > limits.max_images:
-        raise ApiError(
-            400, f"{len(images)} images in one request; the limit is {limits.max_images}", "messages"
-        )
     if not turns[-1][1].strip():
         raise ApiError(400, "the last user message has no text", "messages")
     history = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 1, 2)]
@@ -152,8 +177,16 @@ def parse_chat(body: Any, limits: RequestLimits) -> ChatRequest:
     model = body.get("model", "")
     if not isinstance(model, str):
         raise ApiError(400, "'model' must be a string", "model")
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not 1 <= len(salt) <= 256):
+        raise ApiError(400, "'cache_salt' must be a string of 1 to 256 characters", "cache_salt")
+    constraint, logprobs, tiles = (
+        response_format(body.get("response_format")),
+        _logprobs(body),
+        _image_tiles(body, limits),
+    )
     return ChatRequest(
-        images=images,
+        images=open_images(urls, limits),  # last: every other field is checked before any decoding
         question=turns[-1][1],
         history=history,
         system=system,
@@ -163,9 +196,10 @@ def parse_chat(body: Any, limits: RequestLimits) -> ChatRequest:
         stream=stream,
         include_usage=bool(options.get("include_usage")),
         model=model,
-        constraint=response_format(body.get("response_format")),
-        logprobs=_logprobs(body),
-        image_tiles=_image_tiles(body, limits),
+        constraint=constraint,
+        logprobs=logprobs,
+        image_tiles=tiles,
+        cache_salt=salt,
     )
 
 
@@ -258,8 +292,8 @@ def _number(value: Any, name: str, low: float, high: float) -> float:
     return float(value)
 
 
-def _content(content: Any, where: str, limits: RequestLimits) -> tuple[str, list[Image.Image]]:
-    """A message's text (parts joined with newlines) and images, in order."""
+def _content(content: Any, where: str, limits: RequestLimits) -> tuple[str, list[tuple[str, str]]]:
+    """A message's text (parts joined with newlines) and its image URLs with where they stand."""
     if isinstance(content, str):
         return content, []
     if not isinstance(content, list):
@@ -275,53 +309,124 @@ def _content(content: Any, where: str, limits: RequestLimits) -> tuple[str, list
             url = url.get("url") if isinstance(url, dict) else url
             if not isinstance(url, str):
                 raise ApiError(400, f"{at}.image_url.url must be a string", at)
-            if len(images) + 1 > limits.max_images:
-                raise ApiError(400, f"too many images in one request; the limit is {limits.max_images}", at)
-            images.append(open_image_url(url, at, limits))
+            _check_url(url, at, limits)
+            images.append((url, at))
         else:
             raise ApiError(400, f"{at}: expected a part of type 'text' (with text) or 'image_url'", at)
     return "\n".join(texts), images
 
 
-def open_image_url(url: str, where: str, limits: RequestLimits) -> Image.Image:
-    """A data: URL (base64) or, when the operator allows a directory, a file:// path inside it.
-    Nothing is fetched from the network."""
+def open_images(urls: list[tuple[str, str]], limits: RequestLimits) -> list[Image.Image]:
+    """The request's images, opened only after the whole request is within its budgets: the count,
+    then each image's encoded size, then the pixels its header declares, each and all together;
+    only then is any image decoded."""
+    if len(urls) > limits.max_images:
+        raise ApiError(
+            400, f"{len(urls)} images in one request; the limit is {limits.max_images}", "messages"
+        )
+    sources = [(_image_source(url, where, limits), where) for url, where in urls]
+    headers, total = [], 0
+    for source, where in sources:
+        img = _image_header(source, where)
+        w, h = img.size
+        if w * h > limits.max_image_pixels:
+            raise ApiError(
+                400,
+                f"{where}: image is {w}x{h} = {w * h} pixels, above the limit of {limits.max_image_pixels}",
+                where,
+            )
+        total += w * h
+        if total > limits.max_request_pixels:
+            raise ApiError(
+                400,
+                f"{where}: the request's images hold {total} pixels so far, above the limit of "
+                f"{limits.max_request_pixels} per request",
+                where,
+            )
+        headers.append((img, where))
+    images = []
+    for img, where in headers:
+        try:
+            images.append(load_image(img, max_pixels=limits.max_image_pixels))
+        except (ValueError, OSError) as e:
+            raise ApiError(400, f"{where}: {e}", where) from None
+    return images
+
+
+def _check_url(url: str, where: str, limits: RequestLimits) -> None:
+    """What a URL shows without reading anything: its scheme, control characters, and for a data:
+    URL its size."""
     if url.startswith("data:"):
         head, _, data = url.partition(",")
-        if ";base64" not in head:
+        if any(ord(c) < 32 for c in head) or ";base64" not in head:
             raise ApiError(400, f"{where}: only base64 data: URLs are supported", where)
         if len(data) * 3 // 4 > limits.max_image_bytes:
             raise ApiError(413, f"{where}: image is over {limits.max_image_bytes} bytes", where)
+    elif any(ord(c) < 32 for c in url):
+        raise ApiError(400, f"{where}: the image URL holds control characters", where)
+
+
+def _image_source(url: str, where: str, limits: RequestLimits) -> Any:
+    """The encoded image behind a URL (bytes in a file object, or a confined path), its size checked.
+    Only data: URLs and, when the operator allows a directory, file:// paths inside it: nothing is
+    fetched from the network."""
+    if url.startswith("data:"):
+        data = url.partition(",")[2]
         try:
-            raw = base64.b64decode(data, validate=True)
+            return io.BytesIO(base64.b64decode(data, validate=True))
         except (binascii.Error, ValueError):
             raise ApiError(400, f"{where}: the data: URL is not valid base64", where) from None
-        source: Any = io.BytesIO(raw)
-    elif url.startswith("file://"):
+    if url.startswith("file://"):
         if not limits.image_dir:
             raise ApiError(
                 400, f"{where}: file:// images are off (the server allows them with --image-dir)", where
             )
-        path = os.path.realpath(url[len("file://") :])
+        given = url[len("file://") :]
+        path = os.path.realpath(given)
         root = os.path.realpath(limits.image_dir)
+        # messages name the path as the client gave it, never where a link resolves to
         if os.path.commonpath([path, root]) != root:
-            raise ApiError(400, f"{where}: {path} is outside the allowed image directory", where)
+            raise ApiError(400, f"{where}: {given} is outside the allowed image directory", where)
         if not os.path.isfile(path):
-            raise ApiError(400, f"{where}: no such image file {path}", where)
+            raise ApiError(400, f"{where}: no such image file {given}", where)
         if os.path.getsize(path) > limits.max_image_bytes:
             raise ApiError(413, f"{where}: image is over {limits.max_image_bytes} bytes", where)
-        source = path
-    else:
-        raise ApiError(
-            400,
-            f"{where}: only data: URLs (or allowed file:// paths) are accepted; the server "
-            "fetches nothing from the network",
-            where,
-        )
+        return path
+    raise ApiError(
+        400,
+        f"{where}: only data: URLs (or allowed file:// paths) are accepted; the server "
+        "fetches nothing from the network",
+        where,
+    )
+
+
+def _image_header(source: Any, where: str) -> Image.Image:
+    """The image opened lazily: its header read (format, size), no pixel decoded yet."""
     try:
-        return load_image(source, max_pixels=limits.max_image_pixels)
-    except (ValueError, FileNotFoundError) as e:
-        raise ApiError(400, f"{where}: {e}", where) from None
+        return Image.open(source)
+    except Image.DecompressionBombError:
+        raise ApiError(400, f"{where}: refused as a decompression bomb", where) from None
+    except (UnidentifiedImageError, OSError):
+        raise ApiError(
+            400, f"{where}: not a readable image (PNG, JPEG, WebP, GIF, BMP, TIFF)", where
+        ) from None
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """The nesting depth of a parsed JSON value, counted without recursion, up to `limit` + 1."""
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        if depth > limit:
+            return depth
+        nxt = []
+        for v in level:
+            if isinstance(v, dict):
+                nxt.extend(v.values())
+            elif isinstance(v, list):
+                nxt.extend(v)
+        level = nxt
+    return depth - 1
 
 
 # ----------------------------------------------------------------------------- responses

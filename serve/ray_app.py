@@ -19,6 +19,7 @@ from typing import Any
 from runtime.batching import EngineConfig
 
 from .app import ServeConfig, create_app
+from .security import SecurityPolicy
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def application(
     # ONNX Runtime's intra-op threads: the CPUs Ray reserves for the replica, not the whole machine
     config = replace(config, threads=config.threads or max(1, int(cpus_per_replica)))
 
-    def build_asgi() -> Any:  # evaluated on each replica
+    def build_asgi() -> Any:  # evaluated on each replica; keys, Host and Origin checks as `serve`
         return create_app(config, load_in_background=False)
 
     @serve.deployment(
@@ -53,11 +54,19 @@ def application(
 
 
 def build(args: dict[str, str]) -> Any:
-    """Application builder for `serve run serve.ray_app:build bundle=DIR [replicas=N] [cpus=C]`."""
+    """Application builder for `serve run serve.ray_app:build bundle=DIR [replicas=N] [cpus=C]
+    [api_key_file=F] [allowed_hosts=A,B] [cors_origins=O,P]` (keys also from NANOVLM_API_KEY)."""
     if "bundle" not in args:
         raise ValueError("serve run serve.ray_app:build needs bundle=DIR")
     engine = EngineConfig(int(args.get("max_batch", 8)), int(args.get("max_queue", 64)))
-    config = ServeConfig(args["bundle"], args.get("name"), engine)
+    listed = lambda name: [v for v in args.get(name, "").split(",") if v]  # noqa: E731
+    security = SecurityPolicy.from_options(
+        key_file=args.get("api_key_file"),
+        allowed_hosts=listed("allowed_hosts"),
+        cors_origins=listed("cors_origins"),
+        open_metrics=args.get("open_metrics", "") in ("1", "true"),
+    )
+    config = ServeConfig(args["bundle"], args.get("name"), engine, security=security)
     return application(
         config, int(args.get("replicas", 1)), float(args.get("cpus", 1)), float(args.get("gpus", 0))
     )

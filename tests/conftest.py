@@ -157,3 +157,29 @@ def trained_tiny(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("trained_tiny")
     train(TrainConfig(max_training_steps=300, eval_samples=0, checkpoint_interval=300, output_dir=str(out)))
     return str(out / "checkpoint")
+
+
+@pytest.fixture(scope="module")
+def endless(tiny_tokenizer_dir, tmp_path_factory):
+    """A bundle whose answers run to max_tokens (its EOS embedding row is zero, so the EOS logit is
+    0 against the top of 366 random ones) with a 4096-position context and a wider decoder: a
+    3,000-token answer takes seconds (7 s on 2 cores), so a disconnect or a SIGTERM lands mid-answer."""
+    import torch
+
+    from core.processors import Tokenizer
+    from export.onnx_export import export_onnx
+    from nanovlm.vision_language_model import VisionLanguageModel
+
+    torch.manual_seed(0)
+    cfg = tiny_config(lm_max_position_embeddings=4096, lm_hidden_dim=512, lm_inter_dim=2048)
+    tok = Tokenizer.from_dir(tiny_tokenizer_dir, cfg)
+    m = VisionLanguageModel(cfg, load_backbone=False, tokenizer=tok).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.mul_(6.0)
+        m.decoder.token_embedding.weight[tok.eos_token_id] = 0
+    d = tmp_path_factory.mktemp("endless")
+    m.save_pretrained(d / "ckpt")
+    export_onnx(str(d / "ckpt"), str(d / "bundle"))
+    return str(d / "bundle")

@@ -118,6 +118,22 @@ def test_bad_constraints_are_refused_with_the_problem_named(lively_pipe):
         lively_pipe.grammars.check(Constraint("json_schema", "{not json"))
 
 
+def test_constraints_that_cannot_answer_are_refused_at_admission(lively_pipe):
+    """A $ref cycle validates but admits no token, and a 2,000-branch anyOf compiles to ~160 KB of
+    grammar: both refused by check(), before any answer starts (they used to fail at token 1)."""
+    cycle = {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}
+    with pytest.raises(ValueError, match="admits no answer"):
+        lively_pipe.grammars.check(Constraint.json_schema(cycle))
+    branches = [{"type": "object", "properties": {f"k{i}": {"type": "integer"}}} for i in range(2000)]
+    with pytest.raises(ValueError, match="over the limit"):
+        lively_pipe.grammars.check(Constraint.json_schema({"anyOf": branches}))
+    many = {
+        "type": "object",
+        "properties": {f"field_{i}": {"enum": [f"v{j}" for j in range(20)]} for i in range(100)},
+    }
+    assert lively_pipe.grammars.check(Constraint.json_schema(many))  # a large ordinary schema passes
+
+
 # ----------------------------------------------------------------------------- the server
 @pytest.fixture(scope="module")
 def server(tiny_tokenizer_dir, tmp_path_factory):

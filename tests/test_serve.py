@@ -409,33 +409,6 @@ def _running(server) -> float:
     raise AssertionError("no nanovlm_running_batch_size in /metrics")
 
 
-@pytest.fixture(scope="module")
-def endless(tiny_tokenizer_dir, tmp_path_factory):
-    """A bundle whose answers run to max_tokens (its EOS embedding row is zero, so the EOS logit is
-    0 against the top of 366 random ones) with a 4096-position context and a wider decoder: a
-    3,000-token answer takes seconds (7 s on 2 cores), so a disconnect or a SIGTERM lands mid-answer."""
-    import torch
-
-    from core.processors import Tokenizer
-    from export.onnx_export import export_onnx
-    from nanovlm.vision_language_model import VisionLanguageModel
-    from tests.conftest import tiny_config
-
-    torch.manual_seed(0)
-    cfg = tiny_config(lm_max_position_embeddings=4096, lm_hidden_dim=512, lm_inter_dim=2048)
-    tok = Tokenizer.from_dir(tiny_tokenizer_dir, cfg)
-    m = VisionLanguageModel(cfg, load_backbone=False, tokenizer=tok).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() > 1:
-                p.mul_(6.0)
-        m.decoder.token_embedding.weight[tok.eos_token_id] = 0
-    d = tmp_path_factory.mktemp("endless")
-    m.save_pretrained(d / "ckpt")
-    export_onnx(str(d / "ckpt"), str(d / "bundle"))
-    return str(d / "bundle")
-
-
 def test_a_client_that_disconnects_mid_stream_frees_its_row(endless):
     n = 3000
     with Server(endless) as s:
@@ -514,7 +487,7 @@ def test_health_is_503_until_loaded(tiny_tokenizer_dir, tmp_path):
     gate = threading.Event()
     original = service._warm_up
     service._warm_up = lambda: (gate.wait(60), original())
-    with TestClient(app) as tc:
+    with TestClient(app, base_url="http://127.0.0.1") as tc:  # the Host a local client sends
         r = tc.get("/health")
         assert r.status_code == 503 and r.json()["status"] == "loading"
         assert tc.post("/v1/chat/completions", json={"messages": [user("hi")]}).status_code == 503

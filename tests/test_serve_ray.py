@@ -21,6 +21,9 @@ openai = pytest.importorskip("openai")
 skimage_data = pytest.importorskip("skimage.data")
 
 
+KEY = "sk-ray-0123456789"
+
+
 def replica_pids() -> list[int]:
     """PIDs of the Ray Serve replica processes of our deployment (their process title names it)."""
     pids = []
@@ -55,14 +58,17 @@ def test_two_replicas_survive_a_killed_replica(tiny_tokenizer_dir, tmp_path):
     assert not env_before, f"replica processes already running: {env_before}"
     try:
         with ServerProcess(
-            bundle, "--ray", "--replicas", "2", "--cpus-per-replica", "1", timeout=300
+            bundle, "--ray", "--replicas", "2", "--cpus-per-replica", "1", "--api-key", KEY, timeout=300
         ) as server:
             deadline = time.monotonic() + 120
             while len(replica_pids()) < 2 and time.monotonic() < deadline:
                 time.sleep(0.5)
             first = replica_pids()
             assert len(first) == 2, first
-            c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=8, timeout=120)
+            # the replicas check keys as `serve` does
+            with pytest.raises(openai.AuthenticationError):
+                openai.OpenAI(base_url=server.url + "/v1", api_key="sk-wrong", max_retries=0).models.list()
+            c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=8, timeout=120)
 
             def ask(i):
                 q, imgs, n = cases[i]
