@@ -21,7 +21,6 @@ import signal
 import socket
 import statistics
 import sys
-import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,36 +182,15 @@ def half_open(port: int, n: int = 1100) -> dict:
 
 
 def slow_bodies_then_sigterm(bundle: str, clients: int = 20) -> dict:
-    from serve.process import ServerProcess
+    from serve.process import ServerProcess, SlowBodies
 
     s = ServerProcess(bundle)
-    socks, stop = [], threading.Event()
-    for _ in range(clients):
-        c = socket.create_connection(("127.0.0.1", s.port), timeout=5)
-        c.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 100000\r\n\r\n{"
-        )
-        socks.append(c)
-
-    def trickle() -> None:
-        while not stop.is_set():
-            for c in socks:
-                try:
-                    c.send(b" ")
-                except OSError:
-                    pass
-            time.sleep(0.5)
-
-    threading.Thread(target=trickle, daemon=True).start()
-    time.sleep(1.0)
-    t0 = time.perf_counter()
-    s.proc.send_signal(signal.SIGTERM)
-    s.proc.wait(180)
-    took = time.perf_counter() - t0
-    stop.set()
-    for c in socks:
-        c.close()
+    with SlowBodies(s.port, clients):
+        time.sleep(1.0)
+        t0 = time.perf_counter()
+        s.proc.send_signal(signal.SIGTERM)
+        s.proc.wait(180)
+        took = time.perf_counter() - t0
     s.stop()
     return {"slow_body_clients": clients, "exit_after_sigterm_s": round(took, 2)}
 

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -81,3 +82,39 @@ class ServerProcess(ChildServer):
         script = os.path.join(os.path.dirname(python), "nanovlm")  # the console script of that environment
         cmd = [script, "serve", bundle, "--port", str(self.port), *args]
         super().__init__(cmd, self.url + "/health", "server", timeout)
+
+
+class SlowBodies:
+    """`clients` connections that each send a request head announcing a 100 kB body, then trickle
+    one byte of it every half second until closed: a slowloris on the body."""
+
+    def __init__(self, port: int, clients: int = 20):
+        self.socks, self.stop = [], threading.Event()
+        for _ in range(clients):
+            c = socket.create_connection(("127.0.0.1", port), timeout=5)
+            c.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+            )
+            self.socks.append(c)
+        threading.Thread(target=self._trickle, daemon=True).start()
+
+    def _trickle(self) -> None:
+        while not self.stop.is_set():
+            for c in self.socks:
+                try:
+                    c.send(b" ")
+                except OSError:
+                    pass
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        self.stop.set()
+        for c in self.socks:
+            c.close()
+
+    def __enter__(self) -> SlowBodies:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

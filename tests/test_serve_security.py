@@ -10,14 +10,13 @@ import resource
 import signal
 import socket
 import sys
-import threading
 import time
 
 import openai
 import pytest
 from PIL import Image
 
-from serve.process import ChildServer, free_port
+from serve.process import ChildServer, SlowBodies, free_port
 from serve.process import ServerProcess as Server
 from tests.conftest import export_lively
 from tests.serve_helpers import user
@@ -321,37 +320,14 @@ def test_no_cached_tokens_across_keys_or_salts(keyed):
 
 def test_sigterm_with_slow_body_clients_exits_within_15s(bundle):
     s = Server(bundle)
-    socks = []
     try:
-        for _ in range(20):
-            c = socket.create_connection(("127.0.0.1", s.port), timeout=5)
-            c.sendall(
-                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
-            )
-            socks.append(c)
-        stop = threading.Event()
-
-        def trickle():
-            while not stop.is_set():
-                for c in socks:
-                    try:
-                        c.send(b" ")
-                    except OSError:
-                        pass
-                time.sleep(0.5)
-
-        threading.Thread(target=trickle, daemon=True).start()
-        time.sleep(1.0)
-        t0 = time.perf_counter()
-        s.proc.send_signal(signal.SIGTERM)
-        s.proc.wait(60)
-        took = time.perf_counter() - t0
-        stop.set()
-        assert took < 15, took
+        with SlowBodies(s.port, 20):
+            time.sleep(1.0)
+            t0 = time.perf_counter()
+            s.proc.send_signal(signal.SIGTERM)
+            s.proc.wait(60)
+            assert time.perf_counter() - t0 < 15
     finally:
-        for c in socks:
-            c.close()
         s.stop()
 
 
