@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[torch,dev]'
+	# transformers' SmolVLM2 video reference in tests/transformers_video.py: torchvision, off the path
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/torchvision torchvision==0.28.0
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -275,6 +275,11 @@ def generate(
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--image", "images", multiple=True, help="Image file (repeat for several; none: text only).")
+@click.option(
+    "--video",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A video file instead of images: frames sampled with the bundle's video settings (the video extra).",
+)
 @click.option("--prompt", required=True, help="The question (about the images, if any).")
 @pipeline_options
 @click.option("--stream", is_flag=True, help="Print text as tokens arrive.")
@@ -291,6 +296,7 @@ def generate(
 def run(
     bundle: str,
     images: tuple[str, ...],
+    video: str | None,
     prompt: str,
     provider: str,
     backend: str,
@@ -302,7 +308,8 @@ def run(
     image_tiles: int | None,
     **kw: Any,
 ) -> None:
-    """Answer PROMPT (about --image, if given) with an exported BUNDLE on ONNX Runtime or TensorRT (no torch)."""
+    """Answer PROMPT (about --image or --video, if given) with an exported BUNDLE on ONNX Runtime or
+    TensorRT (no torch)."""
     from core.config import read_config_json
     from core.processors import check_image_tiles
     from runtime.constraint import Constraint
@@ -319,12 +326,17 @@ def run(
             pipe.grammars.check(constraint)
         except ValueError as e:
             raise click.ClickException(f"{json_schema or '--regex'}: {e}") from None
+    if video and images:
+        raise click.UsageError("give --image or --video, not both")
+    clip = pipe.load_video(video) if video else None  # a bad file fails here, before any model work
     if stream and not as_json:
-        for piece in pipe.stream(list(images), prompt, max_new_tokens, sampling=sampling, **options):
+        for piece in pipe.stream(
+            list(images), prompt, max_new_tokens, sampling=sampling, video=clip, **options
+        ):
             click.echo(piece, nl=False)
         click.echo()
         return
-    answer = pipe.generate(list(images), prompt, max_new_tokens, sampling=sampling, **options)
+    answer = pipe.generate(list(images), prompt, max_new_tokens, sampling=sampling, video=clip, **options)
     if as_json:
         click.echo(json.dumps({"answer": answer, "timings": pipe.last_timings.as_dict()}, indent=2))
     else:

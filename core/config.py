@@ -121,6 +121,9 @@ class VLMConfig:
     vlm_format: str = "nanovlm"
     # vlm_format="idefics3": the checkpoint's image-processor settings (core/idefics3.py SETTINGS)
     vlm_image_processor: dict[str, Any] | None = None
+    # the checkpoint's video sampling (SmolVLM2: {"fps", "max_frames", "size"}; core/video.py); None:
+    # core.video.VideoSettings' defaults
+    vlm_video_processor: dict[str, Any] | None = None
     vlm_load_backbone_weights: bool = True
     vlm_checkpoint_path: str = "checkpoints"
     hf_repo_name: str = "nanoVLM"
@@ -191,6 +194,12 @@ class VLMConfig:
                 bad(
                     f"vlm_image_processor tile={self.vlm_image_processor['tile']} != vit_img_size={self.vit_img_size}"
                 )
+        if self.vlm_video_processor is not None:
+            v = self.vlm_video_processor
+            if set(v) != {"fps", "max_frames", "size"}:
+                bad(f"vlm_video_processor must have exactly the keys fps, max_frames, size; got {sorted(v)}")
+            elif not (v["fps"] > 0 and v["max_frames"] >= 1 and v["size"] >= 1):
+                bad(f"vlm_video_processor {v}: fps, max_frames and size must be positive")
         if self.vit_img_size % self.vit_patch_size:
             bad(f"vit_img_size={self.vit_img_size} is not a multiple of vit_patch_size={self.vit_patch_size}")
         if self.vit_hidden_dim % self.vit_n_heads:
@@ -242,6 +251,7 @@ class VLMConfig:
             ("vlm_image_token_id", None),
             ("vlm_format", "nanovlm"),
             ("vlm_image_processor", None),
+            ("vlm_video_processor", None),
         ):
             if d[key] == default:  # keys nanoVLM's own config does not have, written only when used
                 d.pop(key)

@@ -131,12 +131,13 @@ def image_expansion(grid: tuple[int, int], tokens: dict[str, str], image_tokens:
 
 
 def chat_messages(
-    question: str, n_images: int, history: list[tuple[str, str]], system: str | None
+    question: str, n_images: int, history: list[tuple[str, str]], system: str | None, media: str = "image"
 ) -> list[dict]:
-    """Messages with content parts, the images in the first user turn (as the model was shown them)."""
+    """Messages with content parts, the images (or, with media="video", one video) in the first
+    user turn (as the model was shown them)."""
     text = lambda t: {"type": "text", "text": t}  # noqa: E731
     messages = [{"role": "system", "content": [text(system)]}] if system else []
-    images = [{"type": "image"} for _ in range(n_images)]
+    images = [{"type": "video"}] if media == "video" else [{"type": "image"} for _ in range(n_images)]
     for i, (q, a) in enumerate(history):
         messages += [
             {"role": "user", "content": (images if i == 0 else []) + [text(q)]},

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from . import idefics3
 from .config import VLMConfig
+from .video import VIDEO_CHAT_TEMPLATE, VIDEO_TOKEN, Video, VideoSettings, process_frame, video_prompt
 
 # ----------------------------------------------------------------------------- images
 
@@ -342,17 +343,26 @@ def format_prompt(
     grids: list[tuple[int, int]],
     history: list[tuple[str, str]] | None = None,
     system: str | None = None,
+    video: Video | None = None,
 ) -> str:
     """The text the model sees for a question about images with the given tile grids.
 
     replace placement: chat template, the image string in front of the first user turn.
     prefix placement: nanoVLM v0.1's "Question: ... Answer:" (images go in front as embeddings).
     `history` holds earlier (question, answer) turns of a chat about the same images; `system` is
-    a system message (chat-template models only).
+    a system message (chat-template models only). A `video` (SmolVLM) stands where the images would,
+    as its timestamped frames (core/video.py); other models see its frames as images.
     """
     if not question or not question.strip():
         raise ValueError("empty prompt")
     history = history or []
+    if video is not None and cfg.vlm_format == "idefics3":
+        messages = idefics3.chat_messages(question, 0, history, system, media="video")
+        prompt = render_chat(VIDEO_CHAT_TEMPLATE, messages)
+        if prompt.count(VIDEO_TOKEN) != 1:
+            raise ValueError("the video chat template must leave exactly one <video>")
+        text = video_prompt(video, cfg.vlm_extra_tokens, cfg.mp_image_token_length)
+        return prompt.replace(VIDEO_TOKEN, text)
     if cfg.vlm_format == "idefics3":
         prompt = render_chat(
             cfg.lm_chat_template, idefics3.chat_messages(question, len(grids), history, system)
@@ -417,6 +427,24 @@ def image_key(pixels: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def media_views(
+    cfg: VLMConfig, image_processor: Any, items: list[Any]
+) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """(views [n, 3, S, S], grid) of each image, in order; a video gives one entry per frame, its one
+    view sized as SmolVLM2's video processor sizes it (other models: as an image at one tile)."""
+    out = []
+    for item in items:
+        if not isinstance(item, Video):
+            out.append(image_processor(item))
+        elif cfg.vlm_format == "idefics3":
+            s = VideoSettings.from_config(cfg)
+            out += [(process_frame(f, s, cfg.vlm_image_processor)[None], (1, 1)) for f in item.frames]
+        else:
+            one = ImageProcessor.from_config(cfg, 1)
+            out += [one(f) for f in item.frames]
+    return out
+
+
 def prepare_batch(
     cfg: VLMConfig,
     tokenizer: Tokenizer,
@@ -432,17 +460,19 @@ def prepare_batch(
     histories = histories or [[] for _ in prompts]
     rows, tiles, texts, keys = [], [], [], []
     for sample_images, prompt, history in zip(images, prompts, histories, strict=True):
-        if cfg.image_placement == "prefix" and len(sample_images) != 1:
-            raise ValueError(
-                f"this model (prefix placement) takes exactly one image per prompt, got {len(sample_images)}"
-            )
+        videos = [v for v in sample_images if isinstance(v, Video)]
+        if videos and len(sample_images) != 1:
+            raise ValueError("a video goes alone: no other video or image beside it in one request")
+        video = videos[0] if videos else None
+        count = len(video.frames) if video else len(sample_images)
+        if cfg.image_placement == "prefix" and count != 1:
+            raise ValueError(f"this model (prefix placement) takes exactly one image per prompt, got {count}")
         grids = []
-        for image in sample_images:
-            pixels, grid = image_processor(image)
+        for pixels, grid in media_views(cfg, image_processor, sample_images):
             tiles.append(pixels)
             keys.append(image_key(pixels))
             grids.append(grid)
-        text = format_prompt(cfg, prompt, grids, history, system)
+        text = format_prompt(cfg, prompt, grids, history, system, video)
         texts.append(text)
         rows.append(encode_prompt(tokenizer, cfg, text))
     ids, mask = left_pad(rows, tokenizer.pad_token_id)

@@ -19,6 +19,7 @@ import torch
 
 from core.config import VLMConfig, read_config_json
 from core.idefics3 import settings_from_processor
+from core.video import settings_from_processor as video_settings
 
 from .hf_weights import TensorSource, copy_into, read_hf_config, resolve_file
 from .language_model import LanguageModel, llama_weight_table
@@ -44,9 +45,10 @@ def is_idefics3(hf: dict) -> bool:
     )
 
 
-def read_processing(directory: str, revision: str | None = None) -> tuple[dict, int | None, str]:
-    """(image-processor settings dict, image_seq_len, chat template) from a checkpoint's processor
-    files: processor_config.json (transformers 5) or preprocessor_config.json, and the chat template
+def read_processing(directory: str, revision: str | None = None) -> tuple[dict, int | None, str, dict | None]:
+    """(image-processor settings dict, image_seq_len, chat template, video-processor settings dict
+    or None) from a checkpoint's processor files: processor_config.json (transformers 5) or
+    preprocessor_config.json (+ video_preprocessor_config.json: SmolVLM2), and the chat template
     from chat_template.jinja, chat_template.json, processor_config.json or tokenizer_config.json."""
 
     def load(name: str) -> dict | None:
@@ -55,6 +57,7 @@ def read_processing(directory: str, revision: str | None = None) -> tuple[dict, 
 
     processor, pre = load("processor_config.json") or {}, load("preprocessor_config.json")
     image = processor.get("image_processor") or pre
+    video = processor.get("video_processor") or load("video_preprocessor_config.json")
     if not image:
         raise FileNotFoundError(
             f"{directory}: no image processor settings (processor_config.json or preprocessor_config.json)"
@@ -71,7 +74,7 @@ def read_processing(directory: str, revision: str | None = None) -> tuple[dict, 
         raise FileNotFoundError(
             f"{directory}: no chat template (chat_template.jinja / .json, processor_config.json)"
         )
-    return image, seq_len, template
+    return image, seq_len, template, video
 
 
 def idefics3_config(
@@ -80,6 +83,7 @@ def idefics3_config(
     chat_template: str,
     image_seq_len: int | None = None,
     where: str = "config.json",
+    video: dict | None = None,
 ) -> VLMConfig:
     """Our VLMConfig for an Idefics3 config dict and its processor settings; unsupported settings
     are named."""
@@ -117,6 +121,17 @@ def idefics3_config(
     cfg.mp_pixel_shuffle_factor = scale
     cfg.mp_image_token_length = cfg.image_token_count
     settings = settings_from_processor(processor, f"{where}: image processor")
+    if video:  # frames are normalised as images are (core/video.py): other settings are named
+        cfg.vlm_video_processor = video_settings(video, f"{where}: video processor")
+        for key, ours in (("image_mean", settings["mean"]), ("image_std", settings["std"])):
+            if key in video and [float(x) for x in video[key]] != ours:
+                raise ValueError(
+                    f"{where}: video processor {key}={video[key]} differs from the image processor's"
+                )
+        if video.get("resample", settings["resample"]) != settings["resample"]:
+            raise ValueError(
+                f"{where}: video processor resample={video['resample']} differs from the image processor's"
+            )
     if settings["tile"] != cfg.vit_img_size:
         raise ValueError(
             f"{where}: max_image_size.longest_edge={settings['tile']} differs from the vision "
@@ -158,8 +173,8 @@ def load_idefics3(
     from .checkpoint import load_tokenizer
 
     hf = hf or read_hf_config(directory, revision)  # config.json, unless the caller has read it
-    image, seq_len, template = read_processing(directory, revision)
-    cfg = idefics3_config(hf, image, template, seq_len, os.path.join(directory, "config.json"))
+    image, seq_len, template, video = read_processing(directory, revision)
+    cfg = idefics3_config(hf, image, template, seq_len, os.path.join(directory, "config.json"), video)
     model = cls(cfg, load_backbone=False)
     source = TensorSource(directory, revision)
     table = idefics3_weight_table(cfg)

@@ -20,6 +20,7 @@ from core.config import check_context
 from core.processors import Batch, ImageProcessor, Tokenizer, prepare_batch
 from core.sampling import Sampler, SamplingConfig
 from core.sequence import Frame, next_frame, prompt_frame
+from core.video import Video, VideoSettings, read_video
 
 from .backend import Backend, Cache
 from .constraint import Constraint, Grammars
@@ -192,25 +193,28 @@ class VLMPipeline:
 
     def generate(
         self,
-        images: Any,
-        prompt: str,
+        images: Any = None,
+        prompt: str = "",
         max_new_tokens: int = 64,
         stop: list[str] | None = None,
         sampling: SamplingConfig | None = None,
+        video: Any = None,
         **constraint: Any,
     ) -> str:
-        """Answer `prompt` about `images` (one image or a list: paths, PIL images or file objects);
-        greedy unless `sampling` says otherwise. One of json_schema= (a dict or JSON text),
-        json_object=True, regex= or lark= makes the answer match it (runtime/constraint.py)."""
-        return "".join(self.stream(images, prompt, max_new_tokens, stop, sampling, **constraint))
+        """Answer `prompt` about `images` (one image or a list: paths, PIL images or file objects)
+        or a `video` (a file path, a core.video.Video, or a list of frames); greedy unless `sampling`
+        says otherwise. One of json_schema= (a dict or JSON text), json_object=True, regex= or lark=
+        makes the answer match it (runtime/constraint.py)."""
+        return "".join(self.stream(images, prompt, max_new_tokens, stop, sampling, video, **constraint))
 
     def stream(
         self,
-        images: Any,
-        prompt: str,
+        images: Any = None,
+        prompt: str = "",
         max_new_tokens: int = 64,
         stop: list[str] | None = None,
         sampling: SamplingConfig | None = None,
+        video: Any = None,
         **constraint: Any,
     ) -> Iterator[str]:
         """Like generate, yielding text as tokens arrive."""
@@ -220,7 +224,23 @@ class VLMPipeline:
             list(stop or []),
             constraint=Constraint.given(**constraint),
         )
-        yield from self._stream(self.prepare([_as_list(images)], [prompt]), request)
+        yield from self._stream(self.prepare([self.media(images, video)], [prompt]), request)
+
+    def load_video(self, video: Any) -> Video:
+        """A video file (frames sampled with the bundle's video settings), a Video, or a list of frames."""
+        if isinstance(video, Video):
+            return video
+        if isinstance(video, (list, tuple)):
+            return Video.from_frames(list(video), fps=VideoSettings.from_config(self.cfg).fps)
+        return read_video(video, VideoSettings.from_config(self.cfg))
+
+    def media(self, images: Any, video: Any = None) -> list[Any]:
+        """What one request shows the model: its images, or its one video."""
+        if video is None:
+            return [] if images is None else _as_list(images)
+        if images is not None and _as_list(images):
+            raise ValueError("give images or a video, not both")
+        return [self.load_video(video)]
 
     def chat(
         self,

@@ -19,8 +19,9 @@ skimage_data = pytest.importorskip("skimage.data")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *IMAGE_TOKENS]
 
 
-def write_idefics3(directory, tie: bool, seed: int = 0, layers: int = 2) -> None:
-    """A tiny random Idefics3 model and its processor, as transformers saves them."""
+def write_idefics3(directory, tie: bool, seed: int = 0, layers: int = 2, video: dict | None = None) -> None:
+    """A tiny random Idefics3 model and its processor, as transformers saves them (`video`: a
+    SmolVLM2 one with these video settings; tests/transformers_video.py)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,6 +39,7 @@ def write_idefics3(directory, tie: bool, seed: int = 0, layers: int = 2) -> None
             "How many red circles are there? There are 3.",
             "What colour is the square? blue",
             "User: Assistant:",
+            "You are provided the following series of frames from a video. Frame from 00:01:",
         ]
         * 20,
         trainer,
@@ -70,6 +72,7 @@ def write_idefics3(directory, tie: bool, seed: int = 0, layers: int = 2) -> None
         tie=tie,
         seed=seed,
         weight_scale=6.0,
+        video=video,
     )
 
 
@@ -91,7 +94,7 @@ def _inputs(directory, image):
 
 
 def _processing(directory):
-    image, seq_len, template = read_processing(directory)
+    image, seq_len, template, _ = read_processing(directory)
     return image, template, seq_len
 
 

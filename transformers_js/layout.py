@@ -114,7 +114,7 @@ def export_transformers_js(
     )
     model = VisionLanguageModel.from_pretrained(directory).eval()
     cfg = model.cfg
-    image, seq_len, template = read_processing(directory)
+    image, seq_len, template, _ = read_processing(directory)
     with staged_dir(out, prefix=".tmp-tjs-") as tmp:
         os.makedirs(os.path.join(tmp, "onnx"))
         graph = lambda name: os.path.join(tmp, "onnx", name)  # noqa: E731

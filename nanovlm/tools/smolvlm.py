@@ -31,17 +31,23 @@ def write_smolvlm(
     tie: bool = False,
     seed: int = 0,
     weight_scale: float = 1.0,
+    video: dict[str, Any] | None = None,
 ) -> None:
     """Save a random Idefics3ForConditionalGeneration and its Idefics3Processor to `out`.
 
     tokenizer: a PreTrainedTokenizerFast with eos/pad/bos set (IMAGE_TOKENS are added to it);
     vision / text: the SigLIP and Llama config fields; longest_edge: images are resized to it,
     then split into `tile`-pixel tiles; weight_scale multiplies every matrix (a tiny model's 0.02
-    init gives greedy answers of one repeated token)."""
+    init gives greedy answers of one repeated token). With `video` ({"fps", "max_frames", "size"}):
+    a SmolVLM2 checkpoint instead (SmolVLMForConditionalGeneration, SmolVLMProcessor with its video
+    processor; transformers builds that processor only where torchvision imports)."""
     import torch
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
+    if video is not None:
+        from transformers import SmolVLMConfig as Idefics3Config  # noqa: N814 - same fields
+        from transformers import SmolVLMForConditionalGeneration as Idefics3ForConditionalGeneration  # noqa: N814
     tokenizer.add_special_tokens({"additional_special_tokens": IMAGE_TOKENS})
     cfg = Idefics3Config(
         vision_config=dict(vision),
@@ -67,6 +73,34 @@ def write_smolvlm(
     images = Idefics3ImageProcessorPil(
         size={"longest_edge": longest_edge}, max_image_size={"longest_edge": tile}, do_image_splitting=True
     )
-    Idefics3Processor(
-        image_processor=images, tokenizer=tokenizer, image_seq_len=image_seq_len, chat_template=CHAT_TEMPLATE
+    if video is None:
+        Idefics3Processor(
+            image_processor=images,
+            tokenizer=tokenizer,
+            image_seq_len=image_seq_len,
+            chat_template=CHAT_TEMPLATE,
+        ).save_pretrained(out)
+        return
+    from transformers import SmolVLMProcessor
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+
+    frames = SmolVLMVideoProcessor(
+        video_sampling={
+            "fps": video["fps"],
+            "max_frames": video["max_frames"],
+            "video_size": {"longest_edge": video["size"]},
+        },
+        size={"longest_edge": video["size"]},
+        max_image_size={"longest_edge": tile},
+    )
+    images = SmolVLMImageProcessorPil(
+        size={"longest_edge": longest_edge}, max_image_size={"longest_edge": tile}, do_image_splitting=True
+    )
+    SmolVLMProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        video_processor=frames,
+        image_seq_len=image_seq_len,
+        chat_template=CHAT_TEMPLATE,
     ).save_pretrained(out)
