@@ -403,6 +403,20 @@ def run(
     help="Size of a request body.",
 )
 @click.option(
+    "--max-video-mb",
+    type=click.FloatRange(0, 4096, min_open=True),
+    default=16.0,
+    show_default=True,
+    help="Encoded size of one video (a video_url part).",
+)
+@click.option(
+    "--max-video-seconds",
+    type=click.FloatRange(0, 86400, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="Duration of one video, read from its header before decoding.",
+)
+@click.option(
     "--api-key",
     "api_keys",
     multiple=True,
@@ -456,9 +470,11 @@ def run(
 )
 @click.option(
     "--image-dir",
+    "--media-dir",
+    "image_dir",
     type=click.Path(exists=True, file_okay=False),
     default=None,
-    help="Allow file:// image URLs under this directory (off by default).",
+    help="Allow file:// image and video URLs under this directory (off by default).",
 )
 @click.option(
     "--prefill-chunk",
@@ -509,6 +525,8 @@ def serve(
     max_image_pixels: int,
     max_request_pixels: int,
     max_body_mb: float,
+    max_video_mb: float,
+    max_video_seconds: float,
     api_keys: tuple[str, ...],
     api_key_file: str | None,
     allowed_hosts: tuple[str, ...],
@@ -550,6 +568,8 @@ def serve(
         max_image_bytes=int(max_image_mb * mb),
         max_image_pixels=max_image_pixels,
         max_request_pixels=max_request_pixels,
+        max_video_bytes=int(max_video_mb * mb),
+        max_video_seconds=max_video_seconds,
         max_images=max_images,
         max_tokens=max_tokens,
         image_dir=image_dir,

@@ -132,12 +132,23 @@ def _av() -> Any:
     return av
 
 
-def probe(path: str | os.PathLike) -> StreamInfo:
-    """The first video stream's frame count, rate and size, from the container's header."""
+def _name(source: Any) -> str:
+    return "<video bytes>" if hasattr(source, "read") else os.fspath(source)
+
+
+def _open(av: Any, source: Any) -> Any:
+    if hasattr(source, "seek"):
+        source.seek(0)
+    return av.open(source if hasattr(source, "read") else os.fspath(source))
+
+
+def probe(source: str | os.PathLike | Any) -> StreamInfo:
+    """The first video stream's frame count, rate and size, from the container's header
+    (`source`: a path or a binary file object)."""
     av = _av()
-    name = os.fspath(path)
+    name = _name(source)
     try:
-        with av.open(name) as container:
+        with _open(av, source) as container:
             if not container.streams.video:
                 raise ValueError(f"{name}: holds no video stream")
             st = container.streams.video[0]
@@ -146,18 +157,18 @@ def probe(path: str | os.PathLike) -> StreamInfo:
         raise ValueError(f"{name}: not a readable video ({type(e).__name__})") from None
 
 
-def read_video(path: str | os.PathLike, s: VideoSettings, info: StreamInfo | None = None) -> Video:
+def read_video(source: str | os.PathLike | Any, s: VideoSettings, info: StreamInfo | None = None) -> Video:
     """Decode the frames sample_indices picks, as transformers' PyAV reader does (frame i of the
-    decoded stream, timestamp i / fps)."""
+    decoded stream, timestamp i / fps); `source` a path or a binary file object."""
     av = _av()
-    name = os.fspath(path)
-    info = info or probe(name)
+    name = _name(source)
+    info = info or probe(source)
     if info.frames < 1 or info.fps <= 0:
         raise ValueError(f"{name}: the stream does not say its frame count and rate")
     indices = sample_indices(info, s)
     wanted, frames = set(indices.tolist()), []
     try:
-        with av.open(name) as container:
+        with _open(av, source) as container:
             for i, frame in enumerate(container.decode(video=0)):
                 if i > indices[-1]:
                     break

@@ -42,10 +42,12 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from core.processors import check_image_tiles
+from core.video import VideoSettings
 from runtime.batching import PREFILL_POSITIONS, ContinuousBatcher, EngineConfig, Event, QueueFull
 from runtime.pipeline import GenerationRequest, VLMPipeline
 
 from .connections import connection_cap, guarded_protocol, raise_fd_limit
+from .media import open_media
 from .metrics import Metrics
 from .openai_api import (
     ApiError,
@@ -187,10 +189,9 @@ class Service:
                 check_image_tiles(self.pipe.cfg, chat.image_tiles)
             except ValueError as e:
                 raise ApiError(400, str(e), "image_tiles") from None
+        media = open_media(chat.media, self.limits, VideoSettings.from_config(self.pipe.cfg))
         try:
-            batch = self.pipe.prepare(
-                [chat.images], [chat.question], [chat.history], chat.system, chat.image_tiles
-            )
+            batch = self.pipe.prepare([media], [chat.question], [chat.history], chat.system, chat.image_tiles)
         except ValueError as e:
             raise ApiError(400, str(e), "messages") from None
         n = self.engine.prompt_length(batch)

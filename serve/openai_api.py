@@ -6,19 +6,12 @@ own. Every refusal is an `ApiError` carrying the HTTP status and OpenAI's error 
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-import os
 import re
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
-from core.processors import load_image
 from core.sampling import SamplingConfig
 from runtime.constraint import Constraint
 
@@ -68,11 +61,13 @@ class RequestLimits:
     max_body_bytes: int = 16 * 1024 * 1024
     max_image_bytes: int = 8 * 1024 * 1024  # decoded bytes of one image
     max_image_pixels: int = 4096 * 4096
-    max_request_pixels: int = 48 * 2**20  # all of a request's images together: 144 MB as 8-bit RGB
+    max_request_pixels: int = 48 * 2**20  # all of a request's images (or frames) together: 144 MB as RGB
+    max_video_bytes: int = 16 * 1024 * 1024  # encoded bytes of one video
+    max_video_seconds: float = 300.0  # a video's duration, from its header
     max_images: int = 4
     max_tokens: int = 256  # when the request names none
     max_stop: int = 4
-    image_dir: str | None = None  # file:// images allowed only under this directory
+    image_dir: str | None = None  # file:// images and videos allowed only under this directory
     image_tiles: int | None = None  # resolution budget: the default and the most a request may ask
 
 
@@ -80,7 +75,7 @@ class RequestLimits:
 class ChatRequest:
     """A validated chat request in our terms."""
 
-    images: list[Image.Image]
+    media: list[MediaRef]  # read by serve/media.py once every field is checked
     question: str
     history: list[tuple[str, str]]
     system: str | None
@@ -100,23 +95,25 @@ class ChatRequest:
 
 
 def parse_chat(body: Any, limits: RequestLimits) -> ChatRequest:
-    """Validate an OpenAI chat-completions body; images are opened (and size-checked) here."""
+    """Validate an OpenAI chat-completions body; its images and videos are named, sized from their
+    URLs, and left unread (serve/media.py opens them)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
-    system, turns, urls = None, [], []
+    system, turns, media = None, [], []
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
             raise ApiError(400, f"{where} must be an object", where)
         role = msg.get("role")
         text, imgs = _content(msg.get("content"), f"{where}.content", limits)
-        if len(urls) + len(imgs) > limits.max_images:  # counted before any image is read
+        count = sum(m.kind == "image" for m in media + imgs)
+        if count > limits.max_images:  # counted before any image is read
             raise ApiError(
                 400,
-                f"at least {len(urls) + len(imgs)} images in one request; the limit is {limits.max_images}",
+                f"at least {count} images in one request; the limit is {limits.max_images}",
                 f"{where}.content",
             )
         if role in ("system", "developer"):
@@ -131,11 +128,15 @@ def parse_chat(body: Any, limits: RequestLimits) -> ChatRequest:
         if turns and turns[-1][0] == role:
             raise ApiError(400, f"{where}: user and assistant messages must alternate", where)
         if role == "assistant" and imgs:
-            raise ApiError(400, f"{where}: an assistant message cannot hold images", where)
+            raise ApiError(400, f"{where}: an assistant message cannot hold images or videos", where)
         if role == "assistant" and not turns:
             raise ApiError(400, f"{where}: the conversation must start with a user message", where)
-        urls += imgs
+        media += imgs
         turns.append((role, text))
+    if any(m.kind == "video" for m in media) and len(media) > 1:
+        raise ApiError(
+            400, "a video goes alone: no other video or image beside it in one request", "messages"
+        )
     if not turns or turns[-1][0] != "user":
         raise ApiError(400, "the last message must be a user message", "messages")
     if not turns[-1][1].strip():
@@ -186,7 +187,7 @@ def parse_chat(body: Any, limits: RequestLimits) -> ChatRequest:
         _image_tiles(body, limits),
     )
     return ChatRequest(
-        images=open_images(urls, limits),  # last: every other field is checked before any decoding
+        media=media,
         question=turns[-1][1],
         history=history,
         system=system,
@@ -292,124 +293,55 @@ def _number(value: Any, name: str, low: float, high: float) -> float:
     return float(value)
 
 
-def _content(content: Any, where: str, limits: RequestLimits) -> tuple[str, list[tuple[str, str]]]:
-    """A message's text (parts joined with newlines) and its image URLs with where they stand."""
+@dataclass(frozen=True)
+class MediaRef:
+    """An image or video a request names, not read yet (serve/media.py opens it)."""
+
+    url: str
+    where: str  # the part's place in the request, for messages
+    kind: str  # "image" or "video"
+
+
+def check_url(ref: MediaRef, limits: RequestLimits) -> None:
+    """What a URL shows without reading anything: its scheme, control characters, and for a data:
+    URL its size."""
+    url, where = ref.url, ref.where
+    limit = limits.max_image_bytes if ref.kind == "image" else limits.max_video_bytes
+    if url.startswith("data:"):
+        head, _, data = url.partition(",")
+        if any(ord(c) < 32 for c in head) or ";base64" not in head:
+            raise ApiError(400, f"{where}: only base64 data: URLs are supported", where)
+        if len(data) * 3 // 4 > limit:
+            raise ApiError(413, f"{where}: {ref.kind} is over {limit} bytes", where)
+    elif any(ord(c) < 32 for c in url):
+        raise ApiError(400, f"{where}: the {ref.kind} URL holds control characters", where)
+
+
+def _content(content: Any, where: str, limits: RequestLimits) -> tuple[str, list[MediaRef]]:
+    """A message's text (parts joined with newlines) and its images and videos, in order, unread."""
     if isinstance(content, str):
         return content, []
     if not isinstance(content, list):
         raise ApiError(400, f"{where} must be a string or a list of content parts", where)
-    texts, images = [], []
+    texts, media = [], []
     for j, part in enumerate(content):
         at = f"{where}[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        elif kind == "image_url":
-            url = part.get("image_url")
+        elif kind in ("image_url", "video_url"):
+            url = part.get(kind)
             url = url.get("url") if isinstance(url, dict) else url
             if not isinstance(url, str):
-                raise ApiError(400, f"{at}.image_url.url must be a string", at)
-            _check_url(url, at, limits)
-            images.append((url, at))
+                raise ApiError(400, f"{at}.{kind}.url must be a string", at)
+            ref = MediaRef(url, at, kind.split("_")[0])
+            check_url(ref, limits)
+            media.append(ref)
         else:
-            raise ApiError(400, f"{at}: expected a part of type 'text' (with text) or 'image_url'", at)
-    return "\n".join(texts), images
-
-
-def open_images(urls: list[tuple[str, str]], limits: RequestLimits) -> list[Image.Image]:
-    """The request's images, opened only after the whole request is within its budgets: the count,
-    then each image's encoded size, then the pixels its header declares, each and all together;
-    only then is any image decoded."""
-    if len(urls) > limits.max_images:
-        raise ApiError(
-            400, f"{len(urls)} images in one request; the limit is {limits.max_images}", "messages"
-        )
-    sources = [(_image_source(url, where, limits), where) for url, where in urls]
-    headers, total = [], 0
-    for source, where in sources:
-        img = _image_header(source, where)
-        w, h = img.size
-        if w * h > limits.max_image_pixels:
             raise ApiError(
-                400,
-                f"{where}: image is {w}x{h} = {w * h} pixels, above the limit of {limits.max_image_pixels}",
-                where,
+                400, f"{at}: expected a part of type 'text' (with text), 'image_url' or 'video_url'", at
             )
-        total += w * h
-        if total > limits.max_request_pixels:
-            raise ApiError(
-                400,
-                f"{where}: the request's images hold {total} pixels so far, above the limit of "
-                f"{limits.max_request_pixels} per request",
-                where,
-            )
-        headers.append((img, where))
-    images = []
-    for img, where in headers:
-        try:
-            images.append(load_image(img, max_pixels=limits.max_image_pixels))
-        except (ValueError, OSError) as e:
-            raise ApiError(400, f"{where}: {e}", where) from None
-    return images
-
-
-def _check_url(url: str, where: str, limits: RequestLimits) -> None:
-    """What a URL shows without reading anything: its scheme, control characters, and for a data:
-    URL its size."""
-    if url.startswith("data:"):
-        head, _, data = url.partition(",")
-        if any(ord(c) < 32 for c in head) or ";base64" not in head:
-            raise ApiError(400, f"{where}: only base64 data: URLs are supported", where)
-        if len(data) * 3 // 4 > limits.max_image_bytes:
-            raise ApiError(413, f"{where}: image is over {limits.max_image_bytes} bytes", where)
-    elif any(ord(c) < 32 for c in url):
-        raise ApiError(400, f"{where}: the image URL holds control characters", where)
-
-
-def _image_source(url: str, where: str, limits: RequestLimits) -> Any:
-    """The encoded image behind a URL (bytes in a file object, or a confined path), its size checked.
-    Only data: URLs and, when the operator allows a directory, file:// paths inside it: nothing is
-    fetched from the network."""
-    if url.startswith("data:"):
-        data = url.partition(",")[2]
-        try:
-            return io.BytesIO(base64.b64decode(data, validate=True))
-        except (binascii.Error, ValueError):
-            raise ApiError(400, f"{where}: the data: URL is not valid base64", where) from None
-    if url.startswith("file://"):
-        if not limits.image_dir:
-            raise ApiError(
-                400, f"{where}: file:// images are off (the server allows them with --image-dir)", where
-            )
-        given = url[len("file://") :]
-        path = os.path.realpath(given)
-        root = os.path.realpath(limits.image_dir)
-        # messages name the path as the client gave it, never where a link resolves to
-        if os.path.commonpath([path, root]) != root:
-            raise ApiError(400, f"{where}: {given} is outside the allowed image directory", where)
-        if not os.path.isfile(path):
-            raise ApiError(400, f"{where}: no such image file {given}", where)
-        if os.path.getsize(path) > limits.max_image_bytes:
-            raise ApiError(413, f"{where}: image is over {limits.max_image_bytes} bytes", where)
-        return path
-    raise ApiError(
-        400,
-        f"{where}: only data: URLs (or allowed file:// paths) are accepted; the server "
-        "fetches nothing from the network",
-        where,
-    )
-
-
-def _image_header(source: Any, where: str) -> Image.Image:
-    """The image opened lazily: its header read (format, size), no pixel decoded yet."""
-    try:
-        return Image.open(source)
-    except Image.DecompressionBombError:
-        raise ApiError(400, f"{where}: refused as a decompression bomb", where) from None
-    except (UnidentifiedImageError, OSError):
-        raise ApiError(
-            400, f"{where}: not a readable image (PNG, JPEG, WebP, GIF, BMP, TIFF)", where
-        ) from None
+    return "\n".join(texts), media
 
 
 def json_depth(value: Any, limit: int) -> int:

@@ -128,3 +128,76 @@ def test_a_file_that_is_not_a_video_is_one_line(tmp_path, tiny_tokenizer_dir):
     )
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [f"Error: {bad}: not a readable video (InvalidDataError)"]
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+def _video_part(path: str) -> dict:
+    import base64
+
+    with open(path, "rb") as f:
+        url = "data:video/mp4;base64," + base64.b64encode(f.read()).decode()
+    return {"type": "video_url", "video_url": {"url": url}}
+
+
+def test_the_server_answers_a_video_url_like_the_runtime(tiny_tokenizer_dir, tmp_path):
+    """A video_url part (data: URL, or file:// under --media-dir) answers as pipe.generate(video=...);
+    a second request with the same video reuses its frames (the prefix cache says so); budgets on
+    duration, frame pixels and mixing refuse before any frame is decoded."""
+    import openai
+
+    from serve.process import ServerProcess
+
+    bundle = export_lively("replace", tiny_tokenizer_dir, tmp_path)[1]
+    media = tmp_path / "media"
+    media.mkdir()
+    clip = write_clip(str(media / "clip.mp4"), camera_frames(40, size=(48, 40)), fps=10)
+    long_clip = write_clip(
+        str(tmp_path / "long.mp4"), camera_frames(200, size=(48, 40), moving=False), fps=10
+    )
+    big = write_clip(str(tmp_path / "big.mp4"), camera_frames(4, size=(640, 480), moving=False), fps=2)
+    pipe = VLMPipeline.from_bundle(bundle)
+    expected = pipe.generate(video=clip, prompt="What happens?", max_new_tokens=8)
+    with ServerProcess(
+        bundle, "--media-dir", str(media), "--max-video-seconds", "10", "--max-image-pixels", "100000"
+    ) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+        def ask(part, text="What happens?"):
+            return c.chat.completions.create(
+                model="x",
+                max_tokens=8,
+                messages=[{"role": "user", "content": [part, {"type": "text", "text": text}]}],
+            )
+
+        first = ask(_video_part(clip))
+        assert first.choices[0].message.content == expected
+        again = ask({"type": "video_url", "video_url": {"url": f"file://{clip}"}})
+        assert again.choices[0].message.content == expected
+        assert again.usage.prompt_tokens_details.cached_tokens >= again.usage.prompt_tokens - 8
+        for part, words in [
+            (_video_part(long_clip), "over 10 s"),
+            (_video_part(big), "above the limit of 100000 pixels"),
+            (
+                {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,aGVsbG8="}},
+                "not a readable video",
+            ),
+            ({"type": "video_url", "video_url": {"url": f"file://{long_clip}"}}, "outside the allowed"),
+        ]:
+            with pytest.raises(openai.BadRequestError, match=words):
+                ask(part)
+        with pytest.raises(openai.BadRequestError, match="a video goes alone"):
+            c.chat.completions.create(
+                model="x",
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            _video_part(clip),
+                            {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}},
+                            {"type": "text", "text": "x"},
+                        ],
+                    }
+                ],
+            )
