@@ -416,15 +416,22 @@ class Batch:
     prompts: list[str]
     image_tiles: list[int] = field(default_factory=list)  # tiles of each image, in order
     image_keys: list[str] = field(default_factory=list)  # image_key of each image's tiles, in order
+    view_keys: list[str] = field(default_factory=list)  # image_key of each view [1, 3, S, S], in order
 
 
 def image_key(pixels: np.ndarray) -> str:
-    """A hash of one image's preprocessed tiles [N, 3, S, S]: what the vision encoder sees, so it
-    covers the decoded pixels and every processor setting (size, tiling, normalisation)."""
+    """A hash of preprocessed views [N, 3, S, S]: what the vision encoder sees, so it covers the
+    decoded pixels and every processor setting (size, tiling, normalisation)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(repr((pixels.shape, pixels.dtype.str)).encode())
     h.update(np.ascontiguousarray(pixels).data)
     return h.hexdigest()
+
+
+def view_keys(pixels: np.ndarray) -> list[str]:
+    """image_key of each view of [N, 3, S, S]: views are what caches reuse one by one (a frame
+    whose scene moved in one tile keeps the others)."""
+    return [image_key(pixels[i : i + 1]) for i in range(pixels.shape[0])]
 
 
 def media_views(
@@ -458,7 +465,7 @@ def prepare_batch(
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
     histories = histories or [[] for _ in prompts]
-    rows, tiles, texts, keys = [], [], [], []
+    rows, tiles, texts, keys, views = [], [], [], [], []
     for sample_images, prompt, history in zip(images, prompts, histories, strict=True):
         videos = [v for v in sample_images if isinstance(v, Video)]
         if videos and len(sample_images) != 1:
@@ -470,7 +477,8 @@ def prepare_batch(
         grids = []
         for pixels, grid in media_views(cfg, image_processor, sample_images):
             tiles.append(pixels)
-            keys.append(image_key(pixels))
+            views.append(view_keys(pixels))
+            keys.append(hashlib.blake2b("".join(views[-1]).encode(), digest_size=16).hexdigest())
             grids.append(grid)
         text = format_prompt(cfg, prompt, grids, history, system, video)
         texts.append(text)
@@ -478,4 +486,4 @@ def prepare_batch(
     ids, mask = left_pad(rows, tokenizer.pad_token_id)
     size = cfg.vit_img_size
     pixel_values = np.concatenate(tiles) if tiles else np.zeros((0, 3, size, size), np.float32)
-    return Batch(ids, mask, pixel_values, texts, [t.shape[0] for t in tiles], keys)
+    return Batch(ids, mask, pixel_values, texts, [t.shape[0] for t in tiles], keys, sum(views, []))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from core.config import VLMConfig
-from core.processors import Batch, image_key
+from core.processors import Batch, view_keys
 
 
 @dataclass
@@ -67,9 +67,9 @@ class Prompt:
     ids: np.ndarray  # [S] int64; image slots (slot_id) where image rows go
     slot_id: int
     hidden: int
-    image_keys: list[str] = field(default_factory=list)  # one per image, in order
-    image_tiles: list[int] = field(default_factory=list)  # tiles of each image, in order
-    image_slots: list[int] = field(default_factory=list)  # slots each image fills, in order
+    image_keys: list[str] = field(default_factory=list)  # one per view (from_batch), in order
+    image_tiles: list[int] = field(default_factory=list)  # views under each key, in order
+    image_slots: list[int] = field(default_factory=list)  # slots each key's views fill, in order
     rows: np.ndarray | None = None  # [R, hidden] once the images are encoded
     # who may share cached work with it (a tenant and cache_salt digest; b"": everyone): the root
     # of its prefix-cache keys and a prefix of its image keys, so no entry crosses scopes
@@ -77,20 +77,20 @@ class Prompt:
 
     @classmethod
     def from_batch(cls, cfg: VLMConfig, batch: Batch, scope: bytes = b"") -> Prompt:
-        """A one-row batch (prepare_batch's) as a Prompt; its images still to encode."""
+        """A one-row batch (prepare_batch's) as a Prompt; its images still to encode. Its unit is the
+        view: one key, one tile and one image's worth of slots per view, so caches reuse views."""
         if batch.input_ids.shape[0] != 1:
             raise ValueError(f"a Prompt is one request, got a batch of {batch.input_ids.shape[0]}")
         ids = batch.input_ids[0][batch.attention_mask[0] == 1].astype(np.int64)
-        tiles = batch.image_tiles or ([batch.pixel_values.shape[0]] if batch.pixel_values.shape[0] else [])
-        keys = batch.image_keys or [image_key(batch.pixel_values)] * bool(tiles)  # a batch made by hand
+        keys = batch.view_keys or view_keys(batch.pixel_values)  # a batch made by hand
         if scope:
             keys = [f"{scope.hex()}/{k}" for k in keys]
-        if cfg.image_placement == "prefix" and tiles:
+        if cfg.image_placement == "prefix" and keys:
             ids = np.concatenate([np.full(cfg.mp_image_token_length, -1, np.int64), ids])
-        slot = cfg.image_slot_id
-        per_tile = cfg.image_token_count
-        slots = [t * per_tile for t in tiles]
-        return cls(ids, slot, cfg.lm_hidden_dim, list(keys), list(tiles), slots, scope=scope)
+        n, per_view = len(keys), cfg.image_token_count
+        return cls(
+            ids, cfg.image_slot_id, cfg.lm_hidden_dim, list(keys), [1] * n, [per_view] * n, scope=scope
+        )
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])

@@ -72,6 +72,8 @@ class Ticket:
     on_event: Callable[[Event], None]
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt positions whose KV came from the prefix cache
+    views: int = 0  # views (image tiles, video frames) the prompt shows
+    encoded_views: int = 0  # of them, those the vision encoder ran on (the rest came from the cache)
     first_token: float | None = None
     finished: float | None = None
     cancelled: bool = False
@@ -335,6 +337,7 @@ class ContinuousBatcher:
         reused = self.prefix_cache.lookup(prompt, keys) if self.prefix_cache.max_bytes else []
         a = _Admission(ticket, prompt, keys, reused)
         ticket.cached_tokens = self.prefix_cache.positions(reused)
+        ticket.views = len(prompt.image_keys)
         # image rows are needed only for slots after the reused positions
         needed = int((prompt.ids[ticket.cached_tokens :] == prompt.slot_id).sum())
         embeds = [self.image_cache.get(k) for k in prompt.image_keys] if needed else []
@@ -378,23 +381,26 @@ class ContinuousBatcher:
                 self.cond.notify_all()
 
     def _encode(self, a: _Admission) -> np.ndarray | None:
-        """[slots, hidden] rows of every image of `a`'s prompt, cached ones taken from the cache."""
+        """[slots, hidden] rows of every view of `a`'s prompt: cached views from the cache, the
+        others encoded `encode_tiles` at a time (consecutive ones together) and cached."""
         pixels, p, step = a.ticket.batch.pixel_values, a.prompt, self.config.encode_tiles
-        out, first = [], 0
-        for key, n in zip(p.image_keys, p.image_tiles, strict=True):
-            embeds = self.image_cache.get(key)
-            if embeds is None:
-                pieces = []
-                for i in range(first, first + n, step):
-                    if a.ticket.cancelled:
-                        return None
-                    pieces.append(self.backend.encode_images(pixels[i : min(i + step, first + n)]))
-                    self.stats.encoded_tiles += pieces[-1].shape[0]
-                embeds = np.concatenate(pieces)
-                self.image_cache.put(key, embeds)
-            out.append(embeds.reshape(-1, p.hidden))
-            first += n
-        return np.concatenate(out) if out else np.zeros((0, p.hidden), np.float32)
+        embeds: list[np.ndarray | None] = [self.image_cache.get(k) for k in p.image_keys]
+        todo = [i for i, e in enumerate(embeds) if e is None]
+        while todo:
+            run = [todo[0]]  # consecutive uncached views, at most `step`
+            while len(run) < step and len(run) < len(todo) and todo[len(run)] == run[-1] + 1:
+                run.append(todo[len(run)])
+            if a.ticket.cancelled:
+                return None
+            out = self.backend.encode_images(pixels[run[0] : run[-1] + 1])  # [len(run), tokens, hidden]
+            for i, e in zip(run, out, strict=True):
+                embeds[i] = e[None]
+                self.image_cache.put(p.image_keys[i], embeds[i])
+            self.stats.encoded_tiles += len(run)
+            a.ticket.encoded_views += len(run)
+            todo = todo[len(run) :]
+        rows = [e.reshape(-1, p.hidden) for e in embeds if e is not None]
+        return np.concatenate(rows) if rows else np.zeros((0, p.hidden), np.float32)
 
     # ------------------------------------------------------------------ prefill: a piece or a group per loop
     def _prefill_step(self) -> None:

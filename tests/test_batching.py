@@ -62,7 +62,8 @@ def test_a_burst_is_prefilled_together(pipe):
     alone = [p.generate([image], q, max_new_tokens=6) for q in questions]
     engine = ContinuousBatcher(p, config=EngineConfig(max_batch=4, prefix_cache_mb=0))
     batches = [p.prepare([[image]], [q]) for q in questions]
-    engine.image_cache.put(batches[0].image_keys[0], p.encode_images(batches[0].pixel_values))
+    for key, embeds in zip(batches[0].view_keys, p.encode_images(batches[0].pixel_values), strict=True):
+        engine.image_cache.put(key, embeds[None])
     got = [_Collector() for _ in questions]
     for b, c in zip(batches, got, strict=True):
         engine.submit(b, GenerationRequest(6), c)
