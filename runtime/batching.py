@@ -42,6 +42,7 @@ from core.sequence import Frame, Prompt, prompt_positions
 from .constraint import Matcher
 from .image_cache import ImageCache
 from .kv_cache import KVCache
+from .near_views import NearViews, pixel_level
 from .pipeline import GenerationRequest, TextStream, VLMPipeline
 from .prefix_cache import PrefixCache, block_keys
 
@@ -193,12 +194,15 @@ class EngineConfig:
     prefix_cache_mb: float = 512.0  # prompt KV kept (0: off)
     encode_tiles: int = 1  # tiles per vision-encoder call (the encoder thread checks cancellation between)
     prefix_block: int = 32  # positions per prefix-cache block
+    # a view within this mean absolute difference (8-bit levels) of the same view of its scope's last
+    # frame reuses that view's embeddings and KV (runtime/near_views.py); 0: only identical views
+    reuse_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "prefill_chunk", "encode_tiles", "prefix_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        for name in ("image_cache_mb", "prefix_cache_mb"):
+        for name in ("image_cache_mb", "prefix_cache_mb", "reuse_threshold"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be 0 or more")
 
@@ -221,6 +225,7 @@ class ContinuousBatcher:
         self.max_context = self.backend.max_context
         self.image_cache = ImageCache(int(c.image_cache_mb * 2**20))
         self.prefix_cache = PrefixCache(pipeline.bundle.kv, int(c.prefix_cache_mb * 2**20), c.prefix_block)
+        self.near = NearViews(c.reuse_threshold, pixel_level(pipeline.cfg)) if c.reuse_threshold else None
         self.waiting: deque[Ticket] = deque()
         self.admitting: list[_Admission] = []  # FIFO: rows taken, not yet in the batch
         self.to_encode: deque[_Admission] = deque()
@@ -333,6 +338,9 @@ class ContinuousBatcher:
             self._finish(ticket, "cancelled")
             return
         prompt = Prompt.from_batch(self.pipe.cfg, ticket.batch, ticket.request.cache_scope)
+        if self.near is not None and prompt.image_keys:  # near views take the last frame's keys
+            pixels, cached = ticket.batch.pixel_values, self.image_cache.entries
+            prompt.image_keys = self.near.snap(prompt.scope, prompt.image_keys, pixels, cached)
         keys = block_keys(prompt, self.prefix_cache.block) if self.prefix_cache.max_bytes else []
         reused = self.prefix_cache.lookup(prompt, keys) if self.prefix_cache.max_bytes else []
         a = _Admission(ticket, prompt, keys, reused)
