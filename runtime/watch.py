@@ -191,7 +191,7 @@ def watch(
             if engine is None:
                 engine = engine_for(pipe, frame.image, reuse_threshold, max_new_tokens)
                 engine.start()
-            line = _answer(pipe, engine, frame, prompt, max_new_tokens, constraint)
+            line = answer_frame(pipe, engine, frame, prompt, max_new_tokens, constraint)
             line["lag_s"] = (
                 round(time.monotonic() - started - frame.t, 3) if realtime and frames.is_file else None
             )
@@ -203,14 +203,15 @@ def watch(
             engine.stop(5)
 
 
-def _answer(
+def answer_frame(
     pipe: VLMPipeline,
     engine: ContinuousBatcher,
     frame: Frame,
     prompt: str,
     n: int,
-    constraint: Constraint | None,
+    constraint: Constraint | None = None,
 ) -> dict[str, Any]:
+    """One frame through the engine: its answer, timings and how many of its views were reused."""
     t0 = time.perf_counter()
     batch = pipe.prepare([[frame.image]], [prompt])
     done, parts, first = threading.Event(), [], []

@@ -372,6 +372,7 @@ def create_app(config: ServeConfig, load_in_background: bool = True, bind_host: 
                 e.completion_tokens,
                 ticket.cached_tokens,
                 logprobs=service.logprobs(chat, entries),
+                views=views(ticket),
             )
         )
 
@@ -416,6 +417,11 @@ def create_app(config: ServeConfig, load_in_background: bool = True, bind_host: 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.service = service
     return Guard(app, config.security, bind_host, service.metrics.count_response, ROUTES)
+
+
+def views(ticket: Any) -> tuple[int, int]:
+    """(views the prompt shows, of them reused from the image cache)."""
+    return ticket.views, ticket.views - ticket.encoded_views
 
 
 GENERATION_FAILED = ApiError(500, "generation failed (the server logged why)")
@@ -466,7 +472,14 @@ async def _sse(
             yield data(chunk(cid, name, {}, e.finish))
             if chat.include_usage:
                 yield data(
-                    usage_chunk(cid, name, ticket.prompt_tokens, e.completion_tokens, ticket.cached_tokens)
+                    usage_chunk(
+                        cid,
+                        name,
+                        ticket.prompt_tokens,
+                        e.completion_tokens,
+                        ticket.cached_tokens,
+                        views(ticket),
+                    )
                 )
         yield "data: [DONE]\n\n"
     finally:

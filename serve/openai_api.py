@@ -377,6 +377,7 @@ def completion(
     completion_tokens: int,
     cached_tokens: int = 0,
     logprobs: list[dict] | None = None,
+    views: tuple[int, int] | None = None,
 ) -> dict:
     choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
     return {
@@ -385,7 +386,7 @@ def completion(
         "created": int(time.time()),
         "model": model,
         "choices": [choice | {"logprobs": _logprob_field(logprobs)}],
-        "usage": usage(prompt_tokens, completion_tokens, cached_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached_tokens, views),
     }
 
 
@@ -412,18 +413,29 @@ def _logprob_field(content: list[dict] | None) -> dict | None:
 
 
 def usage_chunk(
-    cid: str, model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    cid: str,
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int = 0,
+    views: tuple[int, int] | None = None,
 ) -> dict:
-    return _chunk(cid, model, []) | {"usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
+    return _chunk(cid, model, []) | {"usage": usage(prompt_tokens, completion_tokens, cached_tokens, views)}
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    """OpenAI's usage object; cached_tokens: prompt positions whose KV came from the prefix cache."""
+def usage(
+    prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, views: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """OpenAI's usage object; cached_tokens: prompt positions whose KV came from the prefix cache;
+    `views` (an extension, when the prompt shows images): (views, of them reused from the cache)."""
+    details: dict[str, Any] = {"cached_tokens": cached_tokens}
+    if views and views[0]:
+        details |= {"image_views": views[0], "reused_image_views": views[1]}
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        "prompt_tokens_details": details,
     }
 
 

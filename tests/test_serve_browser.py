@@ -69,3 +69,75 @@ def test_page_streams_an_answer_about_a_picture(tiny_tokenizer_dir, tmp_path):
     assert status.startswith("done"), (status, answer)
     assert answer == expected and expected.strip()
     assert Image.open(shot).size[0] > 0
+
+
+def _y4m(path, frames) -> str:
+    """A fake camera's file: raw YUV 4:2:0 frames in a YUV4MPEG2 stream (chromium loops it)."""
+    import av
+
+    h, w = frames[0].shape[:2]
+    with av.open(str(path), "w", format="yuv4mpegpipe") as container:
+        stream = container.add_stream("rawvideo", rate=10)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return str(path)
+
+
+def test_camera_mode_answers_the_newest_frame_beside_the_live_picture(tiny_tokenizer_dir, tmp_path):
+    """Headless chromium with a fake camera fed from a file of a still scene: camera mode sends frame
+    after frame as answers come back; each answer streams beside the live picture with its latency,
+    and from the second frame on every view comes from the server's cache."""
+    pytest.importorskip("av")
+    import re
+
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    import numpy as np
+
+    bundle = (
+        os.environ.get("NANOVLM_SERVE_BUNDLE") or export_lively("replace", tiny_tokenizer_dir, tmp_path)[1]
+    )
+    sample = ShapesDataset("test")[0]  # a built-in scene (the demo model's domain), held still
+    scene = np.asarray(sample.image.convert("RGB").resize((160, 120)))
+    fake = _y4m(tmp_path / "camera.y4m", [scene] * 10)
+    opts = Options()
+    opts.binary_location = CHROMIUM
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=900,900",
+        "--use-fake-device-for-media-stream",
+        "--use-fake-ui-for-media-stream",
+        f"--use-file-for-fake-video-capture={fake}",
+    ):
+        opts.add_argument(arg)
+    with Server(bundle) as server:
+        driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+        try:
+            driver.get(server.url + "/")
+            driver.find_element(By.ID, "question").send_keys(sample.question)
+            driver.find_element(By.ID, "camera").click()
+            stats = lambda d: d.find_element(By.ID, "camera-stats").text  # noqa: E731
+            WebDriverWait(driver, 60).until(lambda d: "frame answered" in stats(d) or "failed" in stats(d))
+            first = stats(driver)
+            WebDriverWait(driver, 60).until(lambda d: stats(d) != first and "frame answered" in stats(d))
+            later = stats(driver)
+            answer = driver.find_element(By.ID, "camera-answer").get_attribute("textContent")
+            assert driver.find_element(By.ID, "live").get_property("videoWidth") == 160
+            shot = os.environ.get("NANOVLM_CAMERA_SCREENSHOT") or str(tmp_path / "camera.png")
+            assert driver.save_screenshot(shot)
+            driver.find_element(By.ID, "camera").click()  # stop
+        finally:
+            driver.quit()
+    assert "frame answered" in first, first
+    reused, views = map(int, re.search(r"views reused (\d+) of (\d+)", later).groups())
+    assert views > 0 and reused == views, later
+    assert answer.strip()
