@@ -30,7 +30,7 @@ from PIL import Image
 
 from .batching import ContinuousBatcher, EngineConfig, Event
 from .constraint import Constraint
-from .pipeline import GenerationRequest, VLMPipeline
+from .pipeline import GenerationRequest, TextStream, VLMPipeline
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def watch(
                 and np.abs(thumb - last_thumb).mean() <= on_change
             ):
                 continue
-            if engine is None:
+            if engine is None and pipe.backend.device == "cpu":  # the engine moves KV on the host
                 engine = engine_for(pipe, frame.image, reuse_threshold, max_new_tokens)
                 engine.start()
             line = answer_frame(pipe, engine, frame, prompt, max_new_tokens, constraint)
@@ -205,15 +205,39 @@ def watch(
 
 def answer_frame(
     pipe: VLMPipeline,
-    engine: ContinuousBatcher,
+    engine: ContinuousBatcher | None,
     frame: Frame,
     prompt: str,
     n: int,
     constraint: Constraint | None = None,
 ) -> dict[str, Any]:
-    """One frame through the engine: its answer, timings and how many of its views were reused."""
+    """One frame through the engine: its answer, timings and how many of its views were reused.
+    Without an engine (a GPU backend: TensorRT, CUDA) the pipeline answers it whole, reusing nothing."""
     t0 = time.perf_counter()
     batch = pipe.prepare([[frame.image]], [prompt])
+    if engine is None:
+        stream, text, request = (
+            TextStream(pipe.tokenizer, []),
+            "",
+            GenerationRequest(n, constraint=constraint),
+        )
+        for token in pipe.generate_ids(batch, request):
+            delta, done = stream.push(int(token[0]))
+            text += delta
+            if done:
+                break
+        t = pipe.last_timings
+        return {
+            "t": round(frame.t, 3),
+            "frame": frame.index,
+            "answer": text + stream.flush(),
+            "finish_reason": "length" if t.new_tokens >= n else "stop",
+            "ttft_s": round(t.time_to_first_token_s, 4),
+            "total_s": round(time.perf_counter() - t0, 4),
+            "views": int(batch.pixel_values.shape[0]),
+            "reused_views": 0,
+            "cached_tokens": 0,
+        }
     done, parts, first = threading.Event(), [], []
 
     def on_event(e: Event) -> None:

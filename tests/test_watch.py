@@ -160,3 +160,17 @@ def test_the_server_reuses_near_views_of_successive_frames(setup):
                 r = c.chat.completions.create(model="x", messages=[user(PROMPT, img)], max_tokens=3)
             cached[threshold] = (r.usage.prompt_tokens_details.cached_tokens, r.usage.prompt_tokens)
     assert cached["0"][0] < 32 <= cached["6"][0], cached
+
+
+def test_without_the_engine_a_frame_is_answered_whole(setup):
+    """GPU backends have no engine (it moves KV on the host): a frame is answered by the pipeline,
+    all views encoded, the same answer."""
+    from runtime.watch import Frame, answer_frame
+
+    pipe, _, _ = setup
+    img = Image.fromarray(camera_frames(1)[0])
+    line = answer_frame(pipe, None, Frame(img, 0.0, 0), PROMPT, 6)
+    assert line["answer"] == pipe.generate([img], PROMPT, max_new_tokens=6)
+    assert (
+        line["reused_views"] == 0 and line["views"] == pipe.prepare([[img]], [PROMPT]).pixel_values.shape[0]
+    )
