@@ -13,7 +13,8 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 from onnx import helper
-from tqdm import tqdm
+
+from core.progress import progress
 
 from .nbits import tied_head, weight_matmuls
 
@@ -41,7 +42,7 @@ def channel_stats(
     peaks: dict[str, np.ndarray] = {}
     rows: dict[str, int] = {}
     products: dict[str, np.ndarray] = {}
-    for feed in tqdm(feeds, desc=desc, unit="feed", leave=False):
+    for feed in progress(feeds, desc=desc, unit="feed", leave=False):
         for name, value in zip(tensors, session.run(tensors, feed), strict=True):
             x = value.reshape(-1, value.shape[-1]).astype(np.float64)
             sums[name] = sums.get(name, 0) + (x * x).sum(0)

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 from onnxruntime.quantization.calibrate import CalibrationDataReader
-from tqdm import tqdm
 
 from core.bundle import Bundle, KVLayout
+from core.progress import progress
 from core.sequence import Frame
 from runtime.onnx_backend import session_options
 from runtime.pipeline import GenerationRequest, VLMPipeline
@@ -90,7 +90,7 @@ def record_feeds(
     backend = RecordingBackend(bundle)
     pipe = VLMPipeline(bundle, backend)
     request = GenerationRequest(max_new_tokens=decode_steps + 1, ignore_eos=True)
-    for s in tqdm(cal.samples, desc="calibration: recording graph inputs", unit="sample", leave=False):
+    for s in progress(cal.samples, desc="calibration: recording graph inputs", unit="sample", leave=False):
         batch = pipe.prepare([s.images], [s.prompt])
         for _ in pipe.generate_ids(batch, request):
             pass
@@ -108,7 +108,7 @@ class FeedReader(CalibrationDataReader):
 
     def __init__(self, feeds: list[dict[str, Any]], desc: str = "calibrating"):
         self.feeds = feeds
-        self._bar = tqdm(total=len(feeds), desc=desc, unit="feed", leave=False)
+        self._bar = progress(total=len(feeds), desc=desc, unit="feed", leave=False)
         self.set_range(0, len(feeds))
 
     def get_next(self) -> dict[str, Any] | None:

@@ -152,10 +152,10 @@ def compare(
     desc: str = "validating",
 ) -> dict[str, Any]:
     """All metrics over `cases`; per-case rows under "cases"."""
-    from tqdm import tqdm
+    from core.progress import progress
 
     rows = []
-    for case in tqdm(cases, desc=desc, unit="case", leave=False):
+    for case in progress(cases, desc=desc, unit="case", leave=False):
         ref = reference.run(pipe, case, max_new_tokens)
         got = bundle_run(pipe, ref["batch"], ref["tokens"], max_new_tokens)
         row: dict[str, Any] = {"prompt": case.prompt}

@@ -363,6 +363,6 @@ def _summary(history: list[dict], tc: TrainConfig, collator: Collator) -> dict:
 
 
 def _progress(rank: int, total: int, initial: int):
-    from tqdm import tqdm
+    from core.progress import progress
 
-    return tqdm(total=total, initial=initial, desc="train", disable=rank != 0, mininterval=2.0)
+    return progress(total=total, initial=initial, desc="train", unit="step", disable=rank != 0)
