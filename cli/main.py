@@ -25,6 +25,7 @@ from typing import Any
 
 import click
 
+from core.install import install_hint
 from core.recipes import QUANTIZE_MODES, RECIPES
 
 from .options import (
@@ -452,7 +453,7 @@ def serve(
     missing = [m for m in ("starlette", "uvicorn", "prometheus_client") if not installed(m)]
     if missing:
         raise click.ClickException(
-            f"`serve` needs the serve extra ({', '.join(missing)} not installed): pip install 'nanovlm-edge[serve]'"
+            f"`serve` needs the serve extra ({', '.join(missing)} not installed): {install_hint('serve')}"
         )
     from core.bundle import load_bundle
     from runtime.batching import EngineConfig
@@ -488,8 +489,7 @@ def serve(
     if use_ray:
         if not installed("ray"):
             raise click.ClickException(
-                "`serve --ray` needs the cluster extra (ray not installed): "
-                "pip install 'nanovlm-edge[cluster]'"
+                f"`serve --ray` needs the cluster extra (ray not installed): {install_hint('cluster')}"
             )
         from serve.ray_app import run as run_ray
 
@@ -611,7 +611,7 @@ def quantize(
 ) -> None:
     """Quantize the fp32 bundle BUNDLE into the bundle directory OUT."""
     if not installed("onnx"):
-        raise click.ClickException("`quantize` needs onnx: pip install onnx (or the 'torch' extra)")
+        raise click.ClickException(f"`quantize` needs onnx: {install_hint('jetson')} (or pip install onnx)")
     from calibration.quantize import quantize_bundle
 
     manifest = quantize_bundle(bundle, out, mode, calibration, samples, method, exclude, overwrite=overwrite)
@@ -688,7 +688,7 @@ def trt(
         return
     if not installed("tensorrt"):
         raise click.ClickException(
-            "the tensorrt Python package is not installed (pip install 'nanovlm-edge[trt]' on a machine "
+            f"the tensorrt Python package is not installed ({install_hint('trt')} on a machine "
             "with an NVIDIA GPU; on Jetson it comes with JetPack). --print-trtexec prints the trtexec "
             "commands instead."
         )
@@ -710,7 +710,7 @@ def trt(
 def check(bundle: str, targets: tuple[str, ...]) -> None:
     """Will TensorRT parse BUNDLE's graphs? Every node against onnx-tensorrt's support matrix; exit 1 if not."""
     if not installed("onnx"):
-        raise click.ClickException("`check` needs onnx: pip install onnx (or the 'torch' extra)")
+        raise click.ClickException(f"`check` needs onnx: {install_hint('jetson')} (or pip install onnx)")
     from trt.check import check_bundle
 
     failed = False
@@ -855,9 +855,11 @@ def validate(
     help="Output lengths for the PyTorch cost-growth curve ('' to skip).",
 )
 @click.option(
-    "--plot", "plot_path", help="PNG chart (default: bench.png here, replaced only if bench wrote it)."
+    "--plot",
+    "plot_path",
+    help="PNG chart (default: bench.png here, replaced only if bench wrote it; '': none; needs matplotlib).",
 )
-@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the results as JSON here.")
 @user_errors
 def bench(
     bundle: str,
@@ -896,12 +898,17 @@ def bench(
         raise click.BadParameter(f"{growth!r}: every length must be at least 2", param_hint="--growth")
     result = b.bench([bundle, *variants], reference, image, prompt, max_new_tokens, repeats, threads, lengths)
     click.echo(b.table(result))
-    b.plot(result, plot_path)
-    click.echo(f"chart: {plot_path}")
-    if json_out:
+    if json_out:  # the results first: a chart that cannot be drawn costs nothing measured
         from core.files import write_json
 
         write_json(json_out, result)
+    if plot_path == "":  # no chart wanted
+        return
+    if not installed("matplotlib"):
+        click.echo(f"chart skipped: it needs matplotlib ({install_hint('jetson')})", err=True)
+        return
+    b.plot(result, plot_path)
+    click.echo(f"chart: {plot_path}")
 
 
 if __name__ == "__main__":

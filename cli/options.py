@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from core.install import install_hint
+
 log = logging.getLogger(__name__)
 
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError)
@@ -43,7 +45,7 @@ def needs_torch(command: str) -> None:
     if missing:
         raise click.ClickException(
             f"`{command}` needs the PyTorch reference ({', '.join(missing)} not installed): "
-            "pip install 'nanovlm-edge[torch]' (on a CPU-only machine install torch==2.13.0 first)"
+            f"{install_hint('torch')} (on a CPU-only machine install torch==2.13.0 first)"
         )
 
 

@@ -128,7 +128,9 @@ def _av() -> Any:
     try:
         import av
     except ImportError:
-        raise RuntimeError("video needs PyAV: pip install -e '.[video]'") from None
+        from .install import install_hint
+
+        raise RuntimeError(f"video needs PyAV: {install_hint('video')}") from None
     return av
 
 

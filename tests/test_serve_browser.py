@@ -94,12 +94,11 @@ def test_camera_mode_answers_the_newest_frame_beside_the_live_picture(tiny_token
     pytest.importorskip("av")
     import re
 
+    import numpy as np
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-
-    import numpy as np
 
     bundle = (
         os.environ.get("NANOVLM_SERVE_BUNDLE") or export_lively("replace", tiny_tokenizer_dir, tmp_path)[1]

@@ -101,9 +101,11 @@ class TrtBackend:
             import tensorrt as trt
             from cuda.bindings import runtime as cudart
         except ImportError as e:
+            from core.install import install_hint
+
             raise RuntimeError(
                 f"the TensorRT backend needs the tensorrt and cuda-python packages ({e}): "
-                "pip install 'nanovlm-edge[trt]' (on a Jetson, tensorrt comes with JetPack)"
+                f"{install_hint('trt')} (on a Jetson, tensorrt comes with JetPack)"
             ) from None
         self.trt, self.cudart = trt, cudart
         device = device_info()
