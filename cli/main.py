@@ -227,12 +227,19 @@ def run(
         ):
             click.echo(piece, nl=False)
         click.echo()
-        return
-    answer = pipe.generate(list(images), prompt, max_new_tokens, sampling=sampling, video=clip, **options)
-    if as_json:
-        click.echo(json.dumps({"answer": answer, "timings": pipe.last_timings.as_dict()}, indent=2))
     else:
-        click.echo(answer)
+        answer = pipe.generate(list(images), prompt, max_new_tokens, sampling=sampling, video=clip, **options)
+        if as_json:
+            finish = pipe.last_finish_reason
+            report = {"answer": answer, "finish_reason": finish, "timings": pipe.last_timings.as_dict()}
+            click.echo(json.dumps(report, indent=2))
+        else:
+            click.echo(answer)
+    if constraint is not None and pipe.last_finish_reason == "length":
+        raise click.ClickException(
+            f"the answer ran out of --max-new-tokens ({max_new_tokens}) before its {constraint.kind} was "
+            "complete: what is printed is cut; raise --max-new-tokens"
+        )
 
 
 @main.command()

@@ -82,6 +82,9 @@ class VLMPipeline:
         # the resolution budget (tiles along an image's long edge): the bundle's, or set it here
         self.image_tiles = bundle.image_tiles
         self.last_timings = Timings()
+        # how the last generate/stream/chat answer ended: "stop" (EOS, a stop string, a finished
+        # constraint) or "length" (max_new_tokens ran out: the answer may be cut, JSON unfinished)
+        self.last_finish_reason: str | None = None
         self._cache: Any = None
         self._grammars: Grammars | None = None
 
@@ -279,11 +282,13 @@ class VLMPipeline:
     def _stream(self, batch: Batch, request: GenerationRequest) -> Iterator[str]:
         text = TextStream(self.tokenizer, request.stop)
         gen = self.generate_ids(batch, request)
+        self.last_finish_reason = "length"
         for token in gen:
             delta, done = text.push(int(token[0]))
             if delta:
                 yield delta
             if done:
+                self.last_finish_reason = "stop"
                 gen.close()
                 return
         if tail := text.flush():

@@ -291,3 +291,35 @@ def test_logprobs_in_the_openai_shape(server):
     assert np.allclose([e.logprob for e in streamed], [e.logprob for e in content], atol=1e-5)
     plain = c.chat.completions.create(model="m", messages=[user("Count them.")], max_tokens=6)
     assert plain.choices[0].logprobs is None
+
+
+def test_an_answer_cut_by_its_token_limit_never_looks_whole(lively_pipe, tmp_path):
+    """The library says how the answer ended; `run --json-schema` prints what it has and exits 1
+    naming --max-new-tokens when the schema was left unfinished; --json carries finish_reason."""
+    import os
+
+    unbounded = {"type": "object", "properties": {"count": {"type": "integer"}}, "required": ["count"]}
+    cut = lively_pipe.generate(PHOTO, "How many?", max_new_tokens=3, json_schema=unbounded)
+    assert lively_pipe.last_finish_reason == "length"
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(cut)
+    bounded = dict(unbounded, additionalProperties=False)
+    bounded["properties"] = {"count": {"type": "integer", "minimum": 0, "maximum": 99}}
+    whole = lively_pipe.generate(PHOTO, "How many?", max_new_tokens=16, json_schema=bounded)
+    assert lively_pipe.last_finish_reason == "stop" and 0 <= json.loads(whole)["count"] <= 99
+    schema, photo = tmp_path / "count.json", tmp_path / "photo.png"
+    schema.write_text(json.dumps(unbounded))
+    PHOTO.save(photo)
+    exe = os.path.join(os.path.dirname(sys.executable), "nanovlm")
+    base = [exe, "run", lively_pipe.bundle.path, "--image", str(photo), "--prompt", "How many?"]
+    base += ["--json-schema", str(schema)]
+    r = subprocess.run([*base, "--max-new-tokens", "3"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stdout.strip() == cut.strip()
+    assert r.stderr.strip().splitlines() == [
+        "Error: the answer ran out of --max-new-tokens (3) before its json_schema was complete: "
+        "what is printed is cut; raise --max-new-tokens"
+    ]
+    r = subprocess.run(
+        [*base, "--max-new-tokens", "3", "--json"], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 1 and json.loads(r.stdout)["finish_reason"] == "length"
