@@ -247,7 +247,9 @@ def run(
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface)."
 )
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port to listen on."
+)
 @click.option("--name", default=None, help="Model id clients see (default: the bundle's folder name).")
 @click.option(
     "--max-batch",
@@ -416,8 +418,20 @@ def run(
 @click.option(
     "--replicas", type=click.IntRange(1, 1024), default=1, show_default=True, help="Ray Serve replicas."
 )
-@click.option("--cpus-per-replica", type=click.FloatRange(0.1, 1024), default=1.0, show_default=True)
-@click.option("--gpus-per-replica", type=click.FloatRange(0, 64), default=0.0, show_default=True)
+@click.option(
+    "--cpus-per-replica",
+    type=click.FloatRange(0.1, 1024),
+    default=1.0,
+    show_default=True,
+    help="CPUs Ray reserves for each replica (also its ONNX Runtime threads).",
+)
+@click.option(
+    "--gpus-per-replica",
+    type=click.FloatRange(0, 64),
+    default=0.0,
+    show_default=True,
+    help="GPUs Ray reserves for each replica.",
+)
 @user_errors
 def serve(
     bundle: str,
@@ -511,7 +525,13 @@ def serve(
 @main.command()
 @click.argument("src")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="Float type of the graphs (fp16: for GPUs and TensorRT FP16 engines).",
+)
 @click.option("--opset", type=click.IntRange(17, 21), default=17, show_default=True, help="ONNX opset.")
 @click.option(
     "--decoder",
@@ -596,10 +616,18 @@ def onnx(
     "text-only prompts) or hf:NAME[:SUBSET].",
 )
 @click.option(
-    "--samples", type=click.IntRange(1, 100_000), default=32, show_default=True, help="Calibration samples."
+    "--samples",
+    type=click.IntRange(1, 100_000),
+    default=32,
+    show_default=True,
+    help="Calibration samples (the calibrated modes need at least 8; the others take none).",
 )
 @click.option(
-    "--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True
+    "--method",
+    type=click.Choice(["minmax", "entropy", "percentile"]),
+    default="minmax",
+    show_default=True,
+    help="How int8-static calibration picks each activation's range from the recorded values.",
 )
 @click.option(
     "--exclude", multiple=True, help="Glob over node names left in float (repeatable), e.g. '*/head/*'."
@@ -639,7 +667,13 @@ def quantize(
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--max-batch", type=click.IntRange(1), default=1, show_default=True)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Largest batch the engines take.",
+)
 @click.option(
     "--max-seq",
     type=click.IntRange(1),
@@ -849,9 +883,23 @@ def validate(
     help="More bundles (e.g. quantized) to measure in the same run (repeatable).",
 )
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Default: a scikit-image photo.")
-@click.option("--prompt", default="Describe this image in detail.", show_default=True)
-@click.option("--max-new-tokens", type=click.IntRange(2, 100_000), default=64, show_default=True)
-@click.option("--repeats", type=click.IntRange(1, 1000), default=3, show_default=True)
+@click.option(
+    "--prompt", default="Describe this image in detail.", show_default=True, help="The question timed."
+)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(2, 100_000),
+    default=64,
+    show_default=True,
+    help="Tokens each timed answer decodes (EOS off).",
+)
+@click.option(
+    "--repeats",
+    type=click.IntRange(1, 1000),
+    default=3,
+    show_default=True,
+    help="Timed runs per backend (median).",
+)
 @click.option(
     "--threads", type=click.IntRange(1, 1024), default=None, help="CPU threads (default: all cores)."
 )

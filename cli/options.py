@@ -91,7 +91,11 @@ def sampling_options(command: Callable) -> Callable:
     for option in reversed(
         [
             click.option(
-                "--max-new-tokens", type=click.IntRange(1, 1_000_000), default=64, show_default=True
+                "--max-new-tokens",
+                type=click.IntRange(1, 1_000_000),
+                default=64,
+                show_default=True,
+                help="Most tokens the answer may have (it ends earlier at EOS).",
             ),
             click.option(
                 "--temperature",
@@ -117,7 +121,9 @@ def sampling_options(command: Callable) -> Callable:
                 show_default=True,
                 help="1 means off.",
             ),
-            click.option("--seed", type=int, default=None),
+            click.option(
+                "--seed", type=int, default=None, help="Random seed of sampling (with --temperature > 0)."
+            ),
         ]
     ):
         command = option(command)

@@ -33,7 +33,13 @@ from .options import image_tiles_option, pipeline_options, user_errors
     help="Reuse a view of the last frame when this one's differs from it by less than this many 8-bit levels "
     "(mean); 0: only identical views (sensor noise makes a camera's views differ a little).",
 )
-@click.option("--max-new-tokens", type=click.IntRange(1, 100_000), default=32, show_default=True)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(1, 100_000),
+    default=32,
+    show_default=True,
+    help="Most tokens an answer may have.",
+)
 @click.option(
     "--json-schema",
     type=click.Path(exists=True, dir_okay=False),

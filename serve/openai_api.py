@@ -125,14 +125,15 @@ def parse_chat(body: Any, limits: RequestLimits) -> ChatRequest:
             raise ApiError(
                 400, f"{where}.role {role!r} is not supported (system, user or assistant)", f"{where}.role"
             )
-        if turns and turns[-1][0] == role:
-            raise ApiError(400, f"{where}: user and assistant messages must alternate", where)
         if role == "assistant" and imgs:
             raise ApiError(400, f"{where}: an assistant message cannot hold images or videos", where)
         if role == "assistant" and not turns:
             raise ApiError(400, f"{where}: the conversation must start with a user message", where)
         media += imgs
-        turns.append((role, text))
+        if turns and turns[-1][0] == role:  # consecutive messages of one role read as one, as OpenAI's do
+            turns[-1] = (role, "\n".join(t for t in (turns[-1][1], text) if t))
+        else:
+            turns.append((role, text))
     if any(m.kind == "video" for m in media) and len(media) > 1:
         raise ApiError(
             400, "a video goes alone: no other video or image beside it in one request", "messages"

@@ -362,3 +362,17 @@ def test_the_serve_extra_serves_without_torch(made, tmp_path):
             assert "/v1/chat/completions" in r.read().decode()
     finally:
         server.stop()
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    from click import Option
+
+    from cli.main import main
+
+    bare = [
+        f"{name} {'/'.join(p.opts)}"
+        for name, cmd in main.commands.items()
+        for p in cmd.params
+        if isinstance(p, Option) and not p.help
+    ]
+    assert not bare, bare

@@ -496,3 +496,11 @@ def test_health_is_503_until_loaded(tiny_tokenizer_dir, tmp_path):
         while tc.get("/health").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert tc.get("/health").status_code == 200
+
+
+def test_consecutive_messages_of_one_role_are_joined(server, pipe):
+    """OpenAI accepts two user messages in a row; they read as one, joined with a newline."""
+    img = photos()["coffee"]
+    messages = [user("What is it?", img), {"role": "user", "content": "Cat?"}]
+    r = client(server).chat.completions.create(model="x", messages=messages, max_tokens=8)
+    assert r.choices[0].message.content == pipe.generate(img, "What is it?\nCat?", max_new_tokens=8)
