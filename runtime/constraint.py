@@ -42,7 +42,9 @@ class Constraint:
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | str) -> Constraint:
-        return cls("json_schema", schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True))
+        return cls(
+            "json_schema", schema if isinstance(schema, str) else json.dumps(schema)
+        )  # properties in their order
 
     @classmethod
     def json_object(cls) -> Constraint:

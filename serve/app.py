@@ -63,6 +63,7 @@ from .openai_api import (
     usage_chunk,
 )
 from .security import Guard, SecurityPolicy, cap_log_lines
+from .tools import parse_tools, tool_calls
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,11 @@ class Service:
         """Parse, open images, format and tokenize (on a pool thread): errors are ApiErrors.
         `tenant` (the API key's digest) and the request's cache_salt scope what it may reuse."""
         chat = parse_chat(body, self.limits)
+        tools = parse_tools(body)
+        if tools is not None:  # a call of one of them: the grammar makes it parse and fit
+            if chat.constraint is not None:
+                raise ApiError(400, "give tools or response_format, not both", "tools")
+            chat.tools, chat.constraint, chat.system = tools, tools.constraint, tools.system(chat.system)
         if chat.image_tiles is not None:
             try:
                 check_image_tiles(self.pipe.cfg, chat.image_tiles)
@@ -362,17 +368,19 @@ def create_app(config: ServeConfig, load_in_background: bool = True, bind_host: 
             return JSONResponse(GENERATION_FAILED.body(), status_code=500)
         if e.finish == "cancelled" and service.draining:
             return error(SHUTTING_DOWN)
+        calls = tool_calls(text) if chat.tools is not None and e.finish == "stop" else None
         return JSONResponse(
             completion(
                 cid,
                 name,
-                text,
-                e.finish,
+                None if calls else text,
+                "tool_calls" if calls else e.finish,
                 ticket.prompt_tokens,
                 e.completion_tokens,
                 ticket.cached_tokens,
                 logprobs=service.logprobs(chat, entries),
                 views=views(ticket),
+                tool_calls=calls,
             )
         )
 
@@ -453,12 +461,14 @@ async def _sse(
     def data(obj: dict) -> str:
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    e = None
+    e, held = None, ""  # a tool call is sent whole, once it parses
     try:
         yield data(chunk(cid, name, {"role": "assistant", "content": ""}))
         while True:
             e = await events.get()
-            if e.text:
+            if e.text and chat.tools is not None:
+                held += e.text
+            elif e.text:
                 yield data(chunk(cid, name, {"content": e.text}, logprobs=service.logprobs(chat, e.logprobs)))
             if e.finish:
                 break
@@ -469,7 +479,14 @@ async def _sse(
         elif e.finish == "cancelled" and service.draining:
             yield data(SHUTTING_DOWN.body())
         else:
-            yield data(chunk(cid, name, {}, e.finish))
+            finish = e.finish
+            if chat.tools is not None and e.finish == "stop":
+                calls = [dict(c, index=0) for c in tool_calls(held)]
+                yield data(chunk(cid, name, {"tool_calls": calls}))
+                finish = "tool_calls"
+            elif held:  # cut by max_tokens: what there is, as text
+                yield data(chunk(cid, name, {"content": held}))
+            yield data(chunk(cid, name, {}, finish))
             if chat.include_usage:
                 yield data(
                     usage_chunk(

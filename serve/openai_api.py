@@ -89,6 +89,7 @@ class ChatRequest:
     logprobs: int | None = None  # None: not asked; n: top_logprobs (0 to 20)
     image_tiles: int | None = None  # None: the server's resolution budget
     cache_salt: str | None = None  # vLLM's field: only requests with the same salt share cached work
+    tools: Any = None  # serve/tools.py Tools: the answer is a call of one of them
 
 
 # ----------------------------------------------------------------------------- requests
@@ -372,15 +373,19 @@ def completion_id() -> str:
 def completion(
     cid: str,
     model: str,
-    text: str,
+    text: str | None,
     finish: str,
     prompt_tokens: int,
     completion_tokens: int,
     cached_tokens: int = 0,
     logprobs: list[dict] | None = None,
     views: tuple[int, int] | None = None,
+    tool_calls: list[dict] | None = None,
 ) -> dict:
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    choice = {"index": 0, "message": message, "finish_reason": finish}
     return {
         "id": cid,
         "object": "chat.completion",

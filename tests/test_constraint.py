@@ -323,3 +323,92 @@ def test_an_answer_cut_by_its_token_limit_never_looks_whole(lively_pipe, tmp_pat
         [*base, "--max-new-tokens", "3", "--json"], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 1 and json.loads(r.stdout)["finish_reason"] == "length"
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "pattern": "^[a-z]{1,6}$"},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+ALARM = {
+    "type": "function",
+    "function": {
+        "name": "raise_alarm",
+        "parameters": {
+            "type": "object",
+            "properties": {"loud": {"type": "boolean"}},
+            "required": ["loud"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+LIGHT = {
+    "type": "function",
+    "function": {
+        "name": "light",
+        "parameters": {
+            "type": "object",
+            "properties": {"on": {"type": "boolean"}},
+            "required": ["on"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_tools_are_answered_as_tool_calls_that_fit_their_schema(server):
+    """tools with tool_choice "required" or a named function: the answer is a call, constrained by
+    grammar to the function's parameters, as OpenAI's tool_calls (streamed too); "auto" (this
+    model's template has no tool format) is a 400 naming tool_choice."""
+    c = openai.OpenAI(base_url=server[0].url + "/v1", api_key="x", max_retries=0, timeout=120)
+    ask = [{"role": "user", "content": "Weather in Oslo for three days?"}]
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, ALARM, LIGHT)}
+    # (the tiny test model's 512 positions hold few functions' descriptions: small sets here)
+    named = {"type": "function", "function": {"name": "raise_alarm"}}
+    for tools, choice in (([ALARM, LIGHT], "required"), ([WEATHER, ALARM], named)):
+        r = c.chat.completions.create(model="x", messages=ask, tools=tools, tool_choice=choice)
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+        call = r.choices[0].message.tool_calls[0]
+        assert call.type == "function" and call.id.startswith("call_")
+        if isinstance(choice, dict):
+            assert call.function.name == "raise_alarm"
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    chunks = list(
+        c.chat.completions.create(
+            model="x", messages=ask, tools=[WEATHER], tool_choice="required", stream=True
+        )
+    )
+    calls = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].function.name == "get_weather"
+    jsonschema.validate(json.loads(calls[0].function.arguments), schemas["get_weather"])
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
+    for extra, words in [
+        ({"tools": [WEATHER]}, "tool_choice 'auto' needs a chat template"),
+        ({"tools": [WEATHER], "tool_choice": "auto"}, "tool_choice 'auto' needs a chat template"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice must be",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "bad name!"}}], "tool_choice": "required"},
+            "tools[0]",
+        ),
+    ]:
+        with pytest.raises(openai.BadRequestError, match=re.escape(words)):
+            c.chat.completions.create(model="x", messages=ask, max_tokens=8, **extra)
+    plain = c.chat.completions.create(
+        model="x", messages=ask, max_tokens=4, tools=[WEATHER], tool_choice="none"
+    )
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].message.content is not None
