@@ -239,11 +239,12 @@ class Tokenizer:
         """From a local directory or a Hub repo (tokenizer.json and tokenizer_config.json)."""
         if os.path.isdir(name_or_dir):
             return cls.from_dir(name_or_dir, cfg)
-        from huggingface_hub import hf_hub_download
+        from .hub import download
 
-        path = hf_hub_download(name_or_dir, "tokenizer.json", revision=revision)
+        fix = "point lm_tokenizer (config.json) at a local folder holding tokenizer.json"
+        path = download(name_or_dir, "tokenizer.json", revision, fix)
         try:
-            hf_hub_download(name_or_dir, "tokenizer_config.json", revision=revision)
+            download(name_or_dir, "tokenizer_config.json", revision, fix)
         except Exception:  # optional file
             pass
         return cls.from_dir(os.path.dirname(path), cfg)

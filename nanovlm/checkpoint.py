@@ -39,11 +39,12 @@ def resolve_checkpoint(src: str, revision: str | None = None) -> str:
         raise ValueError(
             f"{src} is a file; a checkpoint is a directory with config.json and model.safetensors"
         )
-    from huggingface_hub import snapshot_download
+    from core.hub import snapshot
 
-    return snapshot_download(
+    return snapshot(
         src,
-        revision=revision,
+        revision,
+        "pass a local folder with the checkpoint's files (config.json, model.safetensors) instead",
         allow_patterns=[
             "config.json",
             "model*.safetensors*",

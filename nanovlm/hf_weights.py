@@ -23,11 +23,14 @@ def resolve_file(
         if required:
             raise FileNotFoundError(f"{filename} not found in {repo_or_dir}")
         return None
-    from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import EntryNotFoundError
 
+    from core.hub import download
+
     try:
-        return hf_hub_download(repo_id=repo_or_dir, filename=filename, revision=revision)
+        return download(
+            repo_or_dir, filename, revision, "pass a local folder with the checkpoint's files instead"
+        )
     except EntryNotFoundError:
         if required:
             raise FileNotFoundError(f"{filename} not found in Hub repo {repo_or_dir}") from None
