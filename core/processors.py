@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from PIL import Image, UnidentifiedImageError
 from . import idefics3
 from .config import VLMConfig
 from .video import VIDEO_CHAT_TEMPLATE, VIDEO_TOKEN, Video, VideoSettings, process_frame, video_prompt
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- images
 
@@ -248,6 +251,23 @@ class Tokenizer:
         except Exception:  # optional file
             pass
         return cls.from_dir(os.path.dirname(path), cfg)
+
+    @classmethod
+    def of_checkpoint(cls, directory: str, cfg: VLMConfig) -> Tokenizer | None:
+        """A checkpoint's own tokenizer files, else cfg.lm_tokenizer (a directory or Hub id), else
+        None (the model still works on token ids), with a warning that says why."""
+        if os.path.exists(os.path.join(directory, "tokenizer.json")):
+            return cls.from_dir(directory, cfg)
+        try:
+            return cls.from_pretrained(cfg.lm_tokenizer, cfg)
+        except Exception as e:  # offline (core/hub.py names the fix), or no tokenizer.json on the Hub
+            log.warning(
+                "no tokenizer for %s (%s: %s); generate() needs explicit eos_token_id",
+                directory,
+                type(e).__name__,
+                e,
+            )
+            return None
 
     def save(self, directory: str | os.PathLike) -> None:
         """Write tokenizer.json and a tokenizer_config.json that transformers can read too."""

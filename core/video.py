@@ -86,10 +86,19 @@ class Video:
 
     @classmethod
     def from_frames(cls, frames: list[Any], timestamps: list[float] | None = None, fps: float = 1.0) -> Video:
-        """Frames already sampled (images or [H, W, 3] uint8 arrays), at `timestamps` or `fps`."""
-        from .processors import load_image
+        """Frames already sampled (images, paths or [H, W, 3] uint8 arrays), at `timestamps` or `fps`."""
 
-        images = [Image.fromarray(f) if isinstance(f, np.ndarray) else load_image(f) for f in frames]
+        def rgb(f: Any) -> Image.Image:
+            img = (
+                Image.fromarray(f)
+                if isinstance(f, np.ndarray)
+                else f
+                if isinstance(f, Image.Image)
+                else Image.open(f)
+            )
+            return img.convert("RGB")
+
+        images = [rgb(f) for f in frames]
         stamps = list(timestamps) if timestamps is not None else [i / fps for i in range(len(images))]
         return cls(images, [float(t) for t in stamps], max(stamps) if stamps else 0.0)
 

@@ -107,22 +107,6 @@ def refuse_pickle(directory: str) -> None:
         )
 
 
-def load_tokenizer(directory: str, cfg: VLMConfig) -> Tokenizer | None:
-    """The checkpoint's own tokenizer files, else cfg.lm_tokenizer (a directory or Hub id), else None."""
-    if os.path.exists(os.path.join(directory, "tokenizer.json")):
-        return Tokenizer.from_dir(directory, cfg)
-    try:
-        return Tokenizer.from_pretrained(cfg.lm_tokenizer, cfg)
-    except Exception as e:  # offline, or no tokenizer.json on the Hub: the model still works on ids
-        log.warning(
-            "no tokenizer for %s (%s: %s); generate() needs explicit eos_token_id",
-            directory,
-            type(e).__name__,
-            e,
-        )
-        return None
-
-
 def load_checkpoint(
     cls: type[VisionLanguageModel], src: str, revision: str | None = None
 ) -> VisionLanguageModel:
@@ -135,7 +119,7 @@ def load_checkpoint(
     if not os.path.exists(weights):
         refuse_pickle(directory)
         raise FileNotFoundError(f"weights not found: {weights}")
-    model = cls(cfg, load_backbone=False, tokenizer=load_tokenizer(directory, cfg))
+    model = cls(cfg, load_backbone=False, tokenizer=Tokenizer.of_checkpoint(directory, cfg))
     load_weights(model, weights)
     model.eval()
     return model

@@ -19,6 +19,7 @@ import torch
 
 from core.config import VLMConfig, read_config_json
 from core.idefics3 import settings_from_processor
+from core.processors import Tokenizer
 from core.video import settings_from_processor as video_settings
 
 from .hf_weights import TensorSource, copy_into, read_hf_config, resolve_file
@@ -170,8 +171,6 @@ def load_idefics3(
 ) -> torch.nn.Module:
     """A VisionLanguageModel (cls) with the weights and tokenizer of an Idefics3 checkpoint directory
     or Hub id (`hf`: its config.json, when already read)."""
-    from .checkpoint import load_tokenizer
-
     hf = hf or read_hf_config(directory, revision)  # config.json, unless the caller has read it
     image, seq_len, template, video = read_processing(directory, revision)
     cfg = idefics3_config(hf, image, template, seq_len, os.path.join(directory, "config.json"), video)
@@ -203,7 +202,7 @@ def load_idefics3(
     fuse_qkv(model.vision_encoder, source, "model.vision_model.", cfg.vit_n_blocks)
     if cfg.lm_tie_weights:
         model.decoder.head.weight = model.decoder.token_embedding.weight
-    model.tokenizer = load_tokenizer(directory, cfg)
+    model.tokenizer = Tokenizer.of_checkpoint(directory, cfg)
     log.info(
         "loaded Idefics3 checkpoint %s (%d params)", directory, sum(p.numel() for p in model.parameters())
     )

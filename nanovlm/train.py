@@ -68,9 +68,7 @@ def build_model(tc: TrainConfig) -> VisionLanguageModel:
         torch.manual_seed(tc.seed)
         cfg = VLMConfig.load(tc.model)
         model = VisionLanguageModel(cfg, load_backbone=cfg.vlm_load_backbone_weights)
-        from .checkpoint import load_tokenizer
-
-        model.tokenizer = load_tokenizer(os.path.dirname(tc.model), cfg)
+        model.tokenizer = Tokenizer.of_checkpoint(os.path.dirname(tc.model), cfg)
         return model
     raise ValueError(f"model={tc.model!r}: expected 'tiny', a checkpoint directory or a VLMConfig .json file")
 

@@ -64,7 +64,16 @@ def imports_of(root: Path, path: Path) -> set[str]:
     if path.name != "__init__.py":
         package = package[:-1]
     out: set[str] = set()
+    typing_only = {  # `if TYPE_CHECKING:` blocks run for type checkers, never at run time
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+        for stmt in block.body
+        for n in ast.walk(stmt)
+    }
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -126,7 +135,43 @@ def violations(root: Path) -> list[str]:
     for a, b in edges:
         if (b, a) in edges and a < b:
             out.append(f"import cycle between {a}/ and {b}/")
+    # 4. no import circle between modules either, lazy imports included
+    for circle in circles({m: {d for d in ds if d in graph} for m, ds in graph.items()}):
+        out.append(f"import circle: {' -> '.join(circle)}")
     return sorted(set(out))
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One path through each circle of the graph (its strongly connected parts of 2 or more)."""
+    found, done = [], set()
+    for start in sorted(graph):
+        if start in done:
+            continue
+        # modules reachable from start that reach start back form its circle
+        reach, stack = {start}, [start]
+        while stack:
+            for d in graph[stack.pop()]:
+                if d not in reach:
+                    reach.add(d)
+                    stack.append(d)
+        back = {m for m in reach if m != start and _reaches(graph, m, start)}
+        if back:
+            found.append(sorted({start, *back}))
+            done |= back
+        done.add(start)
+    return found
+
+
+def _reaches(graph: dict[str, set[str]], a: str, b: str) -> bool:
+    seen, stack = {a}, [a]
+    while stack:
+        for d in graph[stack.pop()]:
+            if d == b:
+                return True
+            if d not in seen:
+                seen.add(d)
+                stack.append(d)
+    return False
 
 
 def test_the_repository_keeps_the_rules():
@@ -177,3 +222,8 @@ def test_a_breach_is_reported(tmp_path, files, expected):
     """Each rule fails on a deliberate breach, lazy and relative imports included."""
     found = violations(_tree(tmp_path, files))
     assert any(line.startswith(expected) for line in found), found
+
+
+def test_circles_are_found():
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": set()}) == []
