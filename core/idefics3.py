@@ -55,8 +55,8 @@ def settings_from_processor(pp: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- images
-def _long_edge_size(h: int, w: int, long: int) -> tuple[int, int]:
-    """The long edge to `long` (aspect kept, the short edge rounded up to even), then under 4096."""
+def long_edge(h: int, w: int, long: int) -> tuple[int, int]:
+    """(h, w) with the long edge at `long`, the aspect kept and the short edge rounded up to even."""
     aspect = w / h
     if w >= h:
         w, h = long, int(long / aspect)
@@ -64,7 +64,12 @@ def _long_edge_size(h: int, w: int, long: int) -> tuple[int, int]:
     else:
         h, w = long, int(long * aspect)
         w += w % 2
-    h, w = max(h, 1), max(w, 1)
+    return max(h, 1), max(w, 1)
+
+
+def _long_edge_size(h: int, w: int, long: int) -> tuple[int, int]:
+    """The long edge to `long` (aspect kept, the short edge rounded up to even), then under 4096."""
+    h, w = long_edge(h, w, long)
     aspect = w / h
     if w >= h and w > MAX_IMAGE_SIZE:
         w, h = MAX_IMAGE_SIZE, int(MAX_IMAGE_SIZE / aspect)

@@ -195,26 +195,13 @@ def read_video(source: str | os.PathLike | Any, s: VideoSettings, info: StreamIn
 # ----------------------------------------------------------------------------- pixels and prompt
 
 
-def _long_edge(h: int, w: int, long: int) -> tuple[int, int]:
-    """transformers' video get_resize_output_image_size: the long edge to `long` (at most 4096),
-    the short one kept in proportion and rounded up to even."""
-    long = min(4096, long)
-    aspect = w / h
-    if w >= h:
-        w, h = long, int(long / aspect)
-        h += h % 2
-    else:
-        h, w = long, int(long * aspect)
-        w += w % 2
-    return max(h, 1), max(w, 1)
-
-
 def process_frame(img: Image.Image, s: VideoSettings, image: dict[str, Any]) -> np.ndarray:
     """One frame -> float32 [3, tile, tile] with the image processor's resampling and normalisation."""
-    from .idefics3 import _pixels
+    from .idefics3 import MAX_IMAGE_SIZE, _pixels, long_edge
 
     resample, tile = Image.Resampling(image["resample"]), image["tile"]
-    h, w = _long_edge(img.height, img.width, s.size)
+    # transformers' video resize caps the target at 4096 first (its image resize caps after)
+    h, w = long_edge(img.height, img.width, min(MAX_IMAGE_SIZE, s.size))
     if (w, h) != img.size:
         img = img.resize((w, h), resample)
     if img.size != (tile, tile):

@@ -71,22 +71,6 @@ def test_page_streams_an_answer_about_a_picture(tiny_tokenizer_dir, tmp_path):
     assert Image.open(shot).size[0] > 0
 
 
-def _y4m(path, frames) -> str:
-    """A fake camera's file: raw YUV 4:2:0 frames in a YUV4MPEG2 stream (chromium loops it)."""
-    import av
-
-    h, w = frames[0].shape[:2]
-    with av.open(str(path), "w", format="yuv4mpegpipe") as container:
-        stream = container.add_stream("rawvideo", rate=10)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return str(path)
-
-
 def test_camera_mode_answers_the_newest_frame_beside_the_live_picture(tiny_tokenizer_dir, tmp_path):
     """Headless chromium with a fake camera fed from a file of a still scene: camera mode sends frame
     after frame as answers come back; each answer streams beside the live picture with its latency,
@@ -105,7 +89,10 @@ def test_camera_mode_answers_the_newest_frame_beside_the_live_picture(tiny_token
     )
     sample = ShapesDataset("test")[0]  # a built-in scene (the demo model's domain), held still
     scene = np.asarray(sample.image.convert("RGB").resize((160, 120)))
-    fake = _y4m(tmp_path / "camera.y4m", [scene] * 10)
+    from tests.video_helpers import write_clip
+
+    # a fake camera's file: raw YUV 4:2:0 frames in a YUV4MPEG2 stream (chromium loops it)
+    fake = write_clip(tmp_path / "camera.y4m", [scene] * 10, codec="rawvideo", fmt="yuv4mpegpipe")
     opts = Options()
     opts.binary_location = CHROMIUM
     for arg in (

@@ -30,12 +30,15 @@ def camera_frames(
     return frames
 
 
-def write_clip(path: str, frames: list[np.ndarray], fps: int = 10, codec: str = "libx264") -> str:
-    """Encode frames to a video file (yuv420p) and return its path."""
+def write_clip(
+    path: str, frames: list[np.ndarray], fps: int = 10, codec: str = "libx264", fmt: str | None = None
+) -> str:
+    """Encode frames to a video file (yuv420p; `fmt` names the container when the suffix does not)
+    and return its path."""
     import av
 
     h, w = frames[0].shape[:2]
-    with av.open(path, "w") as container:
+    with av.open(str(path), "w", format=fmt) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         for f in frames:
@@ -43,4 +46,4 @@ def write_clip(path: str, frames: list[np.ndarray], fps: int = 10, codec: str = 
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    return path
+    return str(path)
