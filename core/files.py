@@ -32,10 +32,11 @@ def check_target(
     what: str,
     overwrite: bool,
     source: str | os.PathLike | None = None,
+    also: str = "",
 ) -> None:
     """Refuse to replace `path` unless it is missing, empty, or our own earlier `what` and
     `overwrite` is set: a command never deletes files it did not write, nor its own input
-    (`source`)."""
+    (`source`). `also` names another way on in the refusal (e.g. "or --resume to continue it")."""
     path = os.fspath(path)
     if source is not None:
         # real paths: a link to the source (or the source through a link) is the source
@@ -56,7 +57,9 @@ def check_target(
             "not write (choose another output directory)"
         )
     if not overwrite:
-        raise ValueError(f"{path} already holds a {what}; pass --overwrite to replace it")
+        raise ValueError(
+            f"{path} already holds a {what}; pass --overwrite to replace it{' ' + also if also else ''}"
+        )
 
 
 @contextlib.contextmanager

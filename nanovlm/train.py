@@ -236,7 +236,9 @@ def train(tc: TrainConfig, stop_after: int | None = None) -> dict:
         f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     )
     if rank == 0 and not tc.resume:
-        check_target(tc.output_dir, is_training_run, "training run", tc.overwrite)
+        check_target(
+            tc.output_dir, is_training_run, "training run", tc.overwrite, also="or --resume to continue it"
+        )
     random.seed(tc.seed)
     model = build_model(tc).to(device)
     if model.tokenizer is None:
@@ -269,12 +271,19 @@ def train(tc: TrainConfig, stop_after: int | None = None) -> dict:
     if tc.max_epochs and per_epoch:
         max_steps = min(max_steps, int(tc.max_epochs * per_epoch))
     stream = conversations(tc, consumed, rank, world)
+    if rank == 0 and not tc.target_accuracy:
+        log.info(
+            "no target_accuracy: all %d steps will run (-o target_accuracy=0.99 stops at the demo's target)",
+            max_steps,
+        )
     bar = _progress(rank, max_steps, step)
     if rank == 0 and step == 0 and tc.eval_samples:  # the starting point of the curves
         metrics = {"step": 0, **evaluate(model, tc, collator)}
         history.append(metrics)
         append_history(log_path, metrics)
     t0, tokens_seen, stopped = time.time(), 0, None
+    started_at = step
+    first_estimate = step + min(20, max(1, (max_steps - step) // 10))
     while step < max_steps:
         micro = []
         while len(micro) < tc.gradient_accumulation_steps:
@@ -290,6 +299,13 @@ def train(tc: TrainConfig, stop_after: int | None = None) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if rank == 0 and step == first_estimate:  # once the first steps' pace is known
+            pace = (time.time() - t0) / (step - started_at)
+            log.info(
+                "about %.0f min for the %d steps left at this pace",
+                pace * (max_steps - step) / 60,
+                max_steps - step,
+            )
         if rank == 0:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -117,7 +118,21 @@ def test_train_refuses_a_foreign_or_earlier_output_dir(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "train_config.json").write_text("{}")
-    one_line_error(cli("train", "-o", f"output_dir={run}"), "already holds a training run", "--overwrite")
+    one_line_error(
+        cli("train", "-o", f"output_dir={run}"),
+        "already holds a training run",
+        "--overwrite",
+        "--resume to continue it",
+    )
+
+
+def test_train_without_a_target_says_how_long_it_will_run(tmp_path):
+    res = cli(
+        "train", "-o", f"output_dir={tmp_path / 'run'}", "-o", "max_training_steps=30", "-o", "eval_samples=0"
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "no target_accuracy: all 30 steps will run" in res.stderr
+    assert re.search(r"about \d+ min for the 27 steps left at this pace", res.stderr), res.stderr[-2000:]
 
 
 def test_bench_replaces_only_its_own_default_chart(made, tmp_path):
