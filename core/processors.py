@@ -436,7 +436,6 @@ class Batch:
     pixel_values: np.ndarray  # float32 [N_tiles, 3, S, S], all samples' tiles in order
     prompts: list[str]
     image_tiles: list[int] = field(default_factory=list)  # tiles of each image, in order
-    image_keys: list[str] = field(default_factory=list)  # image_key of each image's tiles, in order
     view_keys: list[str] = field(default_factory=list)  # image_key of each view [1, 3, S, S], in order
 
 
@@ -486,7 +485,7 @@ def prepare_batch(
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts")
     histories = histories or [[] for _ in prompts]
-    rows, tiles, texts, keys, views = [], [], [], [], []
+    rows, tiles, texts, views = [], [], [], []
     for sample_images, prompt, history in zip(images, prompts, histories, strict=True):
         videos = [v for v in sample_images if isinstance(v, Video)]
         if videos and len(sample_images) != 1:
@@ -499,7 +498,6 @@ def prepare_batch(
         for pixels, grid in media_views(cfg, image_processor, sample_images):
             tiles.append(pixels)
             views.append(view_keys(pixels))
-            keys.append(hashlib.blake2b("".join(views[-1]).encode(), digest_size=16).hexdigest())
             grids.append(grid)
         text = format_prompt(cfg, prompt, grids, history, system, video)
         texts.append(text)
@@ -507,4 +505,4 @@ def prepare_batch(
     ids, mask = left_pad(rows, tokenizer.pad_token_id)
     size = cfg.vit_img_size
     pixel_values = np.concatenate(tiles) if tiles else np.zeros((0, 3, size, size), np.float32)
-    return Batch(ids, mask, pixel_values, texts, [t.shape[0] for t in tiles], keys, sum(views, []))
+    return Batch(ids, mask, pixel_values, texts, [t.shape[0] for t in tiles], sum(views, []))
