@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .config import VLMConfig
 from .files import atomic_write
 from .recipes import Recipe, recipe
@@ -120,6 +122,11 @@ class KVLayout:
     heads: int
     head_dim: int
     dtype: str  # numpy dtype name
+
+    @property
+    def position_bytes(self) -> int:
+        """Bytes one position takes across every layer's key and value."""
+        return 2 * self.layers * self.heads * self.head_dim * np.dtype(self.dtype).itemsize
 
 
 @dataclass

@@ -71,7 +71,7 @@ class PrefixCache:
         if max_bytes < 0:
             raise ValueError(f"the prefix cache size must be 0 or more bytes, got {max_bytes}")
         self.kv, self.max_bytes, self.block = kv, max_bytes, block
-        self.position_bytes = 2 * kv.layers * kv.heads * kv.head_dim * np.dtype(kv.dtype).itemsize
+        self.position_bytes = kv.position_bytes
         self.block_bytes = block * self.position_bytes
         # key -> [2 * layers, H, positions, D]: BLOCK positions for a block, fewer for a tail
         self.blocks: OrderedDict[bytes, np.ndarray] = OrderedDict()
