@@ -30,7 +30,7 @@ from PIL import Image
 
 from .batching import ContinuousBatcher, EngineConfig, Event
 from .constraint import Constraint
-from .pipeline import GenerationRequest, TextStream, VLMPipeline
+from .pipeline import GenerationRequest, VLMPipeline
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +141,8 @@ def engine_for(
 ) -> ContinuousBatcher:
     """An engine of one row whose caches hold about two frames: the last frame is all a camera reuses."""
     batch = pipe.prepare([[sample]], ["?"])
-    kv = pipe.bundle.kv
     positions = batch.input_ids.shape[1] + max_new_tokens + 64
-    kv_mb = positions * 2 * kv.layers * kv.heads * kv.head_dim * np.dtype(kv.dtype).itemsize / 2**20
+    kv_mb = positions * pipe.bundle.kv.position_bytes / 2**20
     views_mb = batch.pixel_values.shape[0] * pipe.cfg.image_token_count * pipe.cfg.lm_hidden_dim * 4 / 2**20
     config = EngineConfig(
         max_batch=1,
@@ -216,23 +215,13 @@ def answer_frame(
     t0 = time.perf_counter()
     batch = pipe.prepare([[frame.image]], [prompt])
     if engine is None:
-        stream, text, request = (
-            TextStream(pipe.tokenizer, []),
-            "",
-            GenerationRequest(n, constraint=constraint),
-        )
-        for token in pipe.generate_ids(batch, request):
-            delta, done = stream.push(int(token[0]))
-            text += delta
-            if done:
-                break
-        t = pipe.last_timings
+        text = "".join(pipe._stream(batch, GenerationRequest(n, constraint=constraint)))
         return {
             "t": round(frame.t, 3),
             "frame": frame.index,
-            "answer": text + stream.flush(),
-            "finish_reason": "length" if t.new_tokens >= n else "stop",
-            "ttft_s": round(t.time_to_first_token_s, 4),
+            "answer": text,
+            "finish_reason": pipe.last_finish_reason,
+            "ttft_s": round(pipe.last_timings.time_to_first_token_s, 4),
             "total_s": round(time.perf_counter() - t0, 4),
             "views": int(batch.pixel_values.shape[0]),
             "reused_views": 0,
