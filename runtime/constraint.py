@@ -42,9 +42,8 @@ class Constraint:
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | str) -> Constraint:
-        return cls(
-            "json_schema", schema if isinstance(schema, str) else json.dumps(schema)
-        )  # properties in their order
+        # the schema's own property order: it is the order the answer writes them in
+        return cls("json_schema", schema if isinstance(schema, str) else json.dumps(schema))
 
     @classmethod
     def json_object(cls) -> Constraint:
