@@ -273,15 +273,15 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
 
 def parse_json(raw: bytes) -> Any:
     """The body as JSON: 400 when it is not JSON, or nested deeper than MAX_JSON_DEPTH."""
+    too_deep = ApiError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
     except RecursionError:
-        body = None
-    if body is None or json_depth(body, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
-        if body is not None or raw.strip() != b"null":
-            raise ApiError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
+        raise too_deep from None
+    if json_depth(body, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise too_deep
     return body
 
 
