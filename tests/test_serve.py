@@ -381,15 +381,37 @@ def test_file_urls_only_under_the_allowed_directory(bundle, tmp_path, pipe):
             assert code == 400 and "outside the allowed image directory" in reply["error"]["message"]
 
 
+def _running(server) -> float:
+    for line in urllib.request.urlopen(server.url + "/metrics").read().decode().splitlines():
+        if line.startswith("nanovlm_running_batch_size "):
+            return float(line.split()[1])
+    raise AssertionError("no nanovlm_running_batch_size in /metrics")
+
+
 def test_full_queue_gets_429_with_retry_after(endless):
-    """One running, one queued: of six simultaneous requests the other four get 429 (each answer
-    runs to max_tokens on this bundle, so the first two are still busy when the rest arrive)."""
+    """One running, one queued: of five simultaneous requests sent while a first is running, one
+    waits its turn and the other four get 429 at once."""
     with Server(endless, "--max-batch", "1", "--max-queue", "1") as s:
-        body = {"messages": [user("Cat?")], "max_tokens": 600}
-        with ThreadPoolExecutor(6) as pool:
-            replies = list(pool.map(lambda _: post(s, body), range(6)))
+        stream = client(s).chat.completions.create(
+            model="x", messages=[user("Cat?")], max_tokens=3000, stream=True
+        )
+        it = iter(stream)
+        next(it), next(it)
+        deadline = time.monotonic() + 10  # the first token is sent just before its row joins the batch
+        while _running(s) != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _running(s) == 1
+        body = {"messages": [user("Cat?")], "max_tokens": 5}
+        with ThreadPoolExecutor(5) as pool:
+            futures = [pool.submit(post, s, body) for _ in range(5)]
+            deadline = time.monotonic() + 60  # the four refusals come back while the first still runs
+            while sum(f.done() for f in futures) < 4 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert _running(s) == 1 and sum(f.done() for f in futures) == 4
+            stream.close()  # frees the row for the queued request
+            replies = [f.result() for f in futures]
         codes = sorted(code for code, _, _ in replies)
-        assert codes == [200, 200, 429, 429, 429, 429], codes
+        assert codes == [200, 429, 429, 429, 429], codes
         for code, headers, reply in replies:
             if code == 429:
                 assert headers.get("retry-after") == "1" and reply["error"]["type"] == "rate_limit_error"
@@ -400,13 +422,6 @@ def test_starts_with_a_queue_shorter_than_the_batch(bundle):
     with Server(bundle, "--max-batch", "4", "--max-queue", "1") as s:
         code, _, reply = post(s, {"messages": [user("Cat?")], "max_tokens": 3})
         assert code == 200 and reply["choices"][0]["message"]["content"]
-
-
-def _running(server) -> float:
-    for line in urllib.request.urlopen(server.url + "/metrics").read().decode().splitlines():
-        if line.startswith("nanovlm_running_batch_size "):
-            return float(line.split()[1])
-    raise AssertionError("no nanovlm_running_batch_size in /metrics")
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_row(endless):
