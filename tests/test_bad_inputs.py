@@ -15,18 +15,16 @@ import pytest
 from PIL import Image
 
 from core.bundle import load_bundle
-from tests.conftest import REPO, export_lively
+from tests.conftest import REPO, console_script, export_lively
 from tests.test_processors import _blank_png
 
 BIN = os.path.dirname(sys.executable)
 
 
-def cli(*args: str, script: str = "nanovlm", cwd: str | os.PathLike = REPO) -> subprocess.CompletedProcess:
-    """The installed console script (`pip install -e .`), else the same entry point via -m."""
-    exe = os.path.join(BIN, script)
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "cli.main"]
+def cli(*args: str, cwd: str | os.PathLike = REPO) -> subprocess.CompletedProcess:
+    """ARGS run by the console script that owns the command (installed, else its entry point)."""
     return subprocess.run(
-        [*cmd, *args],
+        [*console_script(args[0]), *args],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -70,10 +68,10 @@ def test_export_refuses_a_directory_it_did_not_write(made, tmp_path):
     (target / "sub" / "data.csv").write_text("1,2")
     before = _files(target)
     one_line_error(
-        cli("onnx", ckpt, str(target), script="nanovlm-export"), str(target), "does not hold a bundle"
+        cli("onnx", ckpt, str(target)), str(target), "does not hold a bundle"
     )
     assert _files(target) == before
-    res = cli("onnx", ckpt, str(target), "--overwrite", script="nanovlm-export")  # --overwrite is no licence
+    res = cli("onnx", ckpt, str(target), "--overwrite")  # --overwrite is no licence
     one_line_error(res, "does not hold a bundle")
     assert _files(target) == before
 
@@ -142,7 +140,7 @@ def test_bench_replaces_only_its_own_default_chart(made, tmp_path):
     args = ["bench", bundle, "--image", image, "--max-new-tokens", "2", "--repeats", "1", "--growth", ""]
 
     def bench(cwd) -> subprocess.CompletedProcess:
-        return cli(*args, script="nanovlm-export", cwd=cwd)
+        return cli(*args, cwd=cwd)
 
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     ours.mkdir(), theirs.mkdir()
@@ -301,8 +299,7 @@ def test_kill_9_leaves_the_old_or_the_new_output(made, tmp_path, command):
         "quantize": ["quantize", bundle, str(out), "--mode", "int8-dynamic", "--overwrite"],
     }[command]
     assert cli(*args).returncode == 0
-    exe = os.path.join(BIN, "nanovlm")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "cli.main"]
+    cmd = console_script(args[0])
     env = dict(os.environ, PYTHONPATH=REPO, TQDM_DISABLE="1")
     t0 = time.time()
     subprocess.run([*cmd, *args], cwd=REPO, capture_output=True, env=env, check=True)
@@ -384,13 +381,13 @@ def test_quantize_through_a_link_to_its_source_is_refused(made, tmp_path):
     before = _files(src)
     one_line_error(
         cli(
-            "quantize", str(link), str(src), "--mode", "int8-dynamic", "--overwrite", script="nanovlm-export"
+            "quantize", str(link), str(src), "--mode", "int8-dynamic", "--overwrite"
         ),
         "another directory than the source",
     )
     assert _files(src) == before
     one_line_error(
-        cli("quantize", str(src), str(link / "inner"), "--mode", "int8-dynamic", script="nanovlm-export"),
+        cli("quantize", str(src), str(link / "inner"), "--mode", "int8-dynamic"),
         "must not hold one another",
     )
     assert _files(src) == before

@@ -15,7 +15,7 @@ from PIL import Image
 from calibration.data import load_calibration
 from calibration.quantize import quantize_bundle
 from calibration.recorder import FeedReader, record_feeds
-from cli.main import main as export_cli
+from cli.main import export_main as export_cli
 from core.bundle import load_bundle
 from core.recipes import QUANTIZE_MODES, RECIPES, gates_for
 from evaluation import metrics, parity

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli.main import main as export_cli
+from cli.main import export_main as export_cli
 from core.bundle import load_bundle
 from trt.build import check_buildable
 from trt.plan import (
