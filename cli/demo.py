@@ -176,9 +176,11 @@ def validate_bundles(ckpt: str, bundles: dict[str, str], n: int) -> dict[str, di
     out = {}
     for name, path in bundles.items():
         pipe = VLMPipeline.from_bundle(path)
-        summary = metrics.compare(pipe, reference, cases, max_new_tokens=4, desc=f"validating {name}")
+        gates = gates_for(pipe.bundle.mode)
+        near_tie = metrics.tie_margin(gates["kl_mean_max"])
+        summary = metrics.compare(pipe, reference, cases, 4, f"validating {name}", near_tie)
         summary.pop("rows")
-        summary["failures"] = metrics.gate(summary, gates_for(pipe.bundle.mode))
+        summary["failures"] = metrics.gate(summary, gates)
         out[name] = summary
     return out
 

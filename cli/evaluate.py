@@ -96,9 +96,13 @@ def validate(
             raise click.BadParameter("--images DIR needs --reference CHECKPOINT", param_hint="--images")
         stored = metrics.StoredReference(pipe.bundle)
         ref, cases, max_new_tokens = stored, stored.cases, max_new_tokens or stored.max_new_tokens
-    summary = metrics.compare(pipe, ref, cases, max_new_tokens)
+    near_tie = metrics.tie_margin(limits["kl_mean_max"])
+    summary = metrics.compare(pipe, ref, cases, max_new_tokens, near_tie=near_tie)
     failures = metrics.gate(summary, limits)
     click.echo(metrics.table(summary, limits))
+    note = metrics.ties_note(summary)
+    if note:
+        click.echo(note)
     if json_out:
         from core.files import write_json
 

@@ -16,8 +16,10 @@ class Gates:
 
     vision_cosine_min: float  # lowest per-token cosine of image embeddings vs PyTorch
     kl_mean_max: float  # mean KL(PyTorch || bundle) over teacher-forced steps, nats per token
-    top1_min: float  # share of steps whose top-1 token agrees with PyTorch
-    exact_match_min: float  # share of cases whose whole greedy answer equals PyTorch's
+    top1_min: float  # share of decisive steps (no near tie in PyTorch) whose top-1 agrees with PyTorch
+    exact_match_min: (
+        float  # share of whole greedy answers equal to PyTorch's (those not parting at a near tie)
+    )
 
     def as_dict(self) -> dict[str, float]:
         return {k: getattr(self, k) for k in GATE_METRICS}
@@ -27,8 +29,8 @@ class Gates:
 GATE_METRICS = {
     "vision_cosine_min": ("vision_cosine_min", "min"),
     "kl_mean_max": ("kl_mean", "max"),
-    "top1_min": ("top1_agreement", "min"),
-    "exact_match_min": ("exact_match", "min"),
+    "top1_min": ("top1_decisive", "min"),
+    "exact_match_min": ("exact_match_decisive", "min"),
 }
 
 

@@ -9,6 +9,9 @@ For every case (images + prompt, from the built-in test split or a folder of rea
             not hide how close the rest is
   answers   each side's own greedy answer: exact match and common-prefix length; task accuracy
             where the case has a known answer (built-in data)
+  ties      where the reference's top two tokens are nearly tied, a flipped top-1 is within what
+            the KL gate allows: top-1 is gated on the decisive steps, exact match on the answers
+            that do not part at a near tie, and the report says how many were left to KL
 
 The reference is either the PyTorch checkpoint (evaluation/parity.py, needs torch) or the results
 stored in the bundle at export (`StoredReference`: validation on a device without torch). Gates
@@ -62,6 +65,19 @@ def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
     """KL(ref || other) per row, in nats."""
     p, q = log_softmax(ref_logits), log_softmax(logits)
     return (np.exp(p) * (p - q)).sum(-1)
+
+
+def tie_margin(kl_mean_max: float) -> float:
+    """The log-probability gap between the reference's top two tokens below which a flip is what a
+    KL within the gate allows. For a small logit perturbation d, KL ~ Var_p(d)/2, so one logit moves
+    by about sqrt(2 KL) and the gap between two by about 2 sqrt(KL): two of those is 4 sqrt(KL)."""
+    return 4.0 * float(np.sqrt(kl_mean_max))
+
+
+def top2_gap(ref_logits: np.ndarray) -> np.ndarray:
+    """Per step, log p(top-1) - log p(top-2) of the reference: how decisive its choice was."""
+    lp = np.sort(log_softmax(ref_logits), axis=-1)
+    return lp[..., -1] - lp[..., -2]
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -150,8 +166,10 @@ def compare(
     cases: list[Case],
     max_new_tokens: int = 16,
     desc: str = "validating",
+    near_tie: float = 0.0,
 ) -> dict[str, Any]:
-    """All metrics over `cases`; per-case rows under "cases"."""
+    """All metrics over `cases`; per-case rows under "rows". `near_tie`: the reference's top-two
+    gap (nats) below which a step counts as near-tied (tie_margin of the KL gate; 0: none)."""
     from core.progress import progress
 
     rows = []
@@ -176,16 +194,22 @@ def compare(
             "exact_match": ref["tokens"] == got["tokens"],
             "common_prefix": common_prefix(ref["tokens"], got["tokens"]),
             "reference_length": len(ref["tokens"]),
+            "gap": top2_gap(ref["logits"]).tolist(),
         }
         if case.answer is not None:
             row["expected"] = case.answer
         rows.append(row)
-    return summarize(rows)
+    return summarize(rows, near_tie)
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]], near_tie: float = 0.0) -> dict[str, Any]:
     kl = np.concatenate([np.asarray(r["kl"], np.float64) for r in rows])
     top1 = np.concatenate([np.asarray(r["top1"], bool) for r in rows])
+    decisive = np.concatenate([np.asarray(r["gap"], np.float64) for r in rows]) >= near_tie
+    for r in rows:  # an answer that parts from the reference's where the reference nearly tied
+        d = r["common_prefix"]
+        r["parts_at_near_tie"] = not r["exact_match"] and d < len(r["gap"]) and r["gap"][d] < near_tie
+    clear = [r for r in rows if not r["parts_at_near_tie"]]
     out: dict[str, Any] = {
         "cases": len(rows),
         "steps": int(kl.size),
@@ -197,7 +221,14 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "common_prefix_ratio": float(
             sum(r["common_prefix"] for r in rows) / max(1, sum(r["reference_length"] for r in rows))
         ),
+        "near_tie": near_tie,
+        "near_tied_steps": int((~decisive).sum()),
+        "parted_at_near_tie": len(rows) - len(clear),
     }
+    if decisive.any():  # absent when every step was a near tie: KL is the only fair gate there
+        out["top1_decisive"] = float(top1[decisive].mean())
+    if clear:
+        out["exact_match_decisive"] = float(np.mean([r["exact_match"] for r in clear]))
     with_vision = [r for r in rows if "vision_cosine_min" in r]
     if with_vision:
         out["vision_max_abs"] = max(r["vision_max_abs"] for r in with_vision)
@@ -225,6 +256,19 @@ def gate(summary: dict[str, Any], thresholds: dict[str, float]) -> list[str]:
     return failures
 
 
+def ties_note(summary: dict[str, Any]) -> str | None:
+    """One line on the near ties left to the KL gate, or None when there were none."""
+    steps, cases = summary.get("near_tied_steps", 0), summary.get("parted_at_near_tie", 0)
+    if not steps:
+        return None
+    return (
+        f"near ties: {steps} of {summary['steps']} steps had the reference's top two tokens within "
+        f"{summary['near_tie']:.3g} nats (4*sqrt of the KL gate); top-1 is gated on the other steps, and "
+        f"{cases} of {summary['cases']} answers that part from the reference's at such a step are gated "
+        f"on KL (kl_mean {summary['kl_mean']:.3g}) instead of exact match"
+    )
+
+
 def table(summary: dict[str, Any], thresholds: dict[str, float] | None = None) -> str:
     """A readable markdown table of the summary."""
     limits = {GATE_METRICS[k][0]: (v, GATE_METRICS[k][1]) for k, v in (thresholds or {}).items()}
@@ -237,8 +281,12 @@ def table(summary: dict[str, Any], thresholds: dict[str, float] | None = None) -
         "kl_mean",
         "kl_max",
         "top1_agreement",
+        "top1_decisive",
         "logits_max_abs",
         "exact_match",
+        "exact_match_decisive",
+        "near_tied_steps",
+        "parted_at_near_tie",
         "common_prefix_ratio",
         "task_accuracy",
         "reference_task_accuracy",

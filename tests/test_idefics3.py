@@ -344,17 +344,14 @@ def test_serve_answers_with_a_smolvlm_bundle(bundles):
 
 def test_cli_flow_quantize_validate_bench_check_run(bundles, tmp_path):
     """The downstream commands on an exported SmolVLM bundle, as a user runs them. `validate`
-    passes every gate on the fp32 bundles; each quantized mode meets its KL and vision-cosine gates
-    against the PyTorch results stored at export. (Its top-1 and exact-match gates are not asserted
-    on these random weights: their logits hold near-ties, so a KL of 4e-4 nats still flips 3 of 24
-    top-1 tokens; the existing tiny-model tests use the same two gates.) bench and the TensorRT
-    check run, and `nanovlm run` answers as the library does."""
+    passes every gate on the fp32 bundles and on each quantized mode, against the PyTorch results
+    stored at export. These random weights' logits hold near ties, where a KL of 4e-4 nats still
+    flips top-1 tokens: validate says so and gates those steps on KL. bench and the TensorRT check
+    run, and `nanovlm run` answers as the library does."""
     import os
     import subprocess
     import sys
 
-    from core.recipes import RECIPES
-    from evaluation import metrics
     from runtime.pipeline import VLMPipeline
 
     def exe(name: str) -> str:
@@ -366,18 +363,15 @@ def test_cli_flow_quantize_validate_bench_check_run(bundles, tmp_path):
     for path in (bundles["standard"], bundles["fused"]):
         r = run("validate", path)
         assert r.returncode == 0 and "passed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    notes = {}
     for source, mode in (("fused", "int8-dynamic"), ("fused", "int4"), ("standard", "int8-static")):
         out = str(tmp_path / mode)
         r = run("quantize", bundles[source], out, "--mode", mode)  # the default 32 calibration samples
         assert r.returncode == 0, r.stderr[-2000:]
-        pipe = VLMPipeline.from_bundle(out)
-        stored = metrics.StoredReference(pipe.bundle)
-        s = metrics.compare(pipe, stored, stored.cases, stored.max_new_tokens)
-        gates = RECIPES[mode].gates
-        assert s["kl_mean"] <= gates.kl_mean_max and s["vision_cosine_min"] >= gates.vision_cosine_min, (
-            mode,
-            s,
-        )
+        r = run("validate", out)
+        assert r.returncode == 0 and "passed" in r.stdout, (mode, r.stdout[-3000:] + r.stderr[-2000:])
+        notes[mode] = [line for line in r.stdout.splitlines() if line.startswith("near ties:")]
+    assert any(notes.values()), notes  # these weights tie somewhere, and validate says where it left KL
     r = run("check", bundles["standard"])
     assert r.returncode == 0 and "trt-10.3: ok" in r.stdout and "trt-10.13: ok" in r.stdout
     r = run(

@@ -540,9 +540,65 @@ def test_validate_threshold_overrides():
     assert gates_for("int4")["kl_mean_max"] == 0.05
     with pytest.raises(ValueError, match="unknown threshold 'kl'"):
         gates_for("int4", {"kl": 0.1})
-    assert metrics.gate({"kl_mean": 0.2, "top1_agreement": 0.99}, {"kl_mean_max": 0.1, "top1_min": 0.9}) == [
+    assert metrics.gate({"kl_mean": 0.2, "top1_decisive": 0.99}, {"kl_mean_max": 0.1, "top1_min": 0.9}) == [
         "kl_mean = 0.2 > 0.1"
     ]
+
+
+def _decoder_row(ref_logits: np.ndarray, got_logits: np.ndarray) -> dict:
+    """One case's decoder metrics as compare() makes them: greedy answers from these logits."""
+    ref, got = ref_logits.argmax(-1).tolist(), got_logits.argmax(-1).tolist()
+    d = metrics.common_prefix(ref, got)
+    return {
+        "kl": metrics.kl_divergence(ref_logits, got_logits).tolist(),
+        "top1": (ref_logits.argmax(-1) == got_logits.argmax(-1)).tolist(),
+        "logits_max_abs": float(np.abs(ref_logits - got_logits).max()),
+        "exact_match": ref == got,
+        "common_prefix": d,
+        "reference_length": len(ref),
+        "gap": metrics.top2_gap(ref_logits).tolist(),
+    }
+
+
+def test_near_tied_steps_are_gated_on_kl_and_said_so():
+    """A random-weight model's reference often ties its top two tokens: a quantized bundle whose KL is
+    tiny flips such a tie, and its answer parts there. That is within the KL gate, so top-1 and exact
+    match are gated elsewhere, and the report says how many steps and answers were left to KL. A flip
+    where the reference was decisive still fails."""
+    rng = np.random.default_rng(0)
+    gates = gates_for("int4")
+    near = metrics.tie_margin(gates["kl_mean_max"])  # 4*sqrt(0.05) = 0.89 nats
+    assert near == pytest.approx(0.894, abs=1e-3)
+    rows = []
+    for _ in range(6):
+        ref = rng.normal(0, 1, (8, 50))
+        ref[np.arange(8), rng.integers(0, 50, 8)] += 10.0  # a clear choice at every step...
+        top = ref.argmax(-1)
+        second = (top + 1) % 50
+        got = ref + rng.normal(0, 0.01, ref.shape)
+        for step in (2, 5):  # ...but at steps 2 and 5 the top two are 0.05 apart
+            ref[step, second[step]] = ref[step, top[step]] - 0.05
+            got[step, second[step]] = got[step, top[step]] + 0.05  # and the bundle breaks the tie
+        rows.append(_decoder_row(ref, got))
+    before = metrics.summarize([dict(r) for r in rows])  # no near ties: today's gates
+    assert before["top1_agreement"] == 6 / 8 and before["exact_match"] == 0.0
+    assert {f.split(" =")[0] for f in metrics.gate(before, gates)} == {
+        "top1_decisive",
+        "exact_match_decisive",
+    }
+    after = metrics.summarize([dict(r) for r in rows], near)
+    assert after["kl_mean"] < 0.01 and metrics.gate(after, gates) == []
+    assert (
+        after["top1_decisive"] == 1.0 and after["near_tied_steps"] == 12 and after["parted_at_near_tie"] == 6
+    )
+    assert "exact_match_decisive" not in after  # every answer parted at a tie: nothing left to gate on
+    note = metrics.ties_note(after)
+    assert note.startswith("near ties: 12 of 48 steps") and "6 of 6 answers" in note and "0.894 nats" in note
+
+    decisive_flip = rows[0] | {"top1": [True] * 7 + [False], "common_prefix": 7}  # parts at step 7
+    worse = metrics.summarize([dict(r) for r in rows[1:]] + [decisive_flip], near)
+    assert worse["top1_decisive"] < 1.0 and worse["exact_match_decisive"] == 0.0
+    assert any(f.startswith("exact_match_decisive = 0 <") for f in metrics.gate(worse, gates))
 
 
 # ----------------------------------------------------------------------------- bench
