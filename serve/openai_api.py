@@ -6,6 +6,7 @@ own. Every refusal is an `ApiError` carrying the HTTP status and OpenAI's error 
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -104,12 +105,19 @@ def parse_chat(body: Any, limits: RequestLimits) -> ChatRequest:
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
     system, turns, media = None, [], []
+    called: dict[str, str] = {}  # tool_call_id -> function name, from earlier assistant messages
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
             raise ApiError(400, f"{where} must be an object", where)
         role = msg.get("role")
-        text, imgs = _content(msg.get("content"), f"{where}.content", limits)
+        calls = msg.get("tool_calls") if role == "assistant" else None
+        content = "" if calls is not None and msg.get("content") is None else msg.get("content")
+        text, imgs = _content(content, f"{where}.content", limits)
+        if calls is not None:  # the model's earlier call, written as it wrote it
+            text = "\n".join(t for t in (text, _calls_text(calls, f"{where}.tool_calls", called)) if t)
+        if role == "tool":  # a function's result, read by the model as the user's next words
+            text, role = _tool_result(msg, text, where, called, imgs), "user"
         count = sum(m.kind == "image" for m in media + imgs)
         if count > limits.max_images:  # counted before any image is read
             raise ApiError(
@@ -124,7 +132,9 @@ def parse_chat(body: Any, limits: RequestLimits) -> ChatRequest:
             continue
         if role not in ("user", "assistant"):
             raise ApiError(
-                400, f"{where}.role {role!r} is not supported (system, user or assistant)", f"{where}.role"
+                400,
+                f"{where}.role {role!r} is not supported (system, user, assistant or tool)",
+                f"{where}.role",
             )
         if role == "assistant" and imgs:
             raise ApiError(400, f"{where}: an assistant message cannot hold images or videos", where)
@@ -317,6 +327,44 @@ def check_url(ref: MediaRef, limits: RequestLimits) -> None:
             raise ApiError(413, f"{where}: {ref.kind} is over {limit} bytes", where)
     elif any(ord(c) < 32 for c in url):
         raise ApiError(400, f"{where}: the {ref.kind} URL holds control characters", where)
+
+
+def _calls_text(calls: Any, where: str, called: dict[str, str]) -> str:
+    """An assistant message's tool_calls as the JSON the model writes for one, a line each; their
+    ids are noted in `called` for the tool messages that answer them."""
+    if not isinstance(calls, list) or not calls:
+        raise ApiError(400, f"{where} must be a non-empty list of function calls", where)
+    lines = []
+    for j, call in enumerate(calls):
+        at = f"{where}[{j}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if (
+            not isinstance(fn, dict)
+            or not isinstance(fn.get("name"), str)
+            or not isinstance(call.get("id"), str)
+        ):
+            raise ApiError(
+                400, f"{at} must be {{'id': str, 'type': 'function', 'function': {{'name': str, ...}}}}", at
+            )
+        try:
+            arguments = json.loads(fn.get("arguments") or "{}")
+        except (TypeError, ValueError, RecursionError):
+            raise ApiError(400, f"{at}.function.arguments is not JSON text", at) from None
+        called[call["id"]] = fn["name"]
+        lines.append(json.dumps({"name": fn["name"], "arguments": arguments}, ensure_ascii=False))
+    return "\n".join(lines)
+
+
+def _tool_result(msg: dict, text: str, where: str, called: dict[str, str], media: list) -> str:
+    """A tool message as the text the model reads: which function answered, and what it said."""
+    call_id = msg.get("tool_call_id")
+    if call_id not in called:
+        raise ApiError(
+            400, f"{where}.tool_call_id must name a tool call of an earlier assistant message", where
+        )
+    if media:
+        raise ApiError(400, f"{where}: a tool message holds text only", where)
+    return f"{called[call_id]} returned: {text}"
 
 
 def _content(content: Any, where: str, limits: RequestLimits) -> tuple[str, list[MediaRef]]:

@@ -412,3 +412,37 @@ def test_tools_are_answered_as_tool_calls_that_fit_their_schema(server):
         model="x", messages=ask, max_tokens=4, tools=[WEATHER], tool_choice="none"
     )
     assert plain.choices[0].message.tool_calls is None and plain.choices[0].message.content is not None
+
+
+def test_a_tool_result_goes_back_to_the_model_as_openai_sends_it(server):
+    """The round trip of OpenAI's function calling: the assistant's tool_calls message and a `tool`
+    message answering it (by tool_call_id) come back in the next request; the model reads the call
+    as it wrote it and the result after it. Ids that answer no call, and arguments that are not
+    JSON, are a 400 naming the message."""
+    from serve.openai_api import RequestLimits, parse_chat
+
+    c = openai.OpenAI(base_url=server[0].url + "/v1", api_key="x", max_retries=0, timeout=120)
+    ask = [{"role": "user", "content": "Weather in Oslo for three days?"}]
+    first = c.chat.completions.create(model="x", messages=ask, tools=[WEATHER], tool_choice="required")
+    call = first.choices[0].message.tool_calls[0]
+    turn = [
+        first.choices[0].message.model_dump(exclude_none=True),  # content None: left out, as clients do
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 4}'},
+    ]
+    second = c.chat.completions.create(model="x", messages=ask + turn, max_tokens=6)
+    alone = c.chat.completions.create(model="x", messages=ask, max_tokens=1)
+    assert second.choices[0].message.content and second.usage.prompt_tokens > alone.usage.prompt_tokens + 10
+
+    chat = parse_chat({"messages": ask + turn}, RequestLimits())
+    written = json.dumps({"name": "get_weather", "arguments": json.loads(call.function.arguments)})
+    assert chat.history == [(ask[0]["content"], written)]
+    assert chat.question == 'get_weather returned: {"temperature_c": 4}'
+    for bad, words in (
+        ({**turn[1], "tool_call_id": "call_nobody"}, "messages[2].tool_call_id must name a tool call"),
+        (
+            {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{"}}]},
+            "messages[2].tool_calls[0].function.arguments is not JSON",
+        ),
+    ):
+        with pytest.raises(openai.BadRequestError, match=re.escape(words)):
+            c.chat.completions.create(model="x", messages=[*ask, turn[0], bad, ask[0]], max_tokens=4)
