@@ -108,10 +108,10 @@ def onnx(
 )
 @click.option(
     "--samples",
-    type=click.IntRange(1, 100_000),
+    type=click.IntRange(8, 100_000),
     default=32,
     show_default=True,
-    help="Calibration samples (the calibrated modes need at least 8; the others take none).",
+    help="Calibration samples, for the calibrated modes (the others take none).",
 )
 @click.option(
     "--method",

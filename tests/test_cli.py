@@ -190,6 +190,7 @@ def test_quantize_help_says_what_each_mode_is():
     out = " ".join(CliRunner().invoke(export_main, ["quantize", "--help"], terminal_width=400).output.split())
     for mode in QUANTIZE_MODES:
         assert f"{mode}: {RECIPES[mode].summary}" in out, mode
+    assert "--samples INTEGER RANGE Calibration samples" in out and "8<=x<=100000" in out  # the real minimum
 
 
 def _install_in_fresh_venv(tmp_path, extras: str):
