@@ -3,8 +3,9 @@
     python -m benchmarks.matmul_kernels [--rows 1 85 196] [--rounds 7]
 
 One decoder layer's seven weight MatMuls (q, k, v, out; gate, up, down) with random weights, as
-one graph per kernel: fp32 MatMul, MatMulNBits at 8 and 4 bits (blocks of 32, int8 compute) and
-DynamicQuantizeMatMul. Prints the median time of the seven x 30 layers, in ms. One layer's
+one graph per kernel: fp32 MatMul, MatMulNBits at 8 and 4 bits (blocks of 32, int8 compute),
+DynamicQuantizeMatMul, and per-token W8A8 (calibration/per_token_int8.py: one activation
+quantization per input, shared by q/k/v and by gate/up, as in the decoder). Prints the median time of the seven x 30 layers, in ms. One layer's
 weights fit in the caches, so the 1-row figures are not decode speeds (that is
 benchmarks/head_to_head.py); at a prefill's rows the GEMMs are compute-bound and these are
 the kernels' speeds. Run it under benchmarks/avx2_proxy.py for an AVX2-only CPU's kernels.
@@ -30,20 +31,22 @@ SHAPES = [
     (HIDDEN, INTER),
     (INTER, HIDDEN),
 ]
+INPUTS = ("x_qkv", "x_qkv", "x_qkv", "x_out", "x_mlp", "x_mlp", "x_down")  # what each MatMul reads
 LAYERS = 30
-KERNELS = ("fp32 MatMul", "MatMulNBits 8-bit", "MatMulNBits 4-bit", "DynamicQuantizeMatMul")
+KERNELS = ("fp32 MatMul", "MatMulNBits 8-bit", "MatMulNBits 4-bit", "DynamicQuantizeMatMul", "per-token W8A8")
 
 
 def layer_graph(kernel: str, rows: int, rng: np.random.Generator):
-    """The seven MatMuls of one layer, each reading graph input x576 or x1536 (by its K)."""
+    """The seven MatMuls of one layer, each reading the graph input its decoder MatMul reads."""
     from onnx import TensorProto, helper, numpy_helper
 
     from calibration.dynamic_int8 import quantize_pairs
+    from calibration.per_token_int8 import quantize_per_token
 
     nodes, inits = [], []
     for i, (k, n) in enumerate(SHAPES):
-        x, w = f"x{k}", rng.standard_normal((k, n)).astype(np.float32) * 0.05
-        if kernel == "fp32 MatMul":
+        x, w = INPUTS[i], rng.standard_normal((k, n)).astype(np.float32) * 0.05
+        if kernel in ("fp32 MatMul", "per-token W8A8"):
             inits.append(numpy_helper.from_array(w, f"w{i}"))
             nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"y{i}"]))
         elif kernel == "DynamicQuantizeMatMul":
@@ -74,12 +77,17 @@ def layer_graph(kernel: str, rows: int, rng: np.random.Generator):
                     accuracy_level=4,
                 )
             )
-    inputs = [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [rows, k]) for k in (HIDDEN, INTER)]
-    outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(len(SHAPES))]
-    return helper.make_model(
+    widths = {x: k for x, (k, _) in zip(INPUTS, SHAPES, strict=True)}
+    inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [rows, k]) for x, k in widths.items()]
+    outputs = [
+        helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [rows, n])
+        for i, (_, n) in enumerate(SHAPES)
+    ]
+    model = helper.make_model(
         helper.make_graph(nodes, "layer", inputs, outputs, inits),
         opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
     )
+    return quantize_per_token(model) if kernel == "per-token W8A8" else model
 
 
 def time_kernel(kernel: str, rows: int, rounds: int) -> float:
@@ -94,7 +102,9 @@ def time_kernel(kernel: str, rows: int, rounds: int) -> float:
         session_options(),
         providers=["CPUExecutionProvider"],
     )
-    feed = {f"x{k}": rng.standard_normal((rows, k)).astype(np.float32) for k in (HIDDEN, INTER)}
+    feed = {
+        x: rng.standard_normal((rows, k)).astype(np.float32) for x, (k, _) in zip(INPUTS, SHAPES, strict=True)
+    }
     for _ in range(3):
         session.run(None, feed)
     times = []
