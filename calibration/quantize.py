@@ -129,7 +129,9 @@ def quantize_bundle(
             importance, grams = gptq_statistics(bundle, r, plan, decoder_feeds)
             dynamic_vision = r.vision_dynamic_int8
             for graph in GRAPHS:
-                model = quantize_graph(onnx.load(bundle.graph_path(graph)), graph, r, plan, importance, grams)
+                model = quantize_graph(
+                    onnx.load(bundle.graph_path(graph)), graph, r, plan, importance, grams, decoder_feeds
+                )
                 if graph == "vision_encoder" and dynamic_vision and not _vision_holds(bundle, model, r, plan):
                     dynamic_vision = False
                     model = quantize_graph(

@@ -5,7 +5,8 @@ multiplying row j of W by s_j leaves Y unchanged; with s_j = max|X_j|^a / max|W_
 activation ranges even out and the weights take a share of the difficulty.
 
 The division is folded into whatever produces X, so the graph gains no op:
-  - X = norm(x) * g (an RMSNorm's weight g, an initializer): g_j /= s_j
+  - X = norm(x) * g (an RMSNorm's weight g, an initializer; or the gamma of ONNX Runtime's
+    SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization in fused graphs): g_j /= s_j
   - X = a * U(x) (the gated MLP: SiLU(gate) * up, U a weight MatMul): column j of U's weight /= s_j
 Every weight MatMul reading X is scaled together (q/k/v share one s, gate/up another). Inputs
 produced any other way (the attention output into o_proj) are left as they are.
@@ -23,6 +24,8 @@ from .importance import channel_stats
 from .nbits import weight_matmuls
 
 log = logging.getLogger(__name__)
+
+FUSED_NORMS = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2}  # op -> gamma input
 
 
 def smooth(
@@ -47,6 +50,11 @@ def smooth(
         if only is not None and not all(n.name in only for n in groups[x]):
             continue
         p = producer.get(x)
+        if p is not None and p.op_type in FUSED_NORMS and p.output[0] == x:  # ONNX Runtime's fused RMSNorm
+            gamma = p.input[FUSED_NORMS[p.op_type]]
+            if gamma in inits and users.get(gamma) == 1:
+                folds[x] = ("norm", gamma)
+            continue
         if p is None or p.op_type != "Mul":
             continue
         gain = next(

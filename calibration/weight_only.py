@@ -60,6 +60,28 @@ def gptq_statistics(
     return importance, grams
 
 
+def per_token(model: onnx.ModelProto, recipe: Recipe, plan: dict, feeds: list[dict[str, np.ndarray]]) -> None:
+    """In place: the recipe's per-token W8A8 MatMuls, smoothed on the recorded decoder inputs first;
+    the rest are left for MatMulNBits."""
+    from .nbits import weight_matmuls
+    from .per_token_int8 import quantize_per_token
+    from .smoothquant import smooth
+
+    chosen = {
+        n.name
+        for n in weight_matmuls(model)
+        if matches(n.name, list(recipe.per_token_int8)) and not matches(n.name, plan["excluded"])
+    }
+    smoothed = smooth(model, feeds, recipe.smooth_alpha, only=chosen) if recipe.smooth_alpha else []
+    quantize_per_token(model, lambda node: node.name in chosen)
+    plan["per_token_int8"] = sorted(chosen)
+    plan["notes"]["per_token_int8"] = (
+        f"{len(chosen)} decoder MatMuls as per-token W8A8 (uint8 activations, one scale per token; "
+        f"int8 weights per column, neighbouring pairs within 128), {len(smoothed)} input groups smoothed "
+        f"first (SmoothQuant alpha {recipe.smooth_alpha}); the other MatMuls 8-bit MatMulNBits"
+    )
+
+
 def quantize_graph(
     model: onnx.ModelProto,
     graph: str,
@@ -67,8 +89,10 @@ def quantize_graph(
     plan: dict,
     importance: dict | None = None,
     grams: dict | None = None,
+    feeds: list[dict[str, np.ndarray]] | None = None,
 ) -> onnx.ModelProto:
-    """One graph of the bundle under a float or weight-only recipe."""
+    """One graph of the bundle under a float or weight-only recipe (`feeds`: the recorded decoder
+    inputs, for a recipe with per-token W8A8 layers)."""
     if recipe.fp16:
         model = to_fp16(model)
     if recipe.weight_bits is None:
@@ -76,6 +100,8 @@ def quantize_graph(
     decoder = graph == "decoder"
     if not decoder and recipe.vision_dynamic_int8:
         return quantize_dynamic_int8(model, exclude=plan["excluded"])
+    if decoder and recipe.per_token_int8:
+        per_token(model, recipe, plan, feeds or [])
     bits = recipe.weight_bits if decoder else 8
     return quantize_nbits(
         model,

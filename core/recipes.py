@@ -38,7 +38,9 @@ GATE_METRICS = {
 class Recipe:
     name: str
     summary: str
-    scheme: str  # "float": no integer weights; "weight-only": MatMulNBits; "qdq": Q/DQ int8
+    scheme: (
+        str  # "float": no integer weights; "weight-only": MatMulNBits (+ per_token_int8); "qdq": Q/DQ int8
+    )
     gates: Gates
     quantize_mode: bool = True  # a `quantize --mode` choice (fp32 is the export's own precision)
     weight_bits: int | None = None  # decoder weight bits (None: float weights)
@@ -49,6 +51,10 @@ class Recipe:
     # the vision encoder through DynamicQuantizeMatMul (CPU kernels; ~2x 8-bit MatMulNBits over
     # an image's tokens) rather than 8-bit MatMulNBits
     vision_dynamic_int8: bool = False
+    # decoder MatMuls (name globs) run as per-token W8A8 (calibration/per_token_int8.py) after
+    # SmoothQuant at `smooth_alpha`: integer GEMMs that stay fast at a prefill's and a batch's rows
+    per_token_int8: tuple[str, ...] = ()
+    smooth_alpha: float | None = None
     runs_on: tuple[str, ...] = ("onnxruntime",)
 
 
@@ -81,6 +87,20 @@ RECIPES: dict[str, Recipe] = {
             weight_bits=8,
             fused_decoder=True,
             vision_dynamic_int8=True,
+        ),
+        Recipe(
+            "int8-w8a8",
+            "int8-dynamic with q/k/v and gate/up as per-token int8 activations x int8 weights after "
+            "SmoothQuant: fast prefill and batches on CPUs",
+            "weight-only",
+            Gates(vision_cosine_min=0.99, kl_mean_max=0.01, top1_min=0.93, exact_match_min=0.6),
+            weight_bits=8,
+            calibrated=True,
+            decode_steps=4,
+            fused_decoder=True,
+            vision_dynamic_int8=True,
+            per_token_int8=("*/q_proj/*", "*/k_proj/*", "*/v_proj/*", "*/gate_proj/*", "*/up_proj/*"),
+            smooth_alpha=0.65,
         ),
         Recipe(
             "int8-static",

@@ -61,7 +61,12 @@ def plan(tiny_tokenizer_dir, tmp_path_factory):
         export_onnx(ckpt, standard)
         export_onnx(ckpt, fused, decoder="fused")
         bundles[f"{name} fp32"], bundles[f"{name} fp32 fused"] = standard, fused
-        for mode, src in (("int8-dynamic", fused), ("int8-static", standard), ("int4", fused)):
+        for mode, src in (
+            ("int8-dynamic", fused),
+            ("int8-w8a8", fused),
+            ("int8-static", standard),
+            ("int4", fused),
+        ):
             out = str(d / f"{name}-{mode}")
             quantize_bundle(src, out, mode, samples=8)
             bundles[f"{name} {mode}"] = out

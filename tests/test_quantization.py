@@ -19,7 +19,7 @@ from cli.main import export_main as export_cli
 from core.bundle import load_bundle
 from core.recipes import QUANTIZE_MODES, RECIPES, gates_for
 from evaluation import metrics, parity
-from runtime.pipeline import VLMPipeline
+from runtime.pipeline import GenerationRequest, VLMPipeline
 
 
 @pytest.fixture(scope="module")
@@ -665,7 +665,14 @@ def test_quantized_trained_model_meets_the_accuracy_bars(trained_tiny, tmp_path)
     fp32 = str(tmp_path / "fp32")
     export_onnx(trained_tiny, fp32)
     ref, cases = parity.Reference(trained_tiny), metrics.builtin_cases(300)
-    accuracy_bar = {"fp16": 0.01, "int8-dynamic": 0.01, "int8-static": 0.01, "int4": 0.02, "int4-fp16": 0.02}
+    accuracy_bar = {
+        "fp16": 0.01,
+        "int8-dynamic": 0.01,
+        "int8-w8a8": 0.01,
+        "int8-static": 0.01,
+        "int4": 0.02,
+        "int4-fp16": 0.02,
+    }
     assert set(accuracy_bar) == set(QUANTIZE_MODES)
     for mode, acc_bar in accuracy_bar.items():
         kl_bar = RECIPES[mode].gates.kl_mean_max
@@ -724,8 +731,14 @@ def test_fused_bundles_quantize_to_the_cpu_modes_only(tiny_tokenizer_dir, tmp_pa
 
     _, bundle = export_lively("replace", tiny_tokenizer_dir, tmp_path, decoder="fused")
     ref, cases = parity.Reference(str(tmp_path / "ckpt")), metrics.builtin_cases(8)
-    for mode, kl_bar in (("int8-dynamic", 0.01), ("int4", 0.05)):
+    for mode, kl_bar in (("int8-dynamic", 0.01), ("int8-w8a8", 0.01), ("int4", 0.05)):
         manifest = quantize_bundle(bundle, str(tmp_path / mode), mode, samples=8)
+        if mode == "int8-w8a8":  # SmoothQuant folds into the fused graph's norms and gate/up too
+            note = manifest.quantization["notes"]["per_token_int8"]
+            blocks = load_bundle(bundle).config.lm_n_blocks
+            assert (
+                f"{5 * blocks} decoder MatMuls" in note and f"{2 * blocks} input groups smoothed" in note
+            ), note
         assert manifest.decoder_graph == manifest.vision_graph == "fused"
         ops = {n.op_type for n in onnx.load(str(tmp_path / mode / "decoder.onnx")).graph.node}
         assert {"GroupQueryAttention", "MatMulNBits", "GatherBlockQuantized"} <= ops and "MatMul" not in ops
@@ -736,6 +749,98 @@ def test_fused_bundles_quantize_to_the_cpu_modes_only(tiny_tokenizer_dir, tmp_pa
             quantize_bundle(bundle, str(tmp_path / "x"), mode, samples=8)
     with pytest.raises(ValueError, match="vision_encoder uses .*MultiHeadAttention"):
         check_buildable(bundle)
+
+
+def _matmuls_graph(w: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
+    """Two weight MatMuls reading one input x [B, S, K], the first with a bias Add."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = w.shape
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["xw"], name="first/MatMul"),
+        helper.make_node("Add", ["xw", "b"], ["y"], name="first/Add"),
+        helper.make_node("MatMul", ["x", "w2"], ["z"], name="second/MatMul"),
+    ]
+    inits = [
+        numpy_helper.from_array(a, name) for a, name in ((w, "w"), (bias, "b"), (w[:, ::-1].copy(), "w2"))
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", k])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["B", "S", n]) for o in ("y", "z")],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_per_token_int8_gives_every_row_its_own_scale():
+    """Per-token W8A8 (calibration/per_token_int8.py) on activations with an attention-sink row 100x
+    the others: every other row keeps ~1% error where one scale per tensor (DynamicQuantizeMatMul)
+    loses most of its precision; a row's output never depends on its neighbours (bit-identical when
+    another row changes); MatMuls reading one input share one quantization; a bias Add stays (ONNX
+    Runtime would scale a folded bias by the row's scale too)."""
+    import onnxruntime as ort
+
+    from calibration.dynamic_int8 import quantize_dynamic_int8
+    from calibration.per_token_int8 import quantize_per_token
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((576, 256)) * 0.05).astype(np.float32)
+    bias = rng.standard_normal(256).astype(np.float32)
+    x = rng.standard_normal((2, 9, 576)).astype(np.float32)
+    x[0, 0] *= 100  # the sink
+    exact = x @ w + bias
+
+    def run(model, feed):
+        s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return s.run(["y"], {"x": feed})[0]
+
+    per_token = quantize_per_token(_matmuls_graph(w, bias))
+    ops = [n.op_type for n in per_token.graph.node]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("MatMulIntegerToFloat") == 2 and "Add" in ops
+    dynamic = quantize_dynamic_int8(_matmuls_graph(w, bias))
+
+    def row_error(y):  # relative error of each row but the sink's
+        err = np.linalg.norm(y - exact, axis=-1) / np.linalg.norm(exact - bias, axis=-1)
+        return np.delete(err.reshape(-1), 0)
+
+    ours, theirs = row_error(run(per_token, x)), row_error(run(dynamic, x))
+    assert ours.max() < 0.02 and np.median(theirs) > 10 * ours.max(), (ours.max(), np.median(theirs))
+
+    changed = x.copy()
+    changed[1, 4] = rng.standard_normal(576) * 30  # another row, much larger
+    a, b = run(per_token, x), run(per_token, changed)
+    keep = np.ones((2, 9), bool)
+    keep[1, 4] = False
+    assert np.array_equal(a[keep], b[keep])
+
+
+def test_int8_w8a8_rows_prefilled_together_answer_as_alone(quantized):
+    """The per-token decoder in a batch: four prompts prefilled as one left-padded batch and decoded
+    together answer exactly as each does alone (padding and neighbours never touch a row's scales)."""
+    from runtime.batching import ContinuousBatcher, EngineConfig
+    from tests.engine_helpers import Collector
+
+    p = VLMPipeline.from_bundle(quantized["int8-w8a8"][1])
+    assert {"MatMulIntegerToFloat", "MatMulNBits"} <= {
+        n.op_type for n in onnx.load(p.bundle.graph_path("decoder")).graph.node
+    }
+    image = Image.new("RGB", (30, 20), (200, 40, 40))
+    questions = ["What is it?", "Cat?", "How many red circles are there?", "What colour is the square?"]
+    alone = [p.generate([image], q, max_new_tokens=6) for q in questions]
+    engine = ContinuousBatcher(p, config=EngineConfig(max_batch=4, prefix_cache_mb=0))
+    batches = [p.prepare([[image]], [q]) for q in questions]
+    for key, embeds in zip(batches[0].view_keys, p.encode_images(batches[0].pixel_values), strict=True):
+        engine.image_cache.put(key, embeds[None])
+    got = [Collector() for _ in questions]
+    for b, c in zip(batches, got, strict=True):
+        engine.submit(b, GenerationRequest(6), c)
+    engine.start()
+    for c in got:
+        assert c.done.wait(120)
+    engine.stop(10)
+    assert engine.prefills == 1 and [c.text for c in got] == alone
 
 
 def test_int8_static_keeps_activations_float_when_the_recipe_excludes_every_matmul(
