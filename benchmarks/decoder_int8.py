@@ -1,6 +1,6 @@
-"""Which of SmolLM2's decoder MatMuls can take DynamicQuantizeMatMul, with SmoothQuant or without.
+"""Which of SmolLM2's decoder MatMuls can take an integer GEMM, with SmoothQuant or without.
 
-    python -m benchmarks.decoder_int8 [--alphas 0.5 0.7 0.85]
+    python -m benchmarks.decoder_int8 [--kernels dynamic per-token] [--alphas 0.5 0.7 0.85]
 
 DynamicQuantizeMatMul (one uint8 scale per activation tensor, an integer GEMM) runs a prefill's
 and a batch's MatMuls 2-3x faster than the 8-bit MatMulNBits of today's int8-dynamic decoder
@@ -8,8 +8,10 @@ and a batch's MatMuls 2-3x faster than the 8-bit MatMulNBits of today's int8-dyn
 (docs/quantization.md). Here, on the nanoVLM-222M shape with the real SmolLM2-135M-Instruct
 decoder (the standard fp32 bundle of benchmarks/runtime_decode.py): the MatMuls that read an
 RMSNorm's output (q/k/v, gate/up), and those plus down_proj (its input folds into up_proj's
-columns), go to DynamicQuantizeMatMul (pair-limited weights, calibration/dynamic_int8.py), plain
-or after calibration/smoothquant.py's scale migration at each alpha, calibrated on the
+columns), and all of them (out_proj too), go to DynamicQuantizeMatMul (one activation scale per
+tensor, calibration/dynamic_int8.py) or per-token W8A8 (one per row, calibration/per_token_int8.py),
+both with pair-limited weights, plain or after calibration/smoothquant.py's scale migration at each
+alpha, calibrated on the
 quantization report's 20 samples (10 photographs, 10 texts). Every other MatMul stays fp32, so
 the KL is what these MatMuls add. Scored as the quantization report scores (metrics.compare
 against fp32 PyTorch, 32 teacher-forced steps) on its 6 evaluation texts and 3 of its photos.
@@ -26,36 +28,45 @@ import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NORMED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+TARGETS = {
+    "q/k/v, gate/up": NORMED,
+    "q/k/v, gate/up, down": (*NORMED, "down_proj"),
+    "all (out_proj too)": (*NORMED, "down_proj", "out_proj"),
+}
+KERNELS = {"dynamic": "DynamicQuantizeMatMul", "per-token": "per-token W8A8"}
 
 
-def variant_bundle(src: str, feeds: list[dict], targets: tuple[str, ...], alpha: float | None) -> str:
-    """A copy of bundle `src` whose decoder runs the MatMuls named by `targets` in
-    DynamicQuantizeMatMul, smoothed first at `alpha` (None: not smoothed); -> its directory."""
+def variant_bundle(
+    src: str, feeds: list[dict], targets: tuple[str, ...], alpha: float | None, kernel: str = "dynamic"
+) -> str:
+    """A copy of bundle `src` whose decoder runs the MatMuls named by `targets` in `kernel`'s integer
+    GEMM, smoothed first at `alpha` (None: not smoothed); -> its directory."""
     import onnx
 
     from calibration.dynamic_int8 import quantize_dynamic_int8
     from calibration.nbits import weight_matmuls
+    from calibration.per_token_int8 import quantize_per_token
     from calibration.smoothquant import smooth
+    from core.bundle import Manifest
 
     model = onnx.load(os.path.join(src, "decoder.onnx"))
     names = [n.name for n in weight_matmuls(model)]
     chosen = {n for n in names if any(f"/{t}/" in n for t in targets)}
     if alpha is not None:
         smooth(model, feeds, alpha, only=chosen)
-    quantize_dynamic_int8(model, exclude=[n for n in names if n not in chosen])
+    if kernel == "per-token":
+        quantize_per_token(model, lambda node: node.name in chosen)
+    else:
+        quantize_dynamic_int8(model, exclude=[n for n in names if n not in chosen])
     out = tempfile.mkdtemp(prefix="decoder-int8-")
     for f in os.listdir(src):
         if not f.startswith(("decoder.onnx", "manifest.json")):
-            os.symlink(os.path.join(src, f), os.path.join(out, f))
+            os.link(os.path.join(src, f), os.path.join(out, f))  # a hard link stays inside the bundle
     onnx.save(
         model, os.path.join(out, "decoder.onnx"), save_as_external_data=True, location="decoder.onnx.data"
     )
     with open(os.path.join(src, "manifest.json")) as f:
-        manifest = json.load(f)
-    for name in ("decoder.onnx", "decoder.onnx.data"):
-        manifest["files"].pop(name, None)  # a scratch bundle: loaded unverified, never shipped
-    with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump(manifest, f)
+        Manifest.from_dict(json.load(f), src).write(out)  # the files as they are now, hashed
     return out
 
 
@@ -74,6 +85,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.7, 0.85])
+    ap.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=list(KERNELS))
+    ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     ckpt = build_checkpoint()
@@ -86,22 +99,24 @@ def main() -> None:
     ]
     reference = parity.Reference(ckpt)
     rows = []
-    for targets, label in ((NORMED, "q/k/v, gate/up"), ((*NORMED, "down_proj"), "q/k/v, gate/up, down")):
-        for alpha in [None, *a.alphas]:
-            path = variant_bundle(src, feeds, targets, alpha)
-            try:
-                s = metrics.compare(VLMPipeline.from_bundle(path, verify=False), reference, cases, 32)
-            finally:
-                shutil.rmtree(path)
-            rows.append((label, "none" if alpha is None else f"{alpha:g}", s))
-            print(f"... {label}, smoothing {rows[-1][1]}: KL {s['kl_mean']:.4f}", flush=True)
+    for kernel in a.kernels:
+        for label in a.targets:
+            for alpha in [None, *a.alphas]:
+                path = variant_bundle(src, feeds, TARGETS[label], alpha, kernel)
+                try:
+                    s = metrics.compare(VLMPipeline.from_bundle(path, verify=False), reference, cases, 32)
+                finally:
+                    shutil.rmtree(path)
+                rows.append((KERNELS[kernel], label, "none" if alpha is None else f"{alpha:g}", s))
+                print(
+                    f"... {KERNELS[kernel]} on {label}, smoothing {rows[-1][2]}: KL {s['kl_mean']:.4f}",
+                    flush=True,
+                )
     print(f"\n{machine(os.cpu_count() or 1)}; KL vs fp32 PyTorch over {len(cases)} cases x 32 steps\n")
-    print(
-        "| DynamicQuantizeMatMul on | SmoothQuant alpha | KL | top-1 | exact match |\n|---|---|---|---|---|"
-    )
-    for label, alpha, s in rows:
+    print("| kernel | on | SmoothQuant alpha | KL | top-1 | exact match |\n|---|---|---|---|---|---|")
+    for kernel, label, alpha, s in rows:
         print(
-            f"| {label} | {alpha} | {s['kl_mean']:.4f} | {s['top1_agreement']:.3f} | {s['exact_match']:.2f} |"
+            f"| {kernel} | {label} | {alpha} | {s['kl_mean']:.4f} | {s['top1_agreement']:.3f} | {s['exact_match']:.2f} |"
         )
 
 
