@@ -14,14 +14,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from core.config import VLMConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPORT_COMMANDS = ("onnx", "quantize", "trt", "check", "validate", "bench")  # nanovlm-export's; the rest nanovlm's
+EXPORT_COMMANDS = (
+    "onnx",
+    "quantize",
+    "trt",
+    "check",
+    "validate",
+    "bench",
+)  # nanovlm-export's; the rest nanovlm's
 
 
 def console_script(command: str) -> list[str]:
     """The installed console script that owns COMMAND (`pip install -e .`), else its entry point."""
     script, group = ("nanovlm-export", "export_main") if command in EXPORT_COMMANDS else ("nanovlm", "main")
     exe = os.path.join(os.path.dirname(sys.executable), script)
-    return [exe] if os.path.exists(exe) else [sys.executable, "-c", f"from cli.main import {group}; {group}()"]
+    return (
+        [exe] if os.path.exists(exe) else [sys.executable, "-c", f"from cli.main import {group}; {group}()"]
+    )
+
+
 CACHE = os.environ.get("NANOVLM_TEST_CACHE", os.path.join(REPO, ".cache"))
 
 

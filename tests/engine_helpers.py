@@ -1,4 +1,5 @@
-"""Helpers for the engine tests: an Event collector, and submitting requests at given steps."""
+"""Helpers for the engine tests: an Event collector, submitting requests at given steps, and a
+burst prefilled together."""
 
 import threading
 
@@ -44,3 +45,23 @@ def run(p, engine, items, join_at: dict[int, list[int]], sampling=None):
         assert c.done.wait(120)
     engine.stop(10)
     return got, max(widest), tickets
+
+
+def burst(p, image, questions: list[str], n: int, engine_config) -> tuple[list[str], int]:
+    """The questions about one image (already in the image cache) submitted before the engine
+    starts, so its first loop admits them all -> (their answers, the engine's prefill calls)."""
+    from runtime.batching import ContinuousBatcher
+
+    engine = ContinuousBatcher(p, config=engine_config)
+    batches = [p.prepare([[image]], [q]) for q in questions]
+    for key, embeds in zip(batches[0].view_keys, p.encode_images(batches[0].pixel_values), strict=True):
+        engine.image_cache.put(key, embeds[None])
+    got = [Collector() for _ in questions]
+    for b, c in zip(batches, got, strict=True):
+        engine.submit(b, GenerationRequest(n), c)
+    engine.start()
+    for c in got:
+        assert c.done.wait(120)
+    engine.stop(10)
+    assert engine.stats.encoded_tiles == 0
+    return [c.text for c in got], engine.prefills

@@ -67,9 +67,7 @@ def test_export_refuses_a_directory_it_did_not_write(made, tmp_path):
     (target / "sub").mkdir()
     (target / "sub" / "data.csv").write_text("1,2")
     before = _files(target)
-    one_line_error(
-        cli("onnx", ckpt, str(target)), str(target), "does not hold a bundle"
-    )
+    one_line_error(cli("onnx", ckpt, str(target)), str(target), "does not hold a bundle")
     assert _files(target) == before
     res = cli("onnx", ckpt, str(target), "--overwrite")  # --overwrite is no licence
     one_line_error(res, "does not hold a bundle")
@@ -380,9 +378,7 @@ def test_quantize_through_a_link_to_its_source_is_refused(made, tmp_path):
     link.symlink_to(src)
     before = _files(src)
     one_line_error(
-        cli(
-            "quantize", str(link), str(src), "--mode", "int8-dynamic", "--overwrite"
-        ),
+        cli("quantize", str(link), str(src), "--mode", "int8-dynamic", "--overwrite"),
         "another directory than the source",
     )
     assert _files(src) == before

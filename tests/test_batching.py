@@ -11,6 +11,7 @@ from runtime.batching import SCRATCH_POSITIONS, ContinuousBatcher, EngineConfig,
 from runtime.kv_cache import KVCache
 from runtime.pipeline import GenerationRequest
 from tests.engine_helpers import Collector as _Collector
+from tests.engine_helpers import burst as _burst
 from tests.engine_helpers import run as _run
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -60,19 +61,8 @@ def test_a_burst_is_prefilled_together(pipe):
     image = Image.fromarray(skimage_data.coffee()).resize((30, 20))
     questions = ["What is it?", "Cat?", "How many red circles are there?", "What colour is the square?"]
     alone = [p.generate([image], q, max_new_tokens=6) for q in questions]
-    engine = ContinuousBatcher(p, config=EngineConfig(max_batch=4, prefix_cache_mb=0))
-    batches = [p.prepare([[image]], [q]) for q in questions]
-    for key, embeds in zip(batches[0].view_keys, p.encode_images(batches[0].pixel_values), strict=True):
-        engine.image_cache.put(key, embeds[None])
-    got = [_Collector() for _ in questions]
-    for b, c in zip(batches, got, strict=True):
-        engine.submit(b, GenerationRequest(6), c)
-    engine.start()  # after the submits: the first loop admits all four
-    for c in got:
-        assert c.done.wait(120)
-    engine.stop(10)
-    assert [c.text for c in got] == alone
-    assert engine.prefills == 1 and engine.stats.encoded_tiles == 0
+    got, prefills = _burst(p, image, questions, 6, EngineConfig(max_batch=4, prefix_cache_mb=0))
+    assert got == alone and prefills == 1
 
 
 def test_prefill_groups():

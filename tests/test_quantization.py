@@ -19,7 +19,7 @@ from cli.main import export_main as export_cli
 from core.bundle import load_bundle
 from core.recipes import QUANTIZE_MODES, RECIPES, gates_for
 from evaluation import metrics, parity
-from runtime.pipeline import GenerationRequest, VLMPipeline
+from runtime.pipeline import VLMPipeline
 
 
 @pytest.fixture(scope="module")
@@ -819,8 +819,8 @@ def test_per_token_int8_gives_every_row_its_own_scale():
 def test_int8_w8a8_rows_prefilled_together_answer_as_alone(quantized):
     """The per-token decoder in a batch: four prompts prefilled as one left-padded batch and decoded
     together answer exactly as each does alone (padding and neighbours never touch a row's scales)."""
-    from runtime.batching import ContinuousBatcher, EngineConfig
-    from tests.engine_helpers import Collector
+    from runtime.batching import EngineConfig
+    from tests.engine_helpers import burst
 
     p = VLMPipeline.from_bundle(quantized["int8-w8a8"][1])
     assert {"MatMulIntegerToFloat", "MatMulNBits"} <= {
@@ -829,18 +829,8 @@ def test_int8_w8a8_rows_prefilled_together_answer_as_alone(quantized):
     image = Image.new("RGB", (30, 20), (200, 40, 40))
     questions = ["What is it?", "Cat?", "How many red circles are there?", "What colour is the square?"]
     alone = [p.generate([image], q, max_new_tokens=6) for q in questions]
-    engine = ContinuousBatcher(p, config=EngineConfig(max_batch=4, prefix_cache_mb=0))
-    batches = [p.prepare([[image]], [q]) for q in questions]
-    for key, embeds in zip(batches[0].view_keys, p.encode_images(batches[0].pixel_values), strict=True):
-        engine.image_cache.put(key, embeds[None])
-    got = [Collector() for _ in questions]
-    for b, c in zip(batches, got, strict=True):
-        engine.submit(b, GenerationRequest(6), c)
-    engine.start()
-    for c in got:
-        assert c.done.wait(120)
-    engine.stop(10)
-    assert engine.prefills == 1 and [c.text for c in got] == alone
+    got, prefills = burst(p, image, questions, 6, EngineConfig(max_batch=4, prefix_cache_mb=0))
+    assert prefills == 1 and got == alone
 
 
 def test_int8_static_keeps_activations_float_when_the_recipe_excludes_every_matmul(

@@ -388,6 +388,16 @@ def _running(server) -> float:
     raise AssertionError("no nanovlm_running_batch_size in /metrics")
 
 
+def _until_running(server, stream) -> None:
+    """Read a stream's first two chunks, then wait until its row is in the running batch."""
+    it = iter(stream)
+    next(it), next(it)
+    deadline = time.monotonic() + 10  # the first token is sent just before its row joins the batch
+    while _running(server) != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _running(server) == 1
+
+
 def test_full_queue_gets_429_with_retry_after(endless):
     """One running, one queued: of five simultaneous requests sent while a first is running, one
     waits its turn and the other four get 429 at once."""
@@ -395,12 +405,7 @@ def test_full_queue_gets_429_with_retry_after(endless):
         stream = client(s).chat.completions.create(
             model="x", messages=[user("Cat?")], max_tokens=3000, stream=True
         )
-        it = iter(stream)
-        next(it), next(it)
-        deadline = time.monotonic() + 10  # the first token is sent just before its row joins the batch
-        while _running(s) != 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert _running(s) == 1
+        _until_running(s, stream)
         body = {"messages": [user("Cat?")], "max_tokens": 5}
         with ThreadPoolExecutor(5) as pool:
             futures = [pool.submit(post, s, body) for _ in range(5)]
@@ -433,12 +438,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(endless):
         stream = client(s).chat.completions.create(
             model="x", messages=[user("Cat?")], max_tokens=n, stream=True
         )
-        it = iter(stream)
-        next(it), next(it)
-        deadline = time.monotonic() + 10  # the first token is sent just before its row joins the batch
-        while _running(s) != 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert _running(s) == 1
+        _until_running(s, stream)
         stream.close()
         closed = time.perf_counter()
         while _running(s) and time.perf_counter() - closed < 60:

@@ -47,7 +47,17 @@ def _metric(server, name: str) -> float:
     return 0.0
 
 
-def test_a_chat_with_an_image_follow_ups_settings_and_stop(endless, tmp_path):
+def _finders(driver):
+    """(an element by id, the assistant turns on the page) for `driver`."""
+    from selenium.webdriver.common.by import By
+
+    return (
+        lambda id_: driver.find_element(By.ID, id_),
+        lambda: driver.find_elements(By.CSS_SELECTOR, "#chat .turn.assistant"),
+    )
+
+
+def test_a_chat_with_an_image_follow_ups_and_settings(endless, tmp_path):
     """The page as a chat, driven from the keyboard: an image attached, a question, a follow-up that
     reuses the first turn's work (cached tokens shown), max tokens from Settings with the cut said,
     each answer equal to the runtime's for the same conversation; a bad JSON schema named before
@@ -69,11 +79,7 @@ def test_a_chat_with_an_image_follow_ups_settings_and_stop(endless, tmp_path):
     with Server(bundle) as server:
         driver = _browser()
 
-        def find(id_: str):
-            return driver.find_element(By.ID, id_)
-
-        def turns() -> list:
-            return driver.find_elements(By.CSS_SELECTOR, "#chat .turn.assistant")
+        find, turns = _finders(driver)
 
         def answered(k: int):  # k answers on the page, the last with its line under it
             return lambda d: len(turns()) == k and turns()[-1].find_element(By.CLASS_NAME, "meta").text
@@ -134,11 +140,7 @@ def test_escape_stops_a_long_answer_and_the_server_drops_it(endless):
     with Server(endless) as server:
         driver = _browser()
 
-        def find(id_: str):
-            return driver.find_element(By.ID, id_)
-
-        def turns() -> list:
-            return driver.find_elements(By.CSS_SELECTOR, "#chat .turn.assistant")
+        find, turns = _finders(driver)
 
         try:
             driver.get(server.url + "/")
