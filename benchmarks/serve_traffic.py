@@ -3,7 +3,8 @@
     python -m benchmarks.serve_traffic [--rates 0.5 1 2 4] [--requests 32] [--json OUT] [--plot PNG]
 
 Both servers hold the same weights, the random SmolVLM-256M-shaped checkpoint of
-benchmarks/smolvlm_speed.py: ours its fused int8-dynamic bundle (`nanovlm serve --max-batch 8`),
+benchmarks/smolvlm_speed.py: ours its fused int8-dynamic bundle (`nanovlm serve --max-batch 8`; `--servers
+"ours int8-w8a8"` its int8-w8a8 bundle),
 llama-server (benchmarks/llama_server.py: built from the llama-cpp-python sdist) its Q8_0 text
 GGUF and f32 mmproj, 8 parallel slots of 2,048 positions. Each server runs alone on the machine.
 
@@ -38,7 +39,10 @@ from concurrent.futures import ThreadPoolExecutor
 from benchmarks.serve_bench import PROMPTS, save_chart, stream_chat  # the same text prompts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUNDLE = os.path.join(REPO, ".cache", "bundles", "smolvlm-256m-shape-fused-int8-dynamic")
+OURS = {  # server name -> the bundle `nanovlm serve` holds
+    "ours": os.path.join(REPO, ".cache", "bundles", "smolvlm-256m-shape-fused-int8-dynamic"),
+    "ours int8-w8a8": os.path.join(REPO, ".cache", "bundles", "smolvlm-256m-shape-fused-int8-w8a8"),
+}
 SLO = {"ttft_s": 1.0, "ttft_photo_s": 40.0, "tpot_s": 0.1}
 
 
@@ -189,18 +193,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
     ap.add_argument("--requests", type=int, default=32, help="arrivals per rate (a chat counts once)")
-    ap.add_argument("--servers", nargs="+", default=["ours", "llama-server"])
+    ap.add_argument("--servers", nargs="+", choices=[*OURS, "llama-server"], default=["ours", "llama-server"])
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=os.path.join(REPO, "docs", "serve_traffic.png"))
     a = ap.parse_args()
-    if not os.path.isdir(BUNDLE):
-        sys.exit(f"{BUNDLE}: no bundle; build it with benchmarks/smolvlm_speed.py")
+    for name in a.servers:
+        if name in OURS and not os.path.isdir(OURS[name]):
+            sys.exit(f"{OURS[name]}: no bundle; build it with benchmarks/smolvlm_speed.py")
     results, rss = {}, {}
     for name in a.servers:
         print(f"... {name}", file=sys.stderr, flush=True)
-        if name == "ours":
+        if name in OURS:
             with ServerProcess(
-                BUNDLE, "--max-batch", "8", "--max-queue", "1024", "--max-tokens", "64", timeout=900
+                OURS[name], "--max-batch", "8", "--max-queue", "1024", "--max-tokens", "64", timeout=900
             ) as s:
                 results[name] = run(s.port, a.rates, a.requests)
                 rss[name] = s.rss_bytes()

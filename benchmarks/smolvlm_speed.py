@@ -76,13 +76,13 @@ def bundles(ckpt: str) -> dict[str, str]:
     root = os.path.join(CACHE, "bundles")
     out = {
         name: os.path.join(root, f"smolvlm-256m-shape-{name.replace(' ', '-')}")
-        for name in ("fp32", "fused fp32", "fused int8-dynamic", "fused int4")
+        for name in ("fp32", "fused fp32", "fused int8-dynamic", "fused int8-w8a8", "fused int4")
     }
     if not cached(out["fp32"]):
         export_onnx(ckpt, out["fp32"], overwrite=True)
     if not cached(out["fused fp32"]):
         export_onnx(ckpt, out["fused fp32"], decoder="fused", overwrite=True)
-    for mode in ("int8-dynamic", "int4"):
+    for mode in ("int8-dynamic", "int8-w8a8", "int4"):
         if not cached(out[f"fused {mode}"]):
             quantize_bundle(out["fused fp32"], out[f"fused {mode}"], mode, samples=8, overwrite=True)
     return out
