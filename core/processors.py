@@ -441,11 +441,12 @@ class Batch:
 
 def image_key(pixels: np.ndarray) -> str:
     """A hash of preprocessed views [N, 3, S, S]: what the vision encoder sees, so it covers the
-    decoded pixels and every processor setting (size, tiling, normalisation)."""
-    h = hashlib.blake2b(digest_size=16)
+    decoded pixels and every processor setting (size, tiling, normalisation). SHA-256: the CPUs
+    this runs on hash it in hardware (x86 SHA-NI, ARMv8 crypto), faster than blake2b on a frame's MBs."""
+    h = hashlib.sha256()
     h.update(repr((pixels.shape, pixels.dtype.str)).encode())
     h.update(np.ascontiguousarray(pixels).data)
-    return h.hexdigest()
+    return h.hexdigest()[:32]
 
 
 def view_keys(pixels: np.ndarray) -> list[str]:

@@ -206,7 +206,7 @@ def process_frame(img: Image.Image, s: VideoSettings, image: dict[str, Any]) -> 
         img = img.resize((w, h), resample)
     if img.size != (tile, tile):
         img = img.resize((tile, tile), resample)
-    return _pixels(img, image)
+    return _pixels([img], image)[0]
 
 
 def number_words(n: int) -> str:
