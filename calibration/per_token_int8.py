@@ -94,14 +94,14 @@ def quantize_per_token(
     by_input: dict[str, list[onnx.NodeProto]] = {}
     for n in targets:
         by_input.setdefault(n.input[0], []).append(n)
-    index = {id(n): i for i, n in enumerate(nodes)}
+    index = {n.output[0]: i for i, n in enumerate(nodes)}  # a node by its (unique) first output
     before: dict[int, list[onnx.NodeProto]] = {}  # node index -> quantization nodes placed before it
     replaced: dict[int, onnx.NodeProto] = {}
     new_inits: list[onnx.TensorProto] = []
     for g, (x, group) in enumerate(by_input.items()):
         k = numpy_helper.to_array(inits[group[0].input[1]]).shape[0]
         q_nodes, q_inits, xq, scale = quantize_rows(x, k, f"g{g}", opset)
-        first = min(index[id(n)] for n in group)
+        first = min(index[n.output[0]] for n in group)
         before[first] = q_nodes
         new_inits += q_inits
         for node in group:
@@ -115,7 +115,7 @@ def quantize_per_token(
             # no bias folded in: with a per-row a_scale, ONNX Runtime scales the bias along with the
             # product (measured), so a following Add stays as it is
             inputs = [xq, base, scale, base + "_scale", f"{PREFIX}_zero_point"]
-            replaced[index[id(node)]] = helper.make_node(
+            replaced[index[node.output[0]]] = helper.make_node(
                 "MatMulIntegerToFloat",
                 inputs,
                 list(node.output),
