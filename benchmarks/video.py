@@ -60,7 +60,8 @@ def frames(n: int, moving: bool, noise: float, seed: int = 0) -> list:
 
 def run_frames(pipe, images, n_tokens: int, threshold: float = 0.0, reuse: bool = True) -> list[dict]:
     """Each image answered in turn by one engine (caches on, or off with reuse=False)."""
-    from runtime.batching import ContinuousBatcher, EngineConfig
+    from runtime.batching import ContinuousBatcher
+    from runtime.engine_api import EngineConfig
     from runtime.watch import Frame, answer_frame, engine_for
 
     if reuse:

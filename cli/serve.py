@@ -244,7 +244,7 @@ def serve(
             f"`serve` needs the serve extra ({', '.join(missing)} not installed): {install_hint('serve')}"
         )
     from core.bundle import load_bundle
-    from runtime.batching import EngineConfig
+    from runtime.engine_api import EngineConfig
     from serve.app import NetworkConfig, ServeConfig
     from serve.app import serve as run_server
     from serve.openai_api import RequestLimits

@@ -40,47 +40,15 @@ from core.sampling import Sampler, TokenLogprob, token_logprobs
 from core.sequence import Frame, Prompt, prompt_positions
 
 from .constraint import Matcher
+from .engine_api import EngineConfig, EngineStats, Event, QueueFull, Ticket
 from .image_cache import ImageCache
 from .kv_cache import KVCache
 from .near_views import NearViews, pixel_level
 from .pipeline import GenerationRequest, TextStream, VLMPipeline
+from .prefill_plan import PREFILL_POSITIONS, SCRATCH_POSITIONS, merge, prefill_groups
 from .prefix_cache import PrefixCache, block_keys
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(Exception):
-    """The engine's waiting queue is at its limit; try again later."""
-
-
-@dataclass
-class Event:
-    """What a request's consumer hears: new text, then one event with `finish` set."""
-
-    text: str
-    completion_tokens: int
-    finish: str | None = None  # "stop" (EOS or a stop string), "length", "cancelled" or "error"
-    error: str | None = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens since the last event
-
-
-@dataclass
-class Ticket:
-    """One submitted request; `cancel()` frees its batch row at the next step."""
-
-    batch: Batch  # one row, from VLMPipeline's prepare path
-    request: GenerationRequest
-    on_event: Callable[[Event], None]
-    prompt_tokens: int = 0
-    cached_tokens: int = 0  # prompt positions whose KV came from the prefix cache
-    views: int = 0  # views (image tiles, video frames) the prompt shows
-    encoded_views: int = 0  # of them, those the vision encoder ran on (the rest came from the cache)
-    first_token: float | None = None
-    finished: float | None = None
-    cancelled: bool = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
 
 
 @dataclass(eq=False)  # compared by identity
@@ -124,87 +92,6 @@ class _Row:
     new_tokens: int = 1
     matcher: Matcher | None = None  # its constraint's parser state, if it has one
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent (requests that ask)
-
-
-@dataclass
-class EngineStats:
-    """Counters for tests and /metrics."""
-
-    steps: int = 0  # decode steps run
-    prefills: int = 0  # prefill calls run
-    prefill_positions: int = 0  # positions they computed
-    last_prefill: int = 0  # positions prefilled in the latest loop (0: none)
-    encoded_tiles: int = 0
-    # (rows decoded, positions prefilled) of each loop, the latest 4,096
-    history: list[tuple[int, int]] = field(default_factory=list)
-
-
-# A prefill group holds at most this many positions, padding included, and pads at most a quarter
-# of them: past ~150 positions a prefill is compute-bound on a CPU (0.5 ms per position on the
-# 222M shape, 2 cores), so larger groups only raise the peak memory, and padding is pure waste.
-PREFILL_POSITIONS = 512
-PREFILL_PADDING = 0.25
-SCRATCH_POSITIONS = 2 * PREFILL_POSITIONS  # rows x length of the kept prefill cache, at most
-
-
-def prefill_groups(lengths: list[int], budget: int = PREFILL_POSITIONS) -> list[list[int]]:
-    """Indices of `lengths` in groups to prefill together: sorted by length, a group grows while
-    its padded size (rows x longest) stays within `budget` and its padding within PREFILL_PADDING."""
-    groups: list[list[int]] = []
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        g = groups[-1] if groups else None
-        if g is not None:
-            padded = (len(g) + 1) * lengths[i]  # sorted: i is the longest so far
-            real = sum(lengths[j] for j in g) + lengths[i]
-            if padded <= budget and padded - real <= PREFILL_PADDING * padded:
-                g.append(i)
-                continue
-        groups.append([i])
-    return groups
-
-
-def merge(prompts: list[Prompt], keep: list[int], pad_id: int) -> Frame:
-    """Prompts, each after its first `keep[i]` positions (reused KV), -> one prefill Frame over a
-    past of P = max(keep) columns: row i's kept positions end at column P, and its new positions
-    [keep[i], n) end the frame, left-padded when they are fewer than the longest (only where
-    keep[i] is 0, so no row has a gap between its past and its new positions)."""
-    new = [len(p) - k for p, k in zip(prompts, keep, strict=True)]
-    B, P, S = len(prompts), max(keep), max(new)
-    ids = np.full((B, S), pad_id, np.int64)
-    pos = np.zeros((B, S), np.int64)
-    mask = np.zeros((B, P + S), np.int64)
-    rows = []
-    for i, (p, k, m) in enumerate(zip(prompts, keep, new, strict=True)):
-        piece = p.chunk(k, len(p))  # [1, m]: its image rows too
-        ids[i, S - m :], pos[i, S - m :] = piece.input_ids[0], piece.position_ids[0]
-        mask[i, P - k : P] = 1
-        mask[i, P + S - m :] = 1
-        rows.append(piece.image_rows)
-    return Frame(ids, np.concatenate(rows), mask, pos)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch: int = 8  # rows decoding at once
-    max_queue: int = 64  # requests waiting for a row
-    # prefill positions per loop while streams decode: 128 take ~0.2 s on the SmolVLM-256M shape
-    # (int8, 2 cores), so a running stream's longest gap stays under a quarter second
-    prefill_chunk: int = 128
-    image_cache_mb: float = 256.0  # image embeddings kept (0: off)
-    prefix_cache_mb: float = 512.0  # prompt KV kept (0: off)
-    encode_tiles: int = 1  # tiles per vision-encoder call (the encoder thread checks cancellation between)
-    prefix_block: int = 32  # positions per prefix-cache block
-    # a view within this mean absolute difference (8-bit levels) of the same view of its scope's last
-    # frame reuses that view's embeddings and KV (runtime/near_views.py); 0: only identical views
-    reuse_threshold: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "prefill_chunk", "encode_tiles", "prefix_block"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        for name in ("image_cache_mb", "prefix_cache_mb", "reuse_threshold"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be 0 or more")
 
 
 class ContinuousBatcher:

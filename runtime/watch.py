@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .batching import ContinuousBatcher, EngineConfig, Event
+from .batching import ContinuousBatcher
 from .constraint import Constraint
+from .engine_api import EngineConfig, Event
 from .pipeline import GenerationRequest, VLMPipeline
 
 log = logging.getLogger(__name__)

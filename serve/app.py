@@ -43,8 +43,10 @@ from starlette.routing import Route
 
 from core.processors import check_image_tiles
 from core.video import VideoSettings
-from runtime.batching import PREFILL_POSITIONS, ContinuousBatcher, EngineConfig, Event, QueueFull
+from runtime.batching import ContinuousBatcher
+from runtime.engine_api import EngineConfig, Event, QueueFull
 from runtime.pipeline import GenerationRequest, VLMPipeline
+from runtime.prefill_plan import PREFILL_POSITIONS
 
 from .connections import connection_cap, guarded_protocol, raise_fd_limit
 from .media import open_media

@@ -16,7 +16,7 @@ import logging
 from dataclasses import replace
 from typing import Any
 
-from runtime.batching import EngineConfig
+from runtime.engine_api import EngineConfig
 
 from .app import ServeConfig, create_app
 from .security import SecurityPolicy

@@ -4,7 +4,7 @@ burst prefilled together."""
 import threading
 
 from core.sampling import SamplingConfig
-from runtime.batching import Event
+from runtime.engine_api import Event
 from runtime.pipeline import GenerationRequest
 
 

@@ -7,9 +7,11 @@ from PIL import Image
 from core.bundle import KVLayout
 from core.processors import Batch
 from core.sampling import SamplingConfig
-from runtime.batching import SCRATCH_POSITIONS, ContinuousBatcher, EngineConfig, QueueFull, prefill_groups
+from runtime.batching import ContinuousBatcher
+from runtime.engine_api import EngineConfig, QueueFull
 from runtime.kv_cache import KVCache
 from runtime.pipeline import GenerationRequest
+from runtime.prefill_plan import SCRATCH_POSITIONS, prefill_groups
 from tests.engine_helpers import Collector as _Collector
 from tests.engine_helpers import burst as _burst
 from tests.engine_helpers import run as _run

@@ -10,7 +10,8 @@ from PIL import Image
 from core.bundle import KVLayout
 from core.processors import image_key
 from core.sequence import Prompt, prompt_frame
-from runtime.batching import ContinuousBatcher, EngineConfig
+from runtime.batching import ContinuousBatcher
+from runtime.engine_api import EngineConfig
 from runtime.kv_cache import KVCache
 from runtime.pipeline import GenerationRequest
 from runtime.prefix_cache import PrefixCache, block_keys

@@ -819,7 +819,7 @@ def test_per_token_int8_gives_every_row_its_own_scale():
 def test_int8_w8a8_rows_prefilled_together_answer_as_alone(quantized):
     """The per-token decoder in a batch: four prompts prefilled as one left-padded batch and decoded
     together answer exactly as each does alone (padding and neighbours never touch a row's scales)."""
-    from runtime.batching import EngineConfig
+    from runtime.engine_api import EngineConfig
     from tests.engine_helpers import burst
 
     p = VLMPipeline.from_bundle(quantized["int8-w8a8"][1])
