@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .nbits import tied_head, weight_matmuls
+from .nbits import onnx_opset, tied_head, weight_matmuls
 
 QDQ_MIN_OPSET = 19  # fp16 scales in QuantizeLinear / DequantizeLinear
 
@@ -31,7 +31,7 @@ def to_fp16(
     """
     int8_weights, activation_amax = int8_weights or {}, activation_amax or {}
     if int8_weights or activation_amax:
-        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        opset = onnx_opset(model)
         if opset < QDQ_MIN_OPSET:
             raise ValueError(f"fp16 Q/DQ needs opset >= {QDQ_MIN_OPSET}; the graph has {opset}")
     inits = {i.name: i for i in model.graph.initializer}

@@ -103,6 +103,11 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     model.graph.initializer.extend(keep)
 
 
+def onnx_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain (ai.onnx) opset version; 0 when it imports none."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def _ensure_ms_domain(model: onnx.ModelProto) -> None:
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))

@@ -26,17 +26,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .dynamic_int8 import quantize_pairs
-from .nbits import _drop_unused_initializers, _ensure_ms_domain, weight_matmuls
+from .nbits import _drop_unused_initializers, _ensure_ms_domain, onnx_opset, weight_matmuls
 
 ZERO_POINT = 128
 PREFIX = "w8a8"
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
-
-
-def _constants(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+def _constants() -> list[onnx.TensorProto]:
     """The constants every per-token quantization shares (added once)."""
     return [
         numpy_helper.from_array(np.array([-1], np.int64), f"{PREFIX}_last_axis"),
@@ -90,7 +86,7 @@ def quantize_per_token(
     ]
     if not targets:
         return model
-    opset = _opset(model)
+    opset = onnx_opset(model)
     by_input: dict[str, list[onnx.NodeProto]] = {}
     for n in targets:
         by_input.setdefault(n.input[0], []).append(n)
@@ -128,7 +124,7 @@ def quantize_per_token(
         out.append(replaced.get(i, n))
     del model.graph.node[:]
     model.graph.node.extend(out)
-    model.graph.initializer.extend(_constants(model) + new_inits)
+    model.graph.initializer.extend(_constants() + new_inits)
     _drop_unused_initializers(model)
     _ensure_ms_domain(model)
     return model

@@ -16,7 +16,7 @@ from core.recipes import Recipe
 from .dynamic_int8 import quantize_dynamic_int8
 from .fp16 import to_fp16
 from .gptq import DAMPING
-from .nbits import matches, quantize_nbits
+from .nbits import matches, quantize_nbits, weight_matmuls
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,6 @@ def gptq_statistics(
 def per_token(model: onnx.ModelProto, recipe: Recipe, plan: dict, feeds: list[dict[str, np.ndarray]]) -> None:
     """In place: the recipe's per-token W8A8 MatMuls, smoothed on the recorded decoder inputs first;
     the rest are left for MatMulNBits."""
-    from .nbits import weight_matmuls
     from .per_token_int8 import quantize_per_token
     from .smoothquant import smooth
 
