@@ -227,7 +227,7 @@ class VLMPipeline:
             list(stop or []),
             constraint=Constraint.given(**constraint),
         )
-        yield from self._stream(self.prepare([self.media(images, video)], [prompt]), request)
+        yield from self.stream_batch(self.prepare([self.media(images, video)], [prompt]), request)
 
     def load_video(self, video: Any) -> Video:
         """A video file (frames sampled with the bundle's video settings), a Video, or a list of frames."""
@@ -255,7 +255,7 @@ class VLMPipeline:
     ) -> str:
         """One more turn of a conversation about the same images; `history` holds (question, answer) pairs."""
         request = GenerationRequest(max_new_tokens, sampling or SamplingConfig())
-        return "".join(self._stream(self.prepare([_as_list(images)], [prompt], [history]), request))
+        return "".join(self.stream_batch(self.prepare([_as_list(images)], [prompt], [history]), request))
 
     def generate_batch(
         self,
@@ -279,7 +279,8 @@ class VLMPipeline:
                 rows[r].append(tok)
         return [answer_text(self.tokenizer, r, request.stop)[0] for r in rows]
 
-    def _stream(self, batch: Batch, request: GenerationRequest) -> Iterator[str]:
+    def stream_batch(self, batch: Batch, request: GenerationRequest) -> Iterator[str]:
+        """The answer to one prepared batch row as text pieces; sets last_finish_reason."""
         text = TextStream(self.tokenizer, request.stop)
         gen = self.generate_ids(batch, request)
         self.last_finish_reason = "length"

@@ -216,7 +216,7 @@ def answer_frame(
     t0 = time.perf_counter()
     batch = pipe.prepare([[frame.image]], [prompt])
     if engine is None:
-        text = "".join(pipe._stream(batch, GenerationRequest(n, constraint=constraint)))
+        text = "".join(pipe.stream_batch(batch, GenerationRequest(n, constraint=constraint)))
         return {
             "t": round(frame.t, 3),
             "frame": frame.index,
