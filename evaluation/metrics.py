@@ -160,6 +160,22 @@ class Reference(Protocol):
         """{"batch", "vision", "tokens", "logits"} of the reference for one case."""
 
 
+def decoder_row(
+    ref_logits: np.ndarray, logits: np.ndarray, ref_tokens: list[int], tokens: list[int]
+) -> dict[str, Any]:
+    """One case's decoder metrics: teacher-forced logits [steps, V] of both sides and each side's
+    own greedy tokens."""
+    return {
+        "logits_max_abs": float(np.abs(ref_logits - logits).max()),
+        "kl": kl_divergence(ref_logits, logits).tolist(),
+        "top1": (ref_logits.argmax(-1) == logits.argmax(-1)).tolist(),
+        "exact_match": ref_tokens == tokens,
+        "common_prefix": common_prefix(ref_tokens, tokens),
+        "reference_length": len(ref_tokens),
+        "gap": top2_gap(ref_logits).tolist(),
+    }
+
+
 def compare(
     pipe: VLMPipeline,
     reference: Reference,
@@ -182,19 +198,12 @@ def compare(
             b = got["vision"].reshape(-1, got["vision"].shape[-1]).astype(np.float64)
             cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-30)
             row |= {"vision_max_abs": float(np.abs(a - b).max()), "vision_cosine_min": float(cos.min())}
-        kl = kl_divergence(ref["logits"], got["logits"])
+        row |= decoder_row(ref["logits"], got["logits"], ref["tokens"], got["tokens"])
         row |= {
-            "logits_max_abs": float(np.abs(ref["logits"] - got["logits"]).max()),
-            "kl": kl.tolist(),
-            "top1": (ref["logits"].argmax(-1) == got["logits"].argmax(-1)).tolist(),
             "reference_answer": pipe.tokenizer.decode(
                 [t for t in ref["tokens"] if t != pipe.tokenizer.eos_token_id]
             ),
             "answer": pipe.tokenizer.decode([t for t in got["tokens"] if t != pipe.tokenizer.eos_token_id]),
-            "exact_match": ref["tokens"] == got["tokens"],
-            "common_prefix": common_prefix(ref["tokens"], got["tokens"]),
-            "reference_length": len(ref["tokens"]),
-            "gap": top2_gap(ref["logits"]).tolist(),
         }
         if case.answer is not None:
             row["expected"] = case.answer

@@ -546,18 +546,10 @@ def test_validate_threshold_overrides():
 
 
 def _decoder_row(ref_logits: np.ndarray, got_logits: np.ndarray) -> dict:
-    """One case's decoder metrics as compare() makes them: greedy answers from these logits."""
-    ref, got = ref_logits.argmax(-1).tolist(), got_logits.argmax(-1).tolist()
-    d = metrics.common_prefix(ref, got)
-    return {
-        "kl": metrics.kl_divergence(ref_logits, got_logits).tolist(),
-        "top1": (ref_logits.argmax(-1) == got_logits.argmax(-1)).tolist(),
-        "logits_max_abs": float(np.abs(ref_logits - got_logits).max()),
-        "exact_match": ref == got,
-        "common_prefix": d,
-        "reference_length": len(ref),
-        "gap": metrics.top2_gap(ref_logits).tolist(),
-    }
+    """One case's decoder metrics as compare() makes them, the greedy answers taken from these logits."""
+    return metrics.decoder_row(
+        ref_logits, got_logits, ref_logits.argmax(-1).tolist(), got_logits.argmax(-1).tolist()
+    )
 
 
 def test_near_tied_steps_are_gated_on_kl_and_said_so():
