@@ -37,10 +37,19 @@ KERNELS = {"dynamic": "DynamicQuantizeMatMul", "per-token": "per-token W8A8"}
 
 
 def variant_bundle(
-    src: str, feeds: list[dict], targets: tuple[str, ...], alpha: float | None, kernel: str = "dynamic"
+    src: str,
+    feeds: list[dict],
+    targets: tuple[str, ...],
+    alpha: float | None,
+    kernel: str = "dynamic",
+    outliers: int = 0,
+    rotate: int = 0,
+    rotate_on: tuple[str, ...] = ("down_proj",),
+    smooth_skip: tuple[str, ...] = (),
 ) -> str:
     """A copy of bundle `src` whose decoder runs the MatMuls named by `targets` in `kernel`'s integer
-    GEMM, smoothed first at `alpha` (None: not smoothed); -> its directory."""
+    GEMM, smoothed first at `alpha` (None: not smoothed), down_proj keeping its `outliers` largest
+    input channels in float (per-token only); -> its directory."""
     import onnx
 
     from calibration.dynamic_int8 import quantize_dynamic_int8
@@ -53,9 +62,26 @@ def variant_bundle(
     names = [n.name for n in weight_matmuls(model)]
     chosen = {n for n in names if any(f"/{t}/" in n for t in targets)}
     if alpha is not None:
-        smooth(model, feeds, alpha, only=chosen)
+        smooth(model, feeds, alpha, only={n for n in chosen if not any(f"/{t}/" in n for t in smooth_skip)})
     if kernel == "per-token":
-        quantize_per_token(model, lambda node: node.name in chosen)
+        kept = {}
+        if outliers:
+            from calibration.importance import channel_stats
+            from calibration.per_token_int8 import outlier_channels
+
+            inputs = sorted(
+                {n.input[0] for n in weight_matmuls(model) if n.name in chosen and "/down_proj/" in n.name}
+            )
+            stats = channel_stats(model, inputs, feeds, "outlier channels")
+            kept = {x: outlier_channels(stats[x]["max_abs"], outliers) for x in inputs}
+        rotations = {}
+        if rotate:
+            rotations = {
+                n.input[0]: rotate
+                for n in weight_matmuls(model)
+                if n.name in chosen and "/down_proj/" in n.name
+            }
+        quantize_per_token(model, lambda node: node.name in chosen, kept, rotations)
     else:
         quantize_dynamic_int8(model, exclude=[n for n in names if n not in chosen])
     out = tempfile.mkdtemp(prefix="decoder-int8-")
@@ -87,6 +113,27 @@ def main() -> None:
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.7, 0.85])
     ap.add_argument("--kernels", nargs="+", choices=list(KERNELS), default=list(KERNELS))
     ap.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
+    ap.add_argument(
+        "--outliers",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="per-token: down_proj's largest input channels kept in float (0: none), each a row",
+    )
+    ap.add_argument(
+        "--rotate",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="per-token: down_proj's input rotated by Hadamard blocks of this size (0: none), each a row",
+    )
+    ap.add_argument(
+        "--rotate-on",
+        nargs="+",
+        default=["down_proj"],
+        help="per-token: the MatMuls whose inputs --rotate rotates",
+    )
+    ap.add_argument("--smooth-skip", nargs="*", default=[], help="MatMuls left unsmoothed (e.g. down_proj)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     ckpt = build_checkpoint()
@@ -101,22 +148,44 @@ def main() -> None:
     rows = []
     for kernel in a.kernels:
         for label in a.targets:
-            for alpha in [None, *a.alphas]:
-                path = variant_bundle(src, feeds, TARGETS[label], alpha, kernel)
+            for alpha, outliers, rotate in [
+                (al, o, r) for al in [None, *a.alphas] for o in a.outliers for r in a.rotate
+            ]:
+                if (outliers or rotate) and kernel != "per-token":
+                    continue
+                path = variant_bundle(
+                    src,
+                    feeds,
+                    TARGETS[label],
+                    alpha,
+                    kernel,
+                    outliers,
+                    rotate,
+                    tuple(a.rotate_on),
+                    tuple(a.smooth_skip),
+                )
                 try:
                     s = metrics.compare(VLMPipeline.from_bundle(path, verify=False), reference, cases, 32)
                 finally:
                     shutil.rmtree(path)
-                rows.append((KERNELS[kernel], label, "none" if alpha is None else f"{alpha:g}", s))
+                rows.append(
+                    (KERNELS[kernel], label, "none" if alpha is None else f"{alpha:g}", outliers, rotate, s)
+                )
                 print(
-                    f"... {KERNELS[kernel]} on {label}, smoothing {rows[-1][2]}: KL {s['kl_mean']:.4f}",
+                    f"... {KERNELS[kernel]} on {label}, smoothing {rows[-1][2]}, {outliers} float channels, "
+                    f"rotation {rotate}: "
+                    f"KL {s['kl_mean']:.4f}",
                     flush=True,
                 )
     print(f"\n{machine(os.cpu_count() or 1)}; KL vs fp32 PyTorch over {len(cases)} cases x 32 steps\n")
-    print("| kernel | on | SmoothQuant alpha | KL | top-1 | exact match |\n|---|---|---|---|---|---|")
-    for kernel, label, alpha, s in rows:
+    print(
+        "| kernel | on | SmoothQuant alpha | down_proj channels in float | down_proj Hadamard block | KL | top-1 "
+        "| exact match |\n|---|---|---|---|---|---|---|---|"
+    )
+    for kernel, label, alpha, outliers, rotate, s in rows:
         print(
-            f"| {kernel} | {label} | {alpha} | {s['kl_mean']:.4f} | {s['top1_agreement']:.3f} | {s['exact_match']:.2f} |"
+            f"| {kernel} | {label} | {alpha} | {outliers} | {rotate or '-'} | {s['kl_mean']:.4f} | {s['top1_agreement']:.3f} "
+            f"| {s['exact_match']:.2f} |"
         )
 
 

@@ -808,6 +808,44 @@ def test_per_token_int8_gives_every_row_its_own_scale():
     assert np.array_equal(a[keep], b[keep])
 
 
+def test_per_token_int8_outlier_channels_in_float_or_rotated():
+    """The two remedies of per_token_int8 for an input whose 4 channels run 50x the rest in every row
+    (per-token int8 sizes each row's range for them: ~4% error here). Keeping the 4 in a float
+    MatMul (chosen by outlier_channels from their calibrated maxima), or rotating the input by
+    Hadamard blocks of 64 (the inverse folded into the weights: X W = (X H)(H^T W)), each takes the
+    error down more than 3x, for both MatMuls reading x."""
+    import onnxruntime as ort
+
+    from calibration.per_token_int8 import hadamard, outlier_channels, quantize_per_token
+
+    h = hadamard(64)
+    assert np.allclose(h @ h, np.eye(64), atol=1e-6)  # orthonormal and symmetric: its own inverse
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((576, 256)) * 0.05).astype(np.float32)
+    bias = np.zeros(256, np.float32)
+    x = rng.standard_normal((2, 9, 576)).astype(np.float32)
+    hot = np.array([7, 100, 301, 575])
+    x[..., hot] *= 50
+    kept = outlier_channels(np.abs(x).reshape(-1, 576).max(0), 4)
+    assert kept.tolist() == hot.tolist()
+
+    def error(model):
+        s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        y, z = s.run(["y", "z"], {"x": x})
+        exact_y, exact_z = x @ w, x @ w[:, ::-1]
+        return max(np.linalg.norm(a - e) / np.linalg.norm(e) for a, e in ((y, exact_y), (z, exact_z)))
+
+    plain = error(quantize_per_token(_matmuls_graph(w, bias)))
+    split = quantize_per_token(_matmuls_graph(w, bias), outliers={"x": kept})
+    ops = [n.op_type for n in split.graph.node]
+    assert ops.count("Gather") == 1 and ops.count("MatMul") == 2 and ops.count("QuantizeLinear") == 1
+    rotated = quantize_per_token(_matmuls_graph(w, bias), rotations={"x": 64})
+    ops = [n.op_type for n in rotated.graph.node]
+    assert ops.count("MatMul") == 1 and ops.count("QuantizeLinear") == 1  # one rotation, shared
+    assert plain > 0.02, plain
+    assert error(split) < plain / 3 and error(rotated) < plain / 3, (plain, error(split), error(rotated))
+
+
 def test_int8_w8a8_rows_prefilled_together_answer_as_alone(quantized):
     """The per-token decoder in a batch: four prompts prefilled as one left-padded batch and decoded
     together answer exactly as each does alone (padding and neighbours never touch a row's scales)."""
