@@ -12,7 +12,10 @@ weights, real cost), fused graphs at int8-dynamic; frames are scikit-image's ast
   static        the same frame again and again (a still scene, no noise): exact reuse
   moving        a 48 px square crossing the picture, one step a frame: exact reuse keeps the views
                 it did not touch and the KV up to the first view that changed; each answer is
-                checked against the same frame answered with no reuse at all
+                checked against the same frame answered with no reuse at all; then at each
+                --reuse-threshold T, and (exact reuse, latency only) with the square crossing
+                each row of the 4x4 grid, since the first changed view decides how much of the
+                prompt is recomputed
   noisy         the moving scene with sensor noise (Gaussian, sigma 2 levels): no view is ever
                 identical, so exact reuse finds nothing; --reuse-threshold T: per T, frame latency
                 and the share of answers equal to no reuse's
@@ -35,11 +38,12 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "Is anything moving? Describe the scene."
 THRESHOLDS = (1.0, 2.0, 4.0, 8.0)
+GRID_ROW_TOPS = (40, 168, 296, 424)  # the square inside each 128 px row of a 4x4 grid over 512 px
 
 
-def frames(n: int, moving: bool, noise: float, seed: int = 0) -> list:
-    """Camera-like 512x512 frames: the astronaut, a 48 px red square stepping 24 px a frame when
-    `moving`, Gaussian sensor noise of `noise` levels."""
+def frames(n: int, moving: bool, noise: float, seed: int = 0, top: int = 200) -> list:
+    """Camera-like 512x512 frames: the astronaut, a 48 px red square (rows top..top+48) stepping
+    24 px a frame when `moving`, Gaussian sensor noise of `noise` levels."""
     import numpy as np
     from PIL import Image
     from skimage import data
@@ -51,7 +55,7 @@ def frames(n: int, moving: bool, noise: float, seed: int = 0) -> list:
         f = base.copy()
         if moving:
             x = 40 + 24 * i % 400
-            f[200:248, x : x + 48] = (230, 20, 20)
+            f[top : top + 48, x : x + 48] = (230, 20, 20)
         if noise:
             f += rng.normal(0, noise, f.shape)
         out.append(Image.fromarray(np.clip(f + 0.5, 0, 255).astype(np.uint8)))
@@ -134,18 +138,29 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    w = report.get("watch")
+    fig, axes = plt.subplots(1, 2 if w else 1, figsize=(12 if w else 7, 6), squeeze=False)
+    a = axes[0][0]
     rows = [("first photo", report["first_photo"]["latency_s"])]
     rows += [
         ("static, exact reuse", report["static"]["latency_s"]),
         ("moving, exact reuse", report["moving"]["latency_s"]),
     ]
+    rows += [(f"moving, T={t['threshold']:g}", t["latency_s"]) for t in report.get("moving_threshold", [])]
+    rows += [
+        (f"moving in grid row {i + 1}, exact", t["latency_s"])
+        for i, t in enumerate(report.get("moving_rows", []))
+    ]
     rows += [(f"noisy, T={t['threshold']:g}", t["latency_s"]) for t in report["noisy"]]
     a.barh([r[0] for r in rows][::-1], [r[1] for r in rows][::-1], color="#4c72b0")
+    a.axvline(
+        0.25 * report["first_photo"]["latency_s"], color="#c44e52", linestyle="--", label="0.25x first photo"
+    )
+    a.legend(loc="lower right")
     a.set_xlabel("per-frame latency (s)")
     a.set_title(f"{report['first_photo']['views']} views a frame, 2 cores")
-    w = report.get("watch")
     if w:
+        b = axes[0][1]
         t, lag = zip(*w["lags"], strict=True)
         b.plot(t, lag, label="lag (s)")
         b2 = b.twinx()
@@ -204,6 +219,17 @@ def main() -> None:
     reused = run_frames(pipe, moving, k)
     agree = sum(a["answer"] == b["answer"] for a, b in zip(reused, plain, strict=True)) / n
     report["moving"] = summary(reused) | {"answers_equal_no_reuse": agree}
+    report["moving_threshold"] = []
+    for t in THRESHOLDS:
+        lines = run_frames(pipe, moving, k, threshold=t)
+        agree = sum(a["answer"] == b["answer"] for a, b in zip(lines, plain, strict=True)) / n
+        report["moving_threshold"].append({"threshold": t, **summary(lines), "answers_equal_no_reuse": agree})
+
+    print("the moving scene in each row of the grid (exact reuse) ...", flush=True)
+    report["moving_rows"] = [
+        {"top": top, **summary(run_frames(pipe, frames(n, moving=True, noise=0, top=top), k))}
+        for top in GRID_ROW_TOPS
+    ]
 
     print("the noisy moving scene at each threshold ...", flush=True)
     noisy = frames(n, moving=True, noise=2.0)
@@ -239,12 +265,20 @@ def main() -> None:
             f"| {name} | exact | {r['latency_s']:.2f} | {r['latency_s'] / first:.2f}x | {r['ttft_s']:.2f} | "
             f"{r['reused_views']:.1f} / {r['views']} | {r['answers_equal_no_reuse']:.0%} |"
         )
-    for r in report["noisy"]:
+    scenes = [("moving", r) for r in report["moving_threshold"]] + [
+        ("noisy (sigma 2)", r) for r in report["noisy"]
+    ]
+    for scene, r in scenes:
         eq = "-" if r["answers_equal_no_reuse"] is None else f"{r['answers_equal_no_reuse']:.0%}"
         label = "exact" if r["threshold"] == 0 else f"T = {r['threshold']:g}"
         print(
-            f"| noisy (sigma 2) | {label} | {r['latency_s']:.2f} | {r['latency_s'] / first:.2f}x | {r['ttft_s']:.2f} | "
+            f"| {scene} | {label} | {r['latency_s']:.2f} | {r['latency_s'] / first:.2f}x | {r['ttft_s']:.2f} | "
             f"{r['reused_views']:.1f} / {r['views']} | {eq} |"
+        )
+    for i, r in enumerate(report["moving_rows"]):
+        print(
+            f"| moving, grid row {i + 1} of 4 | exact | {r['latency_s']:.2f} | {r['latency_s'] / first:.2f}x | "
+            f"{r['ttft_s']:.2f} | {r['reused_views']:.1f} / {r['views']} | - |"
         )
     w = report.get("watch")
     if w:
