@@ -23,6 +23,11 @@ the int8 weights (so the saturated codes they quantize to multiply nothing), and
 over the kept channels is added back:
 
     Y = MatMulIntegerToFloat(...) + Gather(X, outliers, axis -1) @ W[outliers]    [k] channels
+
+Rotations (QuaRot's online Hadamard): the input is multiplied by a block-diagonal orthonormal
+Hadamard matrix at run time (X as [rows * K/b, b] @ H [b, b]) and H^T is folded into the weights,
+X W = (X H)(H^T W): an outlier is spread over its block before the row's range is taken.
+benchmarks/decoder_int8.py measures both on SmolLM2's down_proj (docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -37,7 +42,6 @@ from .dynamic_int8 import quantize_pairs
 from .nbits import _drop_unused_initializers, _ensure_ms_domain, onnx_opset, weight_matmuls
 
 ZERO_POINT = 128
-HADAMARD_BLOCK = 64  # rotation block along K: spreads an outlier over 64 channels for 64 MACs a value
 PREFIX = "w8a8"
 
 
@@ -141,6 +145,8 @@ def quantize_per_token(
         rot_nodes: list[onnx.NodeProto] = []
         x_in = x
         if block:
+            if k % block:
+                raise ValueError(f"{group[0].name}: K={k} is not a multiple of the rotation block {block}")
             h = hadamard(block)
             r = f"{PREFIX}/g{g}/rot"
             new_inits += [
