@@ -1,6 +1,6 @@
 """llama.cpp's C++ `llama-server`, built from the llama-cpp-python sdist, on the SmolVLM-256M shape.
 
-    python -m benchmarks.llama_server      # builds (once, ~30 min on 2 cores) and converts; prints paths
+    python -m benchmarks.llama_server [--isa avx2]   # builds (once, ~30 min on 2 cores), converts; prints paths
 
 The sdist on PyPI vendors llama.cpp: `pip download --no-binary :all: llama-cpp-python`, then cmake
 with the web UI, curl and OpenSSL off builds `llama-server` (parallel slots, continuous batching,
@@ -55,9 +55,28 @@ def source() -> str:
     return src
 
 
-def server_binary() -> str:
+# llama.cpp's CPU kernels: this machine's best ("native"), or AVX2 without AVX-512 or VNNI (an
+# AVX2-only CPU's kernels, for runs under benchmarks/avx2_proxy.py), each in its own build folder
+ISA_FLAGS = {
+    "native": ["-DGGML_NATIVE=ON"],
+    "avx2": [
+        "-DGGML_NATIVE=OFF",
+        "-DGGML_AVX=ON",
+        "-DGGML_AVX2=ON",
+        "-DGGML_FMA=ON",
+        "-DGGML_F16C=ON",
+        "-DGGML_AVX512=OFF",
+        "-DGGML_AVX512_VNNI=OFF",
+        "-DGGML_AVX_VNNI=OFF",
+    ],
+}
+
+
+def server_binary(isa: str = "native") -> str:
+    """llama-server built for `isa` (ISA_FLAGS), built once (the native build with llama-mtmd-cli)."""
     src = source()
-    binary = os.path.join(src, "build", "bin", "llama-server")
+    build = os.path.join(src, "build" if isa == "native" else f"build-{isa}")
+    binary = os.path.join(build, "bin", "llama-server")
     if os.path.exists(binary):
         return binary
     flags = [
@@ -67,21 +86,12 @@ def server_binary() -> str:
         "-DLLAMA_CURL=OFF",
         "-DLLAMA_OPENSSL=OFF",
         "-DLLAMA_BUILD_TESTS=OFF",
-        "-DGGML_NATIVE=ON",
+        *ISA_FLAGS[isa],
     ]
-    subprocess.run(["cmake", "-S", src, "-B", os.path.join(src, "build"), *flags], check=True)
+    targets = ["llama-server", "llama-mtmd-cli"] if isa == "native" else ["llama-server"]
+    subprocess.run(["cmake", "-S", src, "-B", build, *flags], check=True)
     subprocess.run(
-        [
-            "cmake",
-            "--build",
-            os.path.join(src, "build"),
-            "-j",
-            str(os.cpu_count() or 1),
-            "--target",
-            "llama-server",
-            "llama-mtmd-cli",
-        ],
-        check=True,
+        ["cmake", "--build", build, "-j", str(os.cpu_count() or 1), "--target", *targets], check=True
     )
     return binary
 
@@ -122,9 +132,11 @@ def mmproj_gguf(ckpt: str, outtype: str) -> str:
 class LlamaServer(ChildServer):
     """`llama-server` on 127.0.0.1 with `slots` parallel slots of `ctx_per_slot` positions each."""
 
-    def __init__(self, text: str, mmproj: str, port: int, slots: int = 8, ctx_per_slot: int = 2048):
+    def __init__(
+        self, text: str, mmproj: str, port: int, slots: int = 8, ctx_per_slot: int = 2048, isa: str = "native"
+    ):
         cmd = [
-            server_binary(),
+            server_binary(isa),
             "-m",
             text,
             "--mmproj",
@@ -147,6 +159,13 @@ class LlamaServer(ChildServer):
 
 
 if __name__ == "__main__":
+    import argparse
+
     from benchmarks.smolvlm_speed import build_checkpoint
 
-    print(server_binary(), *ggufs(build_checkpoint()), *glob.glob(os.path.join(ROOT, "*.gguf")), sep="\n")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--isa", choices=list(ISA_FLAGS), default="native")
+    a = ap.parse_args()
+    print(
+        server_binary(a.isa), *ggufs(build_checkpoint()), *glob.glob(os.path.join(ROOT, "*.gguf")), sep="\n"
+    )

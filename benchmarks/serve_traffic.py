@@ -191,9 +191,21 @@ def main() -> None:
     from serve.process import ServerProcess, free_port
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rates", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
+    ap.add_argument(
+        "--rates",
+        type=float,
+        nargs="*",
+        default=[0.5, 1.0, 2.0, 4.0],
+        help="Poisson arrival rates (none: the burst only)",
+    )
     ap.add_argument("--requests", type=int, default=32, help="arrivals per rate (a chat counts once)")
     ap.add_argument("--servers", nargs="+", choices=[*OURS, "llama-server"], default=["ours", "llama-server"])
+    ap.add_argument(
+        "--llama-isa",
+        choices=["native", "avx2"],
+        default="native",
+        help="llama-server's CPU kernels (avx2: for a run under benchmarks/avx2_proxy.py)",
+    )
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=os.path.join(REPO, "docs", "serve_traffic.png"))
     a = ap.parse_args()
@@ -210,7 +222,7 @@ def main() -> None:
                 results[name] = run(s.port, a.rates, a.requests)
                 rss[name] = s.rss_bytes()
         else:
-            with LlamaServer(*ggufs(build_checkpoint()), free_port()) as s:
+            with LlamaServer(*ggufs(build_checkpoint()), free_port(), isa=a.llama_isa) as s:
                 results[name] = run(s.port, a.rates, a.requests)
                 rss[name] = s.rss_bytes()
     print(
@@ -237,7 +249,7 @@ def main() -> None:
                 f"{1000 * t['tpot_p50_s']:.0f} / {1000 * t['tpot_p99_s']:.0f} | {t['slo_met']} | "
                 f"{t['goodput_rps']:.3f} | {t['output_tokens_per_s']:.1f} |"
             )
-    if a.plot:
+    if a.plot and a.rates:  # the chart is of the rates
         plot(results, a.plot)
         print(f"\nchart: {a.plot}")
     if a.json:
