@@ -48,8 +48,10 @@ def variant_bundle(
     smooth_skip: tuple[str, ...] = (),
 ) -> str:
     """A copy of bundle `src` whose decoder runs the MatMuls named by `targets` in `kernel`'s integer
-    GEMM, smoothed first at `alpha` (None: not smoothed), down_proj keeping its `outliers` largest
-    input channels in float (per-token only); -> its directory."""
+    GEMM, smoothed first at `alpha` (None: not smoothed; MatMuls named in `smooth_skip` never),
+    per-token only: down_proj keeping its `outliers` largest input channels in float, and the
+    inputs of the MatMuls named in `rotate_on` rotated by Hadamard blocks of `rotate`; -> its
+    directory."""
     import onnx
 
     from calibration.dynamic_int8 import quantize_dynamic_int8
@@ -79,7 +81,7 @@ def variant_bundle(
             rotations = {
                 n.input[0]: rotate
                 for n in weight_matmuls(model)
-                if n.name in chosen and "/down_proj/" in n.name
+                if n.name in chosen and any(f"/{t}/" in n.name for t in rotate_on)
             }
         quantize_per_token(model, lambda node: node.name in chosen, kept, rotations)
     else:
@@ -125,7 +127,7 @@ def main() -> None:
         type=int,
         nargs="+",
         default=[0],
-        help="per-token: down_proj's input rotated by Hadamard blocks of this size (0: none), each a row",
+        help="per-token: --rotate-on's inputs rotated by Hadamard blocks of this size (0: none), each a row",
     )
     ap.add_argument(
         "--rotate-on",
