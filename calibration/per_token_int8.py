@@ -42,6 +42,9 @@ from .dynamic_int8 import quantize_pairs
 from .nbits import _drop_unused_initializers, _ensure_ms_domain, onnx_opset, weight_matmuls
 
 ZERO_POINT = 128
+HADAMARD_BLOCK = (
+    64  # a rotation's block along K, at most: an outlier spread over 64 channels, 64 MACs a value
+)
 PREFIX = "w8a8"
 
 
@@ -64,6 +67,12 @@ def hadamard(n: int) -> np.ndarray:
     while h.shape[0] < n:
         h = np.block([[h, h], [h, -h]])
     return (h / np.sqrt(n)).astype(np.float32)
+
+
+def rotation_block(k: int) -> int:
+    """The Hadamard block for an input of k channels: the largest power of 2 dividing k, at most
+    HADAMARD_BLOCK (1: not rotated)."""
+    return min(HADAMARD_BLOCK, k & -k)
 
 
 def outlier_channels(max_abs: np.ndarray, count: int) -> np.ndarray:

@@ -63,7 +63,7 @@ def gptq_statistics(
 def per_token(model: onnx.ModelProto, recipe: Recipe, plan: dict, feeds: list[dict[str, np.ndarray]]) -> None:
     """In place: the recipe's per-token W8A8 MatMuls, smoothed on the recorded decoder inputs first;
     the rest are left for MatMulNBits."""
-    from .per_token_int8 import quantize_per_token
+    from .per_token_int8 import quantize_per_token, rotation_block
     from .smoothquant import smooth
 
     chosen = {
@@ -72,12 +72,24 @@ def per_token(model: onnx.ModelProto, recipe: Recipe, plan: dict, feeds: list[di
         if matches(n.name, list(recipe.per_token_int8)) and not matches(n.name, plan["excluded"])
     }
     smoothed = smooth(model, feeds, recipe.smooth_alpha, only=chosen) if recipe.smooth_alpha else []
-    quantize_per_token(model, lambda node: node.name in chosen)
+    inits = {i.name: i for i in model.graph.initializer}
+    blocks = {  # input -> Hadamard block, from its MatMuls' K
+        n.input[0]: rotation_block(inits[n.input[1]].dims[0])
+        for n in weight_matmuls(model)
+        if n.name in chosen and matches(n.name, list(recipe.hadamard))
+    }
+    rotations = {x: b for x, b in blocks.items() if b > 1}
+    quantize_per_token(model, lambda node: node.name in chosen, rotations=rotations)
     plan["per_token_int8"] = sorted(chosen)
+    rotated = (
+        f", {len(rotations)} inputs rotated by Hadamard blocks of {max(rotations.values())} (at most)"
+        if rotations
+        else ""
+    )
     plan["notes"]["per_token_int8"] = (
         f"{len(chosen)} decoder MatMuls as per-token W8A8 (uint8 activations, one scale per token; "
         f"int8 weights per column, neighbouring pairs within 128), {len(smoothed)} input groups smoothed "
-        f"first (SmoothQuant alpha {recipe.smooth_alpha}); the other MatMuls 8-bit MatMulNBits"
+        f"first (SmoothQuant alpha {recipe.smooth_alpha}){rotated}; the other MatMuls 8-bit MatMulNBits"
     )
 
 

@@ -661,6 +661,7 @@ def test_quantized_trained_model_meets_the_accuracy_bars(trained_tiny, tmp_path)
         "fp16": 0.01,
         "int8-dynamic": 0.01,
         "int8-w8a8": 0.01,
+        "int8-w8a8-rotated": 0.01,
         "int8-static": 0.01,
         "int4": 0.02,
         "int4-fp16": 0.02,
