@@ -42,9 +42,8 @@ from .dynamic_int8 import quantize_pairs
 from .nbits import _drop_unused_initializers, _ensure_ms_domain, onnx_opset, weight_matmuls
 
 ZERO_POINT = 128
-HADAMARD_BLOCK = (
-    64  # a rotation's block along K, at most: an outlier spread over 64 channels, 64 MACs a value
-)
+# a rotation's block along K, at most: an outlier spread over 64 channels, for 64 MACs a value
+HADAMARD_BLOCK = 64
 PREFIX = "w8a8"
 
 
@@ -127,7 +126,8 @@ def quantize_per_token(
 ) -> onnx.ModelProto:
     """In place (and returned): every float32 weight MatMul that `chosen` accepts runs as
     MatMulIntegerToFloat on per-token uint8 activations; `outliers`: activation name -> the input
-    channels its MatMuls keep in float (outlier_channels)."""
+    channels its MatMuls keep in float (outlier_channels); `rotations`: activation name -> the
+    Hadamard block it is rotated by first (rotation_block)."""
     outliers = outliers or {}
     rotations = rotations or {}
     inits = {i.name: i for i in model.graph.initializer}
@@ -150,6 +150,7 @@ def quantize_per_token(
     for g, (x, group) in enumerate(by_input.items()):
         k = numpy_helper.to_array(inits[group[0].input[1]]).shape[0]
         kept = outliers.get(x)
+        kept = kept if kept is not None and len(kept) else None
         block = rotations.get(x)
         rot_nodes: list[onnx.NodeProto] = []
         x_in = x
@@ -176,7 +177,7 @@ def quantize_per_token(
         first = min(index[n.output[0]] for n in group)
         before[first] = rot_nodes + q_nodes
         new_inits += q_inits
-        if kept is not None and len(kept):
+        if kept is not None:
             new_inits.append(numpy_helper.from_array(kept, f"{PREFIX}/g{g}/outliers"))
             before[first].append(
                 helper.make_node("Gather", [x, f"{PREFIX}/g{g}/outliers"], [f"{PREFIX}/g{g}/x_out"], axis=-1)
@@ -185,12 +186,12 @@ def quantize_per_token(
             w = numpy_helper.to_array(inits[node.input[1]])
             if block:  # X W = (X H)(H^T W), H orthogonal and symmetric, block by block along K
                 kb, n_out = w.shape
-                w = np.einsum("ij,kjn->kin", hadamard(block), w.reshape(kb // block, block, n_out))
+                w = np.einsum("ij,kjn->kin", h, w.reshape(kb // block, block, n_out))
                 w = w.reshape(kb, n_out).astype(np.float32)
             base = f"{node.input[1]}_{PREFIX}"
             integer_out = list(node.output)
             extra: list[onnx.NodeProto] = []
-            if kept is not None and len(kept):
+            if kept is not None:
                 new_inits.append(numpy_helper.from_array(w[kept], base + "_outlier_rows"))
                 w = w.copy()
                 w[kept] = 0  # their codes saturate; zero rows make them count for nothing
