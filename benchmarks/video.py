@@ -94,6 +94,20 @@ def summary(lines: list[dict], skip_first: bool = True) -> dict:
     }
 
 
+def agreement(lines: list[dict], base: list[dict]) -> float:
+    """The share of frames answered as `base` (the same frames with no reuse) answered them."""
+    return sum(a["answer"] == b["answer"] for a, b in zip(lines, base, strict=True)) / len(lines)
+
+
+def at_thresholds(pipe, images, base: list[dict], n_tokens: int) -> list[dict]:
+    """The frames at each --reuse-threshold of THRESHOLDS: summary and agreement with `base`."""
+    rows = []
+    for t in THRESHOLDS:
+        lines = run_frames(pipe, images, n_tokens, threshold=t)
+        rows.append({"threshold": t, **summary(lines), "answers_equal_no_reuse": agreement(lines, base)})
+    return rows
+
+
 def watch_stream(bundle: str, seconds: float, n_tokens: int, tmp: str) -> dict:
     """`watch` on a 10 fps file of the moving scene, played at its own rate, in this process."""
     import numpy as np
@@ -212,18 +226,12 @@ def main() -> None:
     print("the static scene ...", flush=True)
     static = run_frames(pipe, still, k)
     alone = run_frames(pipe, still[:1], k, reuse=False)[0]
-    agree = sum(ln["answer"] == alone["answer"] for ln in static) / n
-    report["static"] = summary(static) | {"answers_equal_no_reuse": agree}
+    report["static"] = summary(static) | {"answers_equal_no_reuse": agreement(static, [alone] * n)}
 
     print("the moving scene with reuse ...", flush=True)
     reused = run_frames(pipe, moving, k)
-    agree = sum(a["answer"] == b["answer"] for a, b in zip(reused, plain, strict=True)) / n
-    report["moving"] = summary(reused) | {"answers_equal_no_reuse": agree}
-    report["moving_threshold"] = []
-    for t in THRESHOLDS:
-        lines = run_frames(pipe, moving, k, threshold=t)
-        agree = sum(a["answer"] == b["answer"] for a, b in zip(lines, plain, strict=True)) / n
-        report["moving_threshold"].append({"threshold": t, **summary(lines), "answers_equal_no_reuse": agree})
+    report["moving"] = summary(reused) | {"answers_equal_no_reuse": agreement(reused, plain)}
+    report["moving_threshold"] = at_thresholds(pipe, moving, plain, k)
 
     print("the moving scene in each row of the grid (exact reuse) ...", flush=True)
     report["moving_rows"] = [
@@ -237,10 +245,7 @@ def main() -> None:
     report["noisy"] = [
         {"threshold": 0.0, **summary(run_frames(pipe, noisy, k)), "answers_equal_no_reuse": 1.0}
     ]
-    for t in THRESHOLDS:
-        lines = run_frames(pipe, noisy, k, threshold=t)
-        agree = sum(a["answer"] == b["answer"] for a, b in zip(lines, base, strict=True)) / n
-        report["noisy"].append({"threshold": t, **summary(lines), "answers_equal_no_reuse": agree})
+    report["noisy"] += at_thresholds(pipe, noisy, base, k)
     report["noisy"][0]["answers_equal_no_reuse"] = None  # exact reuse: T=0 is the baseline's own path
 
     if args.stream_seconds:
