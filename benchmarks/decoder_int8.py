@@ -36,6 +36,11 @@ TARGETS = {
 KERNELS = {"dynamic": "DynamicQuantizeMatMul", "per-token": "per-token W8A8"}
 
 
+def named(node: str, parts: tuple[str, ...] | list[str]) -> bool:
+    """Whether a decoder MatMul's name has one of `parts` (q_proj, down_proj, ...) as a path part."""
+    return any(f"/{p}/" in node for p in parts)
+
+
 def variant_bundle(
     src: str,
     feeds: list[dict],
@@ -62,9 +67,9 @@ def variant_bundle(
 
     model = onnx.load(os.path.join(src, "decoder.onnx"))
     names = [n.name for n in weight_matmuls(model)]
-    chosen = {n for n in names if any(f"/{t}/" in n for t in targets)}
+    chosen = {n for n in names if named(n, targets)}
     if alpha is not None:
-        smooth(model, feeds, alpha, only={n for n in chosen if not any(f"/{t}/" in n for t in smooth_skip)})
+        smooth(model, feeds, alpha, only={n for n in chosen if not named(n, smooth_skip)})
     if kernel == "per-token":
         kept = {}
         if outliers:
@@ -72,7 +77,11 @@ def variant_bundle(
             from calibration.per_token_int8 import outlier_channels
 
             inputs = sorted(
-                {n.input[0] for n in weight_matmuls(model) if n.name in chosen and "/down_proj/" in n.name}
+                {
+                    n.input[0]
+                    for n in weight_matmuls(model)
+                    if n.name in chosen and named(n.name, ("down_proj",))
+                }
             )
             stats = channel_stats(model, inputs, feeds, "outlier channels")
             kept = {x: outlier_channels(stats[x]["max_abs"], outliers) for x in inputs}
@@ -81,7 +90,7 @@ def variant_bundle(
             rotations = {
                 n.input[0]: rotate
                 for n in weight_matmuls(model)
-                if n.name in chosen and any(f"/{t}/" in n.name for t in rotate_on)
+                if n.name in chosen and named(n.name, rotate_on)
             }
         quantize_per_token(model, lambda node: node.name in chosen, kept, rotations)
     else:
