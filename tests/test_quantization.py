@@ -843,8 +843,9 @@ def test_per_token_int8_outlier_channels_in_float_or_rotated():
     rotated = quantize_per_token(_matmuls_graph(w, bias), rotations={"x": 64})
     ops = [n.op_type for n in rotated.graph.node]
     assert ops.count("MatMul") == 1 and ops.count("QuantizeLinear") == 1  # one rotation, shared
+    errors = error(split), error(rotated)
     assert plain > 0.02, plain
-    assert error(split) < plain / 3 and error(rotated) < plain / 3, (plain, error(split), error(rotated))
+    assert max(errors) < plain / 3, (plain, errors)
 
 
 def test_int8_w8a8_rows_prefilled_together_answer_as_alone(quantized):
